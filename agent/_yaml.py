@@ -1,0 +1,129 @@
+"""Strict YAML: plain data plus the line of every key, so errors can say file:line.
+
+PyYAML's composer gives nodes with marks; we construct the data ourselves so that duplicate
+keys, non-string keys, tags and alias bombs become clear errors instead of silent surprises.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from .errors import InvalidState, Problem
+
+__all__ = ["MAX_BYTES", "MAX_NODES", "Located", "parse"]
+
+MAX_BYTES = 1024 * 1024       # a state file larger than this is a mistake or an attack
+MAX_NODES = 100_000           # bounds alias expansion ("billion laughs")
+
+Path_ = tuple[Any, ...]
+
+
+class Located:
+    """Parsed data and the 1-based line of every path in it."""
+
+    __slots__ = ("data", "lines", "file")
+
+    def __init__(self, data: Any, lines: dict[Path_, int], file: str):
+        self.data = data
+        self.lines = lines
+        self.file = file
+
+    def line(self, path: Path_) -> int | None:
+        """Line of the deepest existing prefix of `path` (an error on a missing key points at its parent)."""
+        path = tuple(path)
+        while path:
+            if path in self.lines:
+                return self.lines[path]
+            path = path[:-1]
+        return self.lines.get((), 1)
+
+
+class _Builder:
+    def __init__(self, file: str):
+        self.file = file
+        self.lines: dict[Path_, int] = {}
+        self.count = 0
+
+    def fail(self, node: yaml.Node, field: str, message: str) -> None:
+        raise InvalidState([Problem(self.file, node.start_mark.line + 1, field, message)])
+
+    def build(self, node: yaml.Node, path: Path_) -> Any:
+        self.count += 1
+        if self.count > MAX_NODES:
+            self.fail(node, _dotted(path), f"document expands to more than {MAX_NODES} nodes (alias bomb?)")
+        if isinstance(node, yaml.MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, yaml.SequenceNode):
+            out = []
+            for i, item in enumerate(node.value):
+                self.lines.setdefault(path + (i,), item.start_mark.line + 1)
+                out.append(self.build(item, path + (i,)))
+            return out
+        return self._scalar(node, path)
+
+    def _mapping(self, node: yaml.MappingNode, path: Path_) -> dict:
+        out: dict[str, Any] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                self.fail(key_node, _dotted(path), "merge keys (<<) are not supported")
+            key = self._scalar(key_node, path)
+            if not isinstance(key, str):
+                self.fail(key_node, _dotted(path), f"keys must be strings, got {type(key).__name__} {key!r}")
+            if key in out:
+                self.fail(key_node, _dotted(path + (key,)), f"duplicate key {key!r}")
+            self.lines[path + (key,)] = key_node.start_mark.line + 1
+            out[key] = self.build(value_node, path + (key,))
+        return out
+
+    def _scalar(self, node: yaml.Node, path: Path_) -> Any:
+        if not isinstance(node, yaml.ScalarNode):
+            self.fail(node, _dotted(path), "a key must be a plain scalar")
+        tag = node.tag
+        if tag.startswith("tag:yaml.org,2002:"):
+            kind = tag.rsplit(":", 1)[1]
+            if kind in ("str", "timestamp"):  # a date stays the text the user wrote
+                return _LOADER.construct_scalar(node)
+            if kind in _SAFE:
+                return _SAFE[kind](node)
+        self.fail(node, _dotted(path), f"unsupported YAML tag {tag}")
+
+
+_LOADER = yaml.SafeLoader("")
+_SAFE = {
+    "int": lambda n: _LOADER.construct_yaml_int(n),
+    "float": lambda n: _LOADER.construct_yaml_float(n),
+    "bool": lambda n: _LOADER.construct_yaml_bool(n),
+    "null": lambda n: None,
+}
+
+
+def _dotted(path: Path_) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def parse(text: bytes | str, file: str) -> Located:
+    """Parse one YAML document; raise InvalidState (file, line, what) on anything but plain data."""
+    if len(text) > MAX_BYTES:
+        raise InvalidState([Problem(file, None, "", f"file is {len(text)} bytes, more than the limit of {MAX_BYTES}")])
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidState([Problem(file, None, "", f"not UTF-8: {exc}")]) from None
+    try:
+        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else None
+        msg = " ".join(filter(None, [exc.context, exc.problem])) or str(exc)
+        raise InvalidState([Problem(file, line, "", f"YAML syntax error: {msg}")]) from None
+    except yaml.YAMLError as exc:
+        raise InvalidState([Problem(file, None, "", f"YAML error: {exc}")]) from None
+    if len(nodes) != 1:
+        raise InvalidState([Problem(file, None, "", f"expected exactly one YAML document, found {len(nodes)}")])
+    builder = _Builder(file)
+    data = builder.build(nodes[0], ())
+    builder.lines.setdefault((), nodes[0].start_mark.line + 1)
+    return Located(data, builder.lines, file)

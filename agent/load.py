@@ -1,0 +1,320 @@
+"""Load a checkout of the state repo: YAML -> JSON Schema -> references -> DesiredState.
+
+Validation collects every problem (file, line, field, message) before failing, so a user fixes a
+revision in one round trip. Nothing here touches the host: it only reads the checkout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable
+
+from ._yaml import Located, parse
+from .errors import InvalidState, Problem
+from .lockfile import parse_lock, venv_identity
+from .model import App, DesiredState, Environment, HealthCheck, Service, Traffic
+
+__all__ = ["LoadOptions", "load_desired", "validate_tree", "FLEET_FILE", "APPS_DIR"]
+
+FLEET_FILE = "fleet.yaml"
+APPS_DIR = "apps"
+APP_FILE = "app.yaml"
+MAX_APPS = 1000
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """What the agent's own config decides about how a revision is read."""
+
+    default_python: str = f"{sys.version_info.major}.{sys.version_info.minor}"
+    default_installer: str = "pip"
+    allow_root: bool = False
+
+
+@dataclass(frozen=True)
+class _Host:
+    name: str
+    groups: frozenset[str]
+    labels: dict[str, str]
+
+
+@lru_cache(maxsize=None)
+def _validator(kind: str):
+    from jsonschema import Draft202012Validator
+
+    text = resources.files("agent.schemas").joinpath(f"{kind}.schema.json").read_text()
+    return Draft202012Validator(json.loads(text))
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+class _Collector:
+    """Accumulates problems; `check()` raises them all at once."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def add(self, doc: Located, path: tuple, message: str) -> None:
+        self.problems.append(Problem(doc.file, doc.line(path), ".".join(str(p) for p in path), message))
+
+    def extend(self, problems: Iterable[Problem]) -> None:
+        self.problems.extend(problems)
+
+    def check(self) -> None:
+        if self.problems:
+            raise InvalidState(self.problems)
+
+
+def _schema_problems(doc: Located, kind: str, out: _Collector) -> bool:
+    """Validate against the JSON Schema; True when the document is valid."""
+    errors = sorted(_validator(kind).iter_errors(doc.data), key=lambda e: list(map(str, e.absolute_path)))
+    for err in errors:
+        path = tuple(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = set(err.schema.get("properties", {}))
+            for key in sorted(set(err.instance) - allowed):
+                out.add(doc, path + (key,), f"unknown field {key!r}")
+            continue
+        out.add(doc, path, _short(err))
+    return not errors
+
+
+def _short(err) -> str:
+    if err.validator == "pattern":
+        return f"{err.instance!r} is not allowed here (must match {err.validator_value})"
+    if err.validator in ("oneOf", "anyOf"):
+        return f"{err.instance!r} matches none of the allowed forms"
+    msg = err.message
+    return msg if len(msg) < 300 else msg[:300] + "..."
+
+
+def _inside(root: Path, base: Path, rel: str) -> Path | None:
+    """Resolve `rel` against `base`; None if it is absolute or escapes `root` (symlinks included)."""
+    if os.path.isabs(rel) or "\\" in rel:
+        return None
+    target = (base / rel).resolve()
+    real_root = root.resolve()
+    if target != real_root and real_root not in target.parents:
+        return None
+    return target
+
+
+def _read_docs(root: Path, out: _Collector) -> tuple[Located | None, list[Located]]:
+    fleet = None
+    fleet_path = root / FLEET_FILE
+    if fleet_path.is_file():
+        try:
+            fleet = parse(fleet_path.read_bytes(), FLEET_FILE)
+            _schema_problems(fleet, "fleet", out)
+        except InvalidState as exc:
+            out.extend(exc.problems)
+    else:
+        out.problems.append(Problem(FLEET_FILE, None, "", "missing: a state repo needs a fleet.yaml at its root"))
+    apps: list[Located] = []
+    app_files = sorted((root / APPS_DIR).glob(f"*/{APP_FILE}")) if (root / APPS_DIR).is_dir() else []
+    if len(app_files) > MAX_APPS:
+        out.problems.append(Problem(APPS_DIR, None, "", f"more than {MAX_APPS} apps"))
+        app_files = app_files[:MAX_APPS]
+    for path in app_files:
+        rel = _rel(path, root)
+        if _inside(root, root, rel) is None:
+            out.problems.append(Problem(rel, None, "", "is a symlink that points outside the state repo"))
+            continue
+        try:
+            doc = parse(path.read_bytes(), rel)
+        except InvalidState as exc:
+            out.extend(exc.problems)
+            continue
+        if _schema_problems(doc, "app", out):
+            apps.append(doc)
+    return fleet, apps
+
+
+def _hosts(fleet: Located | None) -> dict[str, _Host]:
+    if fleet is None or not isinstance(fleet.data, dict):
+        return {}
+    hosts = {}
+    for name, spec in (fleet.data.get("hosts") or {}).items():
+        spec = spec or {}
+        hosts[name] = _Host(name, frozenset(spec.get("groups", [])), dict(spec.get("labels", {})))
+    return hosts
+
+
+def _selects(selector: dict | None, host: _Host) -> bool:
+    """An app runs on a host named in `names`, in one of `groups`, or carrying all `matchLabels`."""
+    if not selector:
+        return True
+    if host.name in selector.get("names", []):
+        return True
+    if host.groups & set(selector.get("groups", [])):
+        return True
+    labels = selector.get("matchLabels")
+    return bool(labels) and all(host.labels.get(k) == v for k, v in labels.items())
+
+
+def _environments(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOptions, out: _Collector) -> list[Environment]:
+    app = doc.data["name"]
+    app_dir = (root / doc.file).parent
+    envs = []
+    for name, spec in (doc.data.get("environments") or {}).items():
+        here = ("environments", name)
+        lock = _inside(root, app_dir, spec["lockfile"])
+        if lock is None:
+            out.add(doc, here + ("lockfile",), f"{spec['lockfile']!r} is absolute or escapes the state repo")
+            continue
+        if not lock.is_file():
+            out.add(doc, here + ("lockfile",), f"lockfile {spec['lockfile']!r} does not exist")
+            continue
+        links = []
+        for i, link in enumerate(spec.get("find_links", [])):
+            resolved = _inside(root, app_dir, link)
+            if resolved is None:
+                out.add(doc, here + ("find_links", i), f"{link!r} is absolute or escapes the state repo")
+            elif not resolved.is_dir():
+                out.add(doc, here + ("find_links", i), f"find_links directory {link!r} does not exist")
+            else:
+                links.append(resolved)
+        lock_bytes = lock.read_bytes()
+        try:
+            reqs = parse_lock(lock_bytes.decode("utf-8", "replace"), _rel(lock, root.resolve()))
+        except InvalidState as exc:
+            out.extend(exc.problems)
+            continue
+        python = spec.get("python") or fleet_defaults.get("python") or opts.default_python
+        installer = spec.get("installer") or fleet_defaults.get("installer") or opts.default_installer
+        options = () if spec.get("index", True) else ("--no-index",)
+        envs.append(Environment(
+            app=app, name=name, python=python, lockfile=lock,
+            lock_sha256=hashlib.sha256(lock_bytes).hexdigest(),
+            requirements=tuple(sorted((r.name, r.version) for r in reqs)),
+            find_links=tuple(links), installer=installer, options=options,
+            identity=venv_identity(python, lock_bytes, installer, options),
+        ))
+    return envs
+
+
+def _services(doc: Located, env_names: set[str], opts: LoadOptions, out: _Collector) -> list[Service]:
+    app = doc.data["name"]
+    services = []
+    for name, spec in (doc.data.get("services") or {}).items():
+        here = ("services", name)
+        if spec["environment"] not in env_names:
+            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app")
+            continue
+        if spec.get("user") == "root" and not opts.allow_root:
+            out.add(doc, here + ("user",), "services may not run as root unless the agent's config allows it (--allow-root-services)")
+            continue
+        health = spec.get("health")
+        services.append(Service(
+            app=app, name=name, environment=spec["environment"], command=tuple(spec["command"]),
+            port=spec.get("port"), env=tuple(sorted((spec.get("env") or {}).items())), user=spec.get("user"),
+            startsecs=spec.get("startsecs", 1), stopwaitsecs=spec.get("stopwaitsecs", 10),
+            health=HealthCheck(health["http"], float(health.get("timeout_s", 2.0))) if health else None,
+        ))
+    return services
+
+
+def _traffic(doc: Located, services: dict[str, Service], out: _Collector) -> Traffic | None:
+    spec = doc.data.get("traffic")
+    if not spec:
+        return None
+    for svc in spec["weights"]:
+        where = ("traffic", "weights", svc)
+        if svc not in (doc.data.get("services") or {}):
+            out.add(doc, where, f"weight for unknown service {svc!r}")
+        elif svc in services and services[svc].port is None:
+            out.add(doc, where, f"service {svc!r} has no port, so it cannot receive traffic")
+    return Traffic(spec["listen"], spec.get("strategy", "weighted"), tuple(sorted(spec["weights"].items())))
+
+
+def _app(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOptions, out: _Collector) -> App:
+    envs = _environments(doc, root, fleet_defaults, opts, out)
+    declared_envs = set((doc.data.get("environments") or {}))
+    services = _services(doc, declared_envs, opts, out)
+    ports: dict[int, str] = {}
+    for svc in services:
+        if svc.port is not None:
+            if svc.port in ports:
+                out.add(doc, ("services", svc.name, "port"), f"port {svc.port} is also used by service {ports[svc.port]!r}")
+            ports[svc.port] = svc.name
+    traffic = _traffic(doc, {s.name: s for s in services}, out)
+    return App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(services), traffic)
+
+
+def _conflicts(apps: list[tuple[Located, App]], scope: str, out: _Collector) -> None:
+    """Names that share one namespace on a host: apps, supervisord programs, venvs, ports."""
+    seen: dict[tuple[str, Any], str] = {}
+
+    def claim(kind: str, key: Any, doc: Located, path: tuple) -> None:
+        owner = seen.get((kind, key))
+        if owner is not None and owner != doc.file:
+            out.add(doc, path, f"{kind} {key!r} is also defined in {owner}{scope}")
+        seen.setdefault((kind, key), doc.file)
+
+    for doc, app in apps:
+        claim("app", app.name, doc, ("name",))
+        for env in app.environments:
+            claim("environment", env.name, doc, ("environments", env.name))
+        for svc in app.services:
+            claim("service", svc.name, doc, ("services", svc.name))
+            if svc.port is not None:
+                claim("port", svc.port, doc, ("services", svc.name, "port"))
+        if app.traffic:
+            claim("listen address", app.traffic.listen, doc, ("traffic", "listen"))
+
+
+def _load(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], _Collector]:
+    out = _Collector()
+    fleet, docs = _read_docs(root, out)
+    defaults = (fleet.data.get("defaults") or {}) if fleet is not None and isinstance(fleet.data, dict) else {}
+    apps = []
+    for doc in docs:
+        expected = Path(doc.file).parent.name
+        if doc.data["name"] != expected:
+            out.add(doc, ("name",), f"app name {doc.data['name']!r} must match its directory {expected!r}")
+        apps.append((doc, _app(doc, root, defaults, opts, out)))
+    return _hosts(fleet), apps, out
+
+
+def _validated(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], list[Problem]]:
+    try:
+        hosts, apps, out = _load(Path(root), opts)
+    except InvalidState as exc:
+        return {}, [], list(exc.problems)
+    if hosts:
+        for host in hosts.values():
+            _conflicts([(d, a) for d, a in apps if _selects(d.data.get("hosts"), host)], f" (both run on host {host.name})", out)
+    else:
+        _conflicts(apps, "", out)
+    return hosts, apps, list(dict.fromkeys(out.problems))
+
+
+def validate_tree(root: Path, opts: LoadOptions = LoadOptions()) -> list[Problem]:
+    """Every problem in a checkout, for every host of the fleet (the state repo's own CI)."""
+    return _validated(root, opts)[2]
+
+
+def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> DesiredState:
+    """The desired state of `host`; InvalidState (with every problem) if any part of the revision is invalid.
+
+    The whole revision is validated, not only what targets this host: a revision is accepted or
+    rejected as a unit, the same on every host.
+    """
+    hosts, apps, problems = _validated(root, opts)
+    if problems:
+        raise InvalidState(problems)
+    me = hosts.get(host, _Host(host, frozenset(), {}))
+    mine = tuple(app for doc, app in apps if _selects(doc.data.get("hosts"), me))
+    return DesiredState.of(host, mine, known_host=host in hosts)

@@ -1,0 +1,86 @@
+"""The desired state of one host, as frozen values built from a validated revision.
+
+Everything here is plain data: the planner compares it with facts without touching the host.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["HealthCheck", "Environment", "Service", "Traffic", "App", "DesiredState"]
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """An HTTP probe on the host's loopback; 2xx means healthy."""
+
+    url: str
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class Environment:
+    """A virtualenv built from one hashed lockfile. `identity` names its content-addressed dir."""
+
+    app: str
+    name: str
+    python: str
+    lockfile: Path                      # absolute path inside the checkout
+    lock_sha256: str
+    requirements: tuple[tuple[str, str], ...]  # (canonical name, version), sorted
+    find_links: tuple[Path, ...]
+    installer: str
+    options: tuple[str, ...]
+    identity: str
+
+
+@dataclass(frozen=True)
+class Service:
+    """A supervisord program run from an environment's venv."""
+
+    app: str
+    name: str
+    environment: str
+    command: tuple[str, ...]            # argv[0] is a console script name inside the venv's bin/
+    port: int | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    user: str | None = None
+    startsecs: int = 1
+    stopwaitsecs: int = 10
+    health: HealthCheck | None = None
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """One weighted frontend on the host's load balancer (acted on by the traffic drivers)."""
+
+    listen: str
+    strategy: str
+    weights: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True)
+class App:
+    name: str
+    mode: str | None
+    environments: tuple[Environment, ...]
+    services: tuple[Service, ...]
+    traffic: Traffic | None = None
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """What one host must run, for one revision of the state repo."""
+
+    host: str
+    apps: tuple[App, ...] = ()
+    known_host: bool = True             # False: the host is not listed in fleet.yaml
+    environments: dict[str, Environment] = field(default_factory=dict, compare=False)
+    services: dict[str, Service] = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def of(cls, host: str, apps: tuple[App, ...], known_host: bool = True) -> "DesiredState":
+        envs = {e.name: e for a in apps for e in a.environments}
+        svcs = {s.name: s for a in apps for s in a.services}
+        return cls(host=host, apps=apps, known_host=known_host, environments=envs, services=svcs)
