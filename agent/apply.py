@@ -1,0 +1,193 @@
+"""Execute a plan through the drivers. Never raises: every action becomes an Outcome.
+
+An action runs only if nothing it needs failed; a failed program change is rolled back to the
+program's previous config, so a host is never left half-way between two revisions of a service.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Callable
+
+from .drivers.supervisor import remove_program_file, write_program_file
+from .drivers.venv import VenvManager, VenvSpec
+from .errors import AgentError, HealthCheckFailed, SupervisorError
+from .layout import Layout
+from .plan import (
+    Action, BuildVenv, CheckHealth, EnsureSupervisor, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
+    RepairVenv, RestartProgram, StartProgram, SwitchVenv, UpdateProgram, WriteProgram,
+)
+
+__all__ = ["Outcome", "Drivers", "apply_plan", "http_healthy"]
+
+log = logging.getLogger("gitops_agent.apply")
+
+
+@dataclass(frozen=True)
+class Outcome:
+    action: Action
+    result: str                 # ok | failed | skipped | rolled_back
+    message: str = ""
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"action": self.action.kind, "key": self.action.key, "result": self.result,
+                "message": self.message, "seconds": round(self.seconds, 4)}
+
+
+@dataclass
+class Drivers:
+    """The side effects the executor may cause, behind small interfaces."""
+
+    layout: Layout
+    venvs: VenvManager
+    supervisor: object                      # has .ensure() -> SupervisorClient
+    health_wait_s: float = 30.0
+    start_wait_s: float = 60.0
+    clock: Callable[[], float] = time.monotonic
+    sleep: Callable[[float], None] = time.sleep
+
+    def client(self):
+        return self.supervisor.ensure()
+
+
+def http_healthy(url: str, timeout_s: float) -> tuple[bool, str]:
+    """One probe: (healthy, what was seen)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback only, schema-enforced)
+            return 200 <= resp.status < 300, f"HTTP {resp.status}"
+    except urllib.error.HTTPError as exc:
+        return False, f"HTTP {exc.code}"
+    except (OSError, ValueError) as exc:
+        return False, str(getattr(exc, "reason", exc))
+
+
+def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
+    """After an update, wait until supervisord calls the program RUNNING (it waits `startsecs` itself)."""
+    client = drivers.client()
+    deadline = drivers.clock() + max(drivers.start_wait_s, startsecs * 4 + 5)
+    while True:
+        info = client.process_info().get(name)
+        state = info.get("statename") if info else None
+        if state == "RUNNING":
+            return
+        if state in ("FATAL", "EXITED", "STOPPED") and info is not None:
+            tail = client.read_log_tail(name)
+            raise SupervisorError(f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
+                                  + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
+        if drivers.clock() > deadline:
+            raise SupervisorError(f"program {name} did not reach RUNNING (state {state}) in time")
+        drivers.sleep(0.1)
+
+
+def _check_health(drivers: Drivers, action: CheckHealth) -> str:
+    deadline = drivers.clock() + drivers.health_wait_s
+    seen = ""
+    while drivers.clock() < deadline:
+        ok, seen = http_healthy(action.url, action.timeout_s)
+        if ok:
+            return seen
+        drivers.sleep(0.2)
+    raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
+
+
+def _spec(env) -> VenvSpec:
+    return VenvSpec(name=env.name, python=env.python, lockfile=env.lockfile, find_links=env.find_links,
+                    installer=env.installer, options=env.options, identity=env.identity)
+
+
+def _run(action: Action, drivers: Drivers) -> str:
+    layout, venvs = drivers.layout, drivers.venvs
+    if isinstance(action, EnsureSupervisor):
+        drivers.supervisor.ensure()
+        return "supervisord running"
+    if isinstance(action, BuildVenv):
+        return f"built {venvs.build(_spec(action.env))}"
+    if isinstance(action, RepairVenv):
+        path = layout.venv(action.env.name, action.env.identity)
+        shutil.rmtree(path, ignore_errors=True)
+        return f"rebuilt {venvs.build(_spec(action.env))}"
+    if isinstance(action, SwitchVenv):
+        venvs.switch(action.name, layout.venv(action.name, action.identity))
+        return f"envs/{action.name} -> {action.identity}"
+    if isinstance(action, WriteProgram):
+        write_program_file(layout.programs, action.name, action.text)
+        return "written"
+    if isinstance(action, UpdateProgram):
+        done = drivers.client().update([action.name])
+        _wait_running(drivers, action.name, action.startsecs)
+        return done.get(action.name, "unchanged") + ", running"
+    if isinstance(action, StartProgram):
+        drivers.client().start(action.name)
+        _wait_running(drivers, action.name, action.startsecs)
+        return "started"
+    if isinstance(action, RestartProgram):
+        drivers.client().restart(action.name)
+        _wait_running(drivers, action.name, action.startsecs)
+        return "restarted"
+    if isinstance(action, CheckHealth):
+        return _check_health(drivers, action)
+    if isinstance(action, RemoveProgram):
+        remove_program_file(layout.programs, action.name)
+        drivers.client().update([action.name])
+        return "removed"
+    if isinstance(action, RemoveEnvironment):
+        removed = venvs.remove_all(action.name)
+        return f"removed {len(removed)} venv(s)"
+    if isinstance(action, PruneVenvs):
+        for identity in action.identities:
+            shutil.rmtree(layout.venv(action.name, identity), ignore_errors=True)
+        return f"pruned {', '.join(action.identities)}"
+    raise AgentError(f"no driver for action {action.kind}")
+
+
+def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
+    """Put a service back as it was before this apply: its previous program file, then supervisord update."""
+    writes = [a for a in done if isinstance(a, WriteProgram) and a.key == key]
+    if not writes:
+        return ""
+    first = writes[0]
+    if first.previous is None:
+        remove_program_file(drivers.layout.programs, first.name)
+    else:
+        write_program_file(drivers.layout.programs, first.name, first.previous)
+    drivers.client().update([first.name])
+    return f"rolled back {first.name} to its previous config"
+
+
+def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
+    failed: set[str] = set()
+    done: list[Action] = []
+    outcomes: list[Outcome] = []
+    for action in plan.actions:
+        blocked = [k for k in (action.key, *action.needs) if k in failed]
+        if blocked:
+            failed.add(action.key)
+            outcomes.append(Outcome(action, "skipped", f"{blocked[0]} failed"))
+            log.info("skip %s: %s failed", action.describe(), blocked[0])
+            continue
+        start = drivers.clock()
+        try:
+            message = _run(action, drivers)
+        except (AgentError, OSError) as exc:
+            failed.add(action.key)
+            message = f"{type(exc).__name__}: {exc}"
+            if action.key.startswith("program:"):
+                try:
+                    undo = _rollback(action.key, done, drivers)
+                except (AgentError, OSError) as rb_exc:
+                    undo = f"rollback failed too: {rb_exc}"
+                if undo:
+                    message += f" ({undo})"
+            outcomes.append(Outcome(action, "failed", message, drivers.clock() - start))
+            log.error("%s failed: %s", action.describe(), message)
+            continue
+        done.append(action)
+        outcomes.append(Outcome(action, "ok", message, drivers.clock() - start))
+        log.info("%s: %s (reason: %s)", action.describe(), message, action.reason)
+    return tuple(outcomes)

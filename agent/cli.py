@@ -1,0 +1,250 @@
+"""`gitops-agent`: argparse front end. Builds settings, wires drivers, prints; no reconcile logic here.
+
+Imports are lazy: `validate`, `status` and `--help` should not pay for GitPython or supervisor.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("agent options (also GITOPS_AGENT_<NAME> env vars or --config FILE)")
+    g.add_argument("--config", help="YAML file of settings (keys as the long options, with _)")
+    g.add_argument("--repo", help="state repo URL: file://, ssh, https, or a local path")
+    g.add_argument("--ref", help="branch, tag or commit to track (default: main)")
+    g.add_argument("--path", help="subdirectory of the repo that holds the state (e.g. a tier)")
+    g.add_argument("--host", help="this host's name in fleet.yaml (default: hostname)")
+    g.add_argument("--root", help="where venvs, program configs and status live (default: /var/lib/gitops-agent)")
+    g.add_argument("--supervisor", help="'embedded' (default) or unix:///path/to/supervisor.sock")
+    g.add_argument("--retention", type=int, help="venvs kept per environment for instant rollback (default 3)")
+    g.add_argument("--installer", choices=["pip", "uv"], help="default venv installer (default pip)")
+    g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
+                   help="allow services with user: root")
+    g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
+    g.add_argument("--log-format", choices=["text", "json"])
+    g.add_argument("--log-level")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gitops-agent", description="Converge this host to a Git repository of declarative state.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    once = sub.add_parser("once", help="one reconcile, then exit (0 converged/applied, 1 error)")
+    _common(once)
+    once.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    plan = sub.add_parser("plan", help="print the plan; exit 0 converged, 2 drift, 1 error")
+    _common(plan)
+    plan.add_argument("--json", action="store_true")
+
+    validate = sub.add_parser("validate", help="validate a state repo checkout (for its CI); exit 0 valid, 1 invalid")
+    validate.add_argument("state_path", metavar="PATH")
+    validate.add_argument("--json", action="store_true")
+    validate.add_argument("--allow-root-services", action="store_true")
+
+    status = sub.add_parser("status", help="applied revision, per-resource state, last error")
+    _common(status)
+    status.add_argument("--json", action="store_true")
+
+    facts = sub.add_parser("facts", help="print the facts the agent collects on this host")
+    _common(facts)
+    facts.add_argument("--json", action="store_true")
+
+    down = sub.add_parser("down", help="stop the embedded supervisord and everything it runs (state on disk kept)")
+    _common(down)
+    return parser
+
+
+def _settings(args: argparse.Namespace):
+    from .settings import build_settings
+
+    return build_settings(vars(args))
+
+
+def _setup_logs(settings) -> None:
+    from .logs import setup_logging
+
+    setup_logging(settings.log_format, settings.log_level)
+
+
+def _print_result(result, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_result_json(result), indent=2))
+        return
+    if result.revision is not None:
+        print(f"revision {result.revision.sha} ({result.revision.summary})")
+    if result.plan is not None and result.desired_from and result.revision and result.desired_from != result.revision.sha:
+        print(f"desired state from the last good revision {result.desired_from}")
+    if result.outcomes:
+        for o in result.outcomes:
+            mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}.get(o.result, o.result)
+            print(f"  [{mark}] {o.action.describe()}: {o.message}  # {o.action.reason}")
+    elif result.plan is not None:
+        print(result.plan.render())
+    print(f"result: {result.result} in {result.seconds:.2f}s")
+    if result.error:
+        print(f"error: {result.error}", file=sys.stderr)
+
+
+def _result_json(result) -> dict:
+    rev = result.revision
+    return {
+        "result": result.result,
+        "revision": rev.sha if rev else None,
+        "desired_from": result.desired_from,
+        "plan": result.plan.to_json() if result.plan is not None else None,
+        "outcomes": [o.to_json() for o in result.outcomes],
+        "error": result.error,
+        "seconds": round(result.seconds, 4),
+    }
+
+
+def cmd_once(args) -> int:
+    settings = _settings(args)
+    _setup_logs(settings)
+    from .lock import root_lock
+    from .reconciler import Reconciler
+
+    with root_lock(settings.root):
+        result = Reconciler(settings).reconcile(apply=settings.mode == "enforce")
+    _print_result(result, args.json)
+    return result.exit_code
+
+
+def cmd_plan(args) -> int:
+    settings = _settings(args)
+    _setup_logs(settings)
+    from .reconciler import Reconciler
+
+    result = Reconciler(settings).reconcile(apply=False)
+    if args.json:
+        print(json.dumps(_result_json(result), indent=2))
+    else:
+        if result.revision is not None:
+            print(f"revision {result.revision.sha} ({result.revision.summary})")
+        if result.plan is not None:
+            print(result.plan.render())
+        if result.error:
+            print(f"error: {result.error}", file=sys.stderr)
+    return result.exit_code
+
+
+def cmd_validate(args) -> int:
+    from .load import LoadOptions, validate_tree
+
+    root = Path(args.state_path)
+    if not root.is_dir():
+        print(f"error: {root} is not a directory", file=sys.stderr)
+        return EXIT_ERROR
+    problems = validate_tree(root, LoadOptions(allow_root=args.allow_root_services))
+    if args.json:
+        print(json.dumps({"valid": not problems, "problems": [p.__dict__ for p in problems]}, indent=2))
+    else:
+        for p in problems:
+            print(p)
+        print(f"{root}: {'valid' if not problems else f'{len(problems)} problem(s)'}")
+    return EXIT_ERROR if problems else EXIT_OK
+
+
+def cmd_status(args) -> int:
+    settings = _settings(args)
+    from .layout import Layout
+    from .store import load_status
+
+    status = load_status(Layout(settings.root).status_file)
+    if args.json:
+        print(json.dumps(status.to_json(), indent=2))
+        return EXIT_OK
+    if status.applied is None and status.attempted is None:
+        print(f"no reconcile recorded under {settings.root}")
+        return EXIT_OK
+    ap = status.applied
+    print(f"host:      {status.host}")
+    print(f"applied:   {ap.sha} ({ap.summary}) at {_ts(ap.at)}" if ap else "applied:   none")
+    at = status.attempted
+    if at and (ap is None or at.sha != ap.sha):
+        print(f"attempted: {at.sha} ({at.summary}) at {_ts(at.at)}")
+    print(f"result:    {status.result} at {_ts(status.last_reconcile_at)}")
+    if status.resources:
+        print("resources:")
+        for key, res in status.resources.items():
+            print(f"  {key:<40} {res['state']:<8} {res.get('message', '')}")
+    if status.last_error:
+        print(f"last error ({_ts(status.last_error_at)}):\n  " + status.last_error.replace("\n", "\n  "))
+    return EXIT_OK
+
+
+def _ts(t: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def cmd_facts(args) -> int:
+    settings = _settings(args)
+    _setup_logs(settings)
+    from .drivers.supervisor import read_program_files
+    from .drivers.venv import VenvManager
+    from .facts import collect
+    from .layout import Layout
+    from .reconciler import SupervisorHandle
+
+    layout = Layout(settings.root)
+    handle = SupervisorHandle(settings.supervisor, layout)
+    facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
+                    read_program_files(layout.programs), handle.running_client())
+    data = {"host": settings.host, "root": str(settings.root), **facts.to_json()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(f"supervisord: {facts.supervisor}")
+        for name, v in sorted(facts.venvs.items()):
+            print(f"venv {name}: current {v.current}; kept {', '.join(v.complete) or '-'}"
+                  + (f"; interrupted {', '.join(v.incomplete)}" if v.incomplete else ""))
+            for dist, ver in v.installed or ():
+                print(f"    {dist}=={ver}")
+        for name, p in sorted(facts.programs.items()):
+            print(f"program {name}: {p.state or 'not loaded'}" + (f" pid {p.pid}" if p.pid else "")
+                  + (f" (pending {p.pending})" if p.pending else "") + ("" if p.file_text else " (no program file)"))
+    return EXIT_OK
+
+
+def cmd_down(args) -> int:
+    settings = _settings(args)
+    _setup_logs(settings)
+    from .drivers.supervisor import EmbeddedSupervisor
+
+    if settings.supervisor != "embedded":
+        print("error: down only stops the embedded supervisord", file=sys.stderr)
+        return EXIT_ERROR
+    stopped = EmbeddedSupervisor(settings.root).stop()
+    print("embedded supervisord stopped" if stopped else "embedded supervisord was not running")
+    return EXIT_OK
+
+
+COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "status": cmd_status,
+            "facts": cmd_facts, "down": cmd_down}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .errors import AgentError
+
+    try:
+        return COMMANDS[args.command](args)
+    except AgentError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

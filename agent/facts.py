@@ -1,0 +1,106 @@
+"""Observed facts of a host, as plain data (the planner's other input).
+
+`collect` is the only part with I/O: it asks the venv manager and supervisord, once each, and
+reads the program include dir. Nothing here decides anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+__all__ = ["VenvFact", "ProgramFact", "Facts", "collect"]
+
+
+@dataclass(frozen=True)
+class VenvFact:
+    name: str
+    current: str | None                       # identity envs/<name> points to (None: no symlink)
+    complete: tuple[str, ...] = ()            # identities built and verified (marker present), newest first
+    incomplete: tuple[str, ...] = ()          # dirs without marker: interrupted builds
+    installed: tuple[tuple[str, str], ...] | None = None   # distributions in the current venv
+
+
+@dataclass(frozen=True)
+class ProgramFact:
+    name: str
+    file_text: str | None                     # our include file, None when missing
+    state: str | None = None                  # supervisord statename; None: not loaded
+    pid: int | None = None
+    pending: str | None = None                # file on disk not yet applied: added / changed / removed
+    spawnerr: str = ""
+
+
+@dataclass(frozen=True)
+class Facts:
+    supervisor: str                           # "running", "stopped" or "unreachable: <why>"
+    venvs: dict[str, VenvFact] = field(default_factory=dict)
+    programs: dict[str, ProgramFact] = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return {
+            "supervisor": self.supervisor,
+            "venvs": {k: asdict(v) for k, v in sorted(self.venvs.items())},
+            "programs": {k: asdict(v) for k, v in sorted(self.programs.items())},
+        }
+
+
+class _Venvs(Protocol):
+    def list(self, name: str | None = None) -> list: ...
+    def current(self, name: str) -> Path | None: ...
+    def installed(self, path: Path) -> dict[str, str]: ...
+
+
+def _venv_facts(venvs: _Venvs, envs_dir: Path) -> dict[str, VenvFact]:
+    infos = venvs.list(None)
+    names = {i.name for i in infos}
+    if envs_dir.is_dir():
+        names |= {p.name for p in envs_dir.iterdir() if p.is_symlink() and not p.name.startswith(".")}
+    out = {}
+    for name in sorted(names):
+        mine = [i for i in infos if i.name == name]
+        current = venvs.current(name)
+        cur_info = next((i for i in mine if current is not None and i.path == current), None)
+        installed = None
+        if cur_info is not None and cur_info.complete:
+            installed = tuple(sorted(venvs.installed(cur_info.path).items()))
+        out[name] = VenvFact(
+            name=name,
+            current=cur_info.identity if cur_info else (current.name if current else None),
+            complete=tuple(i.identity for i in mine if i.complete),
+            incomplete=tuple(i.identity for i in mine if not i.complete),
+            installed=installed,
+        )
+    return out
+
+
+def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client) -> Facts:
+    """Gather facts. `client` is a connected SupervisorClient, or None when supervisord is not running."""
+    programs: dict[str, ProgramFact] = {}
+    supervisor = "stopped"
+    info: dict[str, dict] = {}
+    pending: dict[str, str] = {}
+    if client is not None:
+        from .errors import SupervisorError
+
+        try:
+            info = client.process_info()
+            added, changed, removed = client.reload_config()
+            pending = {**{n: "added" for n in added}, **{n: "changed" for n in changed}, **{n: "removed" for n in removed}}
+            supervisor = "running"
+        except SupervisorError as exc:
+            supervisor = f"unreachable: {exc}"
+    for name in sorted(set(program_files) | set(info) | set(pending)):
+        if name not in program_files and name not in pending:
+            continue   # a program supervisord runs that the agent does not manage (external supervisord)
+        p = info.get(name, {})
+        programs[name] = ProgramFact(
+            name=name,
+            file_text=program_files.get(name),
+            state=p.get("statename"),
+            pid=p.get("pid") or None,
+            pending=pending.get(name),
+            spawnerr=p.get("spawnerr", "") or "",
+        )
+    return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs)

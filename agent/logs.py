@@ -1,0 +1,48 @@
+"""Logging setup: text by default, one JSON object per line with --log-format json. Credentials redacted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+
+__all__ = ["setup_logging", "scrub"]
+
+_CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+
+
+def scrub(text: str) -> str:
+    """Hide userinfo in URLs (https://user:token@host -> https://***@host)."""
+    return _CRED.sub(r"\g<scheme>***@", text)
+
+
+class _Text(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return scrub(super().format(record))
+
+
+class _Json(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "ts": round(record.created, 3),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": scrub(record.getMessage()),
+        }
+        for key in ("action", "resource", "reason", "result", "revision"):
+            if hasattr(record, key):
+                data[key] = scrub(str(getattr(record, key)))
+        if record.exc_info:
+            data["exc"] = scrub(self.formatException(record.exc_info))
+        return json.dumps(data)
+
+
+def setup_logging(fmt: str = "text", level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Json() if fmt == "json" else _Text("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())

@@ -1,0 +1,277 @@
+"""plan(desired, facts) -> Plan: the pure diff of what a host should run against what it runs.
+
+Every action carries the reason (the drift it fixes), the resource it changes (`key`) and the
+resources it needs (`needs`): the executor skips an action whose needs failed, so one service's
+failure never stops an independent one. An empty plan means converged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from .facts import Facts, ProgramFact
+from .layout import Layout
+from .model import DesiredState, Environment, Service
+from .supervisor_conf import ProgramSpec, render_program
+
+__all__ = [
+    "Action", "EnsureSupervisor", "BuildVenv", "SwitchVenv", "RepairVenv", "WriteProgram", "UpdateProgram",
+    "StartProgram", "RestartProgram", "CheckHealth", "RemoveProgram", "RemoveEnvironment", "PruneVenvs",
+    "Plan", "PlanOptions", "make_plan", "render_service",
+]
+
+HEALTHY_STATES = ("RUNNING", "STARTING")
+
+
+@dataclass(frozen=True)
+class Action:
+    key: str
+    reason: str
+    needs: tuple[str, ...] = ()
+
+    @property
+    def kind(self) -> str:
+        return _snake(type(self).__name__)
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.key.split(':', 1)[1]}"
+
+    def to_json(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k not in ("text",)}
+        data = {k: (str(v) if not isinstance(v, (str, int, float, bool, list, tuple, type(None))) else v) for k, v in data.items()}
+        return {"action": self.kind, **data}
+
+
+def _snake(name: str) -> str:
+    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
+
+
+@dataclass(frozen=True)
+class EnsureSupervisor(Action):
+    pass
+
+
+@dataclass(frozen=True)
+class BuildVenv(Action):
+    env: Environment | None = None
+
+
+@dataclass(frozen=True)
+class RepairVenv(Action):
+    """The current venv no longer matches its lock (hand change): rebuild it in place."""
+    env: Environment | None = None
+
+
+@dataclass(frozen=True)
+class SwitchVenv(Action):
+    name: str = ""
+    identity: str = ""
+    previous: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteProgram(Action):
+    name: str = ""
+    text: str = ""
+    previous: str | None = None
+
+
+@dataclass(frozen=True)
+class UpdateProgram(Action):
+    """supervisorctl-update semantics for one program: add, replace (restart) or remove."""
+    name: str = ""
+    startsecs: int = 1
+
+
+@dataclass(frozen=True)
+class StartProgram(Action):
+    name: str = ""
+    startsecs: int = 1
+
+
+@dataclass(frozen=True)
+class RestartProgram(Action):
+    name: str = ""
+    startsecs: int = 1
+
+
+@dataclass(frozen=True)
+class CheckHealth(Action):
+    name: str = ""
+    url: str = ""
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class RemoveProgram(Action):
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class RemoveEnvironment(Action):
+    name: str = ""
+
+
+@dataclass(frozen=True)
+class PruneVenvs(Action):
+    name: str = ""
+    identities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Plan:
+    actions: tuple[Action, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def converged(self) -> bool:
+        return not self.actions
+
+    def to_json(self) -> dict:
+        return {"converged": self.converged, "actions": [a.to_json() for a in self.actions], "notes": list(self.notes)}
+
+    def render(self) -> str:
+        if self.converged:
+            lines = ["No changes: the host matches the desired state."]
+        else:
+            lines = [f"Plan: {len(self.actions)} action(s)"]
+            lines += [f"  {i:>2}. {a.describe():<40} # {a.reason}" for i, a in enumerate(self.actions, 1)]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    layout: Layout
+    retention: int = 3
+    embedded: bool = True
+
+
+def render_service(svc: Service, env: Environment, layout: Layout) -> str:
+    """The program file for a service, pointing at its venv's content-addressed path.
+
+    Naming the concrete venv (not the envs/<name> symlink) makes a venv change a config change,
+    so supervisord's own update semantics restart exactly the services whose venv moved.
+    """
+    venv = layout.venv(env.name, env.identity)
+    spec = ProgramSpec(
+        name=svc.name,
+        command=(str(venv / "bin" / svc.command[0]), *svc.command[1:]),
+        directory=str(venv),
+        environment=svc.env,
+        user=svc.user,
+        stdout_logfile=str(layout.logs / f"{svc.name}.out.log"),
+        stderr_logfile=str(layout.logs / f"{svc.name}.err.log"),
+        startsecs=svc.startsecs,
+        stopwaitsecs=svc.stopwaitsecs,
+    )
+    return f"; managed by gitops-agent: app {svc.app}, environment {env.name}\n" + render_program(spec)
+
+
+def _venv_actions(env: Environment, facts: Facts) -> Iterator[Action]:
+    fact = facts.venvs.get(env.name)
+    key = f"venv:{env.name}"
+    current = fact.current if fact else None
+    if fact is None or env.identity not in fact.complete:
+        why = "no venv yet" if current is None else f"lockfile or installer changed (current venv {current})"
+        if fact and env.identity in fact.incomplete:
+            why += "; an interrupted build is discarded"
+        yield BuildVenv(key, f"{why}: build {env.name}-{env.identity} from {env.lockfile.name}", env=env)
+    elif current == env.identity:
+        drift = _installed_drift(env, fact.installed or ())
+        if drift:
+            yield RepairVenv(key, f"installed packages differ from {env.lockfile.name}: {drift}", env=env)
+        return
+    if current != env.identity:
+        how = "kept venv, no rebuild" if fact and env.identity in fact.complete else "new venv"
+        yield SwitchVenv(key, f"envs/{env.name} -> {env.identity} ({how}; was {current})",
+                         name=env.name, identity=env.identity, previous=current)
+
+
+def _installed_drift(env: Environment, installed: tuple[tuple[str, str], ...]) -> str:
+    want, have = dict(env.requirements), dict(installed)
+    parts = [f"+{n}=={have[n]}" for n in sorted(set(have) - set(want))]
+    parts += [f"-{n}=={want[n]}" for n in sorted(set(want) - set(have))]
+    parts += [f"{n} {want[n]}->{have[n]}" for n in sorted(set(want) & set(have)) if want[n] != have[n]]
+    return ", ".join(parts)
+
+
+def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, venv_repaired: bool,
+                     opts: PlanOptions, supervisor_up: bool) -> Iterator[Action]:
+    key = f"program:{svc.name}"
+    needs = (f"venv:{env.name}", "supervisor")
+    text = render_service(svc, env, opts.layout)
+    old = fact.file_text if fact else None
+    changed = False
+    if old != text:
+        why = "program file missing" if old is None else "program file differs from the desired config"
+        if old is not None and fact is not None and str(opts.layout.venvs) in old and env.identity not in old:
+            why = f"venv changed to {env.name}-{env.identity}"
+        yield WriteProgram(key, why, needs, name=svc.name, text=text, previous=old)
+        changed = True
+    loaded = fact is not None and fact.state is not None
+    if changed or not loaded or (fact and fact.pending):
+        why = "apply the new program config" if changed else (
+            "supervisord has not loaded this program" if not loaded else f"supervisord has unapplied changes ({fact.pending})")
+        yield UpdateProgram(key, why, needs, name=svc.name, startsecs=svc.startsecs)
+        changed = True
+    elif fact.state not in HEALTHY_STATES:
+        yield StartProgram(key, f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
+                           needs, name=svc.name, startsecs=svc.startsecs)
+        changed = True
+    elif venv_repaired:
+        yield RestartProgram(key, f"its venv {env.name} is rebuilt in place", needs, name=svc.name, startsecs=svc.startsecs)
+        changed = True
+    if changed and svc.health is not None:
+        yield CheckHealth(key, f"gate the (re)start on {svc.health.url}", needs,
+                          name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
+
+
+def _prune(desired: str, complete: tuple[str, ...], incomplete: tuple[str, ...], retention: int,
+           current: str | None) -> tuple[str, ...]:
+    """Venvs to delete: all but the desired one and the newest others up to `retention`; never the current one."""
+    keep = set(list(dict.fromkeys([desired, *complete]))[:max(retention, 1)])
+    keep.add(current or desired)
+    drop = [i for i in complete if i not in keep] + [i for i in incomplete if i != desired]
+    return tuple(dict.fromkeys(drop))
+
+
+def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
+    """The ordered actions that take `facts` to `desired`: venvs, programs, health, removals, pruning."""
+    actions: list[Action] = []
+    notes = []
+    if not desired.known_host:
+        notes.append(f"host {desired.host!r} is not listed in fleet.yaml; only apps without a host selector apply")
+    supervisor_up = facts.supervisor == "running"
+    if not supervisor_up:
+        if opts.embedded:
+            actions.append(EnsureSupervisor("supervisor", f"embedded supervisord is {facts.supervisor}"))
+        else:
+            notes.append(f"supervisord is {facts.supervisor}")
+
+    repaired: set[str] = set()
+    for env in desired.environments.values():
+        for action in _venv_actions(env, facts):
+            actions.append(action)
+            if isinstance(action, RepairVenv):
+                repaired.add(env.name)
+    for svc in desired.services.values():
+        env = desired.environments[svc.environment]
+        actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts, supervisor_up))
+
+    for name in sorted(set(facts.programs) - set(desired.services)):
+        actions.append(RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))
+    removed_programs = tuple(f"program:{n}" for n in sorted(set(facts.programs) - set(desired.services)))
+    for name in sorted(set(facts.venvs) - set(desired.environments)):
+        actions.append(RemoveEnvironment(f"venv:{name}", "environment no longer in the desired state", removed_programs, name=name))
+    for env in desired.environments.values():
+        fact = facts.venvs.get(env.name)
+        if fact is None:
+            continue
+        drop = _prune(env.identity, fact.complete, fact.incomplete, opts.retention, fact.current)
+        if drop:
+            users = tuple(f"program:{s.name}" for s in desired.services.values() if s.environment == env.name)
+            actions.append(PruneVenvs(f"venv:{env.name}", f"keep the newest {opts.retention} venvs",
+                                      (f"venv:{env.name}",) + users, name=env.name, identities=drop))
+    return Plan(tuple(actions), tuple(notes))

@@ -1,0 +1,223 @@
+"""One reconcile: source -> load & validate -> facts -> plan -> apply -> record.
+
+Level-triggered: every call re-reads the world. An invalid revision is rejected whole and the
+last good revision stays the desired state (drift against it is still healed). Status is always
+recorded, whatever failed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .apply import Drivers, Outcome, apply_plan
+from .drivers.git import GitSource, Revision, redact
+from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
+from .drivers.venv import VenvManager
+from .errors import AgentError, ConfigError, InvalidState, SupervisorError
+from .facts import Facts, collect
+from .layout import Layout
+from .load import LoadOptions, load_desired
+from .model import DesiredState
+from .plan import Plan, PlanOptions, make_plan
+from .settings import Settings
+from .store import RevisionRecord, Status, load_status, save_status
+
+__all__ = ["SupervisorHandle", "Result", "Reconciler", "EXIT_OK", "EXIT_ERROR", "EXIT_DRIFT"]
+
+log = logging.getLogger("gitops_agent.reconcile")
+
+EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
+
+
+class SupervisorHandle:
+    """The agent's supervisord: its own embedded one under the root, or an existing one by socket."""
+
+    def __init__(self, spec: str, layout: Layout):
+        self.embedded = EmbeddedSupervisor(layout.root) if spec == "embedded" else None
+        self.url = spec
+        self._client: SupervisorClient | None = None
+
+    def running_client(self) -> SupervisorClient | None:
+        """A client if supervisord answers now; never starts anything (facts and plan must not)."""
+        if self.embedded is not None:
+            return self.embedded_client() if self.embedded.is_running() else None
+        client = connect(self.url)
+        try:
+            client.state()
+        except SupervisorError:
+            return None
+        return client
+
+    def embedded_client(self) -> SupervisorClient:
+        if self._client is None:
+            self._client = SupervisorClient(self.embedded.socket_path)
+        return self._client
+
+    def ensure(self) -> SupervisorClient:
+        if self.embedded is not None:
+            self._client = self.embedded.ensure_running()
+            return self._client
+        client = connect(self.url)
+        client.state()
+        return client
+
+
+@dataclass
+class Result:
+    result: str                         # converged | applied | failed | invalid | error | drift
+    revision: Revision | None = None
+    plan: Plan | None = None
+    outcomes: tuple[Outcome, ...] = ()
+    error: str | None = None
+    desired_from: str | None = None     # the revision the plan was made against
+    facts: Facts | None = None
+    seconds: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def exit_code(self) -> int:
+        if self.result in ("converged", "applied"):
+            return EXIT_OK
+        if self.result == "drift":
+            return EXIT_DRIFT
+        return EXIT_ERROR
+
+
+class Reconciler:
+    def __init__(self, settings: Settings):
+        if not settings.repo:
+            raise ConfigError("no state repo given: use --repo URL (or GITOPS_AGENT_REPO)")
+        self.settings = settings
+        self.layout = Layout(settings.root)
+        self.source = GitSource(settings.repo, settings.ref, self.layout.source)
+        self.supervisor = SupervisorHandle(settings.supervisor, self.layout)
+        self.venvs = VenvManager(self.layout.root, retention=settings.retention)
+        self.load_opts = LoadOptions(default_installer=settings.installer, allow_root=settings.allow_root_services)
+        self.plan_opts = PlanOptions(self.layout, retention=settings.retention, embedded=self.supervisor.embedded is not None)
+        self.drivers = Drivers(self.layout, self.venvs, self.supervisor, health_wait_s=settings.health_wait_s)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _state_dir(self, checkout: Path) -> Path:
+        state = checkout / self.settings.path if self.settings.path else checkout
+        if not state.is_dir():
+            raise InvalidState([_problem(self.settings.path or ".", "the state path does not exist in this revision")])
+        return state
+
+    def desired_at(self, rev: Revision) -> DesiredState:
+        return load_desired(self._state_dir(self.source.checkout(rev)), self.settings.host, self.load_opts)
+
+    def facts(self) -> Facts:
+        client = self.supervisor.running_client()
+        return collect(self.venvs, self.layout.envs, read_program_files(self.layout.programs), client)
+
+    # -- the reconcile ---------------------------------------------------------------------------
+
+    def reconcile(self, apply: bool = True) -> Result:
+        """One pass. `apply=False` plans only (the `plan` command and warn mode)."""
+        started = time.monotonic()
+        status = load_status(self.layout.status_file)
+        result = self._reconcile(status, apply)
+        result.seconds = time.monotonic() - started
+        if apply:
+            self._record(status, result)
+        return result
+
+    def _reconcile(self, status: Status, apply: bool) -> Result:
+        try:
+            rev = self.source.resolve()
+        except AgentError as exc:
+            return Result("error", error=f"source: {exc}")
+        invalid: InvalidState | None = None
+        try:
+            desired = self.desired_at(rev)
+            desired_from = rev.sha
+        except InvalidState as exc:
+            invalid = exc
+            log.error("revision %s is invalid; keeping the last good revision:\n%s", rev.sha[:12], exc)
+            if status.applied is None:
+                return Result("invalid", rev, error=f"revision {rev.sha[:12]} is invalid:\n{exc}")
+            last = status.applied
+            try:
+                desired = self.desired_at(Revision(last.sha, last.ref, last.committed_at, last.summary))
+            except AgentError as exc2:
+                return Result("invalid", rev, error=f"revision {rev.sha[:12]} is invalid:\n{exc}\n"
+                                                    f"(and the last good revision cannot be loaded: {exc2})")
+            desired_from = last.sha
+        except AgentError as exc:
+            return Result("error", rev, error=f"checkout: {exc}")
+
+        try:
+            facts = self.facts()
+        except (AgentError, OSError) as exc:
+            return Result("error", rev, error=f"facts: {exc}", desired_from=desired_from)
+        plan = make_plan(desired, facts, self.plan_opts)
+        base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts)
+        invalid_msg = f"revision {rev.sha[:12]} is invalid:\n{invalid}" if invalid else None
+        if not apply:
+            outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
+            return Result(outcome, error=invalid_msg, **base)
+        outcomes = apply_plan(plan, self.drivers)
+        failures = [o for o in outcomes if o.result != "ok"]
+        if invalid:
+            return Result("invalid", outcomes=outcomes, error=invalid_msg, **base)
+        if failures:
+            msg = "; ".join(f"{o.action.describe()}: {o.message}" for o in failures if o.result == "failed")
+            return Result("failed", outcomes=outcomes, error=msg, **base)
+        return Result("converged" if plan.converged else "applied", outcomes=outcomes, **base)
+
+    def _record(self, status: Status, result: Result) -> None:
+        now = time.time()
+        status.host = self.settings.host
+        status.result = result.result
+        status.last_reconcile_at = now
+        rev = result.revision
+        if rev is not None:
+            status.attempted = RevisionRecord(rev.sha, rev.ref, rev.committed_at, rev.summary, now)
+            if result.result in ("converged", "applied") and (status.applied is None or status.applied.sha != rev.sha):
+                status.applied = RevisionRecord(rev.sha, rev.ref, rev.committed_at, rev.summary, now)
+        if result.error:
+            status.last_error, status.last_error_at = result.error, now
+        elif result.result in ("converged", "applied"):
+            status.last_error = None
+        status.resources = _resources(status.resources, result, now)
+        try:
+            save_status(self.layout.status_file, status)
+        except OSError as exc:
+            log.error("cannot write status %s: %s", self.layout.status_file, exc)
+
+
+def _problem(field: str, message: str):
+    from .errors import Problem
+
+    return Problem(field, None, "path", message)
+
+
+def _resources(previous: dict[str, dict], result: Result, now: float) -> dict[str, dict]:
+    """Per-resource state after a reconcile: ok, failed (with the cause), or drift (planned, not applied)."""
+    if result.plan is None:
+        return previous
+    resources: dict[str, dict] = {}
+    facts = result.facts
+    if facts is not None:
+        for name in facts.venvs:
+            resources[f"venv:{name}"] = {"state": "ok", "message": "", "at": now}
+        for name in facts.programs:
+            resources[f"program:{name}"] = {"state": "ok", "message": facts.programs[name].state or "", "at": now}
+    for action in result.plan.actions:
+        resources[action.key] = {"state": "drift", "message": action.reason, "at": now}
+    failed = {}
+    for o in result.outcomes:
+        if o.result == "ok":
+            resources[o.action.key] = {"state": "ok", "message": o.message, "at": now}
+    for o in result.outcomes:
+        if o.result != "ok" and o.action.key not in failed:
+            failed[o.action.key] = o
+            resources[o.action.key] = {"state": "failed", "message": o.message, "at": now}
+    for o in result.outcomes:
+        if o.result == "ok" and o.action.kind in ("remove_program", "remove_environment"):
+            resources.pop(o.action.key, None)
+    return dict(sorted(resources.items()))
