@@ -111,7 +111,7 @@ def _inside(root: Path, base: Path, rel: str) -> Path | None:
     return target
 
 
-def _read_docs(root: Path, out: _Collector) -> tuple[Located | None, list[Located]]:
+def _read_docs(root: Path, out: _Collector) -> tuple[Located | None, list[tuple[Located, bool]]]:
     fleet = None
     fleet_path = root / FLEET_FILE
     if fleet_path.is_file():
@@ -122,7 +122,7 @@ def _read_docs(root: Path, out: _Collector) -> tuple[Located | None, list[Locate
             out.extend(exc.problems)
     else:
         out.problems.append(Problem(FLEET_FILE, None, "", "missing: a state repo needs a fleet.yaml at its root"))
-    apps: list[Located] = []
+    apps: list[tuple[Located, bool]] = []
     app_files = sorted((root / APPS_DIR).glob(f"*/{APP_FILE}")) if (root / APPS_DIR).is_dir() else []
     if len(app_files) > MAX_APPS:
         out.problems.append(Problem(APPS_DIR, None, "", f"more than {MAX_APPS} apps"))
@@ -137,8 +137,8 @@ def _read_docs(root: Path, out: _Collector) -> tuple[Located | None, list[Locate
         except InvalidState as exc:
             out.extend(exc.problems)
             continue
-        if _schema_problems(doc, "app", out):
-            apps.append(doc)
+        valid = _schema_problems(doc, "app", out)
+        apps.append((doc, valid))
     return fleet, apps
 
 
@@ -280,12 +280,42 @@ def _load(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[L
     fleet, docs = _read_docs(root, out)
     defaults = (fleet.data.get("defaults") or {}) if fleet is not None and isinstance(fleet.data, dict) else {}
     apps = []
-    for doc in docs:
+    for doc, valid in docs:
+        if not valid:
+            _best_effort(doc, root, defaults, opts, out)
+            continue
         expected = Path(doc.file).parent.name
         if doc.data["name"] != expected:
             out.add(doc, ("name",), f"app name {doc.data['name']!r} must match its directory {expected!r}")
         apps.append((doc, _app(doc, root, defaults, opts, out)))
     return _hosts(fleet), apps, out
+
+
+def _best_effort(doc: Located, root: Path, defaults: dict, opts: LoadOptions, out: _Collector) -> None:
+    """Reference checks on a document that failed its schema, so one run reports every problem.
+
+    The shape is not guaranteed here: whatever a wrong type breaks is skipped, and any problem found
+    twice (schema and reference) is reported once.
+    """
+    data = doc.data if isinstance(doc.data, dict) else {}
+    expected = Path(doc.file).parent.name
+    if isinstance(data.get("name"), str) and data["name"] != expected:
+        out.add(doc, ("name",), f"app name {data['name']!r} must match its directory {expected!r}")
+    for section in ("environments", "services"):
+        items = data.get(section)
+        if not isinstance(items, dict):
+            continue
+        for name, spec in list(items.items()):
+            probe = Located({"name": str(data.get("name", "?")), section: {name: spec},
+                             "environments": data.get("environments") if section == "services" else {name: spec}},
+                            doc.lines, doc.file)
+            try:
+                if section == "environments":
+                    _environments(probe, root, defaults, opts, out)
+                else:
+                    _services(probe, set(data.get("environments") or {}), opts, out)
+            except (KeyError, TypeError, AttributeError, ValueError):
+                continue
 
 
 def _validated(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], list[Problem]]:
