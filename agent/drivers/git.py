@@ -1,0 +1,510 @@
+"""The Git source: fetch the state repo into a mirror the agent owns, resolve a ref, check out a commit.
+
+Why it looks like this (DESIGN §2 step 1, §7 Git timings):
+
+* The caller resolves on every poll, so the unchanged case must be tiny: one `git ls-remote` limited to
+  the two candidate ref names, compared with the mirror's own ref (a file read). Only when they differ do
+  we fetch. A commit is immutable, so a `Revision` is cached per sha and never re-read.
+* The mirror is a bare repo under `cache_dir`, never the user's clone: a hand edit in someone's work tree
+  can never leak into what the agent applies. Refspecs are forced and pruned so branch *and* tag moves,
+  including force-pushes and deletions, follow the remote exactly.
+* A checkout is the exact tree of one commit, built aside in a temp dir with a private index and renamed
+  into `checkouts/<sha>`; the rename is the completion mark, so a crash leaves only a temp dir behind.
+  `info/attributes` in the mirror switches off eol/filter conversion so the files are the committed bytes.
+* Nothing may wait on a prompt (GIT_TERMINAL_PROMPT=0, SSH_ASKPASS_REQUIRE=never, no controlling
+  terminal for child processes, a timeout on every call), and a URL's credentials never reach a message
+  or a log line (`redact`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from agent.errors import ConfigError, SourceError
+
+__all__ = ["Revision", "GitSource", "redact", "is_ancestor"]
+
+log = logging.getLogger(__name__)
+
+MIRROR = "repo.git"
+CHECKOUTS = "checkouts"
+_REMOTE = "origin"
+_REFSPECS = ("+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
+# Highest-precedence attributes: check out the committed bytes, no eol/filter/ident conversion.
+_ATTRIBUTES = "* -text -eol -filter -ident -working-tree-encoding -export-ignore -export-subst\n"
+_SHA_LIKE = re.compile(r"[0-9a-fA-F]{4,40}")
+_FULL_SHA = re.compile(r"[0-9a-f]{40}")
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+_TMP_PREFIX = ".tmp-"
+_STALE_TMP_S = 3600.0
+_HTTP_SCHEMES = {"http", "https", "ftp", "ftps"}
+
+
+@dataclass(frozen=True)
+class Revision:
+    """One resolved commit of the state repo; immutable, so safe to cache and compare."""
+
+    sha: str  # full 40-hex commit
+    ref: str  # what was asked for (branch, tag, or sha)
+    committed_at: float  # commit time, epoch seconds (for commit-to-converged metrics)
+    summary: str  # first line of the message
+
+
+def redact(url: str) -> str:
+    """Hide credentials in a URL before it reaches a message or a log line.
+
+    Any user part of an http(s) URL is hidden (a token is often given as the user name alone);
+    for other schemes only a user part carrying a password is. scp-like `user@host:path` has no
+    password slot and is returned as is.
+    """
+    if "://" not in url:
+        return url
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    userinfo, _, hostport = parts.netloc.rpartition("@")
+    if parts.scheme.lower() in _HTTP_SCHEMES or ":" in userinfo:
+        return urlunsplit(parts._replace(netloc=f"***@{hostport}"))
+    return url
+
+
+def is_ancestor(cache_dir: Path | str, old_sha: str, new_sha: str) -> bool:
+    """True when `new_sha` fast-forwards from `old_sha` in the mirror under `cache_dir`.
+
+    One `git merge-base --is-ancestor` (a few ms). A commit the mirror does not hold cannot be proven
+    an ancestor, so the answer is False (a caller requiring fast-forward then refuses, which is safe)
+    rather than an error that would be retried for ever.
+    """
+    git_dir = Path(cache_dir) / MIRROR
+    proc = subprocess.run(
+        ["git", "--git-dir", str(git_dir), "merge-base", "--is-ancestor", old_sha, new_sha],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=_git_env(),
+        timeout=60,
+        check=False,
+    )
+    if proc.returncode in (0, 1):
+        return proc.returncode == 0
+    log.warning("cannot tell whether %s is an ancestor of %s: %s", old_sha, new_sha, proc.stderr.strip())
+    return False
+
+
+class GitSource:
+    """Fetches one (url, ref) into `<cache_dir>/repo.git`; checks commits out under `<cache_dir>/checkouts`."""
+
+    def __init__(
+        self,
+        url: str,
+        ref: str,
+        cache_dir: Path,
+        keep_checkouts: int = 3,
+        *,
+        timeout: float = 60.0,
+        ssh_command: str | None = None,
+    ):
+        self.url = _normalise_url(url)
+        self.ref = _check_ref(ref)
+        if keep_checkouts < 0:
+            raise ConfigError(f"keep_checkouts must be 0 or more, not {keep_checkouts}")
+        self.cache_dir = Path(cache_dir)
+        self.keep_checkouts = keep_checkouts
+        self.timeout = timeout
+        self._env = _git_env(ssh_command)
+        self._repo = None  # git.Repo, opened lazily: importing GitPython costs ~60 ms
+        self._revisions: dict[str, Revision] = {}  # commit sha -> Revision
+        self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
+
+    # -- public -----------------------------------------------------------------------------------
+
+    @property
+    def mirror(self) -> Path:
+        return self.cache_dir / MIRROR
+
+    @property
+    def checkouts(self) -> Path:
+        return self.cache_dir / CHECKOUTS
+
+    def resolve(self) -> Revision:
+        """The commit `ref` names on the remote now; fetches only when the remote moved."""
+        self._ensure_mirror()
+        advertised = self._ls_remote()
+        name = self._match_ref(advertised)
+        if name is not None:
+            sha = self._resolve_named(name, advertised[name])
+        elif _SHA_LIKE.fullmatch(self.ref):
+            sha = self._resolve_sha()
+        else:
+            raise SourceError(
+                f"ref {self.ref!r} not found in {redact(self.url)}: no branch or tag of that name"
+            )
+        return self._revision(sha)
+
+    def checkout(self, rev: Revision) -> Path:
+        """The exact tree of `rev` at `<cache_dir>/checkouts/<sha>`; no work at all if already there."""
+        target = self.checkouts / rev.sha
+        if target.is_dir():
+            return target
+        self.checkouts.mkdir(parents=True, exist_ok=True)
+        self._sweep_stale_tmp()
+        tmp = self.checkouts / f"{_TMP_PREFIX}{rev.sha[:12]}-{uuid.uuid4().hex[:8]}"
+        try:
+            self._materialise(rev.sha, tmp)
+            _make_read_only(tmp)
+            os.utime(tmp)  # the age prune orders by: when it was completed
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not target.is_dir():  # someone else finishing the same sha first is fine
+                    raise
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise SourceError(f"cannot check out {rev.sha} from {redact(self.url)}: {exc}") from exc
+        finally:
+            if tmp.exists():
+                _remove_tree(tmp)
+        log.info("checked out %s (%s) into %s", rev.sha[:12], rev.summary, target)
+        self._prune(keep=target)
+        return target
+
+    def commit_time(self, sha: str) -> float:
+        """Commit (committer) time of `sha` in epoch seconds, from the mirror."""
+        full = self._commit_sha(sha)
+        if full is None:
+            raise SourceError(f"commit {sha!r} not found in the mirror of {redact(self.url)}")
+        return self._revision(full).committed_at
+
+    def close(self) -> None:
+        """Stop GitPython's persistent `cat-file` helpers."""
+        if self._repo is not None:
+            self._repo.close()
+            self._repo = None
+
+    def __enter__(self) -> GitSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- resolve steps ------------------------------------------------------------------------------
+
+    def _match_ref(self, advertised: dict[str, str]) -> str | None:
+        """The remote ref `self.ref` names; a branch wins over a tag of the same name (documented)."""
+        for name in _candidates(self.ref):
+            if name in advertised:
+                return name
+        return None
+
+    def _resolve_named(self, name: str, remote_sha: str) -> str:
+        """Fetch only if our copy of `name` differs from what the remote advertises, then peel to a commit.
+
+        When nothing moved this is a file read and a dict lookup: the peeled commit of a ref object is
+        remembered (objects are immutable), so the unchanged poll starts no process besides ls-remote.
+        """
+        local = _tracking(name)
+        if self._local_ref(local) != remote_sha:
+            self._fetch()
+        ref_sha = self._local_ref(local)
+        sha = self._peeled.get(ref_sha) if ref_sha else None
+        if sha is None:
+            sha = self._commit_sha(local)
+            if sha is None:
+                raise SourceError(f"ref {self.ref!r} in {redact(self.url)} does not point at a commit")
+            self._peeled[ref_sha] = sha
+        return sha
+
+    def _resolve_sha(self) -> str:
+        """A commit id: immutable, so if the mirror already has it there is nothing to fetch."""
+        sha = self._commit_sha(self.ref)
+        if sha is None:
+            self._fetch()
+            sha = self._commit_sha(self.ref)
+        if sha is None and _FULL_SHA.fullmatch(self.ref.lower()):
+            # Under no ref: a server that allows it hands the commit out by id; a ref keeps gc off it.
+            try:
+                self._fetch(f"+{self.ref.lower()}:refs/pinned/{self.ref.lower()}")
+            except SourceError as exc:
+                log.debug("fetch by id refused: %s", exc)
+            sha = self._commit_sha(self.ref)
+        if sha is None:
+            raise SourceError(
+                f"ref {self.ref!r} not found in {redact(self.url)}: no branch, tag or commit of that name"
+            )
+        return sha
+
+    def _revision(self, sha: str) -> Revision:
+        """Commit metadata, read once per sha (commits never change)."""
+        cached = self._revisions.get(sha)
+        if cached is None:
+            commit = self._git_repo().commit(sha)
+            cached = Revision(sha, self.ref, float(commit.committed_date), commit.summary)
+            self._revisions[sha] = cached
+        return cached
+
+    # -- git plumbing ------------------------------------------------------------------------------
+
+    def _ensure_mirror(self) -> None:
+        """Create the bare mirror on first use (built aside, renamed in) and keep its URL current."""
+        if self._repo is not None:
+            return
+        if not (self.mirror / "HEAD").exists():
+            self._create_mirror()
+        import git
+
+        self._repo = git.Repo(self.mirror)
+        self._repo.git.update_environment(
+            **{k: v for k, v in self._env.items() if os.environ.get(k) != v}
+        )
+        with self._repo.config_reader() as cfg:
+            current = cfg.get_value(f'remote "{_REMOTE}"', "url", "")
+        if current != self.url:
+            log.info("source URL changed to %s", redact(self.url))
+            self._run(["remote", "set-url", _REMOTE, self.url])
+
+    def _create_mirror(self) -> None:
+        import git
+
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.cache_dir, 0o700)  # the remote URL may carry a token
+        tmp = self.cache_dir / f"{_TMP_PREFIX}{MIRROR}-{uuid.uuid4().hex[:8]}"
+        try:
+            repo = git.Repo.init(tmp, bare=True)  # git init --bare
+            with repo.config_writer() as cfg:
+                section = f'remote "{_REMOTE}"'
+                cfg.set_value(section, "url", self.url)
+                cfg.set_value(section, "fetch", _REFSPECS[0])
+                cfg.add_value(section, "fetch", _REFSPECS[1])
+                cfg.set_value(section, "prune", "true")
+                cfg.set_value(section, "tagOpt", "--no-tags")
+                cfg.set_value("core", "logAllRefUpdates", "false")
+            repo.close()
+            (tmp / "info").mkdir(exist_ok=True)
+            (tmp / "info" / "attributes").write_text(_ATTRIBUTES)
+            os.rename(tmp, self.mirror)
+        except (OSError, git.GitCommandError) as exc:
+            if not (self.mirror / "HEAD").exists():
+                raise SourceError(f"cannot create the git mirror at {self.mirror}: {exc}") from exc
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("created git mirror %s for %s", self.mirror, redact(self.url))
+
+    def _ls_remote(self) -> dict[str, str]:
+        """Remote refs that `self.ref` could name (the server filters them: protocol v2 ref-prefix)."""
+        out = self._run(["ls-remote", _REMOTE, *_candidates(self.ref)], what="reach")
+        refs: dict[str, str] = {}
+        for line in out.splitlines():
+            sha, _, name = line.partition("\t")
+            if name and not name.endswith("^{}"):
+                refs[name] = sha
+        return refs
+
+    def _fetch(self, *refspecs: str) -> None:
+        """GitPython fetch with the mirror's forced, pruning refspecs (plus one commit id when asked)."""
+        import git
+
+        assert self._repo is not None
+        started = time.monotonic()
+        try:
+            self._repo.git.execute(
+                ["git", "fetch", "--prune", "--quiet", _REMOTE, *refspecs],
+                kill_after_timeout=self.timeout,
+                env=self._env,
+                start_new_session=True,
+            )
+        except git.GitCommandError as exc:
+            raise SourceError(
+                f"cannot fetch from {redact(self.url)}: {self._scrub(_first_error(str(exc.stderr)))}"
+            ) from exc
+        log.info("fetched %s in %.1f ms", redact(self.url), (time.monotonic() - started) * 1000)
+
+    def _local_ref(self, name: str) -> str | None:
+        """The sha our mirror holds for `name`: a loose-file / packed-refs read, no subprocess."""
+        from git.refs.symbolic import SymbolicReference
+
+        try:
+            return SymbolicReference.dereference_recursive(self._git_repo(), name)
+        except (ValueError, OSError):
+            return None
+
+    def _commit_sha(self, rev: str) -> str | None:
+        """Full sha of the commit `rev` names in the mirror (GitPython rev-parse), or None."""
+        from gitdb.exc import ODBError
+
+        repo = self._git_repo()
+        try:
+            obj = repo.rev_parse(f"{rev}^{{commit}}")
+            # GitPython takes a full hex id on trust; ask the object store that it exists and is a commit.
+            return obj.hexsha if repo.odb.info(obj.binsha).type == b"commit" else None
+        except (ODBError, ValueError, IndexError):
+            return None
+
+    def _materialise(self, sha: str, dest: Path) -> None:
+        """Write the tree of `sha` into `dest` via a private index (the mirror's own index is never used)."""
+        dest.mkdir()
+        index = dest.with_name(dest.name + ".index")
+        env = {**self._env, "GIT_INDEX_FILE": str(index)}
+        try:
+            for args in (["read-tree", sha], ["checkout-index", "--all", "--force"]):
+                self._run(["--work-tree", str(dest), *args], env=env)
+        finally:
+            index.unlink(missing_ok=True)
+
+    def _run(self, args: list[str], *, env: dict[str, str] | None = None, what: str = "") -> str:
+        """One plain git subprocess in the mirror: no shell, no stdin, no terminal, bounded time."""
+        cmd = ["git", "--git-dir", str(self.mirror), *args]
+        try:
+            proc = subprocess.run(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                env=env or self._env,
+                timeout=self.timeout,
+                start_new_session=True,
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise SourceError(
+                f"git {args[0]} on {redact(self.url)} timed out after {self.timeout:g} s"
+            ) from exc
+        if proc.returncode != 0:
+            detail = self._scrub(_first_error(proc.stderr)) or f"exit status {proc.returncode}"
+            verb = f"cannot {what}" if what else f"git {args[0]} failed for"
+            raise SourceError(f"{verb} {redact(self.url)}: {detail}")
+        return proc.stdout
+
+    def _git_repo(self):
+        self._ensure_mirror()
+        return self._repo
+
+    def _scrub(self, text: str) -> str:
+        """Remove the URL's credentials from git's own output too."""
+        text = text.replace(self.url, redact(self.url))
+        if "://" in self.url:
+            userinfo = urlsplit(self.url).netloc.rpartition("@")[0]
+            if userinfo and redact(self.url) != self.url:
+                text = text.replace(userinfo, "***")
+        return text
+
+    # -- checkout housekeeping ------------------------------------------------------------------------
+
+    def _prune(self, keep: Path) -> None:
+        """Keep the newest `keep_checkouts` checkouts and `keep` itself; delete the rest."""
+        entries = [p for p in self.checkouts.iterdir() if _FULL_SHA.fullmatch(p.name) and p.is_dir()]
+        entries.sort(key=lambda p: (p.stat().st_mtime_ns, p.name), reverse=True)
+        for old in entries[self.keep_checkouts :]:
+            if old != keep:
+                log.info("pruning old checkout %s", old.name[:12])
+                _remove_tree(old)
+
+    def _sweep_stale_tmp(self) -> None:
+        """Remove temp dirs a crashed checkout left behind (old enough not to be work in progress)."""
+        now = time.time()
+        for p in self.checkouts.iterdir():
+            if p.name.startswith(_TMP_PREFIX):
+                try:
+                    if now - p.lstat().st_mtime <= _STALE_TMP_S:
+                        continue
+                    if p.is_dir() and not p.is_symlink():
+                        _remove_tree(p)
+                    else:
+                        p.unlink()
+                except FileNotFoundError:
+                    pass
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _git_env(ssh_command: str | None = None) -> dict[str, str]:
+    """The environment for every git child: inherits GIT_SSH_COMMAND and friends, never prompts."""
+    env = dict(os.environ)
+    env["GIT_TERMINAL_PROMPT"] = "0"
+    env.setdefault("SSH_ASKPASS_REQUIRE", "never")
+    if ssh_command:
+        env["GIT_SSH_COMMAND"] = ssh_command
+    return env
+
+
+def _normalise_url(url: str) -> str:
+    """Reject option-like URLs; make a plain local path absolute (git runs with the mirror as cwd)."""
+    url = url.strip()
+    if not url or url.startswith("-"):
+        raise ConfigError(f"not a git repository URL: {redact(url)!r}")
+    if "://" in url:
+        return url
+    head, colon, _ = url.partition(":")
+    if colon and "/" not in head:  # scp-like user@host:path
+        return url
+    return str(Path(url).expanduser().resolve())
+
+
+def _check_ref(ref: str) -> str:
+    """A branch, a tag (optionally as refs/heads/X, refs/tags/X) or a commit id; nothing git would misread."""
+    bad = (
+        not ref
+        or ref.startswith(("-", "/"))
+        or ref.endswith(("/", ".lock", "."))
+        or ".." in ref
+        or "@{" in ref
+        or _BAD_REF_CHARS.search(ref)
+    )
+    if bad:
+        raise ConfigError(f"not a valid git ref: {ref!r}")
+    if ref.startswith("refs/") and not ref.startswith(("refs/heads/", "refs/tags/")):
+        raise ConfigError(f"only branches (refs/heads/) and tags (refs/tags/) can be tracked, not {ref!r}")
+    return ref
+
+
+def _first_error(stderr: str) -> str:
+    """git's first fatal/error line without its prefix: one sentence for a status line, not a banner."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for line in lines:
+        for prefix in ("fatal:", "error:"):
+            if line.lower().startswith(prefix):
+                return line[len(prefix) :].strip()
+    return lines[0] if lines else ""
+
+
+def _candidates(ref: str) -> tuple[str, ...]:
+    """Full remote ref names `ref` may mean, in order of preference: branch, then tag."""
+    if ref.startswith("refs/"):
+        return (ref,)
+    return (f"refs/heads/{ref}", f"refs/tags/{ref}")
+
+
+def _tracking(remote_ref: str) -> str:
+    """Where the mirror's refspecs store a remote ref."""
+    if remote_ref.startswith("refs/heads/"):
+        return f"refs/remotes/{_REMOTE}/" + remote_ref[len("refs/heads/") :]
+    return remote_ref
+
+
+def _make_read_only(root: Path) -> None:
+    """Drop write bits (files first, then directories) so nothing edits a checkout in place."""
+    for dirpath, dirnames, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            if not os.path.islink(path):
+                os.chmod(path, os.stat(path).st_mode & ~0o222)
+        os.chmod(dirpath, os.stat(dirpath).st_mode & ~0o222)
+
+
+def _remove_tree(root: Path) -> None:
+    """rmtree that first gives directories back their write bit (checkouts are read-only)."""
+    for dirpath, _dirs, _files in os.walk(root):
+        try:
+            os.chmod(dirpath, os.stat(dirpath).st_mode | 0o700)
+        except OSError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)
