@@ -1,0 +1,165 @@
+"""`mandelbrot-server`: a small HTTP renderer on the standard library's ThreadingHTTPServer.
+
+GET /render?width=&height=&cx=&cy=&zoom=&max_iter=&impl=simple|mp|fast -> image/png (400 on bad input)
+GET /healthz -> 200 "ok"
+GET /version -> {"version": ..., "palette": ...}
+
+Binds 127.0.0.1 by default; SIGTERM and SIGINT stop it cleanly (in-flight requests finish, the
+worker pool is closed, exit status 0). Every response carries `X-Mandelbrot-Version`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from . import fast, image, simple
+from . import mp as mp_impl
+from ._release import PALETTE, __version__
+from .params import SERVER_LIMITS, InvalidParams, Params
+
+__all__ = ["parse_render_query", "make_server", "main"]
+
+log = logging.getLogger("mandelbrot.server")
+
+IMPLS = ("simple", "mp", "fast")
+_FIELDS = {"width": int, "height": int, "cx": float, "cy": float, "zoom": float, "max_iter": int}
+
+
+def parse_render_query(query: str) -> tuple[Params, str]:
+    """Query string -> (validated Params, impl). Raises InvalidParams listing every problem."""
+    qs = parse_qs(query, keep_blank_values=True)
+    errors, values = [], {}
+    for key in sorted(set(qs) - set(_FIELDS) - {"impl"}):
+        errors.append(f"unknown parameter {key!r}")
+    for key, kind in _FIELDS.items():
+        if key in qs:
+            raw = qs[key][-1]
+            try:
+                values[key] = kind(raw)
+            except ValueError:
+                errors.append(f"{key} must be {'an integer' if kind is int else 'a number'}, got {raw!r}")
+    impl = qs.get("impl", ["simple"])[-1]
+    if impl not in IMPLS:
+        errors.append(f"impl must be one of {', '.join(IMPLS)}, got {impl!r}")
+    elif impl == "fast" and not fast.available():
+        errors.append("impl=fast needs numpy, which is not installed")
+    params = Params(**values)
+    try:
+        params.validate(SERVER_LIMITS)
+    except InvalidParams as exc:
+        errors.extend(exc.errors)
+    if errors:
+        raise InvalidParams(errors)
+    return params, impl
+
+
+class _Renderer:
+    """Owns the multiprocessing pool, created on the first impl=mp request."""
+
+    def __init__(self, processes: int | None):
+        self._processes = processes
+        self._pool = None
+        self._lock = threading.Lock()
+
+    def render(self, params: Params, impl: str) -> list[list[int]]:
+        if impl == "mp":
+            with self._lock:
+                if self._pool is None:
+                    self._pool = mp_impl.make_pool(self._processes)
+            return mp_impl.render(params, processes=self._processes, pool=self._pool)
+        if impl == "fast":
+            return fast.render(params)
+        return simple.render(params)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._pool is not None:
+                self._pool.terminate()
+                self._pool.join()
+                self._pool = None
+
+
+class Handler(BaseHTTPRequestHandler):
+    server_version = f"mandelbrot/{__version__}"
+    renderer: _Renderer  # set by make_server
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        url = urlsplit(self.path)
+        if url.path == "/healthz":
+            self._send(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
+        elif url.path == "/version":
+            body = json.dumps({"version": __version__, "palette": PALETTE}).encode() + b"\n"
+            self._send(HTTPStatus.OK, body, "application/json")
+        elif url.path == "/render":
+            self._render(url.query)
+        else:
+            self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
+
+    def _render(self, query: str) -> None:
+        try:
+            params, impl = parse_render_query(query)
+        except InvalidParams as exc:
+            body = json.dumps({"error": "bad request", "details": exc.errors}).encode() + b"\n"
+            self._send(HTTPStatus.BAD_REQUEST, body, "application/json")
+            return
+        counts = self.renderer.render(params, impl)
+        self._send(HTTPStatus.OK, image.to_png(counts, params.max_iter, PALETTE), "image/png")
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Mandelbrot-Version", __version__)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (http.server's signature)
+        log.info("%s %s", self.address_string(), format % args)
+
+
+def make_server(host: str, port: int, processes: int | None = None) -> ThreadingHTTPServer:
+    renderer = _Renderer(processes)
+    handler = type("BoundHandler", (Handler,), {"renderer": renderer})
+    httpd = ThreadingHTTPServer((host, port), handler)
+    httpd.renderer = renderer  # type: ignore[attr-defined]
+    return httpd
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="mandelbrot-server", description="Serve Mandelbrot PNGs over HTTP.")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port (default %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default %(default)s)")
+    p.add_argument("--processes", type=int, default=None, help="workers for impl=mp (default: CPU count)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__} (palette {PALETTE})")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    httpd = make_server(args.host, args.port, args.processes)
+
+    def stop(signum: int, _frame) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        # shutdown() waits for serve_forever() to return, which runs in this (the main) thread.
+        threading.Thread(target=httpd.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    host, port = httpd.server_address[:2]
+    log.info("mandelbrot %s (palette %s) listening on http://%s:%d", __version__, PALETTE, host, port)
+    try:
+        httpd.serve_forever()
+    finally:
+        httpd.server_close()
+        httpd.renderer.close()  # type: ignore[attr-defined]
+    log.info("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
