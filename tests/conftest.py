@@ -1,0 +1,112 @@
+"""Shared fixtures: real git state repos in temp dirs, tiny real wheels, agent roots that clean up."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from wheelfactory import lock_line, make_http_app_wheel  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def git(cwd: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+
+
+class StateRepo:
+    """A real git repository holding a state tree, with a wheelhouse of tiny HTTP app wheels."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.mkdir(parents=True)
+        git(path, "init", "-q", "-b", "main")
+        git(path, "config", "user.email", "test@example.invalid")
+        git(path, "config", "user.name", "test")
+        git(path, "config", "commit.gpgsign", "false")
+        self.wheels: dict[str, Path] = {}
+
+    @property
+    def url(self) -> str:
+        return f"file://{self.path}"
+
+    def write(self, rel: str, text: str) -> Path:
+        target = self.path / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(textwrap.dedent(text))
+        return target
+
+    def wheel(self, version: str, name: str = "demoapp") -> Path:
+        key = f"{name}-{version}"
+        if key not in self.wheels:
+            self.wheels[key] = make_http_app_wheel(self.path / "wheelhouse", name, version)
+        return self.wheels[key]
+
+    def lock(self, rel: str, *versions: str, name: str = "demoapp") -> None:
+        self.write(rel, "".join(lock_line(self.wheel(v, name)) + "\n" for v in versions))
+
+    def commit(self, message: str = "change") -> str:
+        git(self.path, "add", "-A")
+        git(self.path, "commit", "-q", "--allow-empty", "-m", message)
+        return git(self.path, "rev-parse", "HEAD")
+
+    def app(self, *, name: str = "demo", services: dict[str, dict] | None = None, version: str = "1.0.0",
+            env: str = "demo", extra: str = "", lock_versions: tuple[str, ...] | None = None) -> None:
+        """Write fleet.yaml (host h1) and one app with one environment and the given services."""
+        self.write("fleet.yaml", """\
+            apiVersion: gitops-agent/v1
+            kind: Fleet
+            hosts:
+              h1: {groups: [web]}
+              h2: {groups: [db]}
+            """)
+        self.lock(f"apps/{name}/{env}.lock", *(lock_versions or (version,)))
+        services = services if services is not None else {f"{name}-web": {"port": free_port()}}
+        lines = [
+            "apiVersion: gitops-agent/v1", "kind: App", f"name: {name}", "hosts: {groups: [web]}",
+            "environments:", f"  {env}: {{lockfile: {env}.lock, find_links: [../../wheelhouse], index: false}}",
+            "services:",
+        ]
+        for svc, spec in services.items():
+            port = spec["port"]
+            lines += [f"  {svc}:", f"    environment: {spec.get('environment', env)}",
+                      f"    port: {port}", f'    command: [demoapp-server, --port, "{port}"]']
+            if spec.get("health", True):
+                lines.append(f'    health: {{http: "http://127.0.0.1:{port}/healthz", timeout_s: 1}}')
+        self.write(f"apps/{name}/app.yaml", "\n".join(lines) + "\n" + extra)
+
+
+@pytest.fixture
+def state_repo(tmp_path) -> StateRepo:
+    return StateRepo(tmp_path / "state")
+
+
+@pytest.fixture
+def agent_root(tmp_path):
+    """An agent root whose embedded supervisord (and everything it runs) is stopped after the test."""
+    root = tmp_path / "root"
+    yield root
+    from agent.drivers.supervisor import EmbeddedSupervisor
+
+    EmbeddedSupervisor(root).stop()
+
+
+def run_agent(*args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, "-m", "agent.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO_ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"gitops-agent {' '.join(args)} -> {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+    return proc
