@@ -35,7 +35,7 @@ class Action:
         return _snake(type(self).__name__)
 
     def describe(self) -> str:
-        return f"{self.kind} {self.key.split(':', 1)[1]}"
+        return f"{self.kind} {self.key.partition(':')[2] or self.key}"
 
     def to_json(self) -> dict:
         data = {k: v for k, v in asdict(self).items() if k not in ("text",)}
