@@ -1,0 +1,510 @@
+"""Virtualenv driver: build content-addressed venvs from hashed lockfiles and switch between them.
+
+Layout under the agent's root::
+
+    venvs/<name>-<identity>/            one venv per (python, lock bytes, installer, options)
+    venvs/<name>-<identity>/.gitops-agent.json   marker, written last: "this venv is complete"
+    envs/<name> -> ../venvs/<name>-<identity>    symlink that services use, swapped atomically
+
+Why this shape: venvs are not relocatable (shebangs hold the absolute path), so a venv is built where it
+will live, and "done" is signalled by a marker written atomically after every check passed. A directory
+without the marker is an interrupted build and is never used. Services follow the symlink, so the switch
+is one `os.replace`, and a rollback to a kept venv is a switch, not a rebuild.
+
+Every installer call is an argument list (no shell) with a scrubbed environment: the caller's PIP_*,
+UV_* and VIRTUAL_ENV must not redirect or break a build, only network plumbing (proxy, certificates,
+timeouts, cache) passes through. The host's pip/uv configuration files still apply, and the lock's
+hashes decide what may be installed whatever the index.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from hashlib import sha256
+from importlib import metadata
+from pathlib import Path
+
+from packaging.utils import canonicalize_name
+
+from ..errors import BuildError
+from ..lockfile import LockedRequirement, parse_lock, venv_identity
+
+__all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY"]
+
+MARKER = ".gitops-agent.json"
+LOCK_COPY = ".gitops-agent.lock"  # the exact lock bytes the venv was built from
+SEEDED = frozenset({"pip", "setuptools", "wheel"})  # what `python -m venv` may put in by itself
+_IDENTITY = re.compile(r"^[0-9a-f]{16}$")
+_VERSION = re.compile(r"^3\.[0-9]{1,2}$")
+_TRASH_PREFIX = ".trash-"
+_STDERR_TAIL_LINES = 25
+_STDERR_TAIL_CHARS = 3000
+# Caller variables that are plumbing, not policy: keep them so builds work behind proxies etc.
+_PASSTHROUGH = frozenset({
+    "PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT", "PIP_TIMEOUT",
+    "PIP_RETRIES", "PIP_CACHE_DIR", "PIP_NO_CACHE_DIR",
+    "UV_CACHE_DIR", "UV_NO_CACHE", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS",
+})
+_DROPPED = ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONUSERBASE",
+            "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
+
+# Run inside the new venv (`python -I -c`): import every console script of the locked distributions
+# without running it. Prints one JSON object: {"checked": n, "failed": ["name: error", ...]}.
+_LOAD_ENTRY_POINTS = r"""
+import json, re, sys
+from importlib import metadata
+wanted = set(json.loads(sys.argv[1]))
+checked, failed = 0, []
+for dist in metadata.distributions():
+    name = re.sub(r"[-_.]+", "-", dist.metadata["Name"] or "").lower()
+    if name not in wanted:
+        continue
+    for ep in dist.entry_points:
+        if ep.group not in ("console_scripts", "gui_scripts"):
+            continue
+        checked += 1
+        try:
+            ep.load()
+        except BaseException as exc:
+            failed.append(f"{ep.name} = {ep.value} ({name}): {type(exc).__name__}: {exc}")
+print(json.dumps({"checked": checked, "failed": failed}))
+"""
+
+
+@dataclass(frozen=True)
+class VenvSpec:
+    """What to build: one environment of one app, as planned from the state repo."""
+
+    name: str
+    python: str
+    lockfile: Path
+    find_links: tuple[Path, ...]
+    installer: str = "pip"
+    options: tuple[str, ...] = ()
+    identity: str = ""
+
+
+@dataclass(frozen=True)
+class VenvInfo:
+    """A venv dir on disk. `complete` means its marker exists; `marker` is its parsed content."""
+
+    name: str
+    identity: str
+    path: Path
+    complete: bool
+    marker: dict | None
+    mtime: float
+
+
+@dataclass(frozen=True)
+class _Run:
+    """Finished subprocess: kept small so error messages can quote it."""
+
+    argv: tuple[str, ...]
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def _tail(text: str) -> str:
+    lines = text.strip().splitlines()[-_STDERR_TAIL_LINES:]
+    return "\n".join(lines)[-_STDERR_TAIL_CHARS:]
+
+
+def _build_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for installer subprocesses: the caller's minus anything that redirects a build."""
+    env = {
+        key: value for key, value in (os.environ if base is None else base).items()
+        if key not in _DROPPED and (not key.startswith(("PIP_", "UV_")) or key in _PASSTHROUGH)
+    }
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    env["PIP_NO_INPUT"] = "1"
+    env["PIP_PROGRESS_BAR"] = "off"
+    env["UV_NO_PROGRESS"] = "1"
+    env["PYTHONNOUSERSITE"] = "1"  # a ~/.local package must not satisfy or break a check
+    return env
+
+
+def _run(argv: Sequence[str], *, env: dict[str, str], cwd: Path, timeout: float, what: str) -> _Run:
+    """Run one command; raise BuildError (with the stderr tail) if it cannot start, times out or fails."""
+    argv = tuple(str(a) for a in argv)
+    try:
+        proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, errors="replace")
+    except FileNotFoundError as exc:
+        raise BuildError(f"{what}: cannot run {argv[0]}: {exc}") from exc
+    except subprocess.TimeoutExpired as exc:
+        stderr = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        raise BuildError(f"{what}: timed out after {timeout:g}s\n{_tail(stderr)}") from exc
+    result = _Run(argv, proc.returncode, proc.stdout, proc.stderr)
+    if result.returncode != 0:
+        detail = _tail(result.stderr) or _tail(result.stdout)
+        raise BuildError(f"{what} failed (exit {result.returncode}):\n{detail}")
+    return result
+
+
+def _python_version(executable: str) -> tuple[str, str] | None:
+    """(X.Y, real sys.executable) of an interpreter, or None if it does not run (e.g. a dead pyenv shim)."""
+    code = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys.executable)"
+    try:
+        proc = subprocess.run([executable, "-I", "-c", code], capture_output=True, text=True, timeout=30,
+                              stdin=subprocess.DEVNULL, env=_build_env())
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    lines = proc.stdout.split()
+    return (lines[0], lines[1]) if proc.returncode == 0 and len(lines) == 2 else None
+
+
+def _pyenv_candidates(version: str) -> list[str]:
+    """Interpreters pyenv installed for X.Y (newest patch first), active or not: a shim only runs the
+    versions selected by `pyenv global/local`, but any installed one can build a venv."""
+    root = Path(os.environ.get("PYENV_ROOT") or Path.home() / ".pyenv")
+    found = []
+    for exe in root.glob(f"versions/{version}.*/bin/python{version}"):
+        patch = exe.parent.parent.name.removeprefix(f"{version}.")
+        if patch.isdigit():  # skip 3.12-dev, 3.12.1t and friends
+            found.append((int(patch), str(exe)))
+    return [exe for _, exe in sorted(found, reverse=True)]
+
+
+def resolve_python(version: str) -> str:
+    """Path of an interpreter for "X.Y": this one if it matches, else `pythonX.Y` on PATH, else a pyenv
+    installation; each candidate is run once to verify it.
+
+    The probe catches a pyenv shim for a version that is not selected (it exists but exits 127) and
+    yields the real executable, so the venv records the interpreter, not a shim.
+    """
+    if not _VERSION.match(version):
+        raise BuildError(f"python version {version!r} is not of the form 3.N")
+    if "%d.%d" % sys.version_info[:2] == version and sys.executable:
+        return sys.executable
+    on_path = shutil.which(f"python{version}")
+    for candidate in ([on_path] if on_path else []) + _pyenv_candidates(version):
+        probed = _python_version(candidate)
+        if probed and probed[0] == version:
+            return probed[1] or candidate
+    raise BuildError(f"no Python {version} interpreter found (python{version} on PATH, pyenv versions)")
+
+
+def find_uv() -> str | None:
+    """The uv binary: on PATH, or shipped inside the `uv` Python package."""
+    found = shutil.which("uv")
+    if found:
+        return found
+    try:
+        from uv import find_uv_bin  # type: ignore[import-not-found]
+    except ImportError:
+        return None
+    try:
+        return find_uv_bin()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def _site_packages(venv: Path) -> list[Path]:
+    return sorted(p for p in venv.glob("lib*/python3*/site-packages") if p.is_dir() and not p.is_symlink())
+
+
+def _distributions(venv: Path) -> dict[str, str]:
+    """Every distribution in the venv's site-packages: canonical name -> version (in-process)."""
+    found: dict[str, str] = {}
+    paths = [str(p) for p in _site_packages(venv)]
+    if not paths:
+        return found
+    for dist in metadata.distributions(path=paths):
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(canonicalize_name(name), dist.version)
+    return found
+
+
+def _read_marker(venv: Path) -> dict | None:
+    try:
+        data = json.loads((venv / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write to a temp file in the same dir, fsync, rename over: readers see old or new, never half."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+class VenvManager:
+    """Owns `<root>/venvs` and `<root>/envs`. One manager (one agent) per root: builds are not locked
+    against other processes; the agent's root lock provides that."""
+
+    def __init__(self, root: Path, retention: int = 3, *, timeout_s: float = 900.0):
+        if retention < 1:
+            raise ValueError("retention must be >= 1")
+        self.root = Path(root).absolute()
+        self.retention = retention
+        self.timeout_s = timeout_s
+        self._venvs = self.root / "venvs"
+        self._envs = self.root / "envs"
+        self._building: set[Path] = set()
+
+    # ----- naming -----
+
+    def path_for(self, name: str, identity: str) -> Path:
+        """Where the venv for this (name, identity) lives: the path is its identity."""
+        if not _IDENTITY.match(identity):
+            raise ValueError(f"bad venv identity {identity!r}")
+        return self._venvs / f"{name}-{identity}"
+
+    def link_for(self, name: str) -> Path:
+        """The stable path services use; it points at the current venv."""
+        return self._envs / name
+
+    def current(self, name: str) -> Path | None:
+        """Target of the env symlink (normalized, not resolved through other links), or None if no link.
+
+        A dangling link still returns its target, so the caller can see *which* venv went missing.
+        """
+        link = self.link_for(name)
+        try:
+            target = os.readlink(link)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        except OSError:  # exists but is not a symlink: someone replaced it by hand
+            return None
+        return Path(os.path.normpath(link.parent / target))
+
+    # ----- facts -----
+
+    def list(self, name: str | None = None) -> list[VenvInfo]:
+        """Venv dirs (of one environment, or all), newest first; incomplete ones included."""
+        try:
+            entries = list(os.scandir(self._venvs))
+        except FileNotFoundError:
+            return []
+        infos = []
+        for entry in entries:
+            env_name, _, identity = entry.name.rpartition("-")
+            if entry.name.startswith(".") or not env_name or not _IDENTITY.match(identity):
+                continue
+            if name is not None and env_name != name or not entry.is_dir(follow_symlinks=False):
+                continue
+            infos.append(self._info(env_name, identity, Path(entry.path)))
+        return sorted(infos, key=lambda i: (i.mtime, i.path.name), reverse=True)
+
+    def _info(self, name: str, identity: str, path: Path) -> VenvInfo:
+        marker = _read_marker(path)
+        stat_path = path / MARKER if marker is not None else path
+        try:
+            mtime = stat_path.stat().st_mtime
+        except OSError:
+            mtime = 0.0
+        return VenvInfo(name, identity, path, marker is not None, marker, mtime)
+
+    def installed(self, path: Path) -> dict[str, str]:
+        """What is really installed: canonical name -> version, read in-process (~1 ms, no subprocess).
+
+        pip/setuptools/wheel that `python -m venv` seeds are left out, unless the venv's marker says
+        the lock pinned them (then they are content like any other).
+        """
+        marker = _read_marker(Path(path)) or {}
+        locked = set((marker.get("packages") or {}).keys())
+        return {n: v for n, v in _distributions(Path(path)).items() if n not in SEEDED or n in locked}
+
+    # ----- build -----
+
+    def build(self, spec: VenvSpec) -> Path:
+        """Build (or find already built) the venv for `spec` at its final path; return that path.
+
+        Complete venvs are reused as they are. A dir without marker is a leftover of an interrupted
+        build and is deleted first. On any failure the partial dir is removed, the symlink is untouched,
+        and BuildError carries the installer's stderr tail. Lock problems raise InvalidState.
+        """
+        lock_bytes = Path(spec.lockfile).read_bytes()
+        identity = venv_identity(spec.python, lock_bytes, spec.installer, spec.options)
+        if spec.identity and spec.identity != identity:
+            raise BuildError(f"{spec.name}: lockfile {spec.lockfile} changed since it was planned "
+                             f"(identity {spec.identity}, now {identity})")
+        locked = parse_lock(lock_bytes.decode("utf-8", "replace"), str(spec.lockfile))
+        path = self.path_for(spec.name, identity)
+        if (path / MARKER).exists():
+            return path
+        if spec.installer not in ("pip", "uv"):
+            raise BuildError(f"{spec.name}: unknown installer {spec.installer!r}")
+        self._building.add(path)
+        try:
+            if path.exists() or path.is_symlink():
+                self._delete(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._build_at(path, spec, identity, lock_bytes, locked)
+        except BaseException:
+            self._delete(path)
+            raise
+        finally:
+            self._building.discard(path)
+        return path
+
+    def _build_at(self, path: Path, spec: VenvSpec, identity: str, lock_bytes: bytes,
+                  locked: tuple[LockedRequirement, ...]) -> None:
+        interpreter = resolve_python(spec.python)
+        uv = find_uv() if spec.installer == "uv" else None
+        if spec.installer == "uv" and uv is None:
+            raise BuildError(f"{spec.name}: installer 'uv' requested but no uv binary found")
+        env = _build_env()
+
+        def run(argv: Sequence[object], what: str) -> _Run:
+            return _run(argv, env=env, cwd=self._venvs, timeout=self.timeout_s, what=f"{spec.name}: {what}")
+
+        if uv:
+            run([uv, "venv", "--no-project", "--quiet", "--python", interpreter, path], "uv venv")
+        else:
+            run([interpreter, "-m", "venv", path], "python -m venv")
+        lock_copy = path / LOCK_COPY
+        lock_copy.write_bytes(lock_bytes)  # install from these exact bytes, not a file that may change
+        python = path / "bin" / "python"
+        links = [a for d in spec.find_links for a in ("--find-links", str(d))]
+        common = ["--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", lock_copy, *links,
+                  *spec.options]
+        if uv:
+            run([uv, "pip", "install", "--python", python, "--compile-bytecode", *common], "uv pip install")
+            run([uv, "pip", "check", "--python", python], "uv pip check")
+        else:
+            run([python, "-m", "pip", "install", *common], "pip install")
+            run([python, "-m", "pip", "check"], "pip check")
+        expected = {r.name: r.version for r in locked}
+        self._check_entry_points(path, python, set(expected), run)
+        self._check_installed(path, expected, spec.name)
+        marker = {
+            "name": spec.name,
+            "identity": identity,
+            "python": spec.python,
+            "lock_sha256": sha256(lock_bytes).hexdigest(),
+            "installer": spec.installer,
+            "options": list(spec.options),
+            "packages": dict(sorted(expected.items())),
+            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        _atomic_write(path / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode())
+
+    def _check_entry_points(self, path: Path, python: Path, names: set[str], run) -> None:
+        """Import every console script of the locked dists inside the venv, without running them."""
+        result = run([python, "-I", "-c", _LOAD_ENTRY_POINTS, json.dumps(sorted(names))], "entry point check")
+        try:
+            report = json.loads(result.stdout.strip().splitlines()[-1])
+        except (IndexError, ValueError) as exc:
+            raise BuildError(f"{path.name}: entry point check printed no report: {_tail(result.stderr)}") from exc
+        if report["failed"]:
+            raise BuildError(f"{path.name}: console scripts fail to load:\n" + "\n".join(report["failed"]))
+
+    def _check_installed(self, path: Path, expected: dict[str, str], name: str) -> None:
+        """Installed (name, version) set must be exactly the lock's: nothing missing, nothing extra."""
+        actual = {n: v for n, v in _distributions(path).items() if n not in SEEDED or n in expected}
+        if actual != expected:
+            missing = sorted(f"{n}=={v}" for n, v in expected.items() if actual.get(n) != v)
+            extra = sorted(f"{n}=={v}" for n, v in actual.items() if expected.get(n) != v)
+            raise BuildError(f"{name}: installed set differs from the lock: missing {missing}, unexpected {extra}")
+
+    # ----- switch, prune, remove -----
+
+    def switch(self, name: str, path: Path) -> None:
+        """Point `envs/<name>` at `path` atomically (temp symlink + rename); the target must be complete.
+
+        The link is relative (`../venvs/...`) so it stays right if the whole root is seen through another
+        mount path; venvs themselves still may not move.
+        """
+        path = Path(path).absolute()
+        if path.parent != self._venvs or not path.name.startswith(f"{name}-"):
+            raise BuildError(f"refusing to point env {name!r} at {path}: not one of its venvs under {self._venvs}")
+        if not (path / MARKER).is_file():
+            raise BuildError(f"refusing to point env {name!r} at incomplete venv {path}")
+        link = self.link_for(name)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        tmp = link.parent / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        os.symlink(os.path.relpath(path, link.parent), tmp)
+        try:
+            os.replace(tmp, link)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(link.parent)
+
+    def prune(self, name: str, keep: int | None = None, protect: Iterable[Path] = ()) -> list[Path]:
+        """Delete old venvs of `name`: keep the newest `keep` complete ones, the current one and `protect`.
+
+        Incomplete dirs are deleted unless this manager is building them right now. Returns what went.
+        """
+        keep = self.retention if keep is None else keep
+        spared = {Path(p).absolute() for p in protect}
+        current = self.current(name)
+        if current is not None:
+            spared.add(current)
+        removed: list[Path] = []
+        complete_seen = 0
+        for info in self.list(name):
+            if info.path in spared or info.path in self._building:
+                continue
+            if info.complete and complete_seen < keep:
+                complete_seen += 1
+                continue
+            self._delete(info.path)
+            removed.append(info.path)
+        self._empty_trash()
+        return removed
+
+    def remove_all(self, name: str) -> list[Path]:
+        """Forget an environment that left the repo: its symlink first (no dangling use), then its venvs."""
+        removed: list[Path] = []
+        link = self.link_for(name)
+        if link.is_symlink():
+            link.unlink()
+            _fsync_dir(link.parent)
+            removed.append(link)
+        for info in self.list(name):
+            if info.path not in self._building:
+                self._delete(info.path)
+                removed.append(info.path)
+        self._empty_trash()
+        return removed
+
+    def _delete(self, path: Path) -> None:
+        """Remove a venv dir: rename it aside first (atomic), so a crash mid-delete leaves no half venv
+        that still looks complete; then delete the renamed tree."""
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            return
+        if not path.exists():
+            return
+        trash = path.parent / f"{_TRASH_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}"
+        os.rename(path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def _empty_trash(self) -> None:
+        """Finish deletes a crash interrupted."""
+        for leftover in self._venvs.glob(f"{_TRASH_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)

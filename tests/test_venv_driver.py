@@ -1,0 +1,408 @@
+"""Venv driver against real `python -m venv` + pip and uv, from hand-made wheels in a local find-links dir.
+
+Builds cost seconds (venv+pip ~3 s), so the real venvs are built once per module and shared; tests that
+mutate a shared venv put it back. Retention and listing logic is file-level, so those tests use
+hand-made venv dirs (a dir plus a marker) and stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from agent.drivers import venv as venv_mod
+from agent.drivers.venv import MARKER, VenvManager, VenvSpec, find_uv, resolve_python
+from agent.errors import BuildError, InvalidState
+from agent.lockfile import venv_identity
+
+try:  # tests/ as a package or as a plain dir on sys.path
+    from tests import wheelfactory
+except ImportError:  # pragma: no cover
+    import wheelfactory
+
+UV = find_uv()
+needs_uv = pytest.mark.skipif(UV is None, reason="uv binary not found (PATH or `uv` package)")
+PY = "%d.%d" % sys.version_info[:2]
+OFFLINE = ("--no-index",)  # tests never touch an index: find-links only
+
+
+# ----- helpers -----
+
+def _spec(root: Path, name: str, lines: list[str], wheelhouse: Path, *, installer: str = "pip",
+          python: str = PY, lock_name: str | None = None) -> VenvSpec:
+    """Write a lockfile and return the spec the planner would hand over (identity computed like load.py)."""
+    lock = root / "state" / (lock_name or f"{name}-{installer}.lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    lock.write_text("\n".join(lines) + "\n")
+    return VenvSpec(name=name, python=python, lockfile=lock, find_links=(wheelhouse,), installer=installer,
+                    options=OFFLINE, identity=venv_identity(python, lock.read_bytes(), installer, OFFLINE))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> tuple[int, str]:
+    with urllib.request.urlopen(url, timeout=2) as resp:
+        return resp.status, resp.read().decode()
+
+
+def _serve_and_get(script: Path) -> str:
+    """Start the console script as a real server, wait for /healthz, return GET / ; always stop it."""
+    port = _free_port()
+    proc = subprocess.Popen([str(script), "--port", str(port)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert _get(f"http://127.0.0.1:{port}/healthz") == (200, "ok\n")
+                return _get(f"http://127.0.0.1:{port}/")[1]
+            except OSError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.05)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=10) == 0  # clean exit on SIGTERM: supervisord sees a normal stop
+
+
+def _fake_venv(mgr: VenvManager, name: str, identity: str, *, complete: bool, mtime: float) -> Path:
+    """A venv dir as the manager sees it (dir + optional marker) for retention logic; no interpreter."""
+    path = mgr.path_for(name, identity)
+    path.mkdir(parents=True)
+    if complete:
+        (path / MARKER).write_text(json.dumps({"identity": identity, "packages": {}}))
+        os.utime(path / MARKER, (mtime, mtime))
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+# ----- shared real builds -----
+
+@pytest.fixture(scope="module")
+def wheelhouse(tmp_path_factory) -> dict:
+    wh = tmp_path_factory.mktemp("wheelhouse")
+    lib = wheelfactory.make_wheel(wh, "tiny.lib", "1.0", {"tinylib": "def hello():\n    return 'hi'\n"},
+                                  console_scripts={"tinylib-hello": "tinylib:hello"})
+    extra = wheelfactory.make_wheel(wh, "extra", "0.1", {"extra_mod": ""})
+    return {
+        "dir": wh,
+        "v1": wheelfactory.make_http_app_wheel(wh, "demoapp", "1.0.0"),
+        "v2": wheelfactory.make_http_app_wheel(wh, "demoapp", "2.0.0"),
+        "lib": lib,
+        "extra": extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("agent-root")
+
+
+@pytest.fixture(scope="module")
+def mgr(root) -> VenvManager:
+    return VenvManager(root, retention=2)
+
+
+@pytest.fixture(scope="module")
+def spec_v1(root, wheelhouse) -> VenvSpec:
+    return _spec(root, "app", [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["lib"])],
+                 wheelhouse["dir"], lock_name="app-v1.lock")
+
+
+@pytest.fixture(scope="module")
+def spec_v2(root, wheelhouse) -> VenvSpec:
+    return _spec(root, "app", [wheelfactory.lock_line(wheelhouse["v2"]), wheelfactory.lock_line(wheelhouse["lib"])],
+                 wheelhouse["dir"], lock_name="app-v2.lock")
+
+
+@pytest.fixture(scope="module")
+def v1(mgr, spec_v1) -> Path:
+    return mgr.build(spec_v1)
+
+
+@pytest.fixture(scope="module")
+def v2_over_interrupted(mgr, spec_v2) -> tuple[Path, Path]:
+    """Build v2 where an interrupted build left a half dir, with a hostile caller environment."""
+    final = mgr.path_for(spec_v2.name, spec_v2.identity)
+    (final / "bin").mkdir(parents=True)
+    junk = final / "bin" / "half-written"
+    junk.write_text("left by a crash")
+    with pytest.MonkeyPatch.context() as mp:  # would redirect or break a naive build
+        mp.setenv("PIP_INDEX_URL", "http://127.0.0.1:9/nowhere")
+        mp.setenv("PIP_USER", "1")
+        mp.setenv("PIP_NO_BINARY", ":all:")
+        mp.setenv("PIP_REQUIRE_VIRTUALENV", "1")
+        mp.setenv("VIRTUAL_ENV", "/nonexistent/venv")
+        mp.setenv("PYTHONPATH", "/nonexistent")
+        path = mgr.build(spec_v2)
+    return path, junk
+
+
+# ----- building -----
+
+def test_build_at_final_path_with_marker_written_last(mgr, spec_v1, v1):
+    assert v1 == mgr.path_for("app", spec_v1.identity) == mgr.root / "venvs" / f"app-{spec_v1.identity}"
+    marker = json.loads((v1 / MARKER).read_text())
+    assert marker["identity"] == spec_v1.identity and marker["installer"] == "pip"
+    assert marker["packages"] == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+    assert marker["options"] == ["--no-index"] and marker["python"] == PY
+    assert len(marker["lock_sha256"]) == 64 and marker["built_at"]
+    # built in place: the shebang names the final path, so nothing was moved after the build
+    assert (v1 / "bin" / "demoapp-server").read_text().splitlines()[0] == f"#!{v1}/bin/python"
+    newest_file = max(p.stat().st_mtime_ns for p in v1.rglob("*") if p.is_file() and p.name != MARKER)
+    assert (v1 / MARKER).stat().st_mtime_ns >= newest_file
+    assert [(i.path, i.complete) for i in mgr.list("app") if i.path == v1] == [(v1, True)]
+
+
+def test_console_script_runs(v1):
+    assert _serve_and_get(v1 / "bin" / "demoapp-server") == "demoapp 1.0.0\n"
+    out = subprocess.run([v1 / "bin" / "python", "-c", "import tinylib; print(tinylib.hello())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "hi\n"
+
+
+def test_build_again_is_a_no_op(mgr, spec_v1, v1):
+    before = (v1 / MARKER).stat().st_mtime_ns
+    start = time.perf_counter()
+    assert mgr.build(spec_v1) == v1
+    assert time.perf_counter() - start < 0.5
+    assert (v1 / MARKER).stat().st_mtime_ns == before
+
+
+def test_interrupted_dir_is_deleted_and_rebuilt_despite_hostile_env(v2_over_interrupted, spec_v2, mgr):
+    path, junk = v2_over_interrupted
+    assert not junk.exists()
+    assert (path / MARKER).is_file()
+    assert mgr.installed(path) == {"demoapp": "2.0.0", "tiny-lib": "1.0"}
+
+
+def test_installed_reads_in_process_and_skips_seeded_tools(mgr, v1):
+    start = time.perf_counter()
+    got = mgr.installed(v1)
+    elapsed = time.perf_counter() - start
+    assert got == {"demoapp": "1.0.0", "tiny-lib": "1.0"}  # no pip/setuptools although venv seeded them
+    assert elapsed < 0.1, elapsed
+
+
+def test_installed_sees_hand_changes(mgr, v1, wheelhouse):
+    pip = [str(v1 / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    try:
+        subprocess.run(pip + ["install", "--no-deps", "--no-index", "--find-links", str(wheelhouse["dir"]), "extra"],
+                       check=True, capture_output=True)
+        subprocess.run(pip + ["uninstall", "-y", "tiny.lib"], check=True, capture_output=True)
+        assert mgr.installed(v1) == {"demoapp": "1.0.0", "extra": "0.1"}
+    finally:  # put the shared venv back as the lock says
+        subprocess.run(pip + ["uninstall", "-y", "extra"], capture_output=True)
+        subprocess.run(pip + ["install", "--no-deps", "--no-index", str(wheelhouse["lib"])], capture_output=True)
+    assert mgr.installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+
+
+def test_hash_mismatch_fails_and_leaves_current_untouched(mgr, root, v1, wheelhouse):
+    mgr.switch("app", v1)
+    wrong = wheelfactory.lock_line(wheelhouse["v1"]).split("--hash=")[0] + \
+        "--hash=" + wheelfactory.lock_line(wheelhouse["v2"]).split("--hash=")[1]
+    bad = _spec(root, "app", [wrong, wheelfactory.lock_line(wheelhouse["lib"])], wheelhouse["dir"],
+                lock_name="app-tampered.lock")
+    with pytest.raises(BuildError) as info:
+        mgr.build(bad)
+    assert "DO NOT MATCH THE HASHES" in str(info.value)
+    assert not mgr.path_for("app", bad.identity).exists()
+    assert mgr.current("app") == v1 and (v1 / MARKER).is_file()
+    assert mgr.installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+
+
+def test_lock_changed_after_planning_is_refused(mgr, root, wheelhouse):
+    spec = _spec(root, "moving", [wheelfactory.lock_line(wheelhouse["lib"])], wheelhouse["dir"])
+    spec.lockfile.write_text(wheelfactory.lock_line(wheelhouse["extra"]) + "\n")
+    with pytest.raises(BuildError, match="changed since it was planned"):
+        mgr.build(spec)
+    assert not mgr.list("moving")
+
+
+def test_invalid_lock_raises_invalid_state(mgr, root, wheelhouse):
+    spec = _spec(root, "loose", ["demoapp>=1"], wheelhouse["dir"])
+    with pytest.raises(InvalidState):
+        mgr.build(spec)
+
+
+# ----- switching -----
+
+def test_switch_back_and_forth_is_atomic_and_needs_no_rebuild(mgr, spec_v1, v1, v2_over_interrupted):
+    v2 = v2_over_interrupted[0]
+    link = mgr.link_for("app")
+    mgr.switch("app", v2)
+    assert mgr.current("app") == v2 and link.resolve() == v2.resolve()
+    assert _serve_and_get(link / "bin" / "demoapp-server") == "demoapp 2.0.0\n"
+
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    def reader() -> None:  # the link must never be missing or dangling mid-switch
+        while not stop.is_set():
+            try:
+                os.stat(link / "bin" / "python")
+            except OSError as exc:
+                errors.append(exc)
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for _ in range(200):
+            mgr.switch("app", v1)
+            mgr.switch("app", v2)
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
+
+    start = time.perf_counter()  # rollback = the kept venv is found complete, then a symlink swap
+    assert mgr.build(spec_v1) == v1
+    mgr.switch("app", v1)
+    assert time.perf_counter() - start < 0.5
+    assert mgr.current("app") == v1
+    assert not os.path.isabs(os.readlink(link))  # relative: ../venvs/<name>-<identity>
+    assert not [p for p in link.parent.iterdir() if p.name.endswith(".tmp")]  # no temp links left behind
+
+
+def test_switch_refuses_incomplete_or_foreign_dirs(mgr, tmp_path):
+    half = mgr.path_for("half", "0" * 16)
+    half.mkdir(parents=True)
+    with pytest.raises(BuildError, match="incomplete"):
+        mgr.switch("half", half)
+    with pytest.raises(BuildError, match="not one of its venvs"):
+        mgr.switch("half", tmp_path)
+    assert mgr.current("half") is None
+
+
+# ----- retention (file-level: hand-made venv dirs) -----
+
+def test_list_and_prune_keep_newest_current_and_protected(tmp_path):
+    mgr = VenvManager(tmp_path, retention=2)
+    now = time.time()
+    paths = [_fake_venv(mgr, "web", f"{i:016x}", complete=True, mtime=now - 100 * (6 - i)) for i in range(6)]
+    half = _fake_venv(mgr, "web", "f" * 16, complete=False, mtime=now)
+    other = _fake_venv(mgr, "web-admin", "a" * 16, complete=True, mtime=now - 10_000)  # a name with a dash prefix
+    mgr.switch("web", paths[0])  # current = the oldest (a rollback)
+
+    listed = mgr.list("web")
+    assert [i.path for i in listed] == [half] + paths[::-1]
+    assert [i.complete for i in listed] == [False] + [True] * 6
+    assert {i.name for i in mgr.list()} == {"web", "web-admin"}
+
+    removed = mgr.prune("web", protect=[paths[1]])
+    assert sorted(removed) == sorted([half, paths[2], paths[3]])
+    assert [i.path for i in mgr.list("web")] == [paths[5], paths[4], paths[1], paths[0]]
+    assert other.exists() and mgr.current("web") == paths[0]
+    assert mgr.prune("web", keep=1) == [paths[4], paths[1]]
+    assert not list((tmp_path / "venvs").glob(".trash-*"))
+
+
+def test_prune_spares_a_build_in_progress(tmp_path):
+    mgr = VenvManager(tmp_path)
+    building = _fake_venv(mgr, "web", "1" * 16, complete=False, mtime=time.time())
+    mgr._building.add(building)  # what build() records while it runs
+    assert mgr.prune("web") == [] and building.exists()
+
+
+def test_remove_all(tmp_path):
+    mgr = VenvManager(tmp_path)
+    a = _fake_venv(mgr, "gone", "1" * 16, complete=True, mtime=1)
+    b = _fake_venv(mgr, "gone", "2" * 16, complete=False, mtime=2)
+    keep = _fake_venv(mgr, "stays", "3" * 16, complete=True, mtime=3)
+    mgr.switch("gone", a)
+    assert sorted(mgr.remove_all("gone")) == sorted([mgr.link_for("gone"), a, b])
+    assert mgr.current("gone") is None and mgr.list("gone") == [] and keep.exists()
+
+
+def test_empty_root_has_no_facts(tmp_path):
+    mgr = VenvManager(tmp_path / "nothing-yet")
+    assert mgr.list() == [] and mgr.current("x") is None and mgr.prune("x") == []
+
+
+# ----- uv backend -----
+
+@needs_uv
+def test_uv_build(mgr, root, wheelhouse):
+    spec = _spec(root, "fast", [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["lib"])],
+                 wheelhouse["dir"], installer="uv")
+    path = mgr.build(spec)
+    marker = json.loads((path / MARKER).read_text())
+    assert marker["installer"] == "uv" and path.name == f"fast-{spec.identity}"
+    assert mgr.installed(path) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+    assert list((path / "lib").glob("python*/site-packages/demoapp_server*/__pycache__")) or \
+        list((path / "lib").glob("python*/site-packages/__pycache__/demoapp_server*.pyc"))  # --compile-bytecode
+    assert _serve_and_get(path / "bin" / "demoapp-server") == "demoapp 1.0.0\n"
+
+
+@needs_uv
+def test_uv_hash_mismatch(mgr, root, wheelhouse):
+    wrong = "demoapp==1.0.0 --hash=sha256:" + "0" * 64
+    spec = _spec(root, "fastbad", [wrong], wheelhouse["dir"], installer="uv")
+    with pytest.raises(BuildError, match="(?i)hash mismatch"):
+        mgr.build(spec)
+    assert mgr.list("fastbad") == []
+
+
+@needs_uv
+def test_broken_console_script_fails_verification_and_leaves_no_marker(mgr, root, wheelhouse, tmp_path):
+    broken = wheelfactory.make_wheel(tmp_path, "broken", "1.0", {"broken_mod": "raise ImportError('boom')\n"},
+                                     console_scripts={"broken": "broken_mod:main"})
+    spec = _spec(root, "broken", [wheelfactory.lock_line(broken)], tmp_path, installer="uv")
+    with pytest.raises(BuildError) as info:
+        mgr.build(spec)
+    assert "broken = broken_mod:main" in str(info.value) and "boom" in str(info.value)
+    assert mgr.list("broken") == []  # verification failed after install: the dir is gone, no marker ever
+
+
+def _other_python() -> str | None:
+    for version in ("3.12", "3.10", "3.13"):
+        if version != PY:
+            try:
+                resolve_python(version)
+                return version
+            except BuildError:
+                pass
+    return None
+
+
+OTHER_PY = _other_python()
+
+
+@needs_uv
+@pytest.mark.skipif(OTHER_PY is None, reason="no second Python version installed")
+def test_other_python_version(mgr, root, wheelhouse):
+    spec = _spec(root, "other-py", [wheelfactory.lock_line(wheelhouse["lib"])], wheelhouse["dir"], installer="uv",
+                 python=OTHER_PY)
+    path = mgr.build(spec)
+    assert list((path / "lib").glob(f"python{OTHER_PY}/site-packages"))
+    assert mgr.installed(path) == {"tiny-lib": "1.0"}
+
+
+# ----- interpreter and environment -----
+
+def test_resolve_python():
+    assert resolve_python(PY) == sys.executable
+    with pytest.raises(BuildError, match="no Python 3.99"):
+        resolve_python("3.99")
+    with pytest.raises(BuildError, match="not of the form"):
+        resolve_python("python; rm -rf /")
+
+
+def test_build_env_drops_redirecting_variables():
+    env = venv_mod._build_env({"PATH": "/bin", "PIP_INDEX_URL": "x", "PIP_USER": "1", "VIRTUAL_ENV": "/v",
+                               "PIP_CERT": "/ca.pem", "UV_INDEX_URL": "y", "UV_CACHE_DIR": "/c", "PYTHONPATH": "/p"})
+    assert env["PATH"] == "/bin" and env["PIP_CERT"] == "/ca.pem" and env["UV_CACHE_DIR"] == "/c"
+    assert not {"PIP_INDEX_URL", "PIP_USER", "VIRTUAL_ENV", "UV_INDEX_URL", "PYTHONPATH"} & env.keys()
+    assert env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1"
