@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
@@ -11,6 +10,7 @@ from hypothesis import strategies as st
 
 from packaging.utils import canonicalize_name
 
+from agent.drivers.venv import find_uv
 from agent.errors import InvalidState
 from agent.lockfile import LockedRequirement, parse_lock, venv_identity
 
@@ -165,13 +165,13 @@ def test_property_dropping_hashes_is_always_caught(entries, victim):
 
 # ----- real tool output -----
 
-@pytest.mark.skipif(shutil.which("uv") is None, reason="uv not installed")
+@pytest.mark.skipif(find_uv() is None, reason="uv not installed")
 def test_parses_uv_pip_compile_output(tmp_path):
     wheels = tmp_path / "wh"
     a = wheelfactory.make_wheel(wheels, "Demo.App", "1.0.0", {"demo_app": "X = 1\n"}, requires=["zope.thing"])
     b = wheelfactory.make_wheel(wheels, "zope.thing", "2.0", {"zthing": "Y = 2\n"})
     (tmp_path / "req.in").write_text("demo-app\n")
-    out = subprocess.run(["uv", "pip", "compile", "-q", "--generate-hashes", "--no-index", "--find-links", str(wheels),
+    out = subprocess.run([find_uv(), "pip", "compile", "-q", "--generate-hashes", "--no-index", "--find-links", str(wheels),
                           "req.in"], cwd=tmp_path, capture_output=True, text=True, check=True, timeout=60).stdout
     got = parse_lock(out, "req.txt")
     assert {(r.name, r.version) for r in got} == {("demo-app", "1.0.0"), ("zope-thing", "2.0")}

@@ -366,6 +366,15 @@ def test_broken_console_script_fails_verification_and_leaves_no_marker(mgr, root
     assert mgr.list("broken") == []  # verification failed after install: the dir is gone, no marker ever
 
 
+@needs_uv
+def test_missing_dependency_fails_pip_check(mgr, root, wheelhouse, tmp_path):
+    needy = wheelfactory.make_wheel(tmp_path, "needy", "1.0", {"needy": ""}, requires=["tiny.lib>=1"])
+    spec = _spec(root, "needy", [wheelfactory.lock_line(needy)], tmp_path, installer="uv")
+    with pytest.raises(BuildError, match="(?s)pip check.*tiny-lib"):
+        mgr.build(spec)  # --no-deps installs it; the check catches the incomplete lock
+    assert mgr.list("needy") == []
+
+
 def _other_python() -> str | None:
     for version in ("3.12", "3.10", "3.13"):
         if version != PY:

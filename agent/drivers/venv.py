@@ -45,6 +45,7 @@ MARKER = ".gitops-agent.json"
 LOCK_COPY = ".gitops-agent.lock"  # the exact lock bytes the venv was built from
 SEEDED = frozenset({"pip", "setuptools", "wheel"})  # what `python -m venv` may put in by itself
 _IDENTITY = re.compile(r"^[0-9a-f]{16}$")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # the schema's identifier: no '/', no leading '.'
 _VERSION = re.compile(r"^3\.[0-9]{1,2}$")
 _TRASH_PREFIX = ".trash-"
 _STDERR_TAIL_LINES = 25
@@ -116,9 +117,15 @@ class _Run:
     stderr: str
 
 
-def _tail(text: str) -> str:
-    lines = text.strip().splitlines()[-_STDERR_TAIL_LINES:]
-    return "\n".join(lines)[-_STDERR_TAIL_CHARS:]
+def _tail(text: str, lines: int = _STDERR_TAIL_LINES) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])[-_STDERR_TAIL_CHARS:]
+
+
+def _failure_detail(stdout: str, stderr: str) -> str:
+    """What a person needs from a failed step: the end of stdout (pip check reports there), then the
+    end of stderr (installers' errors, e.g. pip's hash mismatch table)."""
+    parts = [_tail(stdout, 8), _tail(stderr)]
+    return "\n".join(part for part in parts if part)
 
 
 def _build_env(base: dict[str, str] | None = None) -> dict[str, str]:
@@ -148,7 +155,7 @@ def _run(argv: Sequence[str], *, env: dict[str, str], cwd: Path, timeout: float,
         raise BuildError(f"{what}: timed out after {timeout:g}s\n{_tail(stderr)}") from exc
     result = _Run(argv, proc.returncode, proc.stdout, proc.stderr)
     if result.returncode != 0:
-        detail = _tail(result.stderr) or _tail(result.stdout)
+        detail = _failure_detail(result.stdout, result.stderr)
         raise BuildError(f"{what} failed (exit {result.returncode}):\n{detail}")
     return result
 
@@ -197,22 +204,32 @@ def resolve_python(version: str) -> str:
 
 
 def find_uv() -> str | None:
-    """The uv binary: on PATH, or shipped inside the `uv` Python package."""
-    found = shutil.which("uv")
-    if found:
-        return found
+    """The uv binary: the one the `uv` Python package ships next to this interpreter (the version
+    installed with the agent), else `uv` on PATH if it really runs (a pyenv shim may exist and exit 127)."""
     try:
         from uv import find_uv_bin  # type: ignore[import-not-found]
-    except ImportError:
+
+        return find_uv_bin()
+    except (ImportError, FileNotFoundError, OSError):
+        pass
+    found = shutil.which("uv")
+    if not found:
         return None
     try:
-        return find_uv_bin()
-    except (FileNotFoundError, OSError):
-        return None
+        ok = subprocess.run([found, "--version"], capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
+                            env=_build_env()).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return found if ok else None
 
 
 def _site_packages(venv: Path) -> list[Path]:
-    return sorted(p for p in venv.glob("lib*/python3*/site-packages") if p.is_dir() and not p.is_symlink())
+    """site-packages dirs of a venv, once each (`lib64` is often a symlink to `lib`)."""
+    unique: dict[Path, Path] = {}
+    for candidate in sorted(venv.glob("lib*/python3*/site-packages")):
+        if candidate.is_dir():
+            unique.setdefault(candidate.resolve(), candidate)
+    return list(unique.values())
 
 
 def _distributions(venv: Path) -> dict[str, str]:
@@ -260,6 +277,18 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
+def _normalized(path: Path | str) -> Path:
+    """Absolute, with '..' folded but symlinks kept: the same spelling list(), current() and callers use."""
+    return Path(os.path.normpath(Path(path).absolute()))
+
+
+def _checked_name(name: str) -> str:
+    """Environment names become path components: refuse anything that could leave the root."""
+    if not _NAME.match(name):
+        raise ValueError(f"bad environment name {name!r}")
+    return name
+
+
 class VenvManager:
     """Owns `<root>/venvs` and `<root>/envs`. One manager (one agent) per root: builds are not locked
     against other processes; the agent's root lock provides that."""
@@ -267,7 +296,7 @@ class VenvManager:
     def __init__(self, root: Path, retention: int = 3, *, timeout_s: float = 900.0):
         if retention < 1:
             raise ValueError("retention must be >= 1")
-        self.root = Path(root).absolute()
+        self.root = _normalized(root)
         self.retention = retention
         self.timeout_s = timeout_s
         self._venvs = self.root / "venvs"
@@ -280,11 +309,11 @@ class VenvManager:
         """Where the venv for this (name, identity) lives: the path is its identity."""
         if not _IDENTITY.match(identity):
             raise ValueError(f"bad venv identity {identity!r}")
-        return self._venvs / f"{name}-{identity}"
+        return self._venvs / f"{_checked_name(name)}-{identity}"
 
     def link_for(self, name: str) -> Path:
         """The stable path services use; it points at the current venv."""
-        return self._envs / name
+        return self._envs / _checked_name(name)
 
     def current(self, name: str) -> Path | None:
         """Target of the env symlink (normalized, not resolved through other links), or None if no link.
@@ -313,7 +342,7 @@ class VenvManager:
             env_name, _, identity = entry.name.rpartition("-")
             if entry.name.startswith(".") or not env_name or not _IDENTITY.match(identity):
                 continue
-            if name is not None and env_name != name or not entry.is_dir(follow_symlinks=False):
+            if (name is not None and env_name != name) or not entry.is_dir(follow_symlinks=False):
                 continue
             infos.append(self._info(env_name, identity, Path(entry.path)))
         return sorted(infos, key=lambda i: (i.mtime, i.path.name), reverse=True)
@@ -346,7 +375,10 @@ class VenvManager:
         build and is deleted first. On any failure the partial dir is removed, the symlink is untouched,
         and BuildError carries the installer's stderr tail. Lock problems raise InvalidState.
         """
-        lock_bytes = Path(spec.lockfile).read_bytes()
+        try:
+            lock_bytes = Path(spec.lockfile).read_bytes()
+        except OSError as exc:
+            raise BuildError(f"{spec.name}: cannot read lockfile {spec.lockfile}: {exc}") from exc
         identity = venv_identity(spec.python, lock_bytes, spec.installer, spec.options)
         if spec.identity and spec.identity != identity:
             raise BuildError(f"{spec.name}: lockfile {spec.lockfile} changed since it was planned "
@@ -400,10 +432,12 @@ class VenvManager:
         expected = {r.name: r.version for r in locked}
         self._check_entry_points(path, python, set(expected), run)
         self._check_installed(path, expected, spec.name)
+        os.sync()  # the files must be on disk before the marker that vouches for them
         marker = {
             "name": spec.name,
             "identity": identity,
             "python": spec.python,
+            "interpreter": interpreter,
             "lock_sha256": sha256(lock_bytes).hexdigest(),
             "installer": spec.installer,
             "options": list(spec.options),
@@ -438,7 +472,7 @@ class VenvManager:
         The link is relative (`../venvs/...`) so it stays right if the whole root is seen through another
         mount path; venvs themselves still may not move.
         """
-        path = Path(path).absolute()
+        path = _normalized(path)
         if path.parent != self._venvs or not path.name.startswith(f"{name}-"):
             raise BuildError(f"refusing to point env {name!r} at {path}: not one of its venvs under {self._venvs}")
         if not (path / MARKER).is_file():
@@ -460,7 +494,7 @@ class VenvManager:
         Incomplete dirs are deleted unless this manager is building them right now. Returns what went.
         """
         keep = self.retention if keep is None else keep
-        spared = {Path(p).absolute() for p in protect}
+        spared = {_normalized(p) for p in protect}
         current = self.current(name)
         if current is not None:
             spared.add(current)
