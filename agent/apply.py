@@ -120,6 +120,7 @@ def _run(action: Action, drivers: Drivers) -> str:
         return "written"
     if isinstance(action, UpdateProgram):
         done = drivers.client().update([action.name])
+        _start_if_stopped(drivers, action.name)   # unchanged config but a stopped program: start it
         _wait_running(drivers, action.name, action.startsecs)
         return done.get(action.name, "unchanged") + ", running"
     if isinstance(action, StartProgram):
@@ -152,12 +153,24 @@ def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
     if not writes:
         return ""
     first = writes[0]
-    if first.previous is None:
-        remove_program_file(drivers.layout.programs, first.name)
-    else:
+    if first.previous is not None:
         write_program_file(drivers.layout.programs, first.name, first.previous)
+        what = "its previous config"
+    elif not first.existed:
+        remove_program_file(drivers.layout.programs, first.name)
+        what = "not installed (it is new)"
+    else:
+        return "no known-good config to roll back to"
     drivers.client().update([first.name])
-    return f"rolled back {first.name} to its previous config"
+    if first.previous is not None:
+        _start_if_stopped(drivers, first.name)
+    return f"rolled back {first.name}: {what}"
+
+
+def _start_if_stopped(drivers: Drivers, name: str) -> None:
+    info = drivers.client().process_info().get(name) or {}
+    if info.get("statename") in ("STOPPED", "EXITED", "FATAL"):
+        drivers.client().start(name)
 
 
 def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:

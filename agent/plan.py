@@ -72,9 +72,13 @@ class SwitchVenv(Action):
 
 @dataclass(frozen=True)
 class WriteProgram(Action):
+    """Write a program file. `previous` is the config supervisord ran before (the rollback target);
+    `existed` with no `previous` means it is unknown (hand-edited, not applied), so a failure keeps
+    the new file and reports instead of restoring a config nobody can vouch for."""
     name: str = ""
     text: str = ""
     previous: str | None = None
+    existed: bool = False
 
 
 @dataclass(frozen=True)
@@ -208,7 +212,9 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
         why = "program file missing" if old is None else "program file differs from the desired config"
         if old is not None and fact is not None and str(opts.layout.venvs) in old and env.identity not in old:
             why = f"venv changed to {env.name}-{env.identity}"
-        yield WriteProgram(key, why, needs, name=svc.name, text=text, previous=old)
+        ran_old = fact is not None and fact.state is not None and fact.pending is None
+        yield WriteProgram(key, why, needs, name=svc.name, text=text, previous=old if ran_old else None,
+                           existed=fact is not None and (fact.state is not None or old is not None))
         changed = True
     loaded = fact is not None and fact.state is not None
     if changed or not loaded or (fact and fact.pending):
