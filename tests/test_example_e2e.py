@@ -1,0 +1,35 @@
+"""The one end-to-end run on the real example: the bundled desired-state-example and mandelbrot wheels."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from conftest import StateRepo, run_agent
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "desired-state-example"
+pytestmark = pytest.mark.timeout(600)
+
+
+def test_agent_converges_the_bundled_example(tmp_path, agent_root):
+    repo = StateRepo(tmp_path / "state")
+    shutil.copytree(EXAMPLE, repo.path / "desired-state-example")
+    sha = repo.commit("example")
+    common = ["--repo", repo.url, "--path", "desired-state-example", "--host", "localhost", "--root", str(agent_root)]
+
+    proc = run_agent("once", *common)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for port, version in ((8101, "1.0.0"), (8102, "1.1.0")):
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=5) as resp:
+            assert json.loads(resp.read())["version"] == version
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/render?width=32&height=24&max_iter=50", timeout=10) as resp:
+            assert resp.read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    plan = run_agent("plan", *common)
+    assert plan.returncode == 0 and "No changes" in plan.stdout
+    status = json.loads(run_agent("status", "--json", "--root", str(agent_root)).stdout)
+    assert status["applied"]["sha"] == sha
