@@ -38,9 +38,20 @@ class Action:
         return f"{self.kind} {self.key.partition(':')[2] or self.key}"
 
     def to_json(self) -> dict:
-        data = {k: v for k, v in asdict(self).items() if k not in ("text",)}
-        data = {k: (str(v) if not isinstance(v, (str, int, float, bool, list, tuple, type(None))) else v) for k, v in data.items()}
+        data = {k: _jsonable(v) for k, v in asdict(self).items() if k not in ("text", "previous")}
+        if isinstance(data.get("env"), dict):   # the environment: what identifies it, not all of it
+            data["env"] = {k: data["env"][k] for k in ("name", "identity", "python", "installer", "lockfile")}
         return {"action": self.kind, **data}
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return str(value)
 
 
 def _snake(name: str) -> str:

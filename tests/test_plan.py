@@ -1,0 +1,150 @@
+"""The planner is pure: desired state + facts in, ordered actions with reasons out. Table-driven."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.facts import Facts, ProgramFact, VenvFact
+from agent.layout import Layout
+from agent.model import DesiredState, Environment, HealthCheck, Service, App
+from agent.plan import PlanOptions, make_plan, render_service
+
+LAYOUT = Layout(Path("/srv/agent"))
+OPTS = PlanOptions(LAYOUT, retention=2)
+
+
+def env(identity: str = "aaaa", name: str = "blue", reqs=(("demoapp", "1.0.0"),)) -> Environment:
+    return Environment(app="demo", name=name, python="3.11", lockfile=Path(f"/c/apps/demo/{name}.lock"),
+                       lock_sha256="0" * 64, requirements=tuple(reqs), find_links=(), installer="pip",
+                       options=(), identity=identity)
+
+
+def svc(name: str = "web", environment: str = "blue", health: bool = True) -> Service:
+    return Service(app="demo", name=name, environment=environment, command=("demoapp-server", "--port", "8101"),
+                   port=8101, health=HealthCheck("http://127.0.0.1:8101/healthz") if health else None)
+
+
+def desired(envs=None, svcs=None) -> DesiredState:
+    envs = envs if envs is not None else (env(),)
+    svcs = svcs if svcs is not None else (svc(),)
+    return DesiredState.of("h1", (App("demo", None, tuple(envs), tuple(svcs)),))
+
+
+def converged_facts(e: Environment = None, s: Service = None, **program) -> Facts:
+    e = e or env()
+    s = s or svc()
+    text = render_service(s, e, LAYOUT)
+    prog = dict(name=s.name, file_text=text, state="RUNNING", pid=42, pending=None)
+    prog.update(program)
+    return Facts("running", {e.name: VenvFact(e.name, e.identity, (e.identity,), (), e.requirements)},
+                 {s.name: ProgramFact(**prog)})
+
+
+def kinds(plan) -> list[tuple[str, str]]:
+    return [(a.kind, a.key) for a in plan.actions]
+
+
+def test_converged_host_has_empty_plan():
+    plan = make_plan(desired(), converged_facts(), OPTS)
+    assert plan.converged and "No changes" in plan.render()
+
+
+def test_fresh_host_builds_switches_writes_updates_and_gates():
+    plan = make_plan(desired(), Facts("stopped"), OPTS)
+    assert kinds(plan) == [("ensure_supervisor", "supervisor"), ("build_venv", "venv:blue"),
+                           ("switch_venv", "venv:blue"), ("write_program", "program:web"),
+                           ("update_program", "program:web"), ("check_health", "program:web")]
+    assert all(a.reason for a in plan.actions)
+    write = plan.actions[3]
+    assert write.needs == ("venv:blue", "supervisor")
+    assert "/srv/agent/venvs/blue-aaaa/bin/demoapp-server" in write.text
+
+
+CASES = [
+    pytest.param(dict(facts=lambda: converged_facts(state="STOPPED")),
+                 [("start_program", "program:web"), ("check_health", "program:web")], "STOPPED", id="stopped"),
+    pytest.param(dict(facts=lambda: converged_facts(file_text="[program:web]\ncommand=/bin/evil\n")),
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
+                 "differs", id="hand-edited-file"),
+    pytest.param(dict(facts=lambda: converged_facts(file_text=None, pending="removed")),
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
+                 "missing", id="deleted-file"),
+    pytest.param(dict(facts=lambda: converged_facts(pending="changed")),
+                 [("update_program", "program:web"), ("check_health", "program:web")], "unapplied", id="pending"),
+    pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "1.0.0"), ("evil", "6.6.6")))},
+                                          converged_facts().programs)),
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
+                 "+evil==6.6.6", id="package-added-by-hand"),
+    pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "0.9"),))},
+                                          converged_facts().programs)),
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
+                 "demoapp 1.0.0->0.9", id="package-changed-by-hand"),
+]
+
+
+@pytest.mark.parametrize("case, expected, reason", CASES)
+def test_drift_cases(case, expected, reason):
+    plan = make_plan(desired(), case["facts"](), OPTS)
+    assert kinds(plan) == expected
+    assert reason in plan.actions[0].reason
+
+
+def test_new_lock_builds_and_rewrites_only_that_service():
+    old, new = env("aaaa"), env("bbbb")
+    other_env = env("cccc", name="green")
+    other = svc("web2", environment="green")
+    facts = converged_facts(old)
+    facts.venvs["green"] = VenvFact("green", "cccc", ("cccc",), (), other_env.requirements)
+    facts.programs["web2"] = ProgramFact("web2", render_service(other, other_env, LAYOUT), "RUNNING", 7)
+    plan = make_plan(desired((new, other_env), (svc(), other)), facts, OPTS)
+    assert kinds(plan) == [("build_venv", "venv:blue"), ("switch_venv", "venv:blue"), ("write_program", "program:web"),
+                           ("update_program", "program:web"), ("check_health", "program:web")]
+    assert "venv changed to blue-bbbb" in plan.actions[2].reason
+    assert plan.actions[2].previous is not None          # rollback target: what supervisord ran
+
+
+def test_kept_venv_is_a_switch_not_a_build():
+    old, new = env("aaaa"), env("bbbb")
+    facts = converged_facts(new)
+    facts.venvs["blue"] = VenvFact("blue", "bbbb", ("bbbb", "aaaa"), (), new.requirements)
+    plan = make_plan(desired((old,)), facts, OPTS)
+    assert kinds(plan)[0] == ("switch_venv", "venv:blue")
+    assert "kept venv, no rebuild" in plan.actions[0].reason
+
+
+def test_removed_app_removes_programs_then_environments():
+    plan = make_plan(DesiredState.of("h1", ()), converged_facts(), OPTS)
+    assert kinds(plan) == [("remove_program", "program:web"), ("remove_environment", "venv:blue")]
+    assert plan.actions[1].needs == ("program:web",)
+
+
+def test_retention_prunes_oldest_but_never_current_or_desired():
+    e = env("dddd")
+    facts = converged_facts(e)
+    facts.venvs["blue"] = VenvFact("blue", "dddd", ("dddd", "cccc", "bbbb", "aaaa"), ("eeee",), e.requirements)
+    plan = make_plan(desired((e,)), facts, OPTS)
+    prune = plan.actions[-1]
+    assert prune.kind == "prune_venvs" and set(prune.identities) == {"bbbb", "aaaa", "eeee"}
+
+
+def test_interrupted_build_is_named_in_the_reason():
+    facts = Facts("running", {"blue": VenvFact("blue", None, (), ("aaaa",))}, {})
+    plan = make_plan(desired(svcs=()), facts, OPTS)
+    assert plan.actions[0].kind == "build_venv" and "interrupted build" in plan.actions[0].reason
+    assert not any(a.kind == "prune_venvs" for a in plan.actions)
+
+
+def test_no_health_check_means_no_gate():
+    s = svc(health=False)
+    plan = make_plan(desired(svcs=(s,)), Facts("running"), OPTS)
+    assert "check_health" not in [a.kind for a in plan.actions]
+
+
+def test_plan_json_is_serialisable_and_omits_rendered_text():
+    import json
+
+    data = make_plan(desired(), Facts("stopped"), OPTS).to_json()
+    assert json.loads(json.dumps(data))["converged"] is False
+    assert all("text" not in a for a in data["actions"])
