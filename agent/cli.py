@@ -30,6 +30,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
+    g.add_argument("--mode", choices=["enforce", "warn"], help="enforce (default): heal drift; warn: only report it")
+    g.add_argument("--apply-commits", action="store_const", const=True, default=None,
+                   help="in warn mode, still apply new commits")
     g.add_argument("--log-format", choices=["text", "json"])
     g.add_argument("--log-level")
 
@@ -88,8 +91,10 @@ def _print_result(result, as_json: bool) -> None:
         for o in result.outcomes:
             mark = {"ok": "ok", "failed": "FAILED", "skipped": "skipped"}.get(o.result, o.result)
             print(f"  [{mark}] {o.action.describe()}: {o.message}  # {o.action.reason}")
-    elif result.plan is not None:
+    elif result.plan is not None and not result.drift:
         print(result.plan.render())
+    for action in result.drift:
+        print(f"  [drift, not applied: warn mode] {action.describe()}  # {action.reason}")
     print(f"result: {result.result} in {result.seconds:.2f}s")
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
@@ -103,6 +108,7 @@ def _result_json(result) -> dict:
         "desired_from": result.desired_from,
         "plan": result.plan.to_json() if result.plan is not None else None,
         "outcomes": [o.to_json() for o in result.outcomes],
+        "drift": [a.to_json() for a in result.drift],
         "error": result.error,
         "seconds": round(result.seconds, 4),
     }
@@ -115,7 +121,7 @@ def cmd_once(args) -> int:
     from .reconciler import Reconciler
 
     with root_lock(settings.root):
-        result = Reconciler(settings).reconcile(apply=settings.mode == "enforce")
+        result = Reconciler(settings).reconcile()
     _print_result(result, args.json)
     return result.exit_code
 

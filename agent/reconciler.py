@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from .apply import Drivers, Outcome, apply_plan
-from .drivers.git import GitSource, Revision, redact
+from .drivers.git import GitSource, Revision
 from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
 from .drivers.venv import VenvManager
 from .errors import AgentError, ConfigError, InvalidState, SupervisorError
@@ -75,7 +75,8 @@ class Result:
     desired_from: str | None = None     # the revision the plan was made against
     facts: Facts | None = None
     seconds: float = 0.0
-    extra: dict = field(default_factory=dict)
+    drift: tuple = ()                   # planned actions left unapplied (warn mode, or plan only)
+    new_commit: bool = False            # the revision differs from the last applied one
 
     @property
     def exit_code(self) -> int:
@@ -155,19 +156,33 @@ class Reconciler:
         except (AgentError, OSError) as exc:
             return Result("error", rev, error=f"facts: {exc}", desired_from=desired_from)
         plan = make_plan(desired, facts, self.plan_opts)
-        base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts)
+        new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
+        base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit)
         invalid_msg = f"revision {rev.sha[:12]} is invalid:\n{invalid}" if invalid else None
         if not apply:
             outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
-            return Result(outcome, error=invalid_msg, **base)
-        outcomes = apply_plan(plan, self.drivers)
+            return Result(outcome, error=invalid_msg, drift=plan.actions, **base)
+        todo, drift = self._split_by_mode(plan, desired, new_commit)
+        outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
         failures = [o for o in outcomes if o.result != "ok"]
         if invalid:
-            return Result("invalid", outcomes=outcomes, error=invalid_msg, **base)
+            return Result("invalid", outcomes=outcomes, error=invalid_msg, drift=drift, **base)
         if failures:
             msg = "; ".join(f"{o.action.describe()}: {o.message}" for o in failures if o.result == "failed")
-            return Result("failed", outcomes=outcomes, error=msg, **base)
+            return Result("failed", outcomes=outcomes, error=msg, drift=drift, **base)
+        if drift:
+            return Result("drift", outcomes=outcomes, drift=drift, **base)
         return Result("converged" if plan.converged else "applied", outcomes=outcomes, **base)
+
+    def _split_by_mode(self, plan: Plan, desired: DesiredState, new_commit: bool) -> tuple[tuple, tuple]:
+        """(actions to apply, drift to report only). An app's `mode` overrides the agent's; in warn mode
+        drift is only reported, but a new commit is still applied when the agent runs with --apply-commits."""
+        apply_warn = new_commit and self.settings.apply_commits
+        todo, drift = [], []
+        for action in plan.actions:
+            mode = _mode_of(action, desired, self.settings.mode)
+            (todo if mode == "enforce" or apply_warn else drift).append(action)
+        return tuple(todo), tuple(drift)
 
     def _record(self, status: Status, result: Result) -> None:
         now = time.time()
@@ -188,6 +203,14 @@ class Reconciler:
             save_status(self.layout.status_file, status)
         except OSError as exc:
             log.error("cannot write status %s: %s", self.layout.status_file, exc)
+
+
+def _mode_of(action, desired: DesiredState, default: str) -> str:
+    kind, _, name = action.key.partition(":")
+    owner = desired.services.get(name) if kind == "program" else desired.environments.get(name) if kind == "venv" else None
+    if owner is None:
+        return default
+    return next((a.mode for a in desired.apps if a.name == owner.app and a.mode), default)
 
 
 def _problem(field: str, message: str):

@@ -28,7 +28,8 @@ class Settings:
     allow_root_services: bool = False
     health_wait_s: float = 30.0             # how long a (re)started service may take to become healthy
     listen: str = "127.0.0.1:9400"
-    mode: str = "enforce"                   # enforce | warn
+    mode: str = "enforce"                   # enforce | warn (drift reported, not healed)
+    apply_commits: bool = False             # in warn mode, still apply a new commit (intended change)
     poll_interval_s: float = 15.0
     log_format: str = "text"                # text | json
     log_level: str = "INFO"

@@ -337,3 +337,33 @@ def test_validate_command_reports_every_problem(state_repo):
     assert data["valid"] is False and len(data["problems"]) >= 2
     example = Path(__file__).resolve().parent.parent / "desired-state-example"
     assert run_agent("validate", str(example)).returncode == 0
+
+
+def test_warn_mode_reports_drift_without_healing_and_apply_commits(state_repo, agent_root):
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit()
+    once(state_repo, agent_root)
+    from agent.drivers.supervisor import EmbeddedSupervisor
+
+    EmbeddedSupervisor(agent_root).client().stop("demo-web")
+    proc = once(state_repo, agent_root, "--mode", "warn", expect=2)
+    assert "drift, not applied" in proc.stdout and "start_program demo-web" in proc.stdout
+    with pytest.raises(OSError):
+        get(f"http://127.0.0.1:{port}/", timeout=1)
+
+    # a new commit is intended change: applied in warn mode only with --apply-commits
+    state_repo.lock("apps/demo/demo.lock", "2.0.0")
+    state_repo.commit("2.0.0")
+    once(state_repo, agent_root, "--mode", "warn", expect=2)
+    assert "build_venv" not in run_agent("status", "--root", str(agent_root)).stdout
+    once(state_repo, agent_root, "--mode", "warn", "--apply-commits")
+    assert get(f"http://127.0.0.1:{port}/") == "demoapp 2.0.0\n"
+
+    # per-app mode in app.yaml overrides the agent's enforce mode
+    app = state_repo.path / "apps/demo/app.yaml"
+    app.write_text(app.read_text().replace("hosts: {groups: [web]}", "hosts: {groups: [web]}\nmode: warn"))
+    state_repo.commit("app in warn mode")
+    once(state_repo, agent_root)
+    EmbeddedSupervisor(agent_root).client().stop("demo-web")
+    once(state_repo, agent_root, expect=2)
