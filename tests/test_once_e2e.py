@@ -367,3 +367,20 @@ def test_warn_mode_reports_drift_without_healing_and_apply_commits(state_repo, a
     once(state_repo, agent_root)
     EmbeddedSupervisor(agent_root).client().stop("demo-web")
     once(state_repo, agent_root, expect=2)
+
+
+def test_uv_installer_when_the_state_asks_for_it(state_repo, agent_root):
+    from agent.drivers.venv import find_uv
+
+    if find_uv() is None:
+        pytest.skip("uv is not installed (pip install uv)")
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    app = state_repo.path / "apps/demo/app.yaml"
+    app.write_text(app.read_text().replace("index: false}", "index: false, installer: uv}"))
+    state_repo.commit("uv")
+    once(state_repo, agent_root)
+    assert get(f"http://127.0.0.1:{port}/") == "demoapp 1.0.0\n"
+    marker = json.loads(((agent_root / "envs/demo").resolve() / ".gitops-agent.json").read_text())
+    assert marker["installer"] == "uv"
+    assert plan_json(state_repo, agent_root)[0] == 0
