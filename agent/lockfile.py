@@ -57,7 +57,7 @@ def _logical_lines(text: str) -> Iterator[_Logical]:
     """Join continuations and drop comments exactly like pip, so line numbers point at the start."""
     pending: list[str] = []
     start = 0
-    for number, raw in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.removeprefix("\ufeff").splitlines(), start=1):  # pip drops a BOM too
         is_comment = _COMMENT.match(raw) is not None
         if raw.endswith("\\") and not is_comment:
             if not pending:

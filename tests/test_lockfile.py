@@ -14,10 +14,10 @@ from agent.drivers.venv import find_uv
 from agent.errors import InvalidState
 from agent.lockfile import LockedRequirement, parse_lock, venv_identity
 
-try:  # tests/ as a package (tests/__init__.py) or as a plain dir on sys.path (pytest's rootdir-less default)
-    from tests import wheelfactory
-except ImportError:  # pragma: no cover - depends on how pytest was started
+try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
     import wheelfactory
+except ImportError:  # pragma: no cover - tests/ made a package
+    from tests import wheelfactory
 
 H1 = "a" * 64
 H2 = "b" * 64
@@ -53,6 +53,10 @@ VALID = {
     "a comment line ending in a backslash does not continue": (
         f"# see \\\nsix==1.16.0 --hash=sha256:{H1}\n",
         [("six", "1.16.0", (f"sha256:{H1}",), 2)],
+    ),
+    "byte order mark and CRLF line ends": (
+        f"\ufeffsix==1.16.0 \\\r\n    --hash=sha256:{H1}\r\n",
+        [("six", "1.16.0", (f"sha256:{H1}",), 1)],
     ),
     "duplicate hash collapses": (
         f"six==1.16.0 --hash=sha256:{H1} --hash=sha256:{H1}\n",

@@ -24,10 +24,10 @@ from agent.drivers.venv import MARKER, VenvManager, VenvSpec, find_uv, resolve_p
 from agent.errors import BuildError, InvalidState
 from agent.lockfile import venv_identity
 
-try:  # tests/ as a package or as a plain dir on sys.path
-    from tests import wheelfactory
-except ImportError:  # pragma: no cover
+try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
     import wheelfactory
+except ImportError:  # pragma: no cover - tests/ made a package
+    from tests import wheelfactory
 
 UV = find_uv()
 needs_uv = pytest.mark.skipif(UV is None, reason="uv binary not found (PATH or `uv` package)")
