@@ -30,6 +30,12 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
+    g.add_argument("--verify-signatures", action="store_const", const=True, default=None,
+                   help="apply only commits signed by a trusted key")
+    g.add_argument("--trusted-keys", help="OpenPGP public keyring file of trusted signers")
+    g.add_argument("--allowed-signers", help="SSH allowed-signers file of trusted signers")
+    g.add_argument("--require-fast-forward", action="store_const", const=True, default=None,
+                   help="refuse a tracked ref whose history was rewritten (force-push)")
     g.add_argument("--mode", choices=["enforce", "warn"], help="enforce (default): heal drift; warn: only report it")
     g.add_argument("--apply-commits", action="store_const", const=True, default=None,
                    help="in warn mode, still apply new commits")

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .apply import Drivers, Outcome, apply_plan
-from .drivers.git import GitSource, Revision
+from .drivers.git import GitSource, Revision, is_ancestor
+from .drivers.signatures import SignatureRefused, SignatureVerifier
 from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
 from .drivers.venv import VenvManager
 from .errors import AgentError, ConfigError, InvalidState, SupervisorError
@@ -98,6 +99,8 @@ class Reconciler:
         self.venvs = VenvManager(self.layout.root, retention=settings.retention)
         self.load_opts = LoadOptions(default_installer=settings.installer, allow_root=settings.allow_root_services)
         self.plan_opts = PlanOptions(self.layout, retention=settings.retention, embedded=self.supervisor.embedded is not None)
+        self.verifier = (SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
+                         if settings.verify_signatures else None)
         self.drivers = Drivers(self.layout, self.venvs, self.supervisor, health_wait_s=settings.health_wait_s)
 
     # -- steps ---------------------------------------------------------------------------------
@@ -132,24 +135,26 @@ class Reconciler:
             rev = self.source.resolve()
         except AgentError as exc:
             return Result("error", error=f"source: {exc}")
-        invalid: InvalidState | None = None
+        invalid: str | None = None
         try:
-            desired = self.desired_at(rev)
-            desired_from = rev.sha
+            invalid = self._refusal(rev, status)
+            if invalid is None:
+                desired = self.desired_at(rev)
+                desired_from = rev.sha
         except InvalidState as exc:
-            invalid = exc
-            log.error("revision %s is invalid; keeping the last good revision:\n%s", rev.sha[:12], exc)
+            invalid = f"revision {rev.sha[:12]} is invalid:\n{exc}"
+        except AgentError as exc:
+            return Result("error", rev, error=f"checkout: {exc}")
+        if invalid is not None:
+            log.error("%s\nkeeping the last good revision", invalid)
             if status.applied is None:
-                return Result("invalid", rev, error=f"revision {rev.sha[:12]} is invalid:\n{exc}")
+                return Result("invalid", rev, error=invalid)
             last = status.applied
             try:
                 desired = self.desired_at(Revision(last.sha, last.ref, last.committed_at, last.summary))
             except AgentError as exc2:
-                return Result("invalid", rev, error=f"revision {rev.sha[:12]} is invalid:\n{exc}\n"
-                                                    f"(and the last good revision cannot be loaded: {exc2})")
+                return Result("invalid", rev, error=f"{invalid}\n(and the last good revision cannot be loaded: {exc2})")
             desired_from = last.sha
-        except AgentError as exc:
-            return Result("error", rev, error=f"checkout: {exc}")
 
         try:
             facts = self.facts()
@@ -158,7 +163,7 @@ class Reconciler:
         plan = make_plan(desired, facts, self.plan_opts)
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit)
-        invalid_msg = f"revision {rev.sha[:12]} is invalid:\n{invalid}" if invalid else None
+        invalid_msg = invalid
         if not apply:
             outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
             return Result(outcome, error=invalid_msg, drift=plan.actions, **base)
@@ -173,6 +178,21 @@ class Reconciler:
         if drift:
             return Result("drift", outcomes=outcomes, drift=drift, **base)
         return Result("converged" if plan.converged else "applied", outcomes=outcomes, **base)
+
+    def _refusal(self, rev: Revision, status: Status) -> str | None:
+        """Why this revision must not be applied even before reading it: signature, history rewrite."""
+        if self.verifier is not None:
+            try:
+                signer = self.verifier.verify(self.source.mirror, rev.sha)
+                log.info("commit %s signed by %s", rev.sha[:12], signer)
+            except SignatureRefused as exc:
+                return str(exc)
+        applied = status.applied
+        if self.settings.require_fast_forward and applied is not None and applied.sha != rev.sha:
+            if not is_ancestor(self.source.cache_dir, applied.sha, rev.sha):
+                return (f"revision {rev.sha[:12]} refused: not a fast-forward of the applied {applied.sha[:12]} "
+                        "(history rewritten; --require-fast-forward is on)")
+        return None
 
     def _split_by_mode(self, plan: Plan, desired: DesiredState, new_commit: bool) -> tuple[tuple, tuple]:
         """(actions to apply, drift to report only). An app's `mode` overrides the agent's; in warn mode

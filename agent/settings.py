@@ -31,6 +31,10 @@ class Settings:
     mode: str = "enforce"                   # enforce | warn (drift reported, not healed)
     apply_commits: bool = False             # in warn mode, still apply a new commit (intended change)
     poll_interval_s: float = 15.0
+    verify_signatures: bool = False         # apply only commits signed by a trusted key
+    trusted_keys: str | None = None         # OpenPGP public keyring file (armored or binary)
+    allowed_signers: str | None = None      # SSH allowed-signers file (gpg.ssh.allowedSignersFile)
+    require_fast_forward: bool = False      # refuse a tracked ref whose history was rewritten
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
 
