@@ -7,7 +7,6 @@ program's previous config, so a host is never left half-way between two revision
 from __future__ import annotations
 
 import logging
-import shutil
 import time
 import urllib.error
 import urllib.request
@@ -109,8 +108,7 @@ def _run(action: Action, drivers: Drivers) -> str:
     if isinstance(action, BuildVenv):
         return f"built {venvs.build(_spec(action.env))}"
     if isinstance(action, RepairVenv):
-        path = layout.venv(action.env.name, action.env.identity)
-        shutil.rmtree(path, ignore_errors=True)
+        venvs.remove(action.env.name, action.env.identity, allow_current=True)
         return f"rebuilt {venvs.build(_spec(action.env))}"
     if isinstance(action, SwitchVenv):
         venvs.switch(action.name, layout.venv(action.name, action.identity))
@@ -142,7 +140,7 @@ def _run(action: Action, drivers: Drivers) -> str:
         return f"removed {len(removed)} venv(s)"
     if isinstance(action, PruneVenvs):
         for identity in action.identities:
-            shutil.rmtree(layout.venv(action.name, identity), ignore_errors=True)
+            venvs.remove(action.name, identity)
         return f"pruned {', '.join(action.identities)}"
     raise AgentError(f"no driver for action {action.kind}")
 

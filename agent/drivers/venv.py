@@ -511,6 +511,18 @@ class VenvManager:
         self._empty_trash()
         return removed
 
+    def remove(self, name: str, identity: str, *, allow_current: bool = False) -> Path | None:
+        """Delete one venv of `name` (atomically, via the trash); never the current one unless asked
+        (a repair rebuilds the current venv in place). Returns the path removed, or None if absent."""
+        path = self.path_for(name, identity)
+        if not path.exists():
+            return None
+        if not allow_current and self.current(name) == _normalized(path):
+            raise BuildError(f"refusing to delete {path}: envs/{name} points at it")
+        self._delete(path)
+        self._empty_trash()
+        return path
+
     def remove_all(self, name: str) -> list[Path]:
         """Forget an environment that left the repo: its symlink first (no dangling use), then its venvs."""
         removed: list[Path] = []
