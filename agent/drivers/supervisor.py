@@ -1,0 +1,555 @@
+"""supervisord driver: XML-RPC over a unix socket, the agent's embedded supervisord, program files.
+
+Side effects only; what to write comes from `agent.supervisor_conf` (pure). Why XML-RPC and not
+`supervisorctl`: faults come back as numbers we can map to sentences instead of text we would parse.
+Why `update()` is done by hand: `supervisorctl update` is `reloadConfig` plus stop/remove/add per
+group, and doing those calls ourselves lets us restrict them to named programs and report exactly
+what changed. Untouched programs keep their pid.
+"""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import xmlrpc.client
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError, SupervisorError
+from agent.supervisor_conf import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
+
+__all__ = [
+    "SupervisorClient",
+    "EmbeddedSupervisor",
+    "connect",
+    "write_program_file",
+    "remove_program_file",
+    "read_program_files",
+    "FAULTS",
+]
+
+# supervisor.xmlrpc.Faults: code -> (name, the sentence we show a person).
+FAULTS: dict[int, tuple[str, str]] = {
+    1: ("UNKNOWN_METHOD", "supervisord does not know this XML-RPC method"),
+    2: ("INCORRECT_PARAMETERS", "incorrect parameters"),
+    3: ("BAD_ARGUMENTS", "bad arguments"),
+    6: ("SHUTDOWN_STATE", "supervisord is shutting down"),
+    10: ("BAD_NAME", "no such program or group"),
+    11: ("BAD_SIGNAL", "bad signal"),
+    20: ("NO_FILE", "the command's file does not exist"),
+    21: ("NOT_EXECUTABLE", "the command's file is not executable"),
+    30: ("FAILED", "the operation failed"),
+    40: ("ABNORMAL_TERMINATION", "the program exited before it was up"),
+    50: ("SPAWN_ERROR", "the program could not be started or exited too quickly"),
+    60: ("ALREADY_STARTED", "the program is already started"),
+    70: ("NOT_RUNNING", "the program is not running"),
+    90: ("ALREADY_ADDED", "the program group is already added"),
+    91: ("STILL_RUNNING", "the program group still has running processes"),
+    92: ("CANT_REREAD", "an include file is unparsable"),
+}
+_ALREADY_STARTED, _NOT_RUNNING, _NO_FILE, _FAILED = 60, 70, 20, 30
+_SPAWN_FAULTS = (40, 50)
+_SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL on Linux
+_POLL = 0.02
+
+
+# --- XML-RPC over a unix socket -------------------------------------------------------------------
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """An HTTPConnection whose socket is a unix stream socket (supervisord's `[unix_http_server]`)."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class _UnixTransport(xmlrpc.client.Transport):
+    """One connection per transport; a transport per call keeps clients thread-safe and simple."""
+
+    def __init__(self, path: str, timeout: float):
+        super().__init__()
+        self._path = path
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        if self._connection[1] is None:
+            self._connection = (host, _UnixHTTPConnection(self._path, self._timeout))
+        return self._connection[1]
+
+
+class SupervisorClient:
+    """Typed calls to one supervisord. Faults become SupervisorError with a sentence and the code.
+
+    `timeout` bounds every call, including `startProcess`/`stopProcess` with wait, which block up to
+    `startsecs`/`stopwaitsecs`: keep it above the largest of those among managed programs.
+    """
+
+    def __init__(self, socket_path: str | Path, timeout: float = 60.0):
+        self.socket_path = str(socket_path)
+        self.timeout = timeout
+
+    def __repr__(self) -> str:
+        return f"SupervisorClient({self.socket_path!r}, timeout={self.timeout})"
+
+    # -- queries
+
+    def state(self) -> str:
+        """supervisord's state name (RUNNING, RESTARTING, SHUTDOWN...); raises if unreachable."""
+        return str(self._call("supervisor.getState")["statename"])
+
+    def pid(self) -> int:
+        """supervisord's own pid."""
+        return int(self._call("supervisor.getPID"))
+
+    def process_info(self) -> dict[str, dict]:
+        """name -> getAllProcessInfo entry (statename, pid, exitstatus, spawnerr, description...)."""
+        infos = self._call("supervisor.getAllProcessInfo")
+        return {_namespec(info): info for info in infos}
+
+    def read_log_tail(self, name: str, nbytes: int = 2000) -> str:
+        """The last `nbytes` of `name`'s stderr log, or "" when it has none; for error messages."""
+        try:
+            text, _offset, _overflow = self._call("supervisor.tailProcessStderrLog", name, 0, nbytes)
+        except SupervisorError as err:
+            if err.code == _NO_FILE:
+                return ""
+            raise
+        return str(text)
+
+    # -- config
+
+    def reload_config(self) -> tuple[list[str], list[str], list[str]]:
+        """Re-read the config; return (added, changed, removed) group names. Applies nothing."""
+        [[added, changed, removed]] = self._call("supervisor.reloadConfig")
+        return list(added), list(changed), list(removed)
+
+    def update(self, names: Iterable[str] | None = None) -> dict[str, str]:
+        """`supervisorctl update [names]`: apply what reloadConfig reports, only for `names`.
+
+        Names that reloadConfig does not report are left alone (nothing to do for them). Every
+        selected group is tried even when one fails; the failures are raised together at the end.
+        """
+        added, changed, removed = self.reload_config()
+        wanted = None if names is None else set(names)
+        done: dict[str, str] = {}
+        failures: list[SupervisorError] = []
+        plan = [(g, "removed") for g in removed] + [(g, "changed") for g in changed]
+        plan += [(g, "added") for g in added]
+        for group, change in plan:
+            if wanted is not None and group not in wanted:
+                continue
+            try:
+                self._apply(group, change)
+            except SupervisorError as err:
+                failures.append(err)
+            else:
+                done[group] = change
+        if failures:
+            message = "; ".join(str(f) for f in failures)
+            raise SupervisorError(f"update failed: {message} (done: {done})", failures[0].code)
+        return done
+
+    def _apply(self, group: str, change: str) -> None:
+        if change in ("removed", "changed"):
+            results = self._call("supervisor.stopProcessGroup", group, True)
+            failed = [r for r in results if r.get("status") == _FAILED]
+            if failed and change == "removed":
+                why = "; ".join(str(r.get("description")) for r in failed)
+                raise SupervisorError(f"{group}: could not be stopped, not removing: {why}", _FAILED)
+            self._call("supervisor.removeProcessGroup", group)
+        if change in ("changed", "added"):
+            self._call("supervisor.addProcessGroup", group)
+
+    # -- processes
+
+    def start(self, name: str, wait: bool = True) -> None:
+        """Start `name`; with wait, block until it has been up `startsecs`. Already started is fine."""
+        try:
+            self._call("supervisor.startProcess", name, wait)
+        except SupervisorError as err:
+            if err.code == _ALREADY_STARTED:
+                return
+            if err.code in _SPAWN_FAULTS:
+                raise self._spawn_error(name, err) from None
+            raise
+
+    def stop(self, name: str, wait: bool = True) -> None:
+        """Stop `name`; with wait, block until it is gone (up to `stopwaitsecs`). Not running is fine."""
+        try:
+            self._call("supervisor.stopProcess", name, wait)
+        except SupervisorError as err:
+            if err.code != _NOT_RUNNING:
+                raise
+
+    def restart(self, name: str) -> None:
+        """Stop then start `name`, waiting for each."""
+        self.stop(name, wait=True)
+        self.start(name, wait=True)
+
+    def shutdown(self) -> None:
+        """Ask supervisord to stop every program and exit (returns at once)."""
+        self._call("supervisor.shutdown")
+
+    def _spawn_error(self, name: str, err: SupervisorError) -> SupervisorError:
+        """A start failure with what a person needs: supervisord's reason and the stderr tail."""
+        try:
+            info = self.process_info().get(name, {})
+            tail = self.read_log_tail(name).strip()
+        except SupervisorError:
+            info, tail = {}, ""
+        reason = str(info.get("spawnerr") or "exited too quickly").rstrip(".")
+        fault_name = FAULTS.get(err.code or 0, ("UNKNOWN", ""))[0]
+        message = f"{name} could not be started: {reason} [startProcess: fault {err.code} {fault_name}]"
+        if tail:
+            message += f"\nstderr tail:\n{tail}"
+        return SupervisorError(message, err.code)
+
+    # -- transport
+
+    def _call(self, method: str, *args: Any) -> Any:
+        transport = _UnixTransport(self.socket_path, self.timeout)
+        proxy = xmlrpc.client.ServerProxy("http://localhost", transport=transport)
+        try:
+            with proxy:
+                return getattr(proxy, method)(*args)
+        except xmlrpc.client.Fault as fault:
+            raise _fault_error(method, args, fault) from None
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+            raise SupervisorError(
+                f"supervisord at unix://{self.socket_path} is unreachable ({method}): {exc}", None
+            ) from exc
+
+
+def _fault_error(method: str, args: tuple, fault: xmlrpc.client.Fault) -> SupervisorError:
+    """`<sentence>: <supervisord's detail> [<call>: fault <code> <NAME>]`."""
+    code = fault.faultCode
+    name, sentence = FAULTS.get(code, ("UNKNOWN", f"unknown fault {code}"))
+    detail = str(fault.faultString).removeprefix(f"{name}: ").removeprefix(name)
+    call = f"{method.removeprefix('supervisor.')}({', '.join(repr(a) for a in args)})"
+    text = f"{sentence}: {detail}" if detail else sentence
+    return SupervisorError(f"{text} [{call}: fault {code} {name}]", code)
+
+
+def _namespec(info: dict) -> str:
+    group, name = info.get("group"), info.get("name")
+    return str(name) if group == name else f"{group}:{name}"
+
+
+def connect(url: str) -> SupervisorClient:
+    """A client for `unix:///path/to.sock` (the only transport the agent supports)."""
+    prefix = "unix://"
+    if not url.startswith(prefix) or not url[len(prefix):].startswith("/"):
+        raise ConfigError(f"supervisord URL {url!r} must look like unix:///path/to/supervisor.sock")
+    return SupervisorClient(url[len(prefix):])
+
+
+# --- the agent's own supervisord ------------------------------------------------------------------
+
+
+class EmbeddedSupervisor:
+    """The agent's own supervisord: config, unix socket, pid file and logs under <root>/supervisor.
+
+    It daemonizes, so it outlives the agent process that started it: programs keep running while the
+    agent restarts, and the next agent finds it by its socket.
+    """
+
+    def __init__(self, root: Path):
+        self.root = Path(root).absolute()
+        base = self.root / "supervisor"
+        self.base_dir = base
+        self.conf_path = base / "supervisord.conf"
+        self.socket_path = base / "supervisor.sock"
+        self.pid_path = base / "supervisord.pid"
+        self.include_dir = base / "programs"
+        self.log_dir = self.root / "logs"
+        self.supervisord_log = self.log_dir / "supervisord.log"
+
+    def __repr__(self) -> str:
+        return f"EmbeddedSupervisor({str(self.root)!r})"
+
+    def client(self, timeout: float = 60.0) -> SupervisorClient:
+        return SupervisorClient(self.socket_path, timeout)
+
+    def is_running(self) -> bool:
+        """True when our supervisord process is alive (by its pid file) or its socket answers."""
+        return self._live_pid() is not None or self._answers()
+
+    def ensure_running(self, timeout: float = 15.0) -> SupervisorClient:
+        """Write the config, start supervisord unless it runs, wait until it answers; return a client."""
+        deadline = time.monotonic() + timeout
+        self._prepare_dirs()
+        self._write_conf()
+        client = self.client()
+        if self._answers(want_running=True):
+            return client
+        launched = False
+        while True:
+            if self._answers(want_running=True):
+                return client
+            if not launched and self._live_pid() is None:
+                self._clean_stale()
+                self._launch(deadline)
+                launched = True
+            if time.monotonic() >= deadline:
+                raise SupervisorError(
+                    f"supervisord ({self.conf_path}) did not answer on {self.socket_path} within "
+                    f"{timeout:g}s; log tail:\n{_tail(self.supervisord_log)}",
+                    None,
+                )
+            time.sleep(_POLL)
+
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Shut supervisord down (it stops every program first); False if it was not running."""
+        deadline = time.monotonic() + timeout
+        pid = self._live_pid()
+        client = self.client(timeout=5.0)
+        try:
+            pid = client.pid()
+            client.shutdown()
+        except SupervisorError as err:
+            if pid is None:
+                return False
+            if err.code != 6:  # not already shutting down: it is hung or still starting
+                _signal(pid, signal.SIGTERM)
+        if pid is None:
+            return False
+        while _pid_alive(pid):
+            if time.monotonic() >= deadline:
+                raise SupervisorError(f"supervisord pid {pid} still running after {timeout:g}s", None)
+            time.sleep(_POLL)
+        return True
+
+    # -- helpers
+
+    def _prepare_dirs(self) -> None:
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.base_dir, 0o700)
+        self.include_dir.mkdir(exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        if len(os.fsencode(self.socket_path)) > _SOCKET_PATH_MAX:
+            raise SupervisorError(
+                f"socket path {self.socket_path} is longer than {_SOCKET_PATH_MAX} bytes; "
+                "choose a shorter agent root",
+                None,
+            )
+
+    def _write_conf(self) -> None:
+        try:
+            text = render_supervisord(
+                socket_path=str(self.socket_path),
+                pid_path=str(self.pid_path),
+                log_dir=str(self.log_dir),
+                include_glob=f"{self.include_dir.name}/*.conf",
+            )
+        except UnsafeValue as err:
+            raise ConfigError(f"agent root {self.root} cannot be used with supervisord: {err}") from err
+        if _read_text(self.conf_path) != text:
+            _atomic_write(self.conf_path, text, 0o600)
+
+    def _answers(self, want_running: bool = False) -> bool:
+        try:
+            state = self.client(timeout=2.0).state()
+        except SupervisorError as err:
+            return not want_running and err.code == 6
+        return state == "RUNNING" or not want_running
+
+    def _live_pid(self) -> int | None:
+        """The pid from our pid file if that process is alive and is a supervisord for our config."""
+        try:
+            pid = int(self.pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if not _pid_alive(pid):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return pid  # no /proc: trust the pid file
+        return pid if os.fsencode(self.conf_path) in cmdline else None
+
+    def _clean_stale(self) -> None:
+        """Remove a pid file and socket left by a supervisord that is gone (crash, reboot, kill -9)."""
+        for path in (self.pid_path, self.socket_path):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+    def _launch(self, deadline: float) -> None:
+        """Run supervisord; its first process forks the daemon and exits once the socket is bound.
+
+        `-X utf8` makes supervisord read config files as UTF-8 whatever the locale, without an
+        environment variable that its programs would inherit. A new session and no inherited file
+        descriptors keep it independent of the calling process.
+        """
+        argv = [sys.executable, "-X", "utf8", "-m", "supervisor.supervisord", "-c", str(self.conf_path)]
+        try:
+            done = subprocess.run(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                cwd=self.base_dir,
+                close_fds=True,
+                start_new_session=True,
+                timeout=max(deadline - time.monotonic(), 1.0),
+            )
+        except subprocess.TimeoutExpired as err:
+            raise SupervisorError(f"supervisord did not daemonize in time: {err}", None) from err
+        if done.returncode != 0:
+            output = done.stdout.decode(errors="replace").strip()
+            raise SupervisorError(
+                f"supervisord -c {self.conf_path} failed to start (exit {done.returncode}): {output}",
+                None,
+            )
+
+
+def _pid_alive(pid: int) -> bool:
+    """Alive and not a zombie (our daemon is reparented to a pid 1 that may not reap it at once)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _tail(path: Path, nbytes: int = 2000) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - nbytes, 0))
+            return f.read().decode(errors="replace")
+    except OSError:
+        return "(no log)"
+
+
+# --- program files --------------------------------------------------------------------------------
+
+
+def write_program_file(include_dir: Path, name: str, text: str) -> None:
+    """Validate `text` as supervisord would, then atomically install it as <name>.conf (mode 0644).
+
+    Why validate here: one unparsable include file makes every later `reloadConfig` fail (fault 92)
+    for every program. The temp file is a dotfile ending in `.tmp`, outside the `*.conf` glob, so a
+    concurrent reload never sees a half-written file.
+    """
+    _check_name(name)
+    _validate_program_text(include_dir, name, text)
+    Path(include_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write(Path(include_dir) / f"{name}.conf", text, 0o644)
+
+
+def remove_program_file(include_dir: Path, name: str) -> None:
+    """Remove <name>.conf; a missing file is fine (the wish is already met)."""
+    _check_name(name)
+    try:
+        (Path(include_dir) / f"{name}.conf").unlink()
+    except FileNotFoundError:
+        return
+    _fsync_dir(Path(include_dir))
+
+
+def read_program_files(include_dir: Path) -> dict[str, str]:
+    """name -> text of every <name>.conf in `include_dir` (none if the directory is missing)."""
+    try:
+        paths = sorted(Path(include_dir).glob("*.conf"))
+    except OSError:
+        return {}
+    return {p.name[: -len(".conf")]: p.read_text(encoding="utf-8") for p in paths if p.is_file()}
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not PROGRAM_NAME_RE.fullmatch(name):
+        raise UnsafeValue("name", f"{name!r} must match {PROGRAM_NAME_RE.pattern}")
+
+
+def _validate_program_text(include_dir: Path, name: str, text: str) -> None:
+    """Parse `text` with supervisord's own parser: exactly one [program:name], and it must load."""
+    from supervisor.options import ServerOptions, UnhosedConfigParser  # ~30 ms, only when writing
+
+    parser = UnhosedConfigParser()
+    try:
+        parser.read_string(text)
+    except Exception as err:  # configparser raises several unrelated types
+        raise UnsafeValue(f"{name}.conf", f"not a valid ini file: {err}") from err
+    section = f"program:{name}"
+    if parser.sections() != [section]:
+        raise UnsafeValue(f"{name}.conf", f"must hold exactly [{section}], found {parser.sections()}")
+    options = ServerOptions()
+    options.here = str(Path(include_dir).absolute())
+    parser.expand_here(options.here)
+    try:
+        options.processes_from_section(parser, section, name)
+    except ValueError as err:
+        raise UnsafeValue(f"{name}.conf", f"supervisord would refuse it: {err}") from err
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError:
+        return None
+
+
+def _atomic_write(path: Path, text: str, mode: int) -> None:
+    """temp file in the same directory + fsync + os.replace + fsync(dir): all or nothing."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as err:
+        if err.errno in (errno.ENOENT, errno.EACCES):
+            return
+        raise
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,310 @@
+"""Render supervisord `[program:NAME]` sections: pure, deterministic, injection-proof.
+
+Why this module is paranoid: supervisord reads its config with a `RawConfigParser` (`;`/`#` start an
+inline comment when preceded by whitespace, values are stripped, one option per line), then
+`%`-expands most values (and rewrites every literal `%(here)s` before that), then parses `command=`
+with `shlex.split` and `environment=` with a non-POSIX `shlex.shlex` lexer that has no escapes and
+strips quote characters from both ends of each value. A value that slips a newline through any of
+this can define a whole new program (measured: `\\n[program:evil]\\ncommand=...` created and started
+one). So every value is either encoded so that each of those layers gives back exactly the input, or
+refused with `UnsafeValue` naming the field and the reason. `tests/test_supervisor_conf.py` proves the
+round trip against supervisord's own parser with Hypothesis.
+
+Encoding per field (the layers are undone in reverse order by supervisord):
+
+- `command`: each argv element is quoted for POSIX `shlex`; `'`, `;`, `#` and `%` are kept outside
+  the single quotes (`\\'`, `\\;`, `\\#`, bare `%`) so no whitespace ever precedes `;`/`#` and no
+  literal `%(here)s` survives; then every `%` becomes `%%`. Any text without control characters is
+  accepted.
+- `environment`: each value goes inside `"..."` (or `'...'` when it holds `"`); `%` becomes `%%`.
+  Refused: a value holding both quote characters, starting or ending with a quote character (the
+  lexer strips those), containing `;`/`#` after whitespace (an inline comment), or `%(here)s`.
+- paths and `user`: written as-is after validation (absolute paths; `%` doubled in `directory`,
+  refused in log file names because supervisord expands those twice).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass
+
+from agent.errors import Permanent
+
+__all__ = [
+    "ProgramSpec",
+    "UnsafeValue",
+    "render_program",
+    "render_supervisord",
+    "PROGRAM_NAME_RE",
+    "ENV_KEY_RE",
+    "AUTORESTART_VALUES",
+]
+
+PROGRAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# A POSIX-portable user name (optionally a trailing `$` as Samba uses) or a numeric uid.
+_USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
+AUTORESTART_VALUES = ("true", "false", "unexpected")
+
+# argv words made only of these need no quoting for shlex (and are harmless in the ini line).
+_BARE_WORD_RE = re.compile(r"[A-Za-z0-9@+=:,./_-]+")
+# Characters kept outside single quotes in argv words (see module docstring).
+_OUTSIDE_QUOTES_RE = re.compile(r"([';#%])")
+# Unicode categories refused everywhere: controls (NUL, \n, \r, NEL...), surrogates (not encodable
+# as UTF-8), line and paragraph separators (line breaks for `str.splitlines`).
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+_HERE = "%(here)s"
+
+
+class UnsafeValue(Permanent, ValueError):
+    """A ProgramSpec value cannot be written to supervisord's config without changing its meaning.
+
+    A `ValueError` (it is bad input) and `Permanent` (retrying cannot help until the spec changes).
+    """
+
+    def __init__(self, field: str, reason: str):
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{field}: {reason}")
+
+
+@dataclass(frozen=True)
+class ProgramSpec:
+    """One supervisord program, as the planner wants it; one program per group."""
+
+    name: str
+    command: tuple[str, ...]
+    directory: str | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    user: str | None = None
+    stdout_logfile: str | None = None
+    stderr_logfile: str | None = None
+    startsecs: int = 1
+    startretries: int = 3
+    stopwaitsecs: int = 10
+    autorestart: str = "unexpected"
+
+
+def render_program(spec: ProgramSpec) -> str:
+    """Return the `[program:NAME]` section for `spec`, or raise UnsafeValue.
+
+    Deterministic (environment sorted by key) so equal specs give byte-equal files and the planner can
+    compare file text to detect change.
+    """
+    name = _program_name(spec.name)
+    lines = [
+        "; managed by gitops-agent: edits are overwritten",
+        f"[program:{name}]",
+        f"command={_command(spec.command)}",
+    ]
+    if spec.directory is not None:
+        lines.append(f"directory={_directory(spec.directory)}")
+    if spec.user is not None:
+        lines.append(f"user={_user(spec.user)}")
+    if spec.environment:
+        lines.append(f"environment={_environment(spec.environment)}")
+    lines += [
+        "autostart=true",
+        f"autorestart={_autorestart(spec.autorestart)}",
+        f"startsecs={_int('startsecs', spec.startsecs, minimum=1)}",
+        f"startretries={_int('startretries', spec.startretries, minimum=0)}",
+        f"stopwaitsecs={_int('stopwaitsecs', spec.stopwaitsecs, minimum=0)}",
+        "stopasgroup=true",
+        "killasgroup=true",
+        "redirect_stderr=false",
+    ]
+    if spec.stdout_logfile is not None:
+        lines.append(f"stdout_logfile={_logfile('stdout_logfile', spec.stdout_logfile)}")
+    if spec.stderr_logfile is not None:
+        lines.append(f"stderr_logfile={_logfile('stderr_logfile', spec.stderr_logfile)}")
+    return "\n".join(lines) + "\n"
+
+
+def render_supervisord(
+    *, socket_path: str, pid_path: str, log_dir: str, include_glob: str = "programs/*.conf"
+) -> str:
+    """Return the embedded supervisord's main config.
+
+    Paths are validated like program values: a root path holding `%`, a newline or `" ;"` must not be
+    able to change this file's meaning either. `include_glob` is relative to the config's directory
+    (supervisord joins it with that directory and splits the option on whitespace).
+    """
+    sock = _path("unix_http_server.file", socket_path)
+    pid = _path("supervisord.pidfile", pid_path)
+    logs = _path("supervisord.childlogdir", log_dir)
+    logfile = _logfile("supervisord.logfile", log_dir.rstrip("/") + "/supervisord.log")
+    if not re.fullmatch(r"[A-Za-z0-9_./*-]+", include_glob) or include_glob.startswith("/"):
+        raise UnsafeValue("include.files", "must be a relative glob of plain characters")
+    return "\n".join(
+        [
+            "; managed by gitops-agent: edits are overwritten",
+            "[unix_http_server]",
+            f"file={sock}",
+            "chmod=0700",
+            "",
+            "[supervisord]",
+            f"logfile={logfile}",
+            "logfile_maxbytes=10MB",
+            "logfile_backups=5",
+            "loglevel=info",
+            f"pidfile={pid}",
+            f"childlogdir={logs}",
+            "nodaemon=false",
+            "",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "",
+            "[supervisorctl]",
+            f"serverurl=unix://{sock}",
+            "",
+            "[include]",
+            f"files={include_glob}",
+            "",
+        ]
+    )
+
+
+# --- fields -------------------------------------------------------------------------------------
+
+
+def _program_name(name: object) -> str:
+    if not isinstance(name, str) or not PROGRAM_NAME_RE.fullmatch(name):
+        raise UnsafeValue("name", f"{name!r} must match {PROGRAM_NAME_RE.pattern}")
+    return name
+
+
+def _command(argv: object) -> str:
+    if not isinstance(argv, tuple) or not argv:
+        raise UnsafeValue("command", "must be a non-empty tuple of strings")
+    words = []
+    for i, arg in enumerate(argv):
+        field = f"command[{i}]"
+        _check_text(field, arg)
+        words.append(_quote_arg(arg))
+    if not argv[0].startswith("/"):
+        raise UnsafeValue("command[0]", f"{argv[0]!r} must be an absolute path")
+    return _ini_safe("command", " ".join(words).replace("%", "%%"))
+
+
+def _quote_arg(arg: str) -> str:
+    """Quote one argv word for POSIX shlex without `'`, `;`, `#` or `%` inside the quotes."""
+    if _BARE_WORD_RE.fullmatch(arg):
+        return arg
+    parts = []
+    for run in _OUTSIDE_QUOTES_RE.split(arg):
+        if not run:
+            continue
+        if run == "%":
+            parts.append("%")
+        elif run in ("'", ";", "#"):
+            parts.append("\\" + run)
+        else:
+            parts.append(f"'{run}'")
+    return "".join(parts) or "''"
+
+
+def _environment(pairs: object) -> str:
+    if not isinstance(pairs, tuple):
+        raise UnsafeValue("environment", "must be a tuple of (key, value) pairs")
+    seen: dict[str, str] = {}
+    for pair in pairs:
+        if not (isinstance(pair, tuple) and len(pair) == 2):
+            raise UnsafeValue("environment", f"{pair!r} is not a (key, value) pair")
+        key, value = pair
+        if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
+            raise UnsafeValue("environment", f"key {key!r} must match {ENV_KEY_RE.pattern}")
+        if key in seen:
+            raise UnsafeValue(f"environment.{key}", "key given twice")
+        seen[key] = _env_value(f"environment.{key}", value)
+    rendered = ",".join(f"{key}={seen[key]}" for key in sorted(seen))
+    return _ini_safe("environment", rendered)
+
+
+def _env_value(field: str, value: object) -> str:
+    """Quote one value for supervisord's non-POSIX environment lexer, or refuse it.
+
+    That lexer ends a quoted token at the first matching quote, has no escapes, and strips every
+    quote character from both ends of the token: so the value must avoid the quote we wrap it in and
+    must not begin or end with either quote character.
+    """
+    _check_text(field, value)
+    assert isinstance(value, str)
+    if value[:1] in ("'", '"') or value[-1:] in ("'", '"'):
+        raise UnsafeValue(field, "cannot start or end with a quote character (supervisord strips it)")
+    if '"' not in value:
+        quoted = f'"{value}"'
+    elif "'" not in value:
+        quoted = f"'{value}'"
+    else:
+        raise UnsafeValue(field, "cannot hold both ' and \" (supervisord's environment syntax has no escapes)")
+    return _ini_safe(field, quoted.replace("%", "%%"))
+
+
+def _directory(path: object) -> str:
+    return _path("directory", path)
+
+
+def _path(field: str, path: object) -> str:
+    _check_text(field, path)
+    assert isinstance(path, str)
+    if not path.startswith("/"):
+        raise UnsafeValue(field, f"{path!r} must be an absolute path")
+    return _ini_safe(field, path.replace("%", "%%"))
+
+
+def _logfile(field: str, path: object) -> str:
+    """Log file names are %-expanded twice by supervisord, so `%` is refused rather than escaped."""
+    _check_text(field, path)
+    assert isinstance(path, str)
+    if "%" in path:
+        raise UnsafeValue(field, "'%' is not allowed in log file names (supervisord expands them twice)")
+    return _path(field, path)
+
+
+def _user(user: object) -> str:
+    if not isinstance(user, str) or not _USER_RE.fullmatch(user):
+        raise UnsafeValue("user", f"{user!r} is not a user name or numeric uid")
+    return user
+
+
+def _autorestart(value: object) -> str:
+    if value not in AUTORESTART_VALUES:
+        raise UnsafeValue("autorestart", f"{value!r} must be one of {', '.join(AUTORESTART_VALUES)}")
+    assert isinstance(value, str)
+    return value
+
+
+def _int(field: str, value: object, *, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        why = " (startsecs=0 means supervisord never counts retries)" if field == "startsecs" else ""
+        raise UnsafeValue(field, f"{value!r} must be an integer >= {minimum}{why}")
+    return value
+
+
+# --- checks shared by every field -----------------------------------------------------------------
+
+
+def _check_text(field: str, value: object) -> None:
+    """Refuse non-strings and characters that end or split a line anywhere in the parsing chain."""
+    if not isinstance(value, str):
+        raise UnsafeValue(field, f"must be a string, not {type(value).__name__}")
+    for ch in value:
+        if unicodedata.category(ch) in _FORBIDDEN_CATEGORIES:
+            raise UnsafeValue(field, f"control character U+{ord(ch):04X} not allowed")
+
+
+def _ini_safe(field: str, rendered: str) -> str:
+    """Check that configparser and supervisord's `%(here)s` rewrite give `rendered` back unchanged.
+
+    configparser strips values and treats `;`/`#` after whitespace as the start of a comment; and
+    supervisord replaces every literal `%(here)s` in every value before expanding `%`.
+    """
+    if rendered != rendered.strip():
+        raise UnsafeValue(field, "leading or trailing whitespace would be stripped")
+    for i, ch in enumerate(rendered):
+        if ch in ";#" and i > 0 and rendered[i - 1].isspace():
+            raise UnsafeValue(field, f"{ch!r} after whitespace would start an ini comment")
+    if _HERE in rendered:
+        raise UnsafeValue(field, "the text %(here)s would be rewritten by supervisord")
+    return rendered

@@ -1,0 +1,373 @@
+"""render_program: table-driven cases plus a Hypothesis proof against supervisord's own parser.
+
+The oracle is supervisor's code itself (`ServerOptions.read_config`, which runs configparser, the
+`%(here)s` rewrite, `%` expansion and the environment lexer), then `shlex.split` as supervisord does
+at spawn time. No process is started.
+"""
+
+from __future__ import annotations
+
+import io
+import shlex
+import unicodedata
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+from supervisor.options import ServerOptions, UnhosedConfigParser
+
+from agent.errors import Permanent
+from agent.supervisor_conf import (
+    ENV_KEY_RE,
+    PROGRAM_NAME_RE,
+    ProgramSpec,
+    UnsafeValue,
+    render_program,
+    render_supervisord,
+)
+
+_MAIN = (
+    "[supervisord]\nlogfile=/tmp/gitops-agent-test.log\npidfile=/tmp/gitops-agent-test.pid\n"
+    "[include]\nfiles=/nonexistent-gitops-agent-test/*.conf\n"
+)
+_ALWAYS = {
+    "autostart": "true",
+    "stopasgroup": "true",
+    "killasgroup": "true",
+    "redirect_stderr": "false",
+}
+
+
+def load(text: str):
+    """What supervisord makes of a program file: (ini sections, options, the one ProcessConfig)."""
+    parser = UnhosedConfigParser()
+    parser.read_string(text)
+    sections = parser.sections()
+    options = {k: parser.get(s, k) for s in sections for k in parser.options(s)}
+    server = ServerOptions()
+    server.here = "/srv/here"  # the [include] section makes supervisord rewrite %(here)s
+    groups = server.read_config(io.StringIO(_MAIN + text)).process_group_configs
+    processes = [p for g in groups for p in g.process_configs]
+    assert len(processes) == 1, processes
+    return sections, options, processes[0]
+
+
+def assert_round_trip(spec: ProgramSpec) -> None:
+    text = render_program(spec)
+    sections, options, proc = load(text)
+    assert sections == [f"program:{spec.name}"]
+    for key, value in _ALWAYS.items():
+        assert options[key] == value
+    assert proc.name == spec.name
+    assert shlex.split(proc.command) == list(spec.command)
+    assert proc.environment == dict(spec.environment)
+    assert proc.directory == spec.directory
+    assert proc.startsecs == spec.startsecs >= 1
+    assert proc.startretries == spec.startretries
+    assert proc.stopwaitsecs == spec.stopwaitsecs
+    assert proc.stopasgroup and proc.killasgroup and not proc.redirect_stderr and proc.autostart
+    for attr in ("stdout_logfile", "stderr_logfile"):
+        if getattr(spec, attr) is not None:
+            assert getattr(proc, attr) == getattr(spec, attr)
+
+
+# --- table: accepted -----------------------------------------------------------------------------
+
+HOSTILE_ARGS = [
+    "plain",
+    "",
+    "with space",
+    "it's",
+    'say "hi"',
+    "semi;colon",
+    "a ;comment",
+    "a #comment",
+    "#start",
+    ";start",
+    "100%",
+    "%(here)s",
+    "%(ENV_HOME)s",
+    "%%(program_name)s",
+    "back\\slash",
+    "trailing\\",
+    "  padded  ",
+    "[program:evil]",
+    "nbsp\xa0;x",
+    "ünïcødé ✓",
+    "$HOME `id` $(id)",
+    "a=b,c=d",
+]
+
+ACCEPTED_ENV = [
+    "",
+    "plain",
+    "a,b,c",
+    "K=V,K2=V2",
+    "has space",
+    'dq"inside',
+    "sq'inside",
+    "hash#tag",
+    "semi;colon",
+    "100%",
+    "%(ENV_HOME)s",
+    "%%",
+    "back\\slash\\",
+    "C:\\path",
+    "=leading",
+    "  padded  ",
+    "ünïcødé ✓",
+    "[program:evil]",
+    "a)b(c",
+]
+
+
+@pytest.mark.parametrize("arg", HOSTILE_ARGS)
+def test_command_argument_round_trips(arg):
+    assert_round_trip(ProgramSpec("app", ("/usr/bin/env", arg, "--x", arg)))
+
+
+@pytest.mark.parametrize("value", ACCEPTED_ENV)
+def test_environment_value_round_trips(value):
+    spec = ProgramSpec("app", ("/bin/true",), environment=(("V", value), ("AFTER", "kept")))
+    assert_round_trip(spec)
+
+
+def test_full_spec_round_trips_and_is_deterministic():
+    spec = ProgramSpec(
+        name="web.blue-1_x",
+        command=("/srv/app/venv/bin/python", "-m", "app", "--greeting", "50% off; #1"),
+        directory="/srv/app 100%",
+        environment=(("Z", "last"), ("A", "first, with comma"), ("_U", "x")),
+        user="root",
+        stdout_logfile="/tmp/web.out.log",
+        stderr_logfile="/tmp/web.err.log",
+        startsecs=3,
+        startretries=0,
+        stopwaitsecs=0,
+        autorestart="true",
+    )
+    assert_round_trip(spec)
+    text = render_program(spec)
+    assert text == render_program(spec)
+    assert text.index("A=") < text.index("Z=") < text.index("_U=")  # sorted: stable file text
+    assert "[program:web.blue-1_x]\n" in text
+    assert "autorestart=true\n" in text and "user=root\n" in text
+
+
+def test_environment_order_does_not_change_the_text():
+    a = ProgramSpec("app", ("/bin/true",), environment=(("A", "1"), ("B", "2")))
+    b = ProgramSpec("app", ("/bin/true",), environment=(("B", "2"), ("A", "1")))
+    assert render_program(a) == render_program(b)
+
+
+def test_exact_rendering_of_a_small_spec():
+    spec = ProgramSpec("svc", ("/bin/echo", "it's 5%"), environment=(("K", "a,b"),))
+    assert render_program(spec) == (
+        "; managed by gitops-agent: edits are overwritten\n"
+        "[program:svc]\n"
+        "command=/bin/echo 'it'\\''s 5'%%\n"
+        'environment=K="a,b"\n'
+        "autostart=true\n"
+        "autorestart=unexpected\n"
+        "startsecs=1\n"
+        "startretries=3\n"
+        "stopwaitsecs=10\n"
+        "stopasgroup=true\n"
+        "killasgroup=true\n"
+        "redirect_stderr=false\n"
+    )
+
+
+# --- table: refused ------------------------------------------------------------------------------
+
+EVIL = "x\n[program:evil]\ncommand=/bin/sh -c id"
+
+REFUSED = [
+    ({"name": "bad name"}, "name", "must match"),
+    ({"name": "a:b"}, "name", "must match"),
+    ({"name": "x]"}, "name", "must match"),
+    ({"name": "-lead"}, "name", "must match"),
+    ({"name": "a" * 65}, "name", "must match"),
+    ({"command": ()}, "command", "non-empty"),
+    ({"command": ["/bin/true"]}, "command", "tuple"),
+    ({"command": ("relative",)}, "command[0]", "absolute"),
+    ({"command": ("/bin/echo", EVIL)}, "command[1]", "U+000A"),
+    ({"command": ("/bin/echo", "a\rb")}, "command[1]", "U+000D"),
+    ({"command": ("/bin/echo", "tab\there")}, "command[1]", "U+0009"),
+    ({"command": ("/bin/echo", "nul\x00")}, "command[1]", "U+0000"),
+    ({"command": ("/bin/echo", "nel\x85")}, "command[1]", "U+0085"),
+    ({"command": ("/bin/echo", "ls\u2028")}, "command[1]", "U+2028"),
+    ({"command": ("/bin/echo", 3)}, "command[1]", "string"),
+    ({"environment": (("A", EVIL),)}, "environment.A", "U+000A"),
+    ({"environment": (("A", "x\x0bx"),)}, "environment.A", "U+000B"),
+    ({"environment": (("1A", "x"),)}, "environment", "key"),
+    ({"environment": (("A-B", "x"),)}, "environment", "key"),
+    ({"environment": (("A", "x"), ("A", "y"))}, "environment.A", "twice"),
+    ({"environment": (("A", "both ' and \" inside"),)}, "environment.A", "both"),
+    ({"environment": (("A", "'quoted'"),)}, "environment.A", "quote character"),
+    ({"environment": (("A", 'end"'),)}, "environment.A", "quote character"),
+    ({"environment": (("A", "a ;b"),)}, "environment.A", "comment"),
+    ({"environment": (("A", "a #b"),)}, "environment.A", "comment"),
+    ({"environment": (("A", "a\xa0#b"),)}, "environment.A", "comment"),
+    ({"environment": (("A", "%(here)s"),)}, "environment.A", "%(here)s"),
+    ({"environment": (("A", 1),)}, "environment.A", "string"),
+    ({"environment": [("A", "x")]}, "environment", "tuple"),
+    ({"directory": "relative"}, "directory", "absolute"),
+    ({"directory": "/x\n[program:evil]"}, "directory", "U+000A"),
+    ({"directory": "/trailing "}, "directory", "whitespace"),
+    ({"directory": "/a ;b"}, "directory", "comment"),
+    ({"directory": "/%(here)s"}, "directory", "%(here)s"),
+    ({"user": "root\n"}, "user", "user name"),
+    ({"user": "a b"}, "user", "user name"),
+    ({"user": ""}, "user", "user name"),
+    ({"stdout_logfile": "AUTO"}, "stdout_logfile", "absolute"),
+    ({"stdout_logfile": "/tmp/a%b"}, "stdout_logfile", "'%'"),
+    ({"stderr_logfile": "/tmp/x\r"}, "stderr_logfile", "U+000D"),
+    ({"startsecs": 0}, "startsecs", "retries"),
+    ({"startsecs": True}, "startsecs", "integer"),
+    ({"startretries": -1}, "startretries", ">= 0"),
+    ({"stopwaitsecs": "10"}, "stopwaitsecs", "integer"),
+    ({"autorestart": "yes"}, "autorestart", "one of"),
+]
+
+
+@pytest.mark.parametrize(("changes", "field", "why"), REFUSED)
+def test_unsafe_values_are_refused_naming_the_field(changes, field, why):
+    spec = ProgramSpec(**{"name": "app", "command": ("/bin/true",), **changes})
+    with pytest.raises(UnsafeValue) as info:
+        render_program(spec)
+    assert info.value.field == field
+    assert why in info.value.reason
+    assert str(info.value).startswith(f"{field}: ")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, Permanent)
+
+
+def test_control_character_message_names_field_and_code_point():
+    spec = ProgramSpec("app", ("/bin/true",), environment=(("FOO", "a\nb"),))
+    with pytest.raises(UnsafeValue, match=r"^environment\.FOO: control character U\+000A not allowed$"):
+        render_program(spec)
+
+
+# --- render_supervisord --------------------------------------------------------------------------
+
+
+def test_supervisord_conf_parses_and_points_at_our_paths(tmp_path):
+    text = render_supervisord(
+        socket_path=f"{tmp_path}/s.sock", pid_path=f"{tmp_path}/s.pid", log_dir=str(tmp_path)
+    )
+    server = ServerOptions()
+    server.here = str(tmp_path)
+    section = server.read_config(io.StringIO(text))
+    assert section.pidfile == f"{tmp_path}/s.pid"
+    assert section.childlogdir == str(tmp_path)
+    [http] = section.server_configs
+    assert http["file"] == f"{tmp_path}/s.sock" and http["chmod"] == 0o700
+    assert "files=programs/*.conf\n" in text
+
+
+@pytest.mark.parametrize("bad", ["/r/a\nb", "/r/a ;b", "relative", "/r/%(here)s"])
+def test_supervisord_conf_refuses_unsafe_root(bad):
+    with pytest.raises(UnsafeValue):
+        render_supervisord(socket_path=f"{bad}/s.sock", pid_path="/r/p", log_dir="/r/l")
+
+
+# --- property: anything accepted round-trips exactly --------------------------------------------
+
+_TRICKY = [
+    "'", '"', "\\", "%", "#", ";", ",", "=", " ", "\t", "\n", "\r", "\x00", "\x0b", "\x85",
+    "\xa0", "\u2028", "[", "]", "(", ")", "$", "a", "Z", "0", "ü", "%(here)s", "%(ENV_HOME)s",
+    "%(program_name)s", "\n[program:evil]\ncommand=/bin/sh\n", " ;", " #", "\\'",
+]
+_WORST = ["'", '"', "\\", "%", "#", ";", " ", "\xa0", "x", "%(here)s"]
+texts = st.one_of(
+    st.text(max_size=24),
+    st.lists(st.sampled_from(_TRICKY), max_size=10).map("".join),
+    st.lists(st.sampled_from(_WORST), max_size=6).map("".join),
+)
+names = st.from_regex(PROGRAM_NAME_RE, fullmatch=True)
+env_keys = st.from_regex(ENV_KEY_RE, fullmatch=True).filter(lambda k: len(k) <= 12)
+argvs = st.tuples(st.sampled_from(["/bin/echo", "/x y/%(here)s"]) | texts.map("/".__add__)).flatmap(
+    lambda head: st.lists(texts, max_size=4).map(lambda rest: head + tuple(rest))
+)
+environments = st.dictionaries(env_keys, texts, max_size=4).map(lambda d: tuple(d.items()))
+logfiles = st.none() | texts.filter(lambda t: "/" not in t).map("/tmp/".__add__)
+specs = st.builds(
+    ProgramSpec,
+    name=names,
+    command=argvs,
+    directory=st.none() | texts.map("/".__add__),
+    environment=environments,
+    user=st.sampled_from([None, "root", "0"]),
+    stdout_logfile=logfiles,
+    stderr_logfile=logfiles,
+    startsecs=st.integers(1, 3),
+    startretries=st.integers(0, 3),
+    stopwaitsecs=st.integers(0, 3),
+    autorestart=st.sampled_from(["true", "false", "unexpected"]),
+)
+PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def refuses_or_round_trips(spec: ProgramSpec) -> None:
+    try:
+        render_program(spec)
+    except UnsafeValue:
+        return
+    assert_round_trip(spec)
+
+
+@PROPERTY
+@given(argvs)
+@example(("/bin/echo", "a ;b", "a\xa0#b", "%(here)s", "%(ENV_HOME)s", "'", "#", "x'", ""))
+@example(("/bin/echo", "\n[program:evil]\ncommand=/bin/sh"))
+def test_any_command_refuses_or_round_trips(argv):
+    refuses_or_round_trips(ProgramSpec("app", argv))
+
+
+@PROPERTY
+@given(environments)
+@example((("A", "\n[program:evil]\ncommand=/bin/sh"),))
+@example((("A", "%(ENV_HOME)s"), ("B", "a,b=c"), ("C", "x#y;z"), ("D", "a\\b")))
+@example((("B", "'x"),))
+@example((("B", "x'"),))
+@example((("B", '"x'),))
+@example((("B", "a'b\"c"),))
+@example((("C", "a ;b"),))
+@example((("C", "a\xa0#b"),))
+@example((("D", "%(here)s"),))
+def test_any_environment_refuses_or_round_trips(env):
+    refuses_or_round_trips(ProgramSpec("app", ("/bin/true",), environment=env))
+
+
+@PROPERTY
+@given(st.none() | texts.map("/".__add__), logfiles, logfiles)
+def test_any_paths_refuse_or_round_trip(directory, stdout, stderr):
+    spec = ProgramSpec("app", ("/bin/true",), directory=directory, stdout_logfile=stdout, stderr_logfile=stderr)
+    refuses_or_round_trips(spec)
+
+
+@PROPERTY
+@given(specs)
+def test_any_spec_refuses_or_round_trips(spec):
+    refuses_or_round_trips(spec)
+
+
+def _representable_env_value(v: str) -> bool:
+    """The documented limits of supervisord's environment= syntax, restated independently."""
+    if any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp") for c in v):
+        return False
+    if v and (v[0] in "'\"" or v[-1] in "'\""):
+        return False
+    if "'" in v and '"' in v:
+        return False
+    if any(c in ";#" and i > 0 and v[i - 1].isspace() for i, c in enumerate(v)):
+        return False
+    return "%(here)s" not in v
+
+
+@PROPERTY
+@given(st.lists(texts.filter(lambda t: t.isprintable() or t == ""), max_size=5), texts.filter(_representable_env_value))
+def test_refusals_are_narrow(args, env_value):
+    """Printable argv is never refused; env values are refused only for the documented reasons."""
+    spec = ProgramSpec("app", ("/bin/echo", *args), environment=(("V", env_value),))
+    assert_round_trip(spec)
