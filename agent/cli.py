@@ -68,6 +68,12 @@ def _parser() -> argparse.ArgumentParser:
     _common(facts)
     facts.add_argument("--json", action="store_true")
 
+    run = sub.add_parser("run", help="the daemon: poll + watch + reconcile loop, /metrics /healthz /readyz")
+    _common(run)
+    run.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
+    run.add_argument("--poll-interval", dest="poll_interval_s", type=float,
+                     help="seconds between polls of the repo, jittered ±10%% (default 15)")
+
     down = sub.add_parser("down", help="stop the embedded supervisord and everything it runs (state on disk kept)")
     _common(down)
     return parser
@@ -228,6 +234,16 @@ def cmd_facts(args) -> int:
     return EXIT_OK
 
 
+def cmd_run(args) -> int:
+    settings = _settings(args)
+    _setup_logs(settings)
+    from .lock import root_lock
+    from .runtime import run_daemon
+
+    with root_lock(settings.root):
+        return run_daemon(settings)
+
+
 def cmd_down(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
@@ -242,7 +258,7 @@ def cmd_down(args) -> int:
 
 
 COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "status": cmd_status,
-            "facts": cmd_facts, "down": cmd_down}
+            "facts": cmd_facts, "down": cmd_down, "run": cmd_run}
 
 
 def main(argv: list[str] | None = None) -> int:

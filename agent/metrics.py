@@ -1,0 +1,291 @@
+"""Metrics (DESIGN.md §5) and the /metrics, /healthz, /readyz HTTP endpoints.
+
+A `Recorder` owns its collectors on its own `CollectorRegistry` (nothing is registered globally) and
+turns one reconcile `Result` into metric updates (`observe`). Label sets stay bounded: resources,
+services, action kinds and result names only; the one commit SHA lives in `applied_revision_info`.
+Series of resources that no longer exist are removed, not left at their last value.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+__all__ = ["Recorder", "MetricsServer", "parse_listen", "resource_of", "RESULTS"]
+
+log = logging.getLogger("gitops_agent.metrics")
+
+RESULTS = ("converged", "applied", "failed", "drift", "invalid", "error")
+SUCCESS = ("converged", "applied", "drift")          # the reconcile did its job (drift: warn mode reported it)
+_UP_ACTIONS = ("start_program", "restart_program", "update_program", "check_health")
+_REMOVE_ACTIONS = ("remove_program", "remove_environment")
+
+DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+C2C_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86400)
+
+
+def resource_of(key: str) -> tuple[str, str]:
+    """An action key as (kind, name): "program:web" -> ("program", "web"); "supervisor" -> ("supervisor", "supervisor")."""
+    kind, sep, name = key.partition(":")
+    return (kind, name) if sep else (key, key)
+
+
+@dataclass(frozen=True)
+class Readiness:
+    ready: bool
+    reason: str
+
+
+class Recorder:
+    """Every collector of the agent, and the little memory needed between reconciles (drift start times)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, clock: Callable[[], float] = time.time):
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.clock = clock
+        r = self.registry
+        p = "gitops_agent_"
+        self.drift = Gauge(p + "drift", "1 while the resource differs from the desired state", ["kind", "name"], registry=r)
+        self.drifted_resources = Gauge(p + "drifted_resources", "Resources currently drifted", registry=r)
+        self.drift_since = Gauge(p + "drift_since_timestamp_seconds", "When the resource's current drift began",
+                                 ["kind", "name"], registry=r)
+        self.drift_corrected = Counter(p + "drift_corrected", "Drifted resources the agent healed", ["kind"], registry=r)
+        self.reconcile = Counter(p + "reconcile", "Reconciles by result", ["result"], registry=r)
+        self.duration = Histogram(p + "reconcile_duration_seconds", "Duration of one reconcile",
+                                  buckets=DURATION_BUCKETS, registry=r)
+        self.revision_info = Gauge(p + "applied_revision_info", "The revision fully applied (value 1)", ["revision"],
+                                   registry=r)
+        self.revision_invalid = Gauge(p + "revision_invalid", "1 while the tracked revision is rejected as invalid",
+                                      registry=r)
+        self.fetch_errors = Counter(p + "source_fetch_errors", "Failures to fetch or resolve the state repo", registry=r)
+        self.last_success = Gauge(p + "last_success_timestamp_seconds", "End of the last successful reconcile",
+                                  registry=r)
+        self.commit_to_converged = Histogram(p + "commit_to_converged_seconds",
+                                             "From commit time to the revision fully applied on this host",
+                                             buckets=C2C_BUCKETS, registry=r)
+        self.actions = Counter(p + "actions", "Executed plan actions by kind and result", ["action", "result"], registry=r)
+        self.rollbacks = Counter(p + "rollbacks", "Failed service changes rolled back", ["service"], registry=r)
+        self.service_up = Gauge(p + "service_up", "1 while the service's program is RUNNING", ["service"], registry=r)
+        self.traffic_weight = Gauge(p + "traffic_weight", "Load-balancer weight of a backend", ["frontend", "backend"],
+                                    registry=r)
+        for result in RESULTS:
+            self.reconcile.labels(result)
+        self._drift_began: dict[str, float] = {}        # key -> wall time the drift was first seen
+        self._resources: set[str] = set()               # keys with a drift series
+        self._services: set[str] = set()
+        self._applied: str | None = None
+        self._traffic: set[tuple[str, str]] = set()
+        self._lock = threading.Lock()
+        self.last_result: str | None = None
+        self.last_error: str | None = None
+        self.last_end: float | None = None              # wall time the last reconcile ended
+        self.last_seconds: float = 0.0
+
+    # -- inputs --------------------------------------------------------------------------------
+
+    def restore(self, applied_sha: str | None) -> None:
+        """At start: the revision a previous agent applied (from the status file)."""
+        with self._lock:
+            self._set_applied(applied_sha)
+
+    def observe(self, result) -> None:
+        """Update every metric from one reconcile `Result` (agent.reconciler.Result)."""
+        with self._lock:
+            self._observe(result)
+
+    def observe_exception(self, seconds: float, message: str) -> None:
+        """A reconcile that raised instead of returning a Result (a bug or an unexpected OSError)."""
+        with self._lock:
+            self.reconcile.labels("error").inc()
+            self.duration.observe(seconds)
+            self._finish("error", message, seconds)
+
+    def set_traffic(self, weights: dict[tuple[str, str], float]) -> None:
+        """Replace the traffic weights: {(frontend, backend): weight}; backends gone lose their series."""
+        with self._lock:
+            for fe, be in self._traffic - set(weights):
+                self.traffic_weight.remove(fe, be)
+            for (fe, be), w in weights.items():
+                self.traffic_weight.labels(fe, be).set(w)
+            self._traffic = set(weights)
+
+    def _observe(self, result) -> None:
+        now = self.clock()
+        self.reconcile.labels(result.result).inc()
+        self.duration.observe(result.seconds)
+        if result.result == "error" and (result.error or "").startswith("source:"):
+            self.fetch_errors.inc()
+        if result.result == "invalid":
+            self.revision_invalid.set(1)
+        elif result.revision is not None and result.result != "error":
+            self.revision_invalid.set(0)
+        for o in result.outcomes:
+            self.actions.labels(o.action.kind, o.result).inc()
+            if o.result == "failed" and "(rolled back " in o.message:
+                self.rollbacks.labels(resource_of(o.action.key)[1]).inc()
+        if result.result in ("converged", "applied") and result.revision is not None:
+            sha = result.revision.sha
+            if result.new_commit and sha != self._applied and result.revision.committed_at:
+                self.commit_to_converged.observe(max(0.0, now - result.revision.committed_at))
+            self._set_applied(sha)
+        if result.plan is not None:
+            self._observe_resources(result, now)
+        if result.facts is not None:
+            self._observe_services(result)
+        if result.result in SUCCESS:
+            self.last_success.set(now)
+        self._finish(result.result, result.error, result.seconds)
+
+    def _finish(self, result: str, error: str | None, seconds: float) -> None:
+        self.last_result, self.last_error = result, error
+        self.last_end, self.last_seconds = self.clock(), seconds
+
+    def _set_applied(self, sha: str | None) -> None:
+        if sha == self._applied:
+            return
+        if self._applied is not None:
+            self.revision_info.remove(self._applied)
+        if sha is not None:
+            self.revision_info.labels(sha).set(1)
+        self._applied = sha
+
+    def _observe_resources(self, result, now: float) -> None:
+        ok = {o.action.key for o in result.outcomes if o.result == "ok"}
+        not_ok = {o.action.key for o in result.outcomes if o.result != "ok"}
+        removed = {o.action.key for o in result.outcomes if o.result == "ok" and o.action.kind in _REMOVE_ACTIONS}
+        drifted = {a.key for a in result.drift} | not_ok
+        # drift healed by this apply: what an earlier reconcile saw drifted, plus (unless the plan is a
+        # new commit's intended change) what this plan found drifted, now applied without failure
+        planned = set() if result.new_commit else {a.key for a in result.plan.actions}
+        for key in sorted(((set(self._drift_began) | planned) & ok) - drifted):
+            self.drift_corrected.labels(resource_of(key)[0]).inc()
+        known = set(drifted) | ok
+        facts = result.facts
+        if facts is not None:
+            known |= {f"program:{n}" for n in facts.programs} | {f"venv:{n}" for n in facts.venvs}
+        known -= removed - drifted
+        for key in sorted(self._resources - known):
+            self.drift.remove(*resource_of(key))
+        for key in sorted(known):
+            self.drift.labels(*resource_of(key)).set(1 if key in drifted else 0)
+        self._resources = known
+        for key in sorted(set(self._drift_began) - drifted):
+            del self._drift_began[key]
+            self.drift_since.remove(*resource_of(key))
+        for key in sorted(drifted - set(self._drift_began)):
+            self._drift_began[key] = now
+            self.drift_since.labels(*resource_of(key)).set(now)
+        self.drifted_resources.set(len(drifted))
+
+    def _observe_services(self, result) -> None:
+        """service_up from the facts (read before apply), corrected by what this apply did to each program."""
+        up = {name: p.state == "RUNNING" for name, p in result.facts.programs.items()}
+        for o in result.outcomes:
+            kind, name = resource_of(o.action.key)
+            if kind == "program" and o.result == "ok":
+                if o.action.kind in _UP_ACTIONS:
+                    up[name] = True
+                elif o.action.kind == "remove_program":
+                    up.pop(name, None)
+        for o in result.outcomes:    # a failure on a program wins over its earlier successes
+            kind, name = resource_of(o.action.key)
+            if kind == "program" and o.result == "failed" and o.action.kind in _UP_ACTIONS:
+                up[name] = False
+        for name in sorted(self._services - set(up)):
+            self.service_up.remove(name)
+        for name, is_up in sorted(up.items()):
+            self.service_up.labels(name).set(1 if is_up else 0)
+        self._services = set(up)
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def readiness(self, poll_interval_s: float, now: float | None = None) -> Readiness:
+        """Ready when the last reconcile ended within 3 poll intervals (+ its own duration) and was not an error."""
+        now = self.clock() if now is None else now
+        with self._lock:
+            if self.last_end is None:
+                return Readiness(False, "no reconcile finished yet")
+            age = now - self.last_end
+            limit = 3 * poll_interval_s + self.last_seconds
+            if age > limit:
+                return Readiness(False, f"stale: the last reconcile ended {age:.0f}s ago (limit {limit:.0f}s)")
+            if self.last_result == "error":
+                return Readiness(False, f"the last reconcile failed: {self.last_error or 'error'}")
+            return Readiness(True, f"last reconcile {self.last_result} {age:.1f}s ago")
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """"127.0.0.1:9400" / "[::1]:9400" / ":9400" (all interfaces) -> (host, port)."""
+    host, sep, port = listen.rpartition(":")
+    if not sep or not port.isdigit():
+        from .errors import ConfigError
+
+        raise ConfigError(f"listen must be HOST:PORT, not {listen!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics":
+            self._send(200, self.server.recorder.exposition(), CONTENT_TYPE_LATEST)
+        elif path == "/healthz":
+            self._send(200, b"ok\n")
+        elif path == "/readyz":
+            r = self.server.recorder.readiness(self.server.poll_interval_s)
+            self._send(200 if r.ready else 503, (r.reason + "\n").encode())
+        else:
+            self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
+
+    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, fmt: str, *args) -> None:
+        log.debug("%s %s", self.address_string(), fmt % args)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    recorder: Recorder
+    poll_interval_s: float
+
+
+class MetricsServer:
+    """The HTTP endpoints in a background thread; `stop()` closes the socket."""
+
+    def __init__(self, recorder: Recorder, listen: str, poll_interval_s: float):
+        host, port = parse_listen(listen)
+        self._server = _Server((host, port), _Handler)
+        self._server.recorder = recorder
+        self._server.poll_interval_s = poll_interval_s
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
+                                        name="metrics-http", daemon=True)
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self._server.server_address[:2]
+
+    def start(self) -> "MetricsServer":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+

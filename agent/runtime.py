@@ -1,0 +1,272 @@
+"""The daemon: a jittered poll timer and a trigger queue feeding one reconcile at a time.
+
+`Schedule` is the pure part (time is passed in): when the next run is due, how triggers coalesce,
+how failures back off. `Runtime` runs it on a thread-safe condition; `run_daemon` wires the
+reconciler, metrics server, watcher and signals together.
+
+Rules:
+- single flight: one reconcile at a time; triggers arriving during a run coalesce into ONE follow-up;
+- a run's own writes echo back as file events (seen before the run ended): they earn one follow-up run,
+  but a follow-up that itself applied something earns none (no endless apply -> event -> apply loop);
+- failures (error / failed / invalid, or an exception) back off along `Backoff.delays` with jitter; any
+  success resets; while backing off a host event waits at least `failure_trigger_floor_s` after the last
+  run, a new commit in a local repo runs at once (it may be the fix);
+- SIGTERM/SIGINT: stop taking triggers, let the current reconcile finish, stop; the services keep running.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+__all__ = ["Backoff", "jittered", "Schedule", "Runtime", "run_daemon", "SUCCESS"]
+
+log = logging.getLogger("gitops_agent.runtime")
+
+SUCCESS = ("converged", "applied", "drift")     # drift: warn mode reported it; the reconcile did its job
+
+
+def jittered(base: float, fraction: float, rng: random.Random) -> float:
+    """`base` ± `fraction` (uniform), never negative."""
+    return max(0.0, base * (1.0 + rng.uniform(-fraction, fraction)))
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """Delays after 1, 2, 3, ... consecutive failures (the last one repeats), jittered."""
+
+    delays: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 300)
+    jitter: float = 0.1
+
+    def delay(self, failures: int, rng: random.Random) -> float:
+        if failures <= 0:
+            return 0.0
+        return jittered(self.delays[min(failures, len(self.delays)) - 1], self.jitter, rng)
+
+
+@dataclass
+class Schedule:
+    """When to reconcile next. Pure: no threads, no clock of its own."""
+
+    poll_s: float
+    now: float = 0.0                             # construction time: the first run is due at once
+    backoff: Backoff = field(default_factory=Backoff)
+    jitter: float = 0.1
+    rng: random.Random = field(default_factory=random.Random)
+    echo_window_s: float = 0.05                  # events first seen up to this long after a run ended are its echo
+    failure_trigger_floor_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        self.next_at = self.now
+        self.pending: set[str] = set()           # sources of triggers waiting for the next run
+        self.pending_fresh = False               # some pending trigger is not an echo of a run
+        self.during: set[str] = set()            # triggers that arrived during the running run
+        self.running = False
+        self.failures = 0
+        self.last_start: float | None = None
+        self.last_end: float | None = None
+        self.last_applied = False
+        self.current_followup = False
+        self.last_followup = False
+        self.dropped = 0                         # echoes not followed up (loop guard)
+
+    def trigger(self, now: float, source: str, since: float | None = None, until: float | None = None) -> bool:
+        """A trigger whose events were first seen at `since` and last at `until` (default: now).
+
+        False when dropped: covered by a run that started after its last event (that run re-read the
+        world), or the echo of a follow-up run that applied something (the loop guard)."""
+        until = now if until is None else until
+        since = until if since is None else since
+        if self.last_start is not None and until < self.last_start:
+            return False
+        if self.running:
+            self.during.add(source)
+            return True
+        if self.last_end is not None and since <= self.last_end + self.echo_window_s:
+            if self.last_followup and self.last_applied:
+                self.dropped += 1
+                return False
+            self.pending.add(source)
+            return True
+        self.pending.add(source)
+        self.pending_fresh = True
+        return True
+
+    def due_in(self, now: float) -> float:
+        """Seconds until the next run should start (<= 0: now)."""
+        if self.running:
+            return float("inf")
+        if self.pending:
+            if self.failures and "repo" not in self.pending and self.last_end is not None:
+                return min(self.next_at, self.last_end + self.failure_trigger_floor_s) - now
+            return 0.0
+        return self.next_at - now
+
+    def start(self, now: float) -> str:
+        """A run starts now; returns why (the trigger sources, or poll / retry)."""
+        reason = "+".join(sorted(self.pending)) or ("retry" if self.failures else "poll")
+        self.current_followup = bool(self.pending) and not self.pending_fresh
+        if self.current_followup:
+            reason += " (follow-up)"
+        self.pending.clear()
+        self.pending_fresh = False
+        self.during.clear()
+        self.running = True
+        self.last_start = now
+        return reason
+
+    def finish(self, now: float, ok: bool, applied: bool) -> float:
+        """The run ended; returns the delay until the next timed run."""
+        self.running = False
+        self.last_end, self.last_applied, self.last_followup = now, applied, self.current_followup
+        self.failures = 0 if ok else self.failures + 1
+        delay = jittered(self.poll_s, self.jitter, self.rng) if ok else self.backoff.delay(self.failures, self.rng)
+        self.next_at = now + delay
+        if self.during:
+            if self.current_followup and applied:
+                self.dropped += 1
+            else:
+                self.pending |= self.during
+            self.during.clear()
+        return delay
+
+
+class Runtime:
+    """Runs `reconcile()` per the schedule, single flight, until `stop()`. Never dies on an exception."""
+
+    def __init__(self, reconcile: Callable[[], object], schedule: Schedule, recorder=None,
+                 after_run: Callable[[object], None] | None = None, clock: Callable[[], float] = time.monotonic):
+        self._reconcile, self.schedule, self.recorder = reconcile, schedule, recorder
+        self._after_run = after_run
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._stopping = False
+        self.runs = 0
+        self.running = False
+
+    def trigger(self, source: str, since: float | None = None, until: float | None = None) -> None:
+        with self._cond:
+            if self._stopping:
+                return
+            if self.schedule.trigger(self._clock(), source, since, until):
+                self._cond.notify()
+            else:
+                log.debug("%s trigger dropped: already seen by a later run, or the echo of a follow-up apply", source)
+
+    def on_watch(self, sources: frozenset[str], since: float, until: float) -> None:
+        """The watcher's callback: one trigger per batch (repo wins: it may end a backoff)."""
+        self.trigger("repo" if "repo" in sources else next(iter(sorted(sources)), "host"), since, until)
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping:
+                    delay = self.schedule.due_in(self._clock())
+                    if delay <= 0:
+                        break
+                    self._cond.wait(delay)
+                if self._stopping:
+                    return
+                reason = self.schedule.start(self._clock())
+                self.running = True
+            result, ok, applied = self._run_once(reason)
+            with self._cond:
+                self.running = False
+                delay = self.schedule.finish(self._clock(), ok, applied)
+                self.runs += 1
+            if not ok:
+                log.warning("next attempt in %.1fs (failure %d in a row)", delay, self.schedule.failures)
+            if self._after_run is not None:
+                try:
+                    self._after_run(result)
+                except Exception:  # noqa: BLE001
+                    log.exception("after-run hook failed")
+
+    def _run_once(self, reason: str) -> tuple[object, bool, bool]:
+        started = time.monotonic()
+        try:
+            result = self._reconcile()
+        except Exception as exc:  # noqa: BLE001 (one bad reconcile never kills the loop)
+            log.exception("reconcile raised (trigger: %s)", reason)
+            if self.recorder is not None:
+                self.recorder.observe_exception(time.monotonic() - started, f"{type(exc).__name__}: {exc}")
+            return None, False, True
+        outcome = getattr(result, "result", "error")
+        rev = getattr(result, "revision", None)
+        log.log(logging.INFO if outcome in SUCCESS else logging.ERROR,
+                "reconcile %s in %.2fs (trigger: %s)%s", outcome, getattr(result, "seconds", 0.0), reason,
+                f": {result.error}" if getattr(result, "error", None) else "",
+                extra={"result": outcome, "revision": rev.sha if rev else ""})
+        if self.recorder is not None:
+            try:
+                self.recorder.observe(result)
+            except Exception:  # noqa: BLE001 (metrics must never stop reconciling)
+                log.exception("recording metrics failed")
+        return result, outcome in SUCCESS, bool(getattr(result, "outcomes", ()))
+
+
+def run_daemon(settings) -> int:
+    """`gitops-agent run`: the caller holds the root lock for our whole life."""
+    from .layout import Layout
+    from .metrics import MetricsServer, Recorder
+    from .reconciler import Reconciler
+    from .store import load_status
+    from .watch import Watcher, managed_paths
+
+    layout = Layout(settings.root)
+    reconciler = Reconciler(settings)
+    recorder = Recorder()
+    applied = load_status(layout.status_file).applied
+    recorder.restore(applied.sha if applied else None)
+    try:
+        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s)
+    except OSError as exc:
+        from .errors import ConfigError
+
+        raise ConfigError(f"cannot listen on {settings.listen}: {exc}") from None
+    schedule = Schedule(settings.poll_interval_s, now=time.monotonic())
+    watcher: Watcher | None = None
+
+    def rewatch(_result) -> None:
+        if watcher is not None:
+            watcher.watch(managed_paths(layout, settings.repo))
+
+    runtime = Runtime(reconciler.reconcile, schedule, recorder, after_run=rewatch)
+    watcher = Watcher(runtime.on_watch)
+
+    def on_signal(signum, _frame) -> None:
+        # only start a thread here: the handler may interrupt the loop while it holds the condition
+        if not runtime.stopping:
+            log.info("%s: stopping after the current reconcile (services keep running)", signal.Signals(signum).name)
+        threading.Thread(target=runtime.stop, name="stop", daemon=True).start()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    server.start()
+    watcher.start()
+    watcher.watch(managed_paths(layout, settings.repo))
+    host, port = server.address
+    log.info("gitops-agent running: root %s, mode %s, poll %gs, metrics on http://%s:%d/metrics, watching %d dirs",
+             settings.root, settings.mode, settings.poll_interval_s, host, port, len(watcher.specs))
+    try:
+        runtime.run()
+    finally:
+        watcher.stop()
+        server.stop()
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    log.info("stopped after %d reconciles; managed services left running", runtime.runs)
+    return 0
