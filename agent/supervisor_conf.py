@@ -237,7 +237,8 @@ def _env_value(field: str, value: object) -> str:
     elif "'" not in value:
         quoted = f"'{value}'"
     else:
-        raise UnsafeValue(field, "cannot hold both ' and \" (supervisord's environment syntax has no escapes)")
+        why = "cannot hold both ' and \" (supervisord's environment syntax has no escapes)"
+        raise UnsafeValue(field, why)
     return _ini_safe(field, quoted.replace("%", "%%"))
 
 

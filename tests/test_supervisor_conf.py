@@ -342,7 +342,9 @@ def test_any_environment_refuses_or_round_trips(env):
 @PROPERTY
 @given(st.none() | texts.map("/".__add__), logfiles, logfiles)
 def test_any_paths_refuse_or_round_trip(directory, stdout, stderr):
-    spec = ProgramSpec("app", ("/bin/true",), directory=directory, stdout_logfile=stdout, stderr_logfile=stderr)
+    spec = ProgramSpec(
+        "app", ("/bin/true",), directory=directory, stdout_logfile=stdout, stderr_logfile=stderr
+    )
     refuses_or_round_trips(spec)
 
 
@@ -366,7 +368,7 @@ def _representable_env_value(v: str) -> bool:
 
 
 @PROPERTY
-@given(st.lists(texts.filter(lambda t: t.isprintable() or t == ""), max_size=5), texts.filter(_representable_env_value))
+@given(st.lists(texts.filter(str.isprintable), max_size=5), texts.filter(_representable_env_value))
 def test_refusals_are_narrow(args, env_value):
     """Printable argv is never refused; env values are refused only for the documented reasons."""
     spec = ProgramSpec("app", ("/bin/echo", *args), environment=(("V", env_value),))

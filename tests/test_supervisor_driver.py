@@ -55,7 +55,7 @@ def _stop_hard(es: EmbeddedSupervisor) -> None:
 
 
 def add(es: EmbeddedSupervisor, name: str, code: str = SLEEP, **kw) -> None:
-    spec = ProgramSpec(name, (sys.executable, "-c", one_line(code)), stopwaitsecs=5, **kw)
+    spec = ProgramSpec(name, (sys.executable, "-c", one_line(code)), stopwaitsecs=2, **kw)
     write_program_file(es.include_dir, name, render_program(spec))
 
 
@@ -199,7 +199,8 @@ def test_hostile_values_arrive_exactly_and_never_add_a_program(sup, tmp_path):
             render_program(bad)
     # Hand-written text that smuggles a second section is refused before it reaches the glob.
     with pytest.raises(UnsafeValue, match="exactly"):
-        write_program_file(sup.include_dir, "dump2", f"[program:dump2]\ncommand=/bin/true\n[program:evil]\ncommand={sys.executable}\n")
+        smuggled = f"[program:dump2]\ncommand=/bin/true\n[program:evil]\ncommand={sys.executable}\n"
+        write_program_file(sup.include_dir, "dump2", smuggled)
     assert set(read_program_files(sup.include_dir)) == {"dump"}
 
     assert client.update() == {"dump": "added"}
@@ -229,7 +230,8 @@ def test_broken_include_file_is_fault_92_with_a_clear_message(sup):
     with pytest.raises(UnsafeValue):
         write_program_file(sup.include_dir, "broken", "[program:broken\ncommand=/bin/true\n")
     with pytest.raises(UnsafeValue, match="refuse"):
-        write_program_file(sup.include_dir, "nouser", "[program:nouser]\ncommand=/bin/true\nuser=no-such-user-x\n")
+        no_user = "[program:nouser]\ncommand=/bin/true\nuser=no-such-user-x\n"
+        write_program_file(sup.include_dir, "nouser", no_user)
     assert sorted(p.name for p in sup.include_dir.iterdir()) == ["ok.conf"]
     assert client.update() == {"ok": "added"}
 
@@ -247,7 +249,8 @@ def test_spawn_error_is_clear_and_carries_the_stderr_tail(sup):
     assert message.startswith("crash could not be started: Exited too quickly")
     assert "SPAWN_ERROR" in message and "boom: missing DATABASE_URL" in message
 
-    write_program_file(sup.include_dir, "ghost", render_program(ProgramSpec("ghost", ("/nonexistent/bin/app",))))
+    ghost = ProgramSpec("ghost", ("/nonexistent/bin/app",))
+    write_program_file(sup.include_dir, "ghost", render_program(ghost))
     client.update()
     with pytest.raises(SupervisorError) as info:
         client.start("ghost")
@@ -278,7 +281,10 @@ def test_unreachable_socket_is_an_error_naming_the_socket(tmp_path):
 
 
 def test_embedded_supervisord_survives_the_process_that_started_it(sup):
-    code = "import sys; from pathlib import Path; from agent.drivers.supervisor import EmbeddedSupervisor; EmbeddedSupervisor(Path(sys.argv[1])).ensure_running()"
+    code = (
+        "import sys; from pathlib import Path; from agent.drivers.supervisor import EmbeddedSupervisor;"
+        "EmbeddedSupervisor(Path(sys.argv[1])).ensure_running()"
+    )
     # capture_output: if supervisord kept our pipe open, run() would hang until the timeout.
     t0 = time.monotonic()
     done = subprocess.run([sys.executable, "-c", code, str(sup.root)], capture_output=True, timeout=30)
@@ -294,7 +300,7 @@ def test_embedded_supervisord_survives_the_process_that_started_it(sup):
 
 def test_stale_pid_and_socket_are_cleaned(sup):
     sup.socket_path.parent.mkdir(parents=True)
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "print(__import__('os').getpid())"], capture_output=True, text=True)
     sup.pid_path.write_text(dead.stdout)
     s = socket.socket(socket.AF_UNIX)
     s.bind(str(sup.socket_path))
