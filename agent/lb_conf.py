@@ -282,6 +282,7 @@ def render_nginx(frontends: Iterable[Frontend], *, prefix: str, version: str) ->
         "daemon off;\n",
         "master_process on;\n",
         "worker_processes 1;\n",
+        "worker_shutdown_timeout 30s;\n",
         f"pid {p}/nginx.pid;\n",
         f"error_log {p}/logs/error.log warn;\n",
         "\n",

@@ -129,9 +129,11 @@ class NginxDriver:
         if live is None:
             return Applied("written", detail="nginx is not running: start it, then wait_live()",
                            seconds=time.monotonic() - started)
+        old_workers = _workers(_master_pid(self.pid_path, b"nginx"))
         try:
             self._reload()
             self.wait_live(frontends)
+            self._wait_retired(old_workers)
         except LBError as err:
             if previous is not None:
                 atomic_write(self.config_path, previous, 0o644)
@@ -156,6 +158,22 @@ class NginxDriver:
             if time.monotonic() >= deadline:
                 raise LBError(f"nginx did not go live with config version {want} within {limit:g}s "
                               f"(it answers {seen or 'nothing'})")
+            time.sleep(_POLL)
+
+    def _wait_retired(self, old_workers: set[int]) -> None:
+        """Wait until the workers of the previous config stopped accepting ("is shutting down" or gone).
+
+        The control socket can be answered by a new worker while an old one, not yet told to quit,
+        still accepts (and keeps serving keep-alive connections) with the old weights.
+        """
+        deadline = time.monotonic() + self.live_timeout
+        while True:
+            still = {pid for pid in old_workers if _accepting_worker(pid)}
+            if not still:
+                return
+            if time.monotonic() >= deadline:
+                raise LBError(f"nginx workers {sorted(still)} of the previous config still accept after "
+                              f"{self.live_timeout:g}s")
             time.sleep(_POLL)
 
     def live_version(self) -> str | None:
@@ -231,6 +249,31 @@ class NginxDriver:
         elif text is None or live != out["config_version"]:
             out["error"] = f"nginx runs version {live}, the config file holds {out['config_version']}"
         return out
+
+
+def _workers(master: int | None) -> set[int]:
+    """Pids of the worker processes of nginx master `master` (empty without /proc or master)."""
+    if master is None:
+        return set()
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(master):
+            out.add(int(stat.parent.name))
+    return out
+
+
+def _accepting_worker(pid: int) -> bool:
+    """A live nginx worker that has not begun its graceful shutdown (its title says so when it has)."""
+    try:
+        title = Path(f"/proc/{pid}/cmdline").read_bytes()
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z" and b"worker process" in title and b"shutting down" not in title
 
 
 def _error_tail(path: Path, lines: int = 5) -> str:
