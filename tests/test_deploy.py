@@ -250,6 +250,21 @@ def test_systemd_unit_verifies(tmp_path):
     assert out.returncode == 0 and not complaints, out.stdout + out.stderr
 
 
+def test_systemd_unit_exposure_is_low(tmp_path):
+    """`systemd-analyze security` rates the sandbox (0 = locked down, 10 = none); keep it "OK" (< 3)."""
+    exe = shutil.which("systemd-analyze")
+    if not exe:
+        pytest.skip("systemd-analyze not installed")
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text())
+    out = subprocess.run([exe, "security", "--offline=yes", "--no-pager", str(unit)], capture_output=True, text=True)
+    m = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", out.stdout + out.stderr)
+    if out.returncode != 0 and not m:
+        pytest.skip(f"systemd-analyze security --offline unsupported here: {out.stderr.strip()[:200]}")
+    assert m, out.stdout + out.stderr
+    assert float(m.group(1)) < 3.0, out.stdout
+
+
 # --- supervisord -----------------------------------------------------------------------------------
 
 
