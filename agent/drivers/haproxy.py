@@ -252,9 +252,12 @@ class HAProxyDriver:
                            seconds=time.monotonic() - started)
         if live_topology == want_topology:
             changes = self._weight_changes(frontends, runtime.show_servers_state())
-            self._write_checked(text)  # the same weights in the file, so a reload or restart keeps them
             for fe_name, be_name, _old, new in changes:
                 runtime.set_weight(fe_name, be_name, new)
+            # The same weights in the file, so a reload or restart keeps them. No `haproxy -c` here: the
+            # running worker loaded this very topology from our renderer, only weight numbers differ.
+            if _read(self.config_path) != text:
+                atomic_write(self.config_path, text, 0o644)
             self._verify_weights(frontends)
             return Applied("weights" if changes else "none", changed=tuple(changes),
                            seconds=time.monotonic() - started)
