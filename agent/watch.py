@@ -75,6 +75,14 @@ def local_repo_dir(repo: str | None) -> Path | None:
     return None
 
 
+def _inode(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _site_packages(venv: Path) -> list[Path]:
     return sorted(venv.glob("lib/python*/site-packages"))
 
@@ -156,11 +164,15 @@ class Debouncer:
 
 
 class _Handler(FileSystemEventHandler):
-    def __init__(self, spec: WatchSpec, poke: Callable[[str], None]):
-        self.spec, self.poke = spec, poke
+    def __init__(self, spec: WatchSpec, poke: Callable[[str], None], gone: Callable[[WatchSpec], None]):
+        self.spec, self.poke, self.gone = spec, poke, gone
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         if event.event_type not in CHANGE_EVENTS:
+            return
+        if event.event_type in ("deleted", "moved") and event.src_path == str(self.spec.path):
+            self.gone(self.spec)             # the watched dir itself: its watch is dead, re-arm on next watch()
+            self.poke(self.spec.source)
             return
         paths = [event.src_path, getattr(event, "dest_path", "") or ""]
         if any(p and self.spec.matches(p) for p in paths):
@@ -175,8 +187,9 @@ class Watcher:
         self._debouncer = Debouncer(on_trigger, quiet_s=debounce_s)
         self._observer = Observer()
         self._observer.daemon = True
-        self._watches: dict[WatchSpec, object] = {}
+        self._watches: dict[WatchSpec, tuple[object, tuple[int, int]]] = {}
         self._lock = threading.Lock()
+        self._gone: set[WatchSpec] = set()
 
     def start(self) -> "Watcher":
         self._debouncer.start()
@@ -188,21 +201,28 @@ class Watcher:
         return tuple(self._watches)
 
     def watch(self, specs: Iterable[WatchSpec]) -> None:
-        wanted = list(dict.fromkeys(specs))
+        """Watch exactly `specs`; a directory replaced since it was scheduled (a venv rebuilt in place,
+        a dir removed and made again) is scheduled anew: inotify watched the old inode."""
+        wanted = {s: _inode(s.path) for s in dict.fromkeys(specs)}
         with self._lock:
-            for spec in [s for s in self._watches if s not in wanted]:
+            gone, self._gone = self._gone, set()
+            stale = [s for s, (_, ino) in self._watches.items() if s not in wanted or s in gone or wanted[s] != ino]
+            for spec in stale:
+                watch, _ = self._watches.pop(spec)
                 try:
-                    self._observer.unschedule(self._watches.pop(spec))
+                    self._observer.unschedule(watch)
                 except (KeyError, OSError):
                     pass
-            for spec in wanted:
-                if spec in self._watches:
+            for spec, ino in wanted.items():
+                if spec in self._watches or ino is None:
                     continue
                 try:
-                    self._watches[spec] = self._observer.schedule(
-                        _Handler(spec, self._debouncer.poke), str(spec.path), recursive=spec.recursive)
+                    watch = self._observer.schedule(_Handler(spec, self._debouncer.poke, self._gone.add),
+                                                    str(spec.path), recursive=spec.recursive)
                 except OSError as exc:      # vanished since managed_paths() looked, or out of inotify watches
                     log.warning("cannot watch %s: %s", spec.path, exc)
+                    continue
+                self._watches[spec] = (watch, ino)
 
     def stop(self) -> None:
         self._observer.stop()
