@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -99,11 +98,3 @@ def start_daemon(request, repo_url: str, root: Path, tmp_path: Path, *extra: str
     request.addfinalizer(d.stop)
     return d
 
-
-def cpu_rss(pid: int) -> tuple[float, int]:
-    """(user+system CPU seconds, RSS bytes) of a process, from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = (int(fields[11]) + int(fields[12])) / ticks
-    rss = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
-    return cpu, rss
