@@ -20,6 +20,7 @@ from ._yaml import Located, parse
 from .errors import InvalidState, Problem
 from .lockfile import parse_lock, venv_identity
 from .model import App, DesiredState, Environment, HealthCheck, Service, Traffic
+from .supervisor_conf import ProgramSpec, UnsafeValue, render_program
 
 __all__ = ["LoadOptions", "load_desired", "validate_tree", "FLEET_FILE", "APPS_DIR"]
 
@@ -114,7 +115,9 @@ def _inside(root: Path, base: Path, rel: str) -> Path | None:
 def _read_docs(root: Path, out: _Collector) -> tuple[Located | None, list[tuple[Located, bool]]]:
     fleet = None
     fleet_path = root / FLEET_FILE
-    if fleet_path.is_file():
+    if fleet_path.is_symlink() and _inside(root, root, FLEET_FILE) is None:
+        out.problems.append(Problem(FLEET_FILE, None, "", "is a symlink that points outside the state repo"))
+    elif fleet_path.is_file():
         try:
             fleet = parse(fleet_path.read_bytes(), FLEET_FILE)
             _schema_problems(fleet, "fleet", out)
@@ -216,6 +219,10 @@ def _services(doc: Located, env_names: set[str], opts: LoadOptions, out: _Collec
         if spec.get("user") == "root" and not opts.allow_root:
             out.add(doc, here + ("user",), "services may not run as root unless the agent's config allows it (--allow-root-services)")
             continue
+        unsafe = _unrenderable(spec)
+        if unsafe is not None:
+            out.add(doc, here + unsafe[0], unsafe[1])
+            continue
         health = spec.get("health")
         services.append(Service(
             app=app, name=name, environment=spec["environment"], command=tuple(spec["command"]),
@@ -224,6 +231,32 @@ def _services(doc: Located, env_names: set[str], opts: LoadOptions, out: _Collec
             health=HealthCheck(health["http"], float(health.get("timeout_s", 2.0))) if health else None,
         ))
     return services
+
+
+def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
+    """(field path, reason) if supervisord's config cannot carry this service's values exactly.
+
+    The schema refuses control characters; what is left are the limits of supervisord's own syntax
+    (an environment value that starts or ends with a quote, holds both quote kinds, `;`/`#` after
+    whitespace, `%(here)s`; Unicode line separators). Refusing them here makes the revision invalid
+    as a whole, instead of a planner error after the revision was accepted.
+    """
+    command, env, user = spec.get("command"), spec.get("env") or {}, spec.get("user")
+    if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+            and isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
+            and (user is None or isinstance(user, str))):
+        return None     # wrong types: the schema reports them
+    try:
+        render_program(ProgramSpec(name="check", command=("/venv/bin/" + command[0], *command[1:]),
+                                   environment=tuple(env.items()), user=user))
+    except UnsafeValue as exc:
+        field, _, index = exc.field.partition("[")
+        if field == "command" and index:
+            return ("command", int(index.rstrip("]"))), exc.reason
+        if field.startswith("environment"):
+            return ("env", *field.split(".", 1)[1:]), exc.reason
+        return (field,), exc.reason
+    return None
 
 
 def _traffic(doc: Located, services: dict[str, Service], out: _Collector) -> Traffic | None:
