@@ -53,6 +53,8 @@ class _Builder:
         self.count += 1
         if self.count > MAX_NODES:
             self.fail(node, _dotted(path), f"document expands to more than {MAX_NODES} nodes (alias bomb?)")
+        if isinstance(node, (yaml.MappingNode, yaml.SequenceNode)) and node.tag not in _COLLECTION_TAGS:
+            self.fail(node, _dotted(path), f"unsupported YAML tag {node.tag}")
         if isinstance(node, yaml.MappingNode):
             return self._mapping(node, path)
         if isinstance(node, yaml.SequenceNode):
@@ -90,6 +92,7 @@ class _Builder:
         self.fail(node, _dotted(path), f"unsupported YAML tag {tag}")
 
 
+_COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _LOADER = yaml.SafeLoader("")
 _SAFE = {
     "int": lambda n: _LOADER.construct_yaml_int(n),
