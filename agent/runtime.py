@@ -227,6 +227,10 @@ def run_daemon(settings) -> int:
     from .store import load_status
     from .watch import Watcher, managed_paths
 
+    from .errors import ConfigError
+
+    if settings.poll_interval_s <= 0:
+        raise ConfigError(f"poll interval must be positive, not {settings.poll_interval_s:g}")
     layout = Layout(settings.root)
     reconciler = Reconciler(settings)
     recorder = Recorder()
@@ -235,8 +239,6 @@ def run_daemon(settings) -> int:
     try:
         server = MetricsServer(recorder, settings.listen, settings.poll_interval_s)
     except OSError as exc:
-        from .errors import ConfigError
-
         raise ConfigError(f"cannot listen on {settings.listen}: {exc}") from None
     schedule = Schedule(settings.poll_interval_s, now=time.monotonic())
     watcher: Watcher | None = None
@@ -256,8 +258,11 @@ def run_daemon(settings) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     server.start()
-    watcher.start()
-    watcher.watch(managed_paths(layout, settings.repo))
+    try:
+        watcher.start()
+        watcher.watch(managed_paths(layout, settings.repo))
+    except OSError as exc:          # e.g. no inotify instances left: the poll still converges
+        log.error("file watching unavailable (%s): drift is found by the %gs poll only", exc, settings.poll_interval_s)
     host, port = server.address
     log.info("gitops-agent running: root %s, mode %s, poll %gs, metrics on http://%s:%d/metrics, watching %d dirs",
              settings.root, settings.mode, settings.poll_interval_s, host, port, len(watcher.specs))

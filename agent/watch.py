@@ -138,7 +138,8 @@ class Debouncer:
         with self._cond:
             self._stopping = True
             self._cond.notify()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
     def _loop(self) -> None:
         while True:
@@ -225,6 +226,7 @@ class Watcher:
                 self._watches[spec] = (watch, ino)
 
     def stop(self) -> None:
-        self._observer.stop()
-        self._observer.join(timeout=5)
+        if self._observer.is_alive():
+            self._observer.stop()
+            self._observer.join(timeout=5)
         self._debouncer.stop()
