@@ -18,7 +18,7 @@ from .drivers.venv import VenvManager, VenvSpec
 from .errors import AgentError, HealthCheckFailed, SupervisorError
 from .layout import Layout
 from .plan import (
-    Action, BuildVenv, CheckHealth, EnsureSupervisor, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
+    Action, BuildVenv, CheckHealth, ConfigureTraffic, EnsureSupervisor, VerifyTraffic, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
     RepairVenv, RestartProgram, StartProgram, SwitchVenv, UpdateProgram, WriteProgram,
 )
 
@@ -46,6 +46,7 @@ class Drivers:
     layout: Layout
     venvs: VenvManager
     supervisor: object                      # has .ensure() -> SupervisorClient
+    lb: object | None = None                # agent.traffic.LoadBalancer
     health_wait_s: float = 30.0
     start_wait_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
@@ -138,6 +139,10 @@ def _run(action: Action, drivers: Drivers) -> str:
     if isinstance(action, RemoveEnvironment):
         removed = venvs.remove_all(action.name)
         return f"removed {len(removed)} venv(s)"
+    if isinstance(action, ConfigureTraffic):
+        return drivers.lb.apply(action.frontends)
+    if isinstance(action, VerifyTraffic):
+        return drivers.lb.wait_live(action.frontends)
     if isinstance(action, PruneVenvs):
         for identity in action.identities:
             venvs.remove(action.name, identity)

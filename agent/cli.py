@@ -27,6 +27,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--supervisor", help="'embedded' (default) or unix:///path/to/supervisor.sock")
     g.add_argument("--retention", type=int, help="venvs kept per environment for instant rollback (default 3)")
     g.add_argument("--installer", choices=["pip", "uv"], help="default venv installer (default pip)")
+    g.add_argument("--lb", choices=["haproxy", "nginx"], help="load balancer for traffic: (default haproxy)")
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
@@ -213,11 +214,12 @@ def cmd_facts(args) -> int:
     from .facts import collect
     from .layout import Layout
     from .reconciler import SupervisorHandle
+    from .traffic import LoadBalancer
 
     layout = Layout(settings.root)
     handle = SupervisorHandle(settings.supervisor, layout)
     facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
-                    read_program_files(layout.programs), handle.running_client())
+                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root))
     data = {"host": settings.host, "root": str(settings.root), **facts.to_json()}
     if args.json:
         print(json.dumps(data, indent=2))
@@ -231,6 +233,10 @@ def cmd_facts(args) -> int:
         for name, p in sorted(facts.programs.items()):
             print(f"program {name}: {p.state or 'not loaded'}" + (f" pid {p.pid}" if p.pid else "")
                   + (f" (pending {p.pending})" if p.pending else "") + ("" if p.file_text else " (no program file)"))
+        if facts.traffic is not None:
+            t = facts.traffic
+            print(f"load balancer {t.get('driver')}: {'running' if t.get('running') else 'not running'}"
+                  + (f"; weights {json.dumps(t.get('weights'), sort_keys=True)}" if t.get("weights") else ""))
     return EXIT_OK
 
 

@@ -37,12 +37,14 @@ class Facts:
     supervisor: str                           # "running", "stopped" or "unreachable: <why>"
     venvs: dict[str, VenvFact] = field(default_factory=dict)
     programs: dict[str, ProgramFact] = field(default_factory=dict)
+    traffic: dict | None = None               # the load balancer's own view: running, topology/version, weights
 
     def to_json(self) -> dict:
         return {
             "supervisor": self.supervisor,
             "venvs": {k: asdict(v) for k, v in sorted(self.venvs.items())},
             "programs": {k: asdict(v) for k, v in sorted(self.programs.items())},
+            "traffic": self.traffic,
         }
 
 
@@ -75,8 +77,9 @@ def _venv_facts(venvs: _Venvs, envs_dir: Path) -> dict[str, VenvFact]:
     return out
 
 
-def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client) -> Facts:
-    """Gather facts. `client` is a connected SupervisorClient, or None when supervisord is not running."""
+def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client, lb=None) -> Facts:
+    """Gather facts. `client` is a connected SupervisorClient, or None when supervisord is not running;
+    `lb` a load-balancer driver whose `facts()` reads what it really serves (None: no traffic managed)."""
     programs: dict[str, ProgramFact] = {}
     supervisor = "stopped"
     info: dict[str, dict] = {}
@@ -103,4 +106,5 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             pending=pending.get(name),
             spawnerr=p.get("spawnerr", "") or "",
         )
-    return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs)
+    traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
+    return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)

@@ -269,7 +269,24 @@ def _traffic(doc: Located, services: dict[str, Service], out: _Collector) -> Tra
             out.add(doc, where, f"weight for unknown service {svc!r}")
         elif svc in services and services[svc].port is None:
             out.add(doc, where, f"service {svc!r} has no port, so it cannot receive traffic")
-    return Traffic(spec["listen"], spec.get("strategy", "weighted"), tuple(sorted(spec["weights"].items())))
+    strategy = spec.get("strategy", "weighted")
+    weights = spec["weights"]
+    if strategy == "blue-green" and sum(1 for w in weights.values() if w > 0) != 1:
+        out.add(doc, ("traffic", "weights"), "blue-green sends all traffic to one colour: exactly one weight must be > 0")
+    ab = spec.get("ab")
+    if strategy == "ab":
+        if not ab:
+            out.add(doc, ("traffic",), "strategy ab needs ab: {variant: SERVICE, percent: N}")
+        elif ab["variant"] not in weights:
+            out.add(doc, ("traffic", "ab", "variant"), f"variant {ab['variant']!r} is not one of the weighted services")
+        elif not any(w > 0 for s, w in weights.items() if s != ab["variant"]):
+            out.add(doc, ("traffic", "weights"), "strategy ab needs a weight > 0 on a service other than the variant")
+    elif ab:
+        out.add(doc, ("traffic", "ab"), "ab: is only used with strategy: ab")
+    elif not any(w > 0 for w in weights.values()):
+        out.add(doc, ("traffic", "weights"), "at least one weight must be > 0 (else the frontend serves nothing)")
+    return Traffic(spec["listen"], strategy, tuple(sorted(weights.items())),
+                   ab_variant=ab["variant"] if ab else None, ab_percent=ab["percent"] if ab else 0)
 
 
 def _app(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOptions, out: _Collector) -> App:

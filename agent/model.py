@@ -58,6 +58,8 @@ class Traffic:
     listen: str
     strategy: str
     weights: tuple[tuple[str, int], ...]
+    ab_variant: str | None = None       # strategy ab: the service that gets ab_percent of the buckets
+    ab_percent: int = 0
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,13 @@ from typing import Iterator
 from .facts import Facts, ProgramFact
 from .layout import Layout
 from .model import DesiredState, Environment, Service
+from .rollout import frontends_of
 from .supervisor_conf import ProgramSpec, render_program
 
 __all__ = [
     "Action", "EnsureSupervisor", "BuildVenv", "SwitchVenv", "RepairVenv", "WriteProgram", "UpdateProgram",
     "StartProgram", "RestartProgram", "CheckHealth", "RemoveProgram", "RemoveEnvironment", "PruneVenvs",
-    "Plan", "PlanOptions", "make_plan", "render_service",
+    "ConfigureTraffic", "VerifyTraffic", "Plan", "PlanOptions", "make_plan", "render_service",
 ]
 
 HEALTHY_STATES = ("RUNNING", "STARTING")
@@ -135,6 +136,17 @@ class PruneVenvs(Action):
 
 
 @dataclass(frozen=True)
+class ConfigureTraffic(Action):
+    """Make the load balancer serve `frontends`: runtime weights when only they changed, else a checked reload."""
+    frontends: tuple = ()
+
+
+@dataclass(frozen=True)
+class VerifyTraffic(Action):
+    frontends: tuple = ()
+
+
+@dataclass(frozen=True)
 class Plan:
     actions: tuple[Action, ...] = ()
     notes: tuple[str, ...] = field(default=())
@@ -161,6 +173,7 @@ class PlanOptions:
     layout: Layout
     retention: int = 3
     embedded: bool = True
+    lb: object | None = None            # agent.traffic.LoadBalancer: only its pure methods are used here
 
 
 def render_service(svc: Service, env: Environment, layout: Layout) -> str:
@@ -212,37 +225,63 @@ def _installed_drift(env: Environment, installed: tuple[tuple[str, str], ...]) -
     return ", ".join(parts)
 
 
-def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, venv_repaired: bool,
-                     opts: PlanOptions, supervisor_up: bool) -> Iterator[Action]:
-    key = f"program:{svc.name}"
-    needs = (f"venv:{env.name}", "supervisor")
-    text = render_service(svc, env, opts.layout)
+def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tuple[str, ...], startsecs: int,
+                     venv_hint: tuple[str, str] | None = None, restart_reason: str = "") -> Iterator[Action]:
+    """Write/update/start/restart one supervisord program so it runs `text`; nothing when it already does."""
+    key = f"program:{name}"
     old = fact.file_text if fact else None
     changed = False
     if old != text:
         why = "program file missing" if old is None else "program file differs from the desired config"
-        if old is not None and fact is not None and str(opts.layout.venvs) in old and env.identity not in old:
-            why = f"venv changed to {env.name}-{env.identity}"
+        if venv_hint and old is not None and venv_hint[0] in old and venv_hint[1] not in old:
+            why = f"venv changed to {venv_hint[1]}"
         ran_old = fact is not None and fact.state is not None and fact.pending is None
-        yield WriteProgram(key, why, needs, name=svc.name, text=text, previous=old if ran_old else None,
+        yield WriteProgram(key, why, needs, name=name, text=text, previous=old if ran_old else None,
                            existed=fact is not None and (fact.state is not None or old is not None))
         changed = True
     loaded = fact is not None and fact.state is not None
     if changed or not loaded or (fact and fact.pending):
         why = "apply the new program config" if changed else (
             "supervisord has not loaded this program" if not loaded else f"supervisord has unapplied changes ({fact.pending})")
-        yield UpdateProgram(key, why, needs, name=svc.name, startsecs=svc.startsecs)
-        changed = True
+        yield UpdateProgram(key, why, needs, name=name, startsecs=startsecs)
     elif fact.state not in HEALTHY_STATES:
         yield StartProgram(key, f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
-                           needs, name=svc.name, startsecs=svc.startsecs)
-        changed = True
-    elif venv_repaired:
-        yield RestartProgram(key, f"its venv {env.name} is rebuilt in place", needs, name=svc.name, startsecs=svc.startsecs)
-        changed = True
-    if changed and svc.health is not None:
+                           needs, name=name, startsecs=startsecs)
+    elif restart_reason:
+        yield RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs)
+
+
+def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, venv_repaired: bool,
+                     opts: PlanOptions) -> Iterator[Action]:
+    key = f"program:{svc.name}"
+    needs = (f"venv:{env.name}", "supervisor")
+    actions = list(_program_actions(
+        svc.name, render_service(svc, env, opts.layout), fact, needs, svc.startsecs,
+        venv_hint=(str(opts.layout.venvs), f"{env.name}-{env.identity}"),
+        restart_reason=f"its venv {env.name} is rebuilt in place" if venv_repaired else ""))
+    yield from actions
+    if actions and svc.health is not None:
         yield CheckHealth(key, f"gate the (re)start on {svc.health.url}", needs,
                           name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
+
+
+def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:
+    """Re-weight / reconfigure the load balancer after the backends it sends traffic to are in place."""
+    frontends = frontends_of(desired)
+    lb = opts.lb
+    if not frontends or lb is None:
+        return
+    backends = tuple(f"program:{be.name}" for fe in frontends for be in fe.backends)
+    why = lb.drift(frontends, facts.traffic)
+    if why:
+        yield ConfigureTraffic("traffic:lb", why, backends + ("supervisor",), frontends=frontends)
+    key = f"program:{lb.program_name}"
+    started = list(_program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
+                                    ("traffic:lb", "supervisor"), startsecs=1))
+    yield from started
+    if started:
+        yield VerifyTraffic(key, "the load balancer (re)started: check it serves the desired frontends",
+                            ("traffic:lb", "supervisor"), frontends=frontends)
 
 
 def _prune(desired: str, complete: tuple[str, ...], incomplete: tuple[str, ...], retention: int,
@@ -275,11 +314,15 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
                 repaired.add(env.name)
     for svc in desired.services.values():
         env = desired.environments[svc.environment]
-        actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts, supervisor_up))
+        actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts))
+    actions.extend(_traffic_actions(desired, facts, opts))
 
-    for name in sorted(set(facts.programs) - set(desired.services)):
+    keep = set(desired.services)
+    if opts.lb is not None and frontends_of(desired):
+        keep.add(opts.lb.program_name)
+    for name in sorted(set(facts.programs) - keep):
         actions.append(RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))
-    removed_programs = tuple(f"program:{n}" for n in sorted(set(facts.programs) - set(desired.services)))
+    removed_programs = tuple(f"program:{n}" for n in sorted(set(facts.programs) - keep))
     for name in sorted(set(facts.venvs) - set(desired.environments)):
         actions.append(RemoveEnvironment(f"venv:{name}", "environment no longer in the desired state", removed_programs, name=name))
     for env in desired.environments.values():

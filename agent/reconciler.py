@@ -24,6 +24,7 @@ from .load import LoadOptions, load_desired
 from .model import DesiredState
 from .plan import Plan, PlanOptions, make_plan
 from .settings import Settings
+from .traffic import LoadBalancer
 from .store import RevisionRecord, Status, load_status, save_status
 
 __all__ = ["SupervisorHandle", "Result", "Reconciler", "EXIT_OK", "EXIT_ERROR", "EXIT_DRIFT"]
@@ -98,10 +99,12 @@ class Reconciler:
         self.supervisor = SupervisorHandle(settings.supervisor, self.layout)
         self.venvs = VenvManager(self.layout.root, retention=settings.retention)
         self.load_opts = LoadOptions(default_installer=settings.installer, allow_root=settings.allow_root_services)
-        self.plan_opts = PlanOptions(self.layout, retention=settings.retention, embedded=self.supervisor.embedded is not None)
+        self.lb = LoadBalancer(settings.lb, self.layout.root)
+        self.plan_opts = PlanOptions(self.layout, retention=settings.retention,
+                                     embedded=self.supervisor.embedded is not None, lb=self.lb)
         self.verifier = (SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
                          if settings.verify_signatures else None)
-        self.drivers = Drivers(self.layout, self.venvs, self.supervisor, health_wait_s=settings.health_wait_s)
+        self.drivers = Drivers(self.layout, self.venvs, self.supervisor, lb=self.lb, health_wait_s=settings.health_wait_s)
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -116,7 +119,7 @@ class Reconciler:
 
     def facts(self) -> Facts:
         client = self.supervisor.running_client()
-        return collect(self.venvs, self.layout.envs, read_program_files(self.layout.programs), client)
+        return collect(self.venvs, self.layout.envs, read_program_files(self.layout.programs), client, self.lb)
 
     # -- the reconcile ---------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ class Settings:
     supervisor: str = "embedded"            # embedded | unix:///path/to/supervisor.sock
     retention: int = 3                      # venvs kept per environment
     installer: str = "pip"                  # default for environments that do not say
+    lb: str = "haproxy"                     # the load balancer for `traffic:`: haproxy | nginx (run under supervisord)
     allow_root_services: bool = False
     health_wait_s: float = 30.0             # how long a (re)started service may take to become healthy
     listen: str = "127.0.0.1:9400"
@@ -41,6 +42,8 @@ class Settings:
     def check(self) -> "Settings":
         if self.mode not in ("enforce", "warn"):
             raise ConfigError(f"mode must be enforce or warn, not {self.mode!r}")
+        if self.lb not in ("haproxy", "nginx"):
+            raise ConfigError(f"lb must be haproxy or nginx, not {self.lb!r}")
         if self.installer not in ("pip", "uv"):
             raise ConfigError(f"installer must be pip or uv, not {self.installer!r}")
         if self.supervisor != "embedded" and not self.supervisor.startswith("unix://"):

@@ -1,0 +1,84 @@
+"""The load balancer the agent drives (HAProxy by default, or nginx), behind one small interface.
+
+The planner only calls the pure parts (`fingerprint`, `program_text`, `drift`); the executor calls
+`apply` and `wait_live`; facts come from `facts()`.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .errors import ConfigError
+from .lb_conf import Frontend
+from .supervisor_conf import render_program
+
+__all__ = ["LoadBalancer", "LB_KINDS"]
+
+LB_KINDS = ("haproxy", "nginx")
+
+
+class LoadBalancer:
+    def __init__(self, kind: str, root: Path, binary: str | None = None):
+        if kind not in LB_KINDS:
+            raise ConfigError(f"lb must be one of {', '.join(LB_KINDS)}, not {kind!r}")
+        self.kind = kind
+        if kind == "haproxy":
+            from .drivers.haproxy import PROGRAM_NAME, HAProxyDriver
+
+            self.driver = HAProxyDriver(root, haproxy_bin=binary or shutil.which("haproxy") or "haproxy")
+            self.config_path = self.driver.config_path
+        else:
+            from .drivers.nginx import PROGRAM_NAME, NginxDriver
+
+            self.driver = NginxDriver(root, nginx_bin=binary or shutil.which("nginx") or "nginx")
+            self.config_path = self.driver.config_path
+        self.program_name = PROGRAM_NAME
+
+    # -- pure ---------------------------------------------------------------------------------
+
+    def program_text(self) -> str:
+        return "; managed by gitops-agent: the load balancer\n" + render_program(self.driver.program_spec())
+
+    def fingerprint(self, frontends: tuple[Frontend, ...]) -> str:
+        """What must be live apart from weights: HAProxy's topology hash, nginx's config version."""
+        if self.kind == "haproxy":
+            from .lb_conf import haproxy_topology
+
+            return haproxy_topology(frontends, stats_socket=str(self.driver.socket_path), pid_file=str(self.driver.pid_path))
+        return self.driver.version_of(frontends)
+
+    def drift(self, frontends: tuple[Frontend, ...], facts: dict | None) -> str:
+        """Why the live load balancer differs from `frontends` ('' when it matches)."""
+        from .drivers.haproxy import weights_of
+
+        if not facts or not facts.get("running"):
+            return f"{self.kind} is not running" + (f" ({facts['error']})" if facts and facts.get("error") else "")
+        live = facts.get("topology") if self.kind == "haproxy" else facts.get("version")
+        if self.kind == "nginx" and facts.get("edited"):
+            return "the nginx config was edited by hand"
+        if live != self.fingerprint(frontends):
+            return "frontends or backends changed (config must be reloaded)"
+        want, have = weights_of(frontends), facts.get("weights") or {}
+        if want != have:
+            diffs = [f"{fe}/{be} {have.get(fe, {}).get(be)}->{w}" for fe, bes in sorted(want.items())
+                     for be, w in sorted(bes.items()) if have.get(fe, {}).get(be) != w]
+            return "weights differ: " + ", ".join(diffs)
+        return ""
+
+    # -- side effects ---------------------------------------------------------------------------
+
+    def has_config(self) -> bool:
+        return self.config_path.exists()
+
+    def facts(self) -> dict:
+        return self.driver.facts()
+
+    def apply(self, frontends: tuple[Frontend, ...]) -> str:
+        applied = self.driver.apply(frontends)
+        changed = ", ".join(f"{fe}/{be} {old}->{new}" for fe, be, old, new in applied.changed)
+        return f"{self.kind} {applied.action}" + (f": {changed}" if changed else "") + (f" ({applied.detail})" if applied.detail else "")
+
+    def wait_live(self, frontends: tuple[Frontend, ...]) -> str:
+        self.driver.wait_live(frontends)
+        return f"{self.kind} serves the desired frontends"
