@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import logging
 import os
 import signal
 import socket
@@ -59,6 +60,8 @@ _ALREADY_STARTED, _NOT_RUNNING, _NO_FILE, _FAILED = 60, 70, 20, 30
 _SPAWN_FAULTS = (40, 50)
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL on Linux
 _POLL = 0.02
+
+log = logging.getLogger("gitops_agent.supervisor")
 
 
 # --- XML-RPC over a unix socket -------------------------------------------------------------------
@@ -307,6 +310,7 @@ class EmbeddedSupervisor:
                 return client
             if not launched and self._live_pid() is None:
                 self._clean_stale()
+                self._stop_orphans()
                 self._launch(deadline)
                 launched = True
             if time.monotonic() >= deadline:
@@ -394,6 +398,30 @@ class EmbeddedSupervisor:
             except FileNotFoundError:
                 pass
 
+    def _stop_orphans(self, timeout: float = 10.0) -> list[int]:
+        """Stop the programs a dead supervisord of this root left running; return their process groups.
+
+        A supervisord killed with SIGKILL (or by the OOM killer) cannot stop its children: each runs in
+        its own process group and is simply reparented, keeps serving unmanaged, and keeps its port, so
+        the same program started by the next supervisord fails to bind. Every child carries
+        `SUPERVISOR_SERVER_URL=unix://<this root's socket>` in its environment, which names them exactly.
+        Their groups get SIGTERM (as `stopasgroup` would), then SIGKILL after `timeout` seconds.
+        """
+        groups = _orphan_groups(b"SUPERVISOR_SERVER_URL=unix://" + os.fsencode(self.socket_path))
+        if not groups:
+            return []
+        log.warning("supervisord of %s is gone but left programs running (process groups %s): stopping them",
+                    self.root, ", ".join(map(str, groups)))
+        for pgid in groups:
+            _signal_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while any(_group_alive(g) for g in groups) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for pgid in groups:
+            if _group_alive(pgid):
+                _signal_group(pgid, signal.SIGKILL)
+        return groups
+
     def _launch(self, deadline: float) -> None:
         """Run supervisord; its first process forks the daemon and exits once the socket is bound.
 
@@ -436,6 +464,51 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True
     return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _orphan_groups(marker: bytes) -> list[int]:
+    """Process groups of the processes whose environment holds `marker` (never our own group)."""
+    own = os.getpgrp()
+    groups: set[int] = set()
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return []
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                if marker not in fh.read().split(b"\0"):
+                    continue
+            pgid = os.getpgid(int(name))
+        except (OSError, ValueError):
+            continue
+        if pgid != own and _pid_alive(int(name)):
+            groups.add(pgid)
+    return sorted(groups)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return any(_pid_alive(int(e.name)) for e in os.scandir("/proc") if e.name.isdigit() and _pgid_of(e.name) == pgid)
+
+
+def _pgid_of(pid: str) -> int | None:
+    try:
+        return os.getpgid(int(pid))
+    except (OSError, ValueError):
+        return None
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal(pid: int, sig: int) -> None:
