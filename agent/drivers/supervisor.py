@@ -407,6 +407,8 @@ class EmbeddedSupervisor:
         `SUPERVISOR_SERVER_URL=unix://<this root's socket>` in its environment, which names them exactly.
         Their groups get SIGTERM (as `stopasgroup` would), then SIGKILL after `timeout` seconds.
         """
+        if self._live_pid() is not None:
+            return []                    # our supervisord runs: its children are not orphans
         groups = _orphan_groups(b"SUPERVISOR_SERVER_URL=unix://" + os.fsencode(self.socket_path))
         if not groups:
             return []
