@@ -454,8 +454,11 @@ def test_token_in_repo_url_never_appears_in_output_status_logs_or_metrics(root, 
     texts = {"once stdout": proc.stdout, "once stderr": proc.stderr, "plan": plan.stdout + plan.stderr,
              "status.json": (root / "state/status.json").read_text(), "daemon log": logs, "metrics": metrics,
              "readyz": ready}
+    # on disk the token is only where git itself needs it: the mirror's remote URL, behind a 0700 dir
+    mirror_config = root / "source/repo.git/config"
+    assert TOKEN in mirror_config.read_text() and (root / "source").stat().st_mode & 0o077 == 0
     texts.update({f"file {p.relative_to(root)}": p.read_text(errors="replace")
-                  for p in root.rglob("*") if p.is_file() and p.stat().st_size < 1 << 20})
+                  for p in root.rglob("*") if p.is_file() and p.stat().st_size < 1 << 20 and p != mirror_config})
     leaks = [where for where, text in texts.items() if TOKEN in text or TOKEN[4:14] in text]
     assert not leaks, leaks
     assert "***@127.0.0.1" in proc.stderr
