@@ -399,7 +399,8 @@ def _fill(path: Path, leave: int) -> Path:
     return filler
 
 
-def test_disk_full_during_build_switches_nothing(state_repo, tmpfs):
+@pytest.mark.parametrize("leave", [16 * 1024, 0], ids=["16KiB-free", "0-free"])
+def test_disk_full_during_build_switches_nothing(state_repo, tmpfs, leave):
     root = tmpfs / "root"
     port = free_port()
     good = setup_state(state_repo, {"demo-web": {"port": port}})
@@ -410,7 +411,7 @@ def test_disk_full_during_build_switches_nothing(state_repo, tmpfs):
     state_repo.lock("apps/demo/demo.lock", "2.0.0")
     new = state_repo.commit("2.0.0")
     assert run_agent("plan", *agent_args(state_repo.url, root)).returncode == 2   # fetched and checked out
-    filler = _fill(tmpfs, leave=16 * 1024)
+    filler = _fill(tmpfs, leave=leave)
 
     proc = once(state_repo.url, root, expect=1)
     assert "[FAILED] build_venv demo" in proc.stdout, proc.stdout + proc.stderr
@@ -421,8 +422,10 @@ def test_disk_full_during_build_switches_nothing(state_repo, tmpfs):
     assert st["applied"]["sha"] == good
     if st["attempted"]["sha"] == new:
         assert st["result"] == "failed" and "No space left" in st["last_error"]
+        print("\ndisk full: build failed cleanly, status recorded the failure")
     else:
         assert "cannot write status" in proc.stderr, proc.stderr
+        print("\ndisk full: build failed cleanly; status could not be written and the old one is intact")
     assert not [p for p in (root / "state").iterdir() if p.name.endswith(".tmp")]
 
     filler.unlink()
