@@ -80,7 +80,7 @@ class Recorder:
         self._services: set[str] = set()
         self._applied: str | None = None
         self._traffic: set[tuple[str, str]] = set()
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # re-entrant: observe() sets traffic weights under it
         self.last_result: str | None = None
         self.last_error: str | None = None
         self.last_end: float | None = None              # wall time the last reconcile ended
@@ -137,9 +137,22 @@ class Recorder:
             self._observe_resources(result, now)
         if result.facts is not None:
             self._observe_services(result)
+            self._observe_traffic(result)
         if result.result in SUCCESS:
             self.last_success.set(now)
         self._finish(result.result, result.error, result.seconds)
+
+    def _observe_traffic(self, result) -> None:
+        """Weights the load balancer serves now: what this apply set, else what the facts saw."""
+        weights = {}
+        live = (result.facts.traffic or {}).get("weights") or {}
+        for fe, backends in live.items():
+            for be, w in backends.items():
+                weights[(fe, be)] = float(w)
+        for o in result.outcomes:
+            if o.result == "ok" and o.action.kind == "configure_traffic":
+                weights = {(fe.name, be.name): float(be.weight) for fe in o.action.frontends for be in fe.backends}
+        self.set_traffic(weights)
 
     def _finish(self, result: str, error: str | None, seconds: float) -> None:
         self.last_result, self.last_error = result, error

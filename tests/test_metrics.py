@@ -269,3 +269,19 @@ def test_http_endpoints():
         assert _get(base + "/nope")[0] == 404
     finally:
         server.stop()
+
+
+def test_traffic_weights_follow_the_load_balancer():
+    from agent.lb_conf import Backend, Frontend
+    from agent.plan import ConfigureTraffic
+
+    rec = Recorder(clock=Clock())
+    seen = facts()
+    seen = Facts(seen.supervisor, seen.venvs, seen.programs, traffic={"running": True, "weights": {"web": {"blue": 90, "green": 10}}})
+    rec.observe(Result("converged", rev(), Plan(()), facts=seen))
+    assert value(rec, "gitops_agent_traffic_weight", frontend="web", backend="green") == 10
+    fe = Frontend("web", "127.0.0.1:8100", (Backend("blue", "127.0.0.1:1", 0), Backend("green", "127.0.0.1:2", 100)))
+    action = ConfigureTraffic("traffic:lb", "weights differ", frontends=(fe,))
+    rec.observe(Result("applied", rev(), Plan((action,)), outcomes=ok(action), facts=seen))
+    assert value(rec, "gitops_agent_traffic_weight", frontend="web", backend="green") == 100
+    assert value(rec, "gitops_agent_traffic_weight", frontend="web", backend="blue") == 0
