@@ -1,0 +1,102 @@
+"""Profile the two no-op paths with pyinstrument (`pip install pyinstrument`); see bench/PROFILE.md.
+
+    python bench/profile.py [--apps 10] [--iterations 50]
+
+1. the daemon's in-process no-op reconcile on a converged root of N demo apps (as in bench/run.py §1);
+2. `gitops-agent once` no-op on the bundled example, whole process (pyinstrument around cli.main, plus
+   `python -X importtime` for the import share).
+Reports go to bench/profile-out/ (text, gitignored); every supervisord started here is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import run as bench  # noqa: E402  (bench/run.py: repos, cleanup)
+
+OUT = bench.BENCH / "profile-out"
+
+
+def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
+    from pyinstrument import Profiler
+
+    from agent.reconciler import Reconciler
+
+    repo = bench.DemoRepo(work / "repo")
+    lock = repo.lock("1.0.0")
+    for i in range(apps):
+        bench.write_app(repo.path, f"app{i:03d}", f"env{i:03d}", lock, {f"svc{i:03d}": bench.free_port()})
+    bench.commit(repo.path, f"{apps} apps")
+    root = bench.CLEANUP.root(work / "root")
+    settings = bench.settings_for(repo.url, root)
+    bench.converge_in_process(settings, f"profile: {apps} apps")
+    rec = Reconciler(settings)
+    for _ in range(3):
+        rec.reconcile()
+    prof = Profiler(interval=0.0005)
+    t0 = time.perf_counter()
+    with prof:
+        for _ in range(iterations):
+            rec.reconcile()
+    per = (time.perf_counter() - t0) / iterations * 1000
+    text = prof.output_text(unicode=False, color=False, show_all=False)
+    (OUT / f"inprocess-{apps}apps.txt").write_text(f"{iterations} no-op reconciles, {per:.1f} ms each "
+                                                   f"(profiled)\n\n{text}")
+    print(f"in-process, {apps} apps: {per:.1f} ms per reconcile (profiled) -> {OUT}/inprocess-{apps}apps.txt")
+
+
+def profile_once(work: Path) -> None:
+    repo, _ = bench.example_repo(work)
+    root = bench.CLEANUP.root(work / "example-root")
+    args = ["once", "--repo", f"file://{repo}", "--path", "desired-state-example", "--host", "localhost",
+            "--root", str(root), "--installer", "uv"]
+    subprocess.run([*bench.agent_cmd(), *args], check=True, capture_output=True)
+    subprocess.run([*bench.agent_cmd(), *args], check=True, capture_output=True)
+    code = ("import sys; from pyinstrument import Profiler; p = Profiler(interval=0.0005); p.start(); "
+            "from agent.cli import main; rc = main(sys.argv[1:]); p.stop(); "
+            f"open({str(OUT / 'once.txt')!r}, 'w').write(p.output_text(unicode=False, color=False)); sys.exit(rc)")
+    subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True)
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "from agent.cli import main; import sys; "
+                          "sys.exit(main(sys.argv[1:]))", *args], capture_output=True, text=True)
+    rows = []
+    for line in imp.stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            head, cum_us, name = line.split("|")
+            self_us = head.split(":")[1].strip()
+            if cum_us.strip().isdigit():
+                rows.append((int(cum_us), int(self_us), name.rstrip()))
+    # top level = one space after the bar; nested imports are indented further
+    top = sorted((r for r in rows if not r[2].startswith("  ")), reverse=True)[:40]
+    lines = [f"{c / 1000:8.1f} ms cumulative {s / 1000:7.1f} ms self  {n}" for c, s, n in top]
+    (OUT / "once-importtime.txt").write_text("top-level imports of `once` (python -X importtime)\n"
+                                             + "\n".join(lines) + "\n")
+    print(f"once: {OUT}/once.txt, {OUT}/once-importtime.txt")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--apps", type=int, default=10)
+    ap.add_argument("--iterations", type=int, default=50)
+    args = ap.parse_args()
+    OUT.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gitops-profile-"))
+    try:
+        if args.apps:
+            profile_inprocess(work, args.apps, args.iterations)
+        profile_once(work)
+    finally:
+        bench.CLEANUP.run()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
