@@ -197,6 +197,9 @@ def cmd_status(args) -> int:
         print("resources:")
         for key, res in status.resources.items():
             print(f"  {key:<40} {res['state']:<8} {res.get('message', '')}")
+    for app, r in sorted(status.rollouts.items()):
+        print(f"canary {app}: {r['state']} at step {r['step'] + 1} since {_ts(r['since'])}"
+              + (f" ({r['errors']}/{r['probes']} probes failed)" if r.get("probes") else "") + (f": {r['reason']}" if r.get("reason") else ""))
     if status.last_error:
         print(f"last error ({_ts(status.last_error_at)}):\n  " + status.last_error.replace("\n", "\n  "))
     return EXIT_OK

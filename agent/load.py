@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from ._yaml import Located, parse
 from .errors import InvalidState, Problem
 from .lockfile import parse_lock, venv_identity
-from .model import App, DesiredState, Environment, HealthCheck, Service, Traffic
+from .model import App, Canary, DesiredState, Environment, HealthCheck, Service, Traffic
 from .supervisor_conf import ProgramSpec, UnsafeValue, render_program
 
 __all__ = ["LoadOptions", "load_desired", "validate_tree", "FLEET_FILE", "APPS_DIR"]
@@ -283,10 +283,26 @@ def _traffic(doc: Located, services: dict[str, Service], out: _Collector) -> Tra
             out.add(doc, ("traffic", "weights"), "strategy ab needs a weight > 0 on a service other than the variant")
     elif ab:
         out.add(doc, ("traffic", "ab"), "ab: is only used with strategy: ab")
-    elif not any(w > 0 for w in weights.values()):
+    canary = spec.get("canary")
+    if canary:
+        steps = canary.get("steps", [5, 25, 50, 100])
+        if strategy != "canary":
+            out.add(doc, ("traffic", "canary"), "canary: is only used with strategy: canary")
+        elif canary["service"] not in weights:
+            out.add(doc, ("traffic", "canary", "service"), f"canary {canary['service']!r} is not one of the weighted services")
+        elif len(weights) < 2:
+            out.add(doc, ("traffic", "weights"), "a canary needs at least one stable service beside it")
+        elif canary["service"] in services and services[canary["service"]].health is None:
+            out.add(doc, ("traffic", "canary", "service"), "the canary needs a health check: the gate probes it")
+        if list(steps) != sorted(set(steps)) or steps[-1] != 100:
+            out.add(doc, ("traffic", "canary", "steps"), "steps must increase and end at 100")
+        canary = Canary(canary["service"], tuple(steps), float(canary.get("pause_s", 30)),
+                        float(canary.get("max_error_rate", 0.05)), int(canary.get("probes", 10)))
+    if not canary and strategy != "ab" and not any(w > 0 for w in weights.values()):
         out.add(doc, ("traffic", "weights"), "at least one weight must be > 0 (else the frontend serves nothing)")
     return Traffic(spec["listen"], strategy, tuple(sorted(weights.items())),
-                   ab_variant=ab["variant"] if ab else None, ab_percent=ab["percent"] if ab else 0)
+                   ab_variant=ab["variant"] if ab else None, ab_percent=ab["percent"] if ab else 0,
+                   canary=canary or None)
 
 
 def _app(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOptions, out: _Collector) -> App:

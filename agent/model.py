@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["HealthCheck", "Environment", "Service", "Traffic", "App", "DesiredState"]
+__all__ = ["HealthCheck", "Environment", "Service", "Traffic", "Canary", "App", "DesiredState"]
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,19 @@ class Traffic:
     weights: tuple[tuple[str, int], ...]
     ab_variant: str | None = None       # strategy ab: the service that gets ab_percent of the buckets
     ab_percent: int = 0
+    canary: "Canary | None" = None      # strategy canary with automatic steps
+
+
+@dataclass(frozen=True)
+class Canary:
+    """Automatic canary: `service` gets steps[i]% of the traffic, advancing after `pause_s` while the
+    agent's probes of it stay under `max_error_rate`; a failed gate aborts to 0%."""
+
+    service: str
+    steps: tuple[int, ...] = (5, 25, 50, 100)
+    pause_s: float = 30.0
+    max_error_rate: float = 0.05
+    probes: int = 10                    # probes of the canary's health URL per reconcile
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,13 @@ recorded, whatever failed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .apply import Drivers, Outcome, apply_plan
+from .apply import Drivers, Outcome, apply_plan, http_healthy
 from .drivers.git import GitSource, Revision, is_ancestor
 from .drivers.signatures import SignatureRefused, SignatureVerifier
 from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
@@ -22,7 +23,8 @@ from .facts import Facts, collect
 from .layout import Layout
 from .load import LoadOptions, load_desired
 from .model import DesiredState
-from .plan import Plan, PlanOptions, make_plan
+from .plan import Plan, PlanOptions, make_plan, render_service
+from .rollout import CanaryProgress, canary_percent, canary_step, with_canary
 from .settings import Settings
 from .traffic import LoadBalancer
 from .store import RevisionRecord, Status, load_status, save_status
@@ -78,6 +80,7 @@ class Result:
     facts: Facts | None = None
     seconds: float = 0.0
     drift: tuple = ()                   # planned actions left unapplied (warn mode, or plan only)
+    rollouts: dict | None = None        # canary progress per app after this reconcile
     new_commit: bool = False            # the revision differs from the last applied one
 
     @property
@@ -163,9 +166,11 @@ class Reconciler:
             facts = self.facts()
         except (AgentError, OSError) as exc:
             return Result("error", rev, error=f"facts: {exc}", desired_from=desired_from)
+        desired, rollouts = self._rollouts(desired, facts, status)
         plan = make_plan(desired, facts, self.plan_opts)
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
-        base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit)
+        base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
+                    rollouts=rollouts)
         invalid_msg = invalid
         if not apply:
             outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
@@ -181,6 +186,34 @@ class Reconciler:
         if drift:
             return Result("drift", outcomes=outcomes, drift=drift, **base)
         return Result("converged" if plan.converged else "applied", outcomes=outcomes, **base)
+
+    def _rollouts(self, desired: DesiredState, facts: Facts, status: Status) -> tuple[DesiredState, dict]:
+        """Walk each automatic canary one step (pure decision in rollout.py) on fresh probe evidence, and
+        return the desired state with the weights the canary may have now."""
+        rollouts = dict(status.rollouts)
+        apps = []
+        for app in desired.apps:
+            canary = app.traffic.canary if app.traffic else None
+            if canary is None:
+                apps.append(app)
+                rollouts.pop(app.name, None)
+                continue
+            svc = desired.services[canary.service]
+            text = render_service(svc, desired.environments[svc.environment], self.layout)
+            canary_id = hashlib.sha256(text.encode()).hexdigest()[:16]
+            previous = CanaryProgress(**rollouts[app.name]) if app.name in rollouts else None
+            fact = facts.programs.get(svc.name)
+            probe = None
+            if (previous and previous.id == canary_id and previous.state == "progressing" and svc.health
+                    and fact is not None and fact.file_text == text and fact.state is not None):
+                probe = _probe(svc.health.url, svc.health.timeout_s, canary.probes)
+            progress = canary_step(canary, previous, canary_id, time.time(), probe)
+            if previous is None or (progress.state, progress.step) != (previous.state, previous.step):
+                log.info("canary %s: %s step %d/%d (%d%%) %s", app.name, progress.state, progress.step + 1,
+                         len(canary.steps), canary_percent(canary, progress), progress.reason)
+            rollouts[app.name] = asdict(progress)
+            apps.append(replace(app, traffic=with_canary(app.traffic, canary_percent(canary, progress))))
+        return DesiredState.of(desired.host, tuple(apps), desired.known_host), rollouts
 
     def _refusal(self, rev: Revision, status: Status) -> str | None:
         """Why this revision must not be applied even before reading it: signature, history rewrite."""
@@ -222,10 +255,18 @@ class Reconciler:
         elif result.result in ("converged", "applied"):
             status.last_error = None
         status.resources = _resources(status.resources, result, now)
+        if result.rollouts is not None:
+            status.rollouts = result.rollouts
         try:
             save_status(self.layout.status_file, status)
         except OSError as exc:
             log.error("cannot write status %s: %s", self.layout.status_file, exc)
+
+
+def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:
+    """(probes, errors) of `count` requests to a service's health URL: the canary gate's evidence."""
+    errors = sum(0 if http_healthy(url, timeout_s)[0] else 1 for _ in range(count))
+    return count, errors
 
 
 def _mode_of(action, desired: DesiredState, default: str) -> str:

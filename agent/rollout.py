@@ -4,17 +4,79 @@ Strategies (app.yaml `traffic.strategy`):
 - weighted:   the weights as written.
 - blue-green: exactly one colour has weight > 0 (validated): it gets all traffic; the idle colour keeps
               running, so switching back is one weight change.
-- canary:     the weights as written are the current split (a person moves them commit by commit).
+- canary:     without `canary:`, the weights as written are the current split (a person moves them
+              commit by commit); with `canary:`, the agent walks the steps itself (`canary_step`):
+              each step lasts at least `pause_s` and needs probe evidence under `max_error_rate`;
+              a failed gate aborts to 0% and stays failed until a commit changes the canary.
 - ab:         sticky buckets: `ab.percent`% of clients (hash of a cookie + client address) go to
               `ab.variant`, the rest by weight to the others; a header override pins one variant.
 """
 
 from __future__ import annotations
 
-from .lb_conf import ABSplit, Backend, Frontend
-from .model import DesiredState, Traffic
+from dataclasses import dataclass, replace
 
-__all__ = ["frontends_of", "effective_weights"]
+from .lb_conf import ABSplit, Backend, Frontend
+from .model import Canary, DesiredState, Traffic
+
+__all__ = ["frontends_of", "effective_weights", "CanaryProgress", "canary_step", "canary_percent", "with_canary"]
+
+
+@dataclass(frozen=True)
+class CanaryProgress:
+    """Where an app's canary stands; persisted in the status file so it survives agent restarts."""
+
+    id: str                     # identity of the canary's desired config: a new one restarts the walk
+    step: int = 0
+    since: float = 0.0          # when the current step began
+    probes: int = 0             # evidence gathered during this step
+    errors: int = 0
+    state: str = "progressing"  # progressing | complete | failed
+    reason: str = ""
+
+
+def canary_step(canary: Canary, progress: CanaryProgress | None, canary_id: str, now: float,
+                probe: tuple[int, int] | None) -> CanaryProgress:
+    """The next progress from the last one and this reconcile's probe (probes, errors), or None if none ran."""
+    if progress is None or progress.id != canary_id:
+        return CanaryProgress(canary_id, 0, now)
+    if progress.state != "progressing":
+        return progress
+    probes = progress.probes + (probe[0] if probe else 0)
+    errors = progress.errors + (probe[1] if probe else 0)
+    if probes and errors / probes > canary.max_error_rate:
+        return replace(progress, probes=probes, errors=errors, state="failed",
+                       reason=f"step {progress.step + 1} ({canary.steps[progress.step]}%): error rate "
+                              f"{errors}/{probes} above {canary.max_error_rate:g}; aborted to 0%")
+    if probes and now - progress.since >= canary.pause_s:
+        if progress.step + 1 < len(canary.steps):
+            return CanaryProgress(canary_id, progress.step + 1, now)
+        return replace(progress, probes=probes, errors=errors, state="complete", reason="all steps passed")
+    return replace(progress, probes=probes, errors=errors)
+
+
+def canary_percent(canary: Canary, progress: CanaryProgress) -> int:
+    if progress.state == "failed":
+        return 0
+    if progress.state == "complete":
+        return 100
+    return canary.steps[min(progress.step, len(canary.steps) - 1)]
+
+
+def with_canary(traffic: Traffic, percent: int) -> Traffic:
+    """The traffic block with the canary at `percent`; the stable services share the rest by their weights."""
+    canary = traffic.canary.service
+    others = {n: w for n, w in traffic.weights if n != canary}
+    total = sum(others.values())
+    rest = 100 - percent
+    if total:
+        shares = {n: rest * w // total for n, w in others.items()}
+    else:
+        shares = {n: rest // len(others) for n in others}
+    if rest and not any(shares.values()):   # rounding must never starve the stable side entirely
+        shares[next(iter(sorted(others)))] = rest
+    weights = {**shares, canary: percent}
+    return replace(traffic, weights=tuple(sorted(weights.items())))
 
 
 def effective_weights(traffic: Traffic) -> dict[str, int]:

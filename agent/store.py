@@ -36,6 +36,7 @@ class Status:
     last_error_at: float | None = None
     resources: dict[str, dict] = field(default_factory=dict)   # key -> {state, message, at}
     last_reconcile_at: float = 0.0
+    rollouts: dict[str, dict] = field(default_factory=dict)   # app -> canary progress (survives restarts)
 
     def to_json(self) -> dict:
         return {"version": VERSION, **asdict(self)}

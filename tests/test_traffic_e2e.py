@@ -118,3 +118,39 @@ def test_invalid_traffic_is_rejected(state_repo):
     proc = run_agent("validate", str(state_repo.path))
     assert proc.returncode == 1
     assert "traffic.weights.ghost" in proc.stdout and "exactly one weight" in proc.stdout, proc.stdout
+
+
+def test_automatic_canary_walks_steps_and_a_failed_gate_aborts_to_zero(state_repo, agent_root):
+    listen = free_port()
+    blue, green = two_colour_app(state_repo, listen, "  strategy: canary\n  weights: {web-blue: 100, web-green: 0}\n"
+                                 "  canary: {service: web-green, steps: [20, 100], pause_s: 0, probes: 5, max_error_rate: 0.2}\n")
+    state_repo.commit("canary green 2.0.0")
+    a = args(state_repo, agent_root, "haproxy")
+
+    def progress():
+        return json.loads(run_agent("status", "--json", "--root", str(agent_root)).stdout)["rollouts"]["demo"]
+
+    assert run_agent("once", *a).returncode == 0
+    assert progress()["step"] == 0
+    seen = split(listen, 100)
+    assert 8 <= seen["2.0.0"] <= 35, seen                       # step 1: 20%
+    assert run_agent("once", *a).returncode == 0                # probes pass, pause 0: next step
+    assert progress()["step"] == 1 and split(listen, 20) == {"2.0.0": 20}
+    assert run_agent("once", *a).returncode == 0
+    assert progress()["state"] == "complete"
+    assert "canary demo: complete" in run_agent("status", "--root", str(agent_root)).stdout
+
+    # a new canary release whose process dies: the gate sees the failures and aborts to 0%, for good
+    state_repo.lock("apps/demo/green.lock", "3.0.0")
+    state_repo.commit("canary green 3.0.0")
+    assert run_agent("once", *a).returncode == 0
+    assert progress()["step"] == 0 and progress()["state"] == "progressing"
+    from agent.drivers.supervisor import EmbeddedSupervisor
+
+    EmbeddedSupervisor(agent_root).client().stop("web-green")
+    run_agent("once", *a)
+    p = progress()
+    assert p["state"] == "failed" and "aborted to 0%" in p["reason"], p
+    assert split(listen, 30) == {"1.0.0": 30}
+    run_agent("once", *a)                                       # not retried until a new commit
+    assert progress()["state"] == "failed" and split(listen, 10) == {"1.0.0": 10}
