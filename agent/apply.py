@@ -16,6 +16,8 @@ from typing import Callable
 from .drivers.supervisor import remove_program_file, write_program_file
 from .drivers.venv import VenvManager, VenvSpec
 from .errors import AgentError, HealthCheckFailed, SupervisorError
+from .facts import text_digest
+from .fsutil import atomic_write
 from .layout import Layout
 from .plan import (
     Action, BuildVenv, CheckHealth, ConfigureTraffic, EnsureSupervisor, VerifyTraffic, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
@@ -96,6 +98,12 @@ def _check_health(drivers: Drivers, action: CheckHealth) -> str:
     raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
 
+def _record_verified(layout: Layout, name: str) -> None:
+    """Remember which config passed its gate, so a crash between start and gate never skips the gate."""
+    text = (layout.programs / f"{name}.conf").read_text()
+    atomic_write(layout.verified / name, text_digest(text) + "\n", mode=0o644)
+
+
 def _spec(env) -> VenvSpec:
     return VenvSpec(name=env.name, python=env.python, lockfile=env.lockfile, find_links=env.find_links,
                     installer=env.installer, options=env.options, identity=env.identity)
@@ -131,7 +139,9 @@ def _run(action: Action, drivers: Drivers) -> str:
         _wait_running(drivers, action.name, action.startsecs)
         return "restarted"
     if isinstance(action, CheckHealth):
-        return _check_health(drivers, action)
+        seen = _check_health(drivers, action)
+        _record_verified(drivers.layout, action.name)
+        return seen
     if isinstance(action, RemoveProgram):
         remove_program_file(layout.programs, action.name)
         drivers.client().update([action.name])

@@ -214,7 +214,7 @@ def cmd_facts(args) -> int:
     _setup_logs(settings)
     from .drivers.supervisor import read_program_files
     from .drivers.venv import VenvManager
-    from .facts import collect
+    from .facts import collect, read_verified
     from .layout import Layout
     from .reconciler import SupervisorHandle
     from .traffic import LoadBalancer
@@ -222,7 +222,8 @@ def cmd_facts(args) -> int:
     layout = Layout(settings.root)
     handle = SupervisorHandle(settings.supervisor, layout)
     facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
-                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root))
+                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root),
+                    read_verified(layout.verified))
     data = {"host": settings.host, "root": str(settings.root), **facts.to_json()}
     if args.json:
         print(json.dumps(data, indent=2))

@@ -6,11 +6,24 @@ reads the program include dir. Nothing here decides anything.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["VenvFact", "ProgramFact", "Facts", "collect"]
+__all__ = ["VenvFact", "ProgramFact", "Facts", "collect", "read_verified", "text_digest"]
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def read_verified(directory: Path) -> dict[str, str]:
+    """name -> digest of the program config that last passed its health gate."""
+    try:
+        return {p.name: p.read_text().strip() for p in Path(directory).iterdir() if not p.name.startswith(".")}
+    except FileNotFoundError:
+        return {}
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,7 @@ class ProgramFact:
     pid: int | None = None
     pending: str | None = None                # file on disk not yet applied: added / changed / removed
     spawnerr: str = ""
+    verified: str | None = None               # sha256 of the config whose health gate last passed
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,8 @@ def _venv_facts(venvs: _Venvs, envs_dir: Path) -> dict[str, VenvFact]:
     return out
 
 
-def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client, lb=None) -> Facts:
+def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client, lb=None,
+            verified: dict[str, str] | None = None) -> Facts:
     """Gather facts. `client` is a connected SupervisorClient, or None when supervisord is not running;
     `lb` a load-balancer driver whose `facts()` reads what it really serves (None: no traffic managed)."""
     programs: dict[str, ProgramFact] = {}
@@ -105,6 +120,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             pid=p.get("pid") or None,
             pending=pending.get(name),
             spawnerr=p.get("spawnerr", "") or "",
+            verified=(verified or {}).get(name),
         )
     traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
     return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)

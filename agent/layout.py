@@ -46,6 +46,11 @@ class Layout:
         return self.state / "status.json"
 
     @property
+    def verified(self) -> Path:
+        """Per program: sha256 of the config whose health gate passed (a gate is never skipped by a crash)."""
+        return self.state / "verified"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / "agent.lock"
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from .facts import Facts, ProgramFact
+from .facts import Facts, ProgramFact, text_digest
 from .layout import Layout
 from .model import DesiredState, Environment, Service
 from .rollout import frontends_of
@@ -255,14 +255,21 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
                      opts: PlanOptions) -> Iterator[Action]:
     key = f"program:{svc.name}"
     needs = (f"venv:{env.name}", "supervisor")
+    text = render_service(svc, env, opts.layout)
     actions = list(_program_actions(
-        svc.name, render_service(svc, env, opts.layout), fact, needs, svc.startsecs,
+        svc.name, text, fact, needs, svc.startsecs,
         venv_hint=(str(opts.layout.venvs), f"{env.name}-{env.identity}"),
         restart_reason=f"its venv {env.name} is rebuilt in place" if venv_repaired else ""))
     yield from actions
-    if actions and svc.health is not None:
-        yield CheckHealth(key, f"gate the (re)start on {svc.health.url}", needs,
-                          name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
+    if svc.health is None:
+        return
+    if actions:
+        reason = f"gate the (re)start on {svc.health.url}"
+    elif fact is not None and fact.verified != text_digest(text):
+        reason = f"this config never passed its health gate (an interrupted apply?): check {svc.health.url}"
+    else:
+        return
+    yield CheckHealth(key, reason, needs, name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
 
 
 def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:

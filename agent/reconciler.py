@@ -19,7 +19,7 @@ from .drivers.signatures import SignatureRefused, SignatureVerifier
 from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
 from .drivers.venv import VenvManager
 from .errors import AgentError, ConfigError, InvalidState, SupervisorError
-from .facts import Facts, collect
+from .facts import Facts, collect, read_verified
 from .layout import Layout
 from .load import LoadOptions, load_desired
 from .model import DesiredState
@@ -122,7 +122,8 @@ class Reconciler:
 
     def facts(self) -> Facts:
         client = self.supervisor.running_client()
-        return collect(self.venvs, self.layout.envs, read_program_files(self.layout.programs), client, self.lb)
+        return collect(self.venvs, self.layout.envs, read_program_files(self.layout.programs), client, self.lb,
+                       read_verified(self.layout.verified))
 
     # -- the reconcile ---------------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.facts import Facts, ProgramFact, VenvFact
+from agent.facts import Facts, ProgramFact, VenvFact, text_digest
 from agent.layout import Layout
 from agent.model import DesiredState, Environment, HealthCheck, Service, App
 from agent.plan import PlanOptions, make_plan, render_service
@@ -36,7 +36,7 @@ def converged_facts(e: Environment = None, s: Service = None, **program) -> Fact
     e = e or env()
     s = s or svc()
     text = render_service(s, e, LAYOUT)
-    prog = dict(name=s.name, file_text=text, state="RUNNING", pid=42, pending=None)
+    prog = dict(name=s.name, file_text=text, state="RUNNING", pid=42, pending=None, verified=text_digest(text))
     prog.update(program)
     return Facts("running", {e.name: VenvFact(e.name, e.identity, (e.identity,), (), e.requirements)},
                  {s.name: ProgramFact(**prog)})
@@ -97,7 +97,8 @@ def test_new_lock_builds_and_rewrites_only_that_service():
     other = svc("web2", environment="green")
     facts = converged_facts(old)
     facts.venvs["green"] = VenvFact("green", "cccc", ("cccc",), (), other_env.requirements)
-    facts.programs["web2"] = ProgramFact("web2", render_service(other, other_env, LAYOUT), "RUNNING", 7)
+    other_text = render_service(other, other_env, LAYOUT)
+    facts.programs["web2"] = ProgramFact("web2", other_text, "RUNNING", 7, verified=text_digest(other_text))
     plan = make_plan(desired((new, other_env), (svc(), other)), facts, OPTS)
     assert kinds(plan) == [("build_venv", "venv:blue"), ("switch_venv", "venv:blue"), ("write_program", "program:web"),
                            ("update_program", "program:web"), ("check_health", "program:web")]
@@ -148,3 +149,12 @@ def test_plan_json_is_serialisable_and_omits_rendered_text():
     data = make_plan(desired(), Facts("stopped"), OPTS).to_json()
     assert json.loads(json.dumps(data))["converged"] is False
     assert all("text" not in a for a in data["actions"])
+
+
+def test_a_config_that_never_passed_its_gate_is_gated_again():
+    facts = converged_facts(verified=None)
+    plan = make_plan(desired(), facts, OPTS)
+    assert kinds(plan) == [("check_health", "program:web")]
+    assert "never passed its health gate" in plan.actions[0].reason
+    stale = converged_facts(verified="0" * 64)          # the gate passed for another config
+    assert kinds(make_plan(desired(), stale, OPTS)) == [("check_health", "program:web")]

@@ -252,9 +252,6 @@ def test_sigkill_during_apply_always_recovers(state_repo, root):
           f"kill moments (s): {sorted(moments)}; a full once took {full:.2f}s; installer {INSTALLER}")
 
 
-@pytest.mark.xfail(strict=True, reason="a kill between supervisord update and the health gate: the next once sees the "
-                   "program RUNNING/STARTING, plans nothing, and records the revision as applied without its health "
-                   "gate (plan.py/facts.py: nothing remembers which config passed its gate)")
 def test_kill_before_the_health_gate_is_not_taken_as_healthy(state_repo, root):
     port = free_port()
     good = setup_state(state_repo, {"demo-web": {"port": port}})
