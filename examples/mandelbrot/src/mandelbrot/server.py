@@ -88,6 +88,9 @@ class _Renderer:
 
 class Handler(BaseHTTPRequestHandler):
     server_version = f"mandelbrot/{__version__}"
+    # TCP_NODELAY: headers and body go out in two writes; with Nagle the body can wait ~40 ms for
+    # the peer's delayed ACK (e.g. a load balancer's proxy connection).
+    disable_nagle_algorithm = True
     renderer: _Renderer  # set by make_server
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
