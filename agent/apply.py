@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
 from typing import Callable
 
@@ -60,6 +58,9 @@ class Drivers:
 
 def http_healthy(url: str, timeout_s: float) -> tuple[bool, str]:
     """One probe: (healthy, what was seen)."""
+    import urllib.error
+    import urllib.request   # lazy: ~20 ms of import that a no-op reconcile does not need
+
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as resp:  # noqa: S310 (loopback only, schema-enforced)
             return 200 <= resp.status < 300, f"HTTP {resp.status}"

@@ -6,20 +6,22 @@ revision in one round trip. Nothing here touches the host: it only reads the che
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
+import re
 import os
 import sys
 from dataclasses import dataclass
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable
 
 from ._yaml import Located, parse
 from .errors import InvalidState, Problem
 from .lockfile import parse_lock, venv_identity
-from .model import App, Canary, DesiredState, Environment, HealthCheck, Service, Traffic
+from .model import (App, Canary, Chaos, DesiredState, Environment, Gate, HealthCheck, Rollout, Service, Traffic,
+                    Wave)
 from .supervisor_conf import ProgramSpec, UnsafeValue, render_program
 
 __all__ = ["LoadOptions", "load_desired", "validate_tree", "FLEET_FILE", "APPS_DIR"]
@@ -37,6 +39,7 @@ class LoadOptions:
     default_python: str = f"{sys.version_info.major}.{sys.version_info.minor}"
     default_installer: str = "pip"
     allow_root: bool = False
+    allow_chaos: bool = False           # act on apps' `chaos:` blocks (else they are ignored, with a note)
 
 
 @dataclass(frozen=True)
@@ -48,6 +51,8 @@ class _Host:
 
 @lru_cache(maxsize=None)
 def _validator(kind: str):
+    from importlib import resources
+
     from jsonschema import Draft202012Validator
 
     text = resources.files("agent.schemas").joinpath(f"{kind}.schema.json").read_text()
@@ -156,15 +161,37 @@ def _hosts(fleet: Located | None) -> dict[str, _Host]:
 
 
 def _selects(selector: dict | None, host: _Host) -> bool:
-    """An app runs on a host named in `names`, in one of `groups`, or carrying all `matchLabels`."""
+    """An app runs on a host named in `names`, OR in one of `groups`, OR matching the label selector.
+
+    The label selector (Kubernetes semantics) holds when every `matchLabels` pair and every
+    `matchExpressions` entry holds; a selector with neither never matches by labels. No selector (or
+    an empty one) selects every host.
+    """
     if not selector:
         return True
     if host.name in selector.get("names", []):
         return True
     if host.groups & set(selector.get("groups", [])):
         return True
-    labels = selector.get("matchLabels")
-    return bool(labels) and all(host.labels.get(k) == v for k, v in labels.items())
+    labels = selector.get("matchLabels") or {}
+    expressions = selector.get("matchExpressions") or []
+    if not labels and not expressions:
+        return False
+    return (all(host.labels.get(k) == v for k, v in labels.items())
+            and all(_expression_holds(e, host.labels) for e in expressions))
+
+
+def _expression_holds(expr: dict, labels: dict[str, str]) -> bool:
+    key, op, values = expr["key"], expr["operator"], expr.get("values") or []
+    if op == "In":
+        return key in labels and labels[key] in values
+    if op == "NotIn":
+        return key not in labels or labels[key] not in values
+    if op == "Exists":
+        return key in labels
+    if op == "DoesNotExist":
+        return key not in labels
+    raise ValueError(f"unknown operator {op!r}")
 
 
 def _environments(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOptions, out: _Collector) -> list[Environment]:
@@ -316,7 +343,49 @@ def _app(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOptions, out:
                 out.add(doc, ("services", svc.name, "port"), f"port {svc.port} is also used by service {ports[svc.port]!r}")
             ports[svc.port] = svc.name
     traffic = _traffic(doc, {s.name: s for s in services}, out)
-    return App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(services), traffic)
+    return App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(services), traffic,
+               rollout=_rollout(doc, out), chaos=_chaos(doc))
+
+
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h|d)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EXPECT = re.compile(r"^(<=|>=|==|!=|<|>) *(-?[0-9]+(?:\.[0-9]+)?)$")
+
+
+def duration_s(value: float | int | str) -> float:
+    """90 / "90s" / "10m" / "2h" / "1d" -> seconds (the schema has checked the form)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    number, unit = _DURATION.match(value).groups()
+    return float(number) * _UNITS[unit]
+
+
+def _rollout(doc: Located, out: _Collector) -> Rollout | None:
+    spec = doc.data.get("rollout") or {}
+    waves = spec.get("waves")
+    if not waves:
+        return None
+    if waves[-1].get("percent") != 100:
+        out.add(doc, ("rollout", "waves", len(waves) - 1), "the last wave must have percent: 100 (every host gets the change)")
+    parsed = []
+    for w in waves:
+        gate = None
+        if w.get("gate"):
+            g = w["gate"]
+            op, threshold = _EXPECT.match(g["expect"]).groups()
+            gate = Gate(g["prometheus"].rstrip("/"), g["query"], op, float(threshold), g.get("on_no_data", "pause"),
+                        float(g.get("timeout_s", 5.0)))
+        parsed.append(Wave(percent=w.get("percent"), after_s=duration_s(w.get("after", 0)), gate=gate))
+    return Rollout(tuple(parsed))
+
+
+def _chaos(doc: Located) -> Chaos | None:
+    spec = doc.data.get("chaos")
+    if not spec:
+        return None
+    kill, disable = spec.get("kill") or {}, spec.get("disable_backend") or {}
+    return Chaos(float(kill.get("rate_per_hour", 0)), float(disable.get("rate_per_hour", 0)),
+                 duration_s(disable.get("duration", 30)))
 
 
 def _conflicts(apps: list[tuple[Located, App]], scope: str, out: _Collector) -> None:

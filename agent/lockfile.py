@@ -18,9 +18,6 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from packaging.requirements import InvalidRequirement, Requirement
-from packaging.utils import canonicalize_name
-
 from .errors import InvalidState, Problem
 
 __all__ = ["LockedRequirement", "parse_lock", "venv_identity"]
@@ -118,6 +115,9 @@ def _file_option_message(word: str) -> str:
 
 
 def _requirement(logical: _Logical, add) -> LockedRequirement | None:
+    from packaging.requirements import InvalidRequirement, Requirement   # lazy: a no-op reconcile never parses a lock
+    from packaging.utils import canonicalize_name
+
     """Validate one logical requirement line; report every problem via `add(field, message)`."""
     spec, options = _split_options(logical.text)
     if not spec:  # the line is only options

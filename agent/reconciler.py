@@ -13,21 +13,27 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from .apply import Drivers, Outcome, apply_plan, http_healthy
+from typing import TYPE_CHECKING
+
 from .drivers.git import GitSource, Revision, is_ancestor
-from .drivers.signatures import SignatureRefused, SignatureVerifier
 from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
 from .drivers.venv import VenvManager
+from .desired_cache import DesiredCache
 from .errors import AgentError, ConfigError, InvalidState, SupervisorError
 from .facts import Facts, collect, read_verified
 from .layout import Layout
-from .load import LoadOptions, load_desired
 from .model import DesiredState
 from .plan import Plan, PlanOptions, make_plan, render_service
 from .rollout import CanaryProgress, canary_percent, canary_step, with_canary
 from .settings import Settings
 from .traffic import LoadBalancer
 from .store import RevisionRecord, Status, load_status, save_status
+
+if TYPE_CHECKING:
+    from .apply import Drivers, Outcome
+
+# Imported lazily (a no-op `once` must stay fast): .apply (only when a plan has actions), .load (only
+# when a revision is not in the desired-state cache), .drivers.signatures (only with --verify-signatures).
 
 __all__ = ["SupervisorHandle", "Result", "Reconciler", "EXIT_OK", "EXIT_ERROR", "EXIT_DRIFT"]
 
@@ -100,14 +106,27 @@ class Reconciler:
         self.layout = Layout(settings.root)
         self.source = GitSource(settings.repo, settings.ref, self.layout.source)
         self.supervisor = SupervisorHandle(settings.supervisor, self.layout)
+        self.desired_cache = DesiredCache(self.layout.state / "desired")
         self.venvs = VenvManager(self.layout.root, retention=settings.retention)
-        self.load_opts = LoadOptions(default_installer=settings.installer, allow_root=settings.allow_root_services)
+        self.load_key = (settings.installer, settings.allow_root_services)   # what LoadOptions the loader gets
         self.lb = LoadBalancer(settings.lb, self.layout.root)
         self.plan_opts = PlanOptions(self.layout, retention=settings.retention,
                                      embedded=self.supervisor.embedded is not None, lb=self.lb)
-        self.verifier = (SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
-                         if settings.verify_signatures else None)
-        self.drivers = Drivers(self.layout, self.venvs, self.supervisor, lb=self.lb, health_wait_s=settings.health_wait_s)
+        self.verifier = None
+        if settings.verify_signatures:
+            from .drivers.signatures import SignatureVerifier
+
+            self.verifier = SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
+        self._drivers: Drivers | None = None
+
+    @property
+    def drivers(self) -> "Drivers":
+        if self._drivers is None:
+            from .apply import Drivers
+
+            self._drivers = Drivers(self.layout, self.venvs, self.supervisor, lb=self.lb,
+                                    health_wait_s=self.settings.health_wait_s)
+        return self._drivers
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -118,7 +137,17 @@ class Reconciler:
         return state
 
     def desired_at(self, rev: Revision) -> DesiredState:
-        return load_desired(self._state_dir(self.source.checkout(rev)), self.settings.host, self.load_opts)
+        """The validated desired state of `rev` for this host (cached: a commit never changes)."""
+        checkout = self.source.checkout(rev)
+        key = self.desired_cache.key(rev.sha, self.settings.path, self.settings.host, self.load_key)
+        desired = self.desired_cache.get(key)
+        if desired is None:
+            from .load import LoadOptions, load_desired
+
+            opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services)
+            desired = load_desired(self._state_dir(checkout), self.settings.host, opts)
+            self.desired_cache.put(key, desired)
+        return desired
 
     def facts(self) -> Facts:
         client = self.supervisor.running_client()
@@ -177,7 +206,11 @@ class Reconciler:
             outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
             return Result(outcome, error=invalid_msg, drift=plan.actions, **base)
         todo, drift = self._split_by_mode(plan, desired, new_commit)
-        outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
+        outcomes = ()
+        if todo:
+            from .apply import apply_plan
+
+            outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
         failures = [o for o in outcomes if o.result != "ok"]
         if invalid:
             return Result("invalid", outcomes=outcomes, error=invalid_msg, drift=drift, **base)
@@ -222,7 +255,7 @@ class Reconciler:
             try:
                 signer = self.verifier.verify(self.source.mirror, rev.sha)
                 log.info("commit %s signed by %s", rev.sha[:12], signer)
-            except SignatureRefused as exc:
+            except AgentError as exc:   # SignatureRefused
                 return str(exc)
         applied = status.applied
         if self.settings.require_fast_forward and applied is not None and applied.sha != rev.sha:
@@ -266,6 +299,8 @@ class Reconciler:
 
 def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:
     """(probes, errors) of `count` requests to a service's health URL: the canary gate's evidence."""
+    from .apply import http_healthy
+
     errors = sum(0 if http_healthy(url, timeout_s)[0] else 1 for _ in range(count))
     return count, errors
 

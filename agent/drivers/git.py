@@ -18,6 +18,7 @@ Why it looks like this (DESIGN §2 step 1, §7 Git timings):
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -36,6 +37,7 @@ __all__ = ["Revision", "GitSource", "redact", "is_ancestor"]
 log = logging.getLogger(__name__)
 
 MIRROR = "repo.git"
+_REVISIONS = "revisions"
 CHECKOUTS = "checkouts"
 _REMOTE = "origin"
 _REFSPECS = ("+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*")
@@ -122,6 +124,7 @@ class GitSource:
         self.timeout = timeout
         self._env = _git_env(ssh_command)
         self._repo = None  # git.Repo, opened lazily: importing GitPython costs ~60 ms
+        self._mirror_ready = False
         self._revisions: dict[str, Revision] = {}  # commit sha -> Revision
         self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
 
@@ -215,6 +218,8 @@ class GitSource:
             self._fetch()
         ref_sha = self._local_ref(local)
         sha = self._peeled.get(ref_sha) if ref_sha else None
+        if sha is None and ref_sha and (self.cache_dir / _REVISIONS / ref_sha).is_file():
+            sha = ref_sha   # a commit we have read before (branches point at commits; tags may not)
         if sha is None:
             sha = self._commit_sha(local)
             if sha is None:
@@ -242,33 +247,41 @@ class GitSource:
         return sha
 
     def _revision(self, sha: str) -> Revision:
-        """Commit metadata, read once per sha (commits never change)."""
+        """Commit metadata, read once per sha (commits never change): memory, then a small file per
+        commit under <cache_dir>/revisions (so a short `once` needs no GitPython), then GitPython."""
         cached = self._revisions.get(sha)
         if cached is None:
-            commit = self._git_repo().commit(sha)
-            cached = Revision(sha, self.ref, float(commit.committed_date), commit.summary)
+            stamp = self.cache_dir / _REVISIONS / sha
+            try:
+                data = json.loads(stamp.read_text())
+                cached = Revision(sha, self.ref, float(data["committed_at"]), str(data["summary"]))
+            except (OSError, ValueError, KeyError):
+                commit = self._git_repo().commit(sha)
+                cached = Revision(sha, self.ref, float(commit.committed_date), commit.summary)
+                try:
+                    stamp.parent.mkdir(exist_ok=True)
+                    stamp.write_text(json.dumps({"committed_at": cached.committed_at, "summary": cached.summary}))
+                except OSError:
+                    pass
             self._revisions[sha] = cached
         return cached
 
     # -- git plumbing ------------------------------------------------------------------------------
 
     def _ensure_mirror(self) -> None:
-        """Create the bare mirror on first use (built aside, renamed in) and keep its URL current."""
-        if self._repo is not None:
+        """Create the bare mirror on first use (built aside, renamed in) and keep its URL current.
+
+        No GitPython here: the no-op poll reads the mirror's config and refs as files (its import alone
+        costs ~50 ms); GitPython is opened only to fetch or read a commit (`_git_repo`).
+        """
+        if self._mirror_ready:
             return
         if not (self.mirror / "HEAD").exists():
             self._create_mirror()
-        import git
-
-        self._repo = git.Repo(self.mirror)
-        self._repo.git.update_environment(
-            **{k: v for k, v in self._env.items() if os.environ.get(k) != v}
-        )
-        with self._repo.config_reader() as cfg:
-            current = cfg.get_value(f'remote "{_REMOTE}"', "url", "")
-        if current != self.url:
+        if _config_url(self.mirror / "config") != self.url:
             log.info("source URL changed to %s", redact(self.url))
             self._run(["remote", "set-url", _REMOTE, self.url])
+        self._mirror_ready = True
 
     def _create_mirror(self) -> None:
         import git
@@ -299,7 +312,17 @@ class GitSource:
         log.info("created git mirror %s for %s", self.mirror, redact(self.url))
 
     def _ls_remote(self) -> dict[str, str]:
-        """Remote refs that `self.ref` could name (the server filters them: protocol v2 ref-prefix)."""
+        """Remote refs that `self.ref` could name (the server filters them: protocol v2 ref-prefix).
+
+        A repository on this host is read directly (its ref files): the same answer as `git ls-remote`
+        without a process per poll.
+        """
+        local = _local_git_dir(self.url)
+        if local is not None:
+            refs = {name: sha for name in _candidates(self.ref) if (sha := _read_ref(local, name))}
+            if refs or (local / "HEAD").exists():
+                return refs
+            raise SourceError(f"cannot reach {redact(self.url)}: not a git repository")
         out = self._run(["ls-remote", _REMOTE, *_candidates(self.ref)], what="reach")
         refs: dict[str, str] = {}
         for line in out.splitlines():
@@ -312,10 +335,9 @@ class GitSource:
         """GitPython fetch with the mirror's forced, pruning refspecs (plus one commit id when asked)."""
         import git
 
-        assert self._repo is not None
         started = time.monotonic()
         try:
-            self._repo.git.execute(
+            self._git_repo().git.execute(
                 ["git", "fetch", "--prune", "--quiet", _REMOTE, *refspecs],
                 kill_after_timeout=self.timeout,
                 env=self._env,
@@ -329,12 +351,8 @@ class GitSource:
 
     def _local_ref(self, name: str) -> str | None:
         """The sha our mirror holds for `name`: a loose-file / packed-refs read, no subprocess."""
-        from git.refs.symbolic import SymbolicReference
-
-        try:
-            return SymbolicReference.dereference_recursive(self._git_repo(), name)
-        except (ValueError, OSError):
-            return None
+        self._ensure_mirror()
+        return _read_ref(self.mirror, name)
 
     def _commit_sha(self, rev: str) -> str | None:
         """Full sha of the commit `rev` names in the mirror (GitPython rev-parse), or None."""
@@ -385,6 +403,11 @@ class GitSource:
 
     def _git_repo(self):
         self._ensure_mirror()
+        if self._repo is None:
+            import git
+
+            self._repo = git.Repo(self.mirror)
+            self._repo.git.update_environment(**{k: v for k, v in self._env.items() if os.environ.get(k) != v})
         return self._repo
 
     def _scrub(self, text: str) -> str:
@@ -424,6 +447,60 @@ class GitSource:
 
 
 # -- helpers -------------------------------------------------------------------------------------
+
+
+def _config_url(config: Path) -> str:
+    """remote.origin.url from a git config file (the simple form the mirror's own config has)."""
+    section = ""
+    try:
+        lines = config.read_text().splitlines()
+    except OSError:
+        return ""
+    for line in lines:
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == f'[remote "{_REMOTE}"]' and line.partition("=")[0].strip() == "url":
+            return line.partition("=")[2].strip()
+    return ""
+
+
+def _read_ref(git_dir: Path, name: str, depth: int = 0) -> str | None:
+    """The sha of ref `name` in `git_dir` from its loose file or packed-refs; None if it has none."""
+    try:
+        text = (git_dir / name).read_text().strip()
+    except (OSError, ValueError):
+        text = ""
+    if text.startswith("ref: ") and depth < 5:
+        return _read_ref(git_dir, text[5:].strip(), depth + 1)
+    if _FULL_SHA.fullmatch(text):
+        return text
+    try:
+        packed = (git_dir / "packed-refs").read_text()
+    except OSError:
+        return None
+    for line in packed.splitlines():
+        sha, _, ref = line.partition(" ")
+        if ref == name and _FULL_SHA.fullmatch(sha):
+            return sha
+    return None
+
+
+def _local_git_dir(url: str) -> Path | None:
+    """The git dir of a repository on this host (file:// URL or path), when it can be read directly."""
+    if url.startswith("file://"):
+        path = Path(urlsplit(url).path)
+    elif "://" not in url and url.startswith("/"):
+        path = Path(url)
+    else:
+        return None
+    if (path / ".git").is_dir():
+        path = path / ".git"
+    elif (path / ".git").is_file():
+        return None            # a linked worktree or submodule: let git resolve it
+    if not (path / "HEAD").is_file() or (path / "commondir").exists():
+        return None
+    return path
 
 
 def _git_env(ssh_command: str | None = None) -> dict[str, str]:

@@ -34,7 +34,6 @@ from hashlib import sha256
 from importlib import metadata
 from pathlib import Path
 
-from packaging.utils import canonicalize_name
 
 from ..errors import BuildError
 from ..lockfile import LockedRequirement, parse_lock, venv_identity
@@ -184,6 +183,11 @@ def _pyenv_candidates(version: str) -> list[str]:
     return [exe for _, exe in sorted(found, reverse=True)]
 
 
+def _canonical(name: str) -> str:
+    """PEP 503 name normalisation (what packaging.utils.canonicalize_name does), without importing packaging."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def resolve_python(version: str) -> str:
     """Path of an interpreter for "X.Y": this one if it matches, else `pythonX.Y` on PATH, else a pyenv
     installation; each candidate is run once to verify it.
@@ -241,7 +245,7 @@ def _distributions(venv: Path) -> dict[str, str]:
     for dist in metadata.distributions(path=paths):
         name = dist.metadata["Name"]
         if name:
-            found.setdefault(canonicalize_name(name), dist.version)
+            found.setdefault(_canonical(name), dist.version)
     return found
 
 
