@@ -8,7 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["HealthCheck", "Environment", "Service", "Traffic", "Canary", "App", "DesiredState"]
+__all__ = ["HealthCheck", "Environment", "Service", "Traffic", "Canary", "Gate", "Wave", "Rollout", "Chaos", "App",
+           "DesiredState"]
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,51 @@ class Canary:
 
 
 @dataclass(frozen=True)
+class Gate:
+    """A Prometheus instant query every sample of which must satisfy `op threshold` (e.g. < 0.05)."""
+
+    prometheus: str                     # base URL, e.g. http://127.0.0.1:9090
+    query: str
+    op: str                             # < <= > >= == !=
+    threshold: float
+    on_no_data: str = "pause"           # pause | fail | pass
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
+class Wave:
+    """Who is in the wave (a host selector, or a bucket percentage) and when it may start."""
+
+    percent: int | None = None          # hosts whose bucket (0..99) is below percent
+    selected: bool = False              # hosts-selector waves: whether THIS host matches (set by the loader)
+    after_s: float = 0.0                # since the commit that last changed the app's directory
+    gate: Gate | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    waves: tuple[Wave, ...] = ()
+
+
+@dataclass(frozen=True)
+class Chaos:
+    """Induced failure (acted on only when the agent allows chaos)."""
+
+    kill_per_hour: float = 0.0
+    disable_per_hour: float = 0.0
+    disable_s: float = 30.0
+
+
+@dataclass(frozen=True)
 class App:
     name: str
     mode: str | None
     environments: tuple[Environment, ...]
     services: tuple[Service, ...]
     traffic: Traffic | None = None
+    rollout: Rollout | None = None
+    chaos: Chaos | None = None
+    overrides: tuple[str, ...] = ()     # the overrides applied for this host, described
 
 
 @dataclass(frozen=True)
@@ -91,11 +131,12 @@ class DesiredState:
     host: str
     apps: tuple[App, ...] = ()
     known_host: bool = True             # False: the host is not listed in fleet.yaml
+    notes: tuple[str, ...] = ()         # what the loader and the fleet step decided (overrides, waves, chaos)
     environments: dict[str, Environment] = field(default_factory=dict, compare=False)
     services: dict[str, Service] = field(default_factory=dict, compare=False)
 
     @classmethod
-    def of(cls, host: str, apps: tuple[App, ...], known_host: bool = True) -> "DesiredState":
+    def of(cls, host: str, apps: tuple[App, ...], known_host: bool = True, notes: tuple[str, ...] = ()) -> "DesiredState":
         envs = {e.name: e for a in apps for e in a.environments}
         svcs = {s.name: s for a in apps for s in a.services}
-        return cls(host=host, apps=apps, known_host=known_host, environments=envs, services=svcs)
+        return cls(host=host, apps=apps, known_host=known_host, notes=notes, environments=envs, services=svcs)
