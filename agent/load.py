@@ -7,6 +7,7 @@ revision in one round trip. Nothing here touches the host: it only reads the che
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import re
@@ -410,11 +411,12 @@ def _conflicts(apps: list[tuple[Located, App]], scope: str, out: _Collector) -> 
             claim("listen address", app.traffic.listen, doc, ("traffic", "listen"))
 
 
-def _load(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], _Collector]:
+def _load(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], _Collector, "_Variants"]:
     out = _Collector()
     fleet, docs = _read_docs(root, out)
     defaults = (fleet.data.get("defaults") or {}) if fleet is not None and isinstance(fleet.data, dict) else {}
     apps = []
+    variants = _Variants(root, defaults, opts, out)
     for doc, valid in docs:
         if not valid:
             _best_effort(doc, root, defaults, opts, out)
@@ -422,8 +424,179 @@ def _load(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[L
         expected = Path(doc.file).parent.name
         if doc.data["name"] != expected:
             out.add(doc, ("name",), f"app name {doc.data['name']!r} must match its directory {expected!r}")
+        if not _override_paths_ok(doc, out):
+            variants.broken.add(doc.file)
         apps.append((doc, _app(doc, root, defaults, opts, out)))
-    return _hosts(fleet), apps, out
+    return _hosts(fleet), apps, out, variants
+
+
+# -- overrides ----------------------------------------------------------------------------------------
+
+OVERRIDABLE = ("environments", "services", "traffic", "mode")
+
+
+def _schema_child(node: dict, key: str) -> dict | None:
+    """The schema of field `key` inside an object/array schema `node`; None if the schema has no such field."""
+    while "$ref" in node:
+        node = _app_schema()["$defs"][node["$ref"].rsplit("/", 1)[1]]
+    if key in node.get("properties", {}):
+        return node["properties"][key]
+    extra = node.get("additionalProperties")
+    if isinstance(extra, dict) and "object" in _types(node):
+        pattern = (node.get("propertyNames") or {}).get("pattern")
+        if pattern is None or re.search(pattern, key):
+            return extra
+        return None
+    if key.isdigit() and "array" in _types(node):
+        prefix = node.get("prefixItems", [])
+        return prefix[int(key)] if int(key) < len(prefix) else node.get("items")
+    return None
+
+
+def _types(node: dict) -> tuple:
+    kind = node.get("type", ())
+    return (kind,) if isinstance(kind, str) else tuple(kind)
+
+
+@lru_cache(maxsize=None)
+def _app_schema() -> dict:
+    return _validator("app").schema
+
+
+def _split_path(data: Any, path: str) -> list[str] | None:
+    """`path`'s parts, matching names that contain dots against the keys the document has (longest first)."""
+    parts: list[str] = []
+    rest = path
+    while rest:
+        key = None
+        if isinstance(data, dict):
+            for k in sorted((k for k in data if isinstance(k, str)), key=len, reverse=True):
+                if rest == k or rest.startswith(k + "."):
+                    key = k
+                    break
+        if key is None:
+            key = rest.split(".", 1)[0]
+        parts.append(key)
+        rest = rest[len(key) + 1:]
+        if isinstance(data, dict):
+            data = data.get(key)
+        elif isinstance(data, list) and key.isdigit() and int(key) < len(data):
+            data = data[int(key)]
+        else:
+            data = None
+    return parts
+
+
+def _locate(data: Any, parts: list[str], create: bool = False) -> tuple[Any, Any] | None:
+    """(container, key) for the last part. The environment or service a path names must exist; with
+    `create`, other missing objects along the path are made (e.g. a service's `env`)."""
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(data, dict) and part not in data and create and not (i == 1 and parts[0] in _NAMED):
+            data[part] = {}
+        if isinstance(data, dict) and part in data:
+            data = data[part]
+        elif isinstance(data, list) and part.isdigit() and int(part) < len(data):
+            data = data[int(part)]
+        else:
+            return None
+    last = parts[-1]
+    if isinstance(data, dict):
+        return data, last
+    if isinstance(data, list) and last.isdigit() and int(last) < len(data):
+        return data, int(last)
+    return None
+
+
+_NAMED = ("environments", "services")
+
+
+def _override_paths_ok(doc: Located, out: _Collector) -> bool:
+    """Every `set` path names a field of the App schema under an overridable section, inside what exists."""
+    ok = True
+    for i, entry in enumerate(doc.data.get("overrides") or []):
+        for path in entry["set"]:
+            where = ("overrides", i, "set", path)
+            parts = _split_path(doc.data, path)
+            if parts[0] not in OVERRIDABLE:
+                out.add(doc, where, f"only fields under {', '.join(OVERRIDABLE)} can be overridden")
+                ok = False
+                continue
+            node: dict | None = _app_schema()
+            for part in parts:
+                node = _schema_child(node, part)
+                if node is None:
+                    break
+            if node is None:
+                out.add(doc, where, f"{path!r} is not a field of an App (see schemas/app.schema.json)")
+                ok = False
+            elif _locate(copy.deepcopy(doc.data), parts, create=True) is None:
+                out.add(doc, where, f"{'.'.join(parts[:2])!r} is not defined in this app (or an index is out of "
+                                    "range): overrides change an app's environments and services, never add them")
+                ok = False
+    return ok
+
+
+def _with_overrides(data: dict, entries: list[dict]) -> dict:
+    data = copy.deepcopy(data)
+    for entry in entries:
+        for path, value in entry["set"].items():
+            container, key = _locate(data, _split_path(data, path), create=True)
+            container[key] = copy.deepcopy(value)
+    return data
+
+
+def _describe_selector(selector: dict) -> str:
+    parts = []
+    for field in ("names", "groups"):
+        if selector.get(field):
+            parts.append(f"{field} {','.join(selector[field])}")
+    if selector.get("matchLabels"):
+        parts.append("labels " + ",".join(f"{k}={v}" for k, v in selector["matchLabels"].items()))
+    for e in selector.get("matchExpressions") or []:
+        parts.append(f"{e['key']} {e['operator']} {','.join(e.get('values') or [])}".rstrip())
+    return "; ".join(parts) or "every host"
+
+
+def _describe_override(i: int, entry: dict) -> str:
+    sets = ", ".join(f"{p}={json.dumps(v)}" for p, v in entry["set"].items())
+    return f"overrides[{i}] (hosts: {_describe_selector(entry['hosts'])}) set {sets}"
+
+
+class _Variants:
+    """An app as a given host sees it: its base, or with the overrides that select the host applied.
+
+    Hosts selecting the same overrides share one build, so a fleet of thousands of hosts costs one
+    build per distinct override combination. Problems are reported once, naming the overrides.
+    """
+
+    def __init__(self, root: Path, defaults: dict, opts: LoadOptions, out: _Collector):
+        self.root, self.defaults, self.opts, self.out = root, defaults, opts, out
+        self.broken: set[str] = set()           # docs whose override paths are invalid: no variants
+        self._cache: dict[tuple[str, tuple[int, ...]], App | None] = {}
+
+    def of(self, doc: Located, base: App, host: _Host) -> App | None:
+        """None when this host's variant is invalid (its problems are in `out`)."""
+        entries = doc.data.get("overrides") or []
+        key = tuple(i for i, e in enumerate(entries) if _selects(e["hosts"], host))
+        if not key or doc.file in self.broken:
+            return base
+        cache_key = (doc.file, key)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = self._build(doc, key)
+        return self._cache[cache_key]
+
+    def _build(self, doc: Located, key: tuple[int, ...]) -> App | None:
+        entries = doc.data["overrides"]
+        variant = Located(_with_overrides(doc.data, [entries[i] for i in key]), doc.lines, doc.file)
+        sub = _Collector()
+        app = None
+        if _schema_problems(variant, "app", sub):
+            app = _app(variant, self.root, self.defaults, self.opts, sub)
+        suffix = f" (with {', '.join(f'overrides[{i}]' for i in key)} applied)"
+        self.out.extend(dataclasses.replace(p, message=p.message + suffix) for p in sub.problems)
+        if sub.problems or app is None:
+            return None
+        return dataclasses.replace(app, overrides=tuple(_describe_override(i, entries[i]) for i in key))
 
 
 def _best_effort(doc: Located, root: Path, defaults: dict, opts: LoadOptions, out: _Collector) -> None:
@@ -453,17 +626,18 @@ def _best_effort(doc: Located, root: Path, defaults: dict, opts: LoadOptions, ou
                 continue
 
 
-def _validated(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], list[Problem]]:
+def _validated(root: Path, opts: LoadOptions) -> tuple[dict[str, _Host], list[tuple[Located, App]], list[Problem], _Variants | None]:
     try:
-        hosts, apps, out = _load(Path(root), opts)
+        hosts, apps, out, variants = _load(Path(root), opts)
     except InvalidState as exc:
-        return {}, [], list(exc.problems)
+        return {}, [], list(exc.problems), None
     if hosts:
         for host in hosts.values():
-            _conflicts([(d, a) for d, a in apps if _selects(d.data.get("hosts"), host)], f" (both run on host {host.name})", out)
+            mine = [(d, variants.of(d, a, host)) for d, a in apps if _selects(d.data.get("hosts"), host)]
+            _conflicts([(d, a) for d, a in mine if a is not None], f" (both run on host {host.name})", out)
     else:
         _conflicts(apps, "", out)
-    return hosts, apps, list(dict.fromkeys(out.problems))
+    return hosts, apps, list(dict.fromkeys(out.problems)), variants
 
 
 def validate_tree(root: Path, opts: LoadOptions = LoadOptions()) -> list[Problem]:
@@ -475,11 +649,28 @@ def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> De
     """The desired state of `host`; InvalidState (with every problem) if any part of the revision is invalid.
 
     The whole revision is validated, not only what targets this host: a revision is accepted or
-    rejected as a unit, the same on every host.
+    rejected as a unit, the same on every host. Overrides that select this host are applied (in
+    list order: a later entry wins) and named in the notes.
     """
-    hosts, apps, problems = _validated(root, opts)
+    hosts, apps, problems, variants = _validated(root, opts)
     if problems:
         raise InvalidState(problems)
     me = hosts.get(host, _Host(host, frozenset(), {}))
-    mine = tuple(app for doc, app in apps if _selects(doc.data.get("hosts"), me))
-    return DesiredState.of(host, mine, known_host=host in hosts)
+    mine, notes = [], []
+    for doc, base in apps:
+        if not _selects(doc.data.get("hosts"), me):
+            continue
+        app = variants.of(doc, base, me)
+        if app is None:      # only possible for a host missing from fleet.yaml (listed hosts were checked)
+            raise InvalidState(list(dict.fromkeys(variants.out.problems)))
+        notes += [f"app {app.name}: {o}" for o in app.overrides]
+        if app.rollout is not None:
+            waves = (doc.data.get("rollout") or {}).get("waves") or []
+            app = dataclasses.replace(app, rollout=Rollout(tuple(
+                dataclasses.replace(w, selected="hosts" in spec and _selects(spec["hosts"], me))
+                for w, spec in zip(app.rollout.waves, waves))))
+        if app.chaos is not None and not opts.allow_chaos:
+            notes.append(f"app {app.name}: chaos block ignored (this agent does not allow chaos: --allow-chaos)")
+            app = dataclasses.replace(app, chaos=None)
+        mine.append(app)
+    return DesiredState.of(host, tuple(mine), known_host=host in hosts, notes=tuple(notes))
