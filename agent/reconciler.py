@@ -108,7 +108,7 @@ class Reconciler:
         self.supervisor = SupervisorHandle(settings.supervisor, self.layout)
         self.desired_cache = DesiredCache(self.layout.state / "desired")
         self.venvs = VenvManager(self.layout.root, retention=settings.retention)
-        self.load_key = (settings.installer, settings.allow_root_services)   # what LoadOptions the loader gets
+        self.load_key = (settings.installer, settings.allow_root_services, settings.allow_chaos)   # what LoadOptions the loader gets
         self.lb = LoadBalancer(settings.lb, self.layout.root)
         self.plan_opts = PlanOptions(self.layout, retention=settings.retention,
                                      embedded=self.supervisor.embedded is not None, lb=self.lb)
@@ -144,9 +144,26 @@ class Reconciler:
         if desired is None:
             from .load import LoadOptions, load_desired
 
-            opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services)
+            opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services,
+                               allow_chaos=self.settings.allow_chaos)
             desired = load_desired(self._state_dir(checkout), self.settings.host, opts)
             self.desired_cache.put(key, desired)
+        return self._staged(rev, desired)
+
+    def _staged(self, rev: Revision, desired: DesiredState) -> DesiredState:
+        """Staged waves (agent/waves.py, agent/staging.py): apps whose newest change is not due on this host
+        yet keep their previous revision. Also remembered for the daemon's chaos timer and metrics."""
+        if any(a.rollout for a in desired.apps) or getattr(self, "stager", None) is not None:
+            if getattr(self, "stager", None) is None:
+                from .load import LoadOptions
+                from .staging import Stager
+
+                opts = LoadOptions(default_installer=self.settings.installer,
+                                   allow_root=self.settings.allow_root_services, allow_chaos=self.settings.allow_chaos)
+                self.stager = Stager(self.source, self.settings.path, self.settings.host, opts,
+                                     self.layout.state / "waves.json", lambda r: self._state_dir(self.source.checkout(r)))
+            desired = self.stager.stage(rev, desired)
+        self.last_desired = desired
         return desired
 
     def facts(self) -> Facts:

@@ -36,6 +36,8 @@ class Settings:
     trusted_keys: str | None = None         # OpenPGP public keyring file (armored or binary)
     allowed_signers: str | None = None      # SSH allowed-signers file (gpg.ssh.allowedSignersFile)
     require_fast_forward: bool = False      # refuse a tracked ref whose history was rewritten
+    allow_chaos: bool = False               # act on apps' `chaos:` blocks (otherwise they are ignored, with a note)
+    splay: float = 0.0                      # the daemon's first poll waits a random 0..splay seconds
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
 
@@ -48,6 +50,8 @@ class Settings:
             raise ConfigError(f"installer must be pip or uv, not {self.installer!r}")
         if self.supervisor != "embedded" and not self.supervisor.startswith("unix://"):
             raise ConfigError(f"supervisor must be 'embedded' or unix:///path/to.sock, not {self.supervisor!r}")
+        if self.splay < 0:
+            raise ConfigError(f"splay must be 0 or more seconds, not {self.splay:g}")
         if self.retention < 1:
             raise ConfigError("retention must be at least 1")
         if self.path and (os.path.isabs(self.path) or ".." in Path(self.path).parts):

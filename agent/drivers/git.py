@@ -186,6 +186,21 @@ class GitSource:
             raise SourceError(f"commit {sha!r} not found in the mirror of {redact(self.url)}")
         return self._revision(full).committed_at
 
+    def revision(self, sha: str) -> Revision:
+        """The `Revision` of a commit the mirror holds (any commit, not only the tracked ref's)."""
+        full = self._commit_sha(sha)
+        if full is None:
+            raise SourceError(f"commit {sha!r} not found in the mirror of {redact(self.url)}")
+        return self._revision(full)
+
+    def path_history(self, sha: str, path: str, n: int = 2) -> list[tuple[str, float]]:
+        """The newest `n` commits reachable from `sha` that changed `path` (a dir or file in the tree), as
+        (sha, committer time), newest first. Staged waves use it: the first is the change being rolled out,
+        the second the app's previous revision. One `git log` in the mirror, a few ms."""
+        self._ensure_mirror()
+        out = self._run(["log", f"-n{int(n)}", "--format=%H %ct", sha, "--", path])
+        return [(c, float(t)) for c, t in (line.split() for line in out.splitlines() if line.strip())]
+
     def close(self) -> None:
         """Stop GitPython's persistent `cat-file` helpers."""
         if self._repo is not None:
