@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import shutil
 import urllib.request
@@ -28,6 +29,12 @@ def test_agent_converges_the_bundled_example(tmp_path, agent_root):
             assert json.loads(resp.read())["version"] == version
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/render?width=32&height=24&max_iter=50", timeout=10) as resp:
             assert resp.read()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    versions = collections.Counter()
+    for _ in range(100):     # through the load balancer: the canary split of the example, 90/10
+        with urllib.request.urlopen("http://127.0.0.1:8100/version", timeout=5) as resp:
+            versions[json.loads(resp.read())["version"]] += 1
+    assert 75 <= versions["1.0.0"] <= 98 and versions["1.1.0"] >= 2, versions
 
     plan = run_agent("plan", *common)
     assert plan.returncode == 0 and "No changes" in plan.stdout
