@@ -73,6 +73,15 @@ class Recorder:
         self.service_up = Gauge(p + "service_up", "1 while the service's program is RUNNING", ["service"], registry=r)
         self.traffic_weight = Gauge(p + "traffic_weight", "Load-balancer weight of a backend", ["frontend", "backend"],
                                     registry=r)
+        self.wave_gate = Gauge(p + "wave_gate", "1 for the last result of a staged wave's gate on this host",
+                               ["app", "wave", "result"], registry=r)
+        self.wave_due = Gauge(p + "wave_due", "1 when this host runs the newest change of an app with waves",
+                              ["app"], registry=r)
+        self.chaos_events = Counter(p + "chaos_events", "Induced failures by app and kind", ["app", "kind"], registry=r)
+        self.chaos_recovery = Histogram(p + "chaos_recovery_seconds", "From a chaos kill to the program RUNNING again",
+                                        buckets=DURATION_BUCKETS, registry=r)
+        self._gates: set[tuple[str, str, str]] = set()
+        self._due: set[str] = set()
         for result in RESULTS:
             self.reconcile.labels(result)
         self._drift_began: dict[str, float] = {}        # key -> wall time the drift was first seen
@@ -104,6 +113,21 @@ class Recorder:
             self.reconcile.labels("error").inc()
             self.duration.observe(seconds)
             self._finish("error", message, seconds)
+
+    def set_waves(self, gates: dict[tuple[str, int], str], due: dict[str, bool]) -> None:
+        """Staged waves after a reconcile: each gate's last result, and which apps run their newest change."""
+        with self._lock:
+            series = {(app, str(wave), result) for (app, wave), result in gates.items()}
+            for key in self._gates - series:
+                self.wave_gate.remove(*key)
+            for key in series:
+                self.wave_gate.labels(*key).set(1)
+            self._gates = series
+            for app in self._due - set(due):
+                self.wave_due.remove(app)
+            for app, is_due in due.items():
+                self.wave_due.labels(app).set(1 if is_due else 0)
+            self._due = set(due)
 
     def set_traffic(self, weights: dict[tuple[str, str], float]) -> None:
         """Replace the traffic weights: {(frontend, backend): weight}; backends gone lose their series."""

@@ -240,10 +240,16 @@ def run_daemon(settings) -> int:
         server = MetricsServer(recorder, settings.listen, settings.poll_interval_s)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {settings.listen}: {exc}") from None
-    schedule = Schedule(settings.poll_interval_s, now=time.monotonic())
+    splay = random.uniform(0.0, settings.splay) if settings.splay > 0 else 0.0
+    if splay:
+        log.info("splay: first poll in %.1fs", splay)
+    schedule = Schedule(settings.poll_interval_s, now=time.monotonic() + splay)
     watcher: Watcher | None = None
 
     def rewatch(_result) -> None:
+        stager = getattr(reconciler, "stager", None)
+        if stager is not None:
+            recorder.set_waves(stager.gates, stager.due)
         if watcher is not None:
             watcher.watch(managed_paths(layout, settings.repo))
 
@@ -267,6 +273,8 @@ def run_daemon(settings) -> int:
     log.info("gitops-agent running: root %s, mode %s, poll %gs, metrics on http://%s:%d/metrics, watching %d dirs",
              settings.root, settings.mode, settings.poll_interval_s, host, port, len(watcher.specs))
     try:
+        if settings.allow_chaos:
+            _start_chaos(reconciler, recorder, runtime)
         runtime.run()
     finally:
         watcher.stop()
@@ -275,3 +283,24 @@ def run_daemon(settings) -> int:
             signal.signal(s, handler)
     log.info("stopped after %d reconciles; managed services left running", runtime.runs)
     return 0
+
+
+def _start_chaos(reconciler, recorder, runtime: Runtime, tick_s: float = 1.0) -> threading.Thread:
+    """The chaos timer (--allow-chaos): acts on the `chaos:` blocks of the last loaded desired state."""
+    from .chaos import ChaosMonkey
+
+    monkey = ChaosMonkey(lambda: getattr(reconciler, "last_desired", None), reconciler.supervisor.running_client,
+                         lb=reconciler.lb, recorder=recorder)
+
+    def loop() -> None:
+        while not runtime.stopping:
+            try:
+                monkey.tick()
+            except Exception:  # noqa: BLE001 (chaos never takes the daemon down)
+                log.exception("chaos tick failed")
+            time.sleep(tick_s)
+
+    thread = threading.Thread(target=loop, name="chaos", daemon=True)
+    thread.start()
+    log.warning("chaos allowed: apps with a chaos: block get induced failures")
+    return thread
