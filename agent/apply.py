@@ -71,7 +71,8 @@ def http_healthy(url: str, timeout_s: float) -> tuple[bool, str]:
 
 
 def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
-    """After an update, wait until supervisord calls the program RUNNING (it waits `startsecs` itself)."""
+    """After a (re)start, wait until supervisord calls the program RUNNING (it has lived `startsecs`):
+    a program that dies at once fails here, with its stderr, not later at the health gate."""
     client = drivers.client()
     deadline = drivers.clock() + max(drivers.start_wait_s, startsecs * 4 + 5)
     while True:
@@ -79,23 +80,32 @@ def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
         state = info.get("statename") if info else None
         if state == "RUNNING":
             return
-        if state in ("FATAL", "EXITED", "STOPPED") and info is not None:
-            tail = client.read_log_tail(name)
-            raise SupervisorError(f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
-                                  + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
+        _raise_if_dead(client, name, info)
         if drivers.clock() > deadline:
             raise SupervisorError(f"program {name} did not reach RUNNING (state {state}) in time")
-        drivers.sleep(0.1)
+        drivers.sleep(0.05)
+
+
+def _raise_if_dead(client, name: str, info: dict | None) -> None:
+    state = info.get("statename") if info else None
+    if state in ("FATAL", "EXITED", "STOPPED", "BACKOFF") and info is not None:
+        tail = client.read_log_tail(name)
+        raise SupervisorError(f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
+                              + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
 
 
 def _check_health(drivers: Drivers, action: CheckHealth) -> str:
     deadline = drivers.clock() + drivers.health_wait_s
     seen = ""
+    probes = 0
     while drivers.clock() < deadline:
         ok, seen = http_healthy(action.url, action.timeout_s)
         if ok:
             return seen
-        drivers.sleep(0.2)
+        probes += 1
+        if probes % 5 == 0:            # a crashed program will not turn healthy: say why, at once
+            _raise_if_dead(drivers.client(), action.name, drivers.client().process_info().get(action.name))
+        drivers.sleep(0.05 if probes < 20 else 0.2)
     raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
 
@@ -132,11 +142,12 @@ def _run(action: Action, drivers: Drivers) -> str:
         _wait_running(drivers, action.name, action.startsecs)
         return done.get(action.name, "unchanged") + ", running"
     if isinstance(action, StartProgram):
-        drivers.client().start(action.name)
+        drivers.client().start(action.name, wait=False)
         _wait_running(drivers, action.name, action.startsecs)
         return "started"
     if isinstance(action, RestartProgram):
-        drivers.client().restart(action.name)
+        drivers.client().stop(action.name)
+        drivers.client().start(action.name, wait=False)
         _wait_running(drivers, action.name, action.startsecs)
         return "restarted"
     if isinstance(action, CheckHealth):
@@ -178,13 +189,16 @@ def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
     drivers.client().update([first.name])
     if first.previous is not None:
         _start_if_stopped(drivers, first.name)
+    for switch in (a for a in done if isinstance(a, SwitchVenv) and a.key in first.needs and a.previous):
+        drivers.venvs.switch(switch.name, drivers.layout.venv(switch.name, switch.previous))
+        what += f"; envs/{switch.name} back to {switch.previous}"
     return f"rolled back {first.name}: {what}"
 
 
 def _start_if_stopped(drivers: Drivers, name: str) -> None:
     info = drivers.client().process_info().get(name) or {}
     if info.get("statename") in ("STOPPED", "EXITED", "FATAL"):
-        drivers.client().start(name)
+        drivers.client().start(name, wait=False)
 
 
 def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:

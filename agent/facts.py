@@ -92,7 +92,7 @@ def _venv_facts(venvs: _Venvs, envs_dir: Path) -> dict[str, VenvFact]:
 
 
 def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client, lb=None,
-            verified: dict[str, str] | None = None) -> Facts:
+            verified: dict[str, str] | None = None, reload_config=None) -> Facts:
     """Gather facts. `client` is a connected SupervisorClient, or None when supervisord is not running;
     `lb` a load-balancer driver whose `facts()` reads what it really serves (None: no traffic managed)."""
     programs: dict[str, ProgramFact] = {}
@@ -104,7 +104,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
 
         try:
             info = client.process_info()
-            added, changed, removed = client.reload_config()
+            added, changed, removed = (reload_config or client.reload_config)()
             pending = {**{n: "added" for n in added}, **{n: "changed" for n in changed}, **{n: "removed" for n in removed}}
             supervisor = "running"
         except SupervisorError as exc:

@@ -278,7 +278,12 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     lb = opts.lb
     if not frontends or lb is None:
         return
-    backends = tuple(f"program:{be.name}" for fe in frontends for be in fe.backends)
+    # Traffic may only move TO a backend whose program is in place and healthy: a backend whose weight
+    # grows (or that is new to the load balancer) is needed; one whose weight shrinks is not, so taking
+    # traffic away from a failing service is never blocked by its failure.
+    live = (facts.traffic or {}).get("weights") or {}
+    backends = tuple(f"program:{be.name}" for fe in frontends for be in fe.backends
+                     if be.weight > 0 and be.weight > live.get(fe.name, {}).get(be.name, -1))
     why = lb.drift(frontends, facts.traffic)
     if why:
         yield ConfigureTraffic("traffic:lb", why, backends + ("supervisor",), frontends=frontends)

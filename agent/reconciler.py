@@ -118,6 +118,7 @@ class Reconciler:
 
             self.verifier = SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
         self._drivers: Drivers | None = None
+        self._clean_files: int | None = None     # program files that supervisord had fully applied
 
     @property
     def drivers(self) -> "Drivers":
@@ -145,7 +146,7 @@ class Reconciler:
             from .load import LoadOptions, load_desired
 
             opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services,
-                               allow_chaos=self.settings.allow_chaos)
+                               allow_chaos=self.settings.allow_chaos, boundary=checkout)
             desired = load_desired(self._state_dir(checkout), self.settings.host, opts)
             self.desired_cache.put(key, desired)
         return self._staged(rev, desired)
@@ -168,8 +169,21 @@ class Reconciler:
 
     def facts(self) -> Facts:
         client = self.supervisor.running_client()
-        return collect(self.venvs, self.layout.envs, read_program_files(self.layout.programs), client, self.lb,
-                       read_verified(self.layout.verified))
+        files = read_program_files(self.layout.programs)
+        reload = None
+        if client is not None:
+            reload = lambda: self._reload_config(client, files)  # noqa: E731
+        return collect(self.venvs, self.layout.envs, files, client, self.lb, read_verified(self.layout.verified), reload)
+
+    def _reload_config(self, client, files: dict[str, str]):
+        """supervisord's view of pending changes; skipped when the program files are exactly those of the
+        last call that found nothing pending (supervisord re-parses every include on each call)."""
+        key = hash(tuple(sorted(files.items())))
+        if key == self._clean_files:
+            return [], [], []
+        pending = client.reload_config()
+        self._clean_files = key if not any(pending) else None
+        return pending
 
     # -- the reconcile ---------------------------------------------------------------------------
 
@@ -232,6 +246,8 @@ class Reconciler:
         if invalid:
             return Result("invalid", outcomes=outcomes, error=invalid_msg, drift=drift, **base)
         if failures:
+            rollouts = _fail_canaries(desired, rollouts, failures)
+            base["rollouts"] = rollouts
             msg = "; ".join(f"{o.action.describe()}: {o.message}" for o in failures if o.result == "failed")
             return Result("failed", outcomes=outcomes, error=msg, drift=drift, **base)
         if drift:
@@ -312,6 +328,20 @@ class Reconciler:
             save_status(self.layout.status_file, status)
         except OSError as exc:
             log.error("cannot write status %s: %s", self.layout.status_file, exc)
+
+
+def _fail_canaries(desired: DesiredState, rollouts: dict, failures) -> dict:
+    """A canary release that fails to start or fails its health gate ends the canary at 0%, for good
+    (until a commit changes the canary): it is not retried step by step."""
+    failed = {o.action.key for o in failures if o.result == "failed"}
+    out = dict(rollouts)
+    for app in desired.apps:
+        canary = app.traffic.canary if app.traffic else None
+        progress = out.get(app.name)
+        if canary and progress and progress["state"] == "progressing" and f"program:{canary.service}" in failed:
+            out[app.name] = {**progress, "state": "failed",
+                             "reason": "the canary release failed to start or failed its health gate; aborted to 0%"}
+    return out
 
 
 def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:

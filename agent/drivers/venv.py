@@ -298,6 +298,7 @@ class VenvManager:
     against other processes; the agent's root lock provides that."""
 
     def __init__(self, root: Path, retention: int = 3, *, timeout_s: float = 900.0):
+        self._installed: dict[Path, tuple[tuple[int, ...], dict[str, str]]] = {}   # path -> (site-packages mtimes, dists)
         if retention < 1:
             raise ValueError("retention must be >= 1")
         self.root = _normalized(root)
@@ -366,9 +367,20 @@ class VenvManager:
         pip/setuptools/wheel that `python -m venv` seeds are left out, unless the venv's marker says
         the lock pinned them (then they are content like any other).
         """
-        marker = _read_marker(Path(path)) or {}
+        path = Path(path)
+        try:   # any pip install/uninstall adds or removes a .dist-info dir: the dir's mtime moves
+            stamp = tuple(p.stat().st_mtime_ns for p in _site_packages(path))
+        except OSError:
+            stamp = None
+        cached = self._installed.get(path)
+        if stamp is not None and cached is not None and cached[0] == stamp:
+            return dict(cached[1])
+        marker = _read_marker(path) or {}
         locked = set((marker.get("packages") or {}).keys())
-        return {n: v for n, v in _distributions(Path(path)).items() if n not in SEEDED or n in locked}
+        found = {n: v for n, v in _distributions(path).items() if n not in SEEDED or n in locked}
+        if stamp is not None:
+            self._installed[path] = (stamp, found)
+        return dict(found)
 
     # ----- build -----
 
