@@ -41,6 +41,8 @@ class LoadOptions:
     default_installer: str = "pip"
     allow_root: bool = False
     allow_chaos: bool = False           # act on apps' `chaos:` blocks (else they are ignored, with a note)
+    boundary: Path | None = None        # paths may reach up to here (the checkout, when the state is a tier's
+                                        # subdirectory: tiers share one wheelhouse); default: the state dir
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,7 @@ def _environments(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOpti
     envs = []
     for name, spec in (doc.data.get("environments") or {}).items():
         here = ("environments", name)
-        lock = _inside(root, app_dir, spec["lockfile"])
+        lock = _inside(opts.boundary or root, app_dir, spec["lockfile"])
         if lock is None:
             out.add(doc, here + ("lockfile",), f"{spec['lockfile']!r} is absolute or escapes the state repo")
             continue
@@ -210,7 +212,7 @@ def _environments(doc: Located, root: Path, fleet_defaults: dict, opts: LoadOpti
             continue
         links = []
         for i, link in enumerate(spec.get("find_links", [])):
-            resolved = _inside(root, app_dir, link)
+            resolved = _inside(opts.boundary or root, app_dir, link)
             if resolved is None:
                 out.add(doc, here + ("find_links", i), f"{link!r} is absolute or escapes the state repo")
             elif not resolved.is_dir():

@@ -10,6 +10,7 @@ failed gate stays failed until a new commit changes the app.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -119,7 +120,8 @@ class Stager:
             app = None
             try:
                 rev = Revision(history[1][0], history[1][0], history[1][1], f"previous revision of {name}")
-                previous = load_desired(self.state_dir_of(rev), self.host, self.load_opts)
+                opts = dataclasses.replace(self.load_opts, boundary=self.source.checkout(rev))
+                previous = load_desired(self.state_dir_of(rev), self.host, opts)
                 app = next((a for a in previous.apps if a.name == name), None)
             except AgentError as exc:
                 log.warning("app %s: its previous revision %s cannot be loaded (%s): not deployed until due",
