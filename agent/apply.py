@@ -201,6 +201,11 @@ def _start_if_stopped(drivers: Drivers, name: str) -> None:
         drivers.client().start(name, wait=False)
 
 
+def _fields(action: Action, result: str) -> dict:
+    """Structured fields of an action's log line (JSON logs carry them as keys)."""
+    return {"action": action.kind, "resource": action.key, "reason": action.reason, "result": result}
+
+
 def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
     failed: set[str] = set()
     done: list[Action] = []
@@ -210,7 +215,7 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
         if blocked:
             failed.add(action.key)
             outcomes.append(Outcome(action, "skipped", f"{blocked[0]} failed"))
-            log.info("skip %s: %s failed", action.describe(), blocked[0])
+            log.info("skip %s: %s failed", action.describe(), blocked[0], extra=_fields(action, "skipped"))
             continue
         start = drivers.clock()
         try:
@@ -226,9 +231,10 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
                 if undo:
                     message += f" ({undo})"
             outcomes.append(Outcome(action, "failed", message, drivers.clock() - start))
-            log.error("%s failed: %s", action.describe(), message)
+            log.error("%s failed: %s (reason: %s)", action.describe(), message, action.reason,
+                      extra=_fields(action, "failed"))
             continue
         done.append(action)
         outcomes.append(Outcome(action, "ok", message, drivers.clock() - start))
-        log.info("%s: %s (reason: %s)", action.describe(), message, action.reason)
+        log.info("%s: %s (reason: %s)", action.describe(), message, action.reason, extra=_fields(action, "ok"))
     return tuple(outcomes)
