@@ -28,6 +28,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--retention", type=int, help="venvs kept per environment for instant rollback (default 3)")
     g.add_argument("--installer", choices=["pip", "uv"], help="default venv installer (default pip)")
     g.add_argument("--lb", choices=["haproxy", "nginx"], help="load balancer for traffic: (default haproxy)")
+    g.add_argument("--lb-config", help="drive a system load balancer: the config file it reads (the agent owns it)")
+    g.add_argument("--lb-reload", help="with --lb-config: the command that reloads or starts it")
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
@@ -109,6 +111,8 @@ def _print_result(result, as_json: bool) -> None:
     for action in result.drift:
         print(f"  [drift, not applied: warn mode] {action.describe()}  # {action.reason}")
     print(f"result: {result.result} in {result.seconds:.2f}s")
+    for app, listen in result.frontends:
+        print(f"{app}: open http://{listen}/")
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
 
@@ -222,7 +226,7 @@ def cmd_facts(args) -> int:
     layout = Layout(settings.root)
     handle = SupervisorHandle(settings.supervisor, layout)
     facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
-                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root),
+                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
                     read_verified(layout.verified))
     data = {"host": settings.host, "root": str(settings.root), **facts.to_json()}
     if args.json:

@@ -287,6 +287,8 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     why = lb.drift(frontends, facts.traffic)
     if why:
         yield ConfigureTraffic("traffic:lb", why, backends + ("supervisor",), frontends=frontends)
+    if not lb.managed:      # a system load balancer: its own service manager runs it
+        return
     key = f"program:{lb.program_name}"
     started = list(_program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
                                     ("traffic:lb", "supervisor"), startsecs=1))
@@ -330,7 +332,7 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
     actions.extend(_traffic_actions(desired, facts, opts))
 
     keep = set(desired.services)
-    if opts.lb is not None and frontends_of(desired):
+    if opts.lb is not None and opts.lb.managed and frontends_of(desired):
         keep.add(opts.lb.program_name)
     for name in sorted(set(facts.programs) - keep):
         actions.append(RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))

@@ -87,6 +87,7 @@ class Result:
     seconds: float = 0.0
     drift: tuple = ()                   # planned actions left unapplied (warn mode, or plan only)
     rollouts: dict | None = None        # canary progress per app after this reconcile
+    frontends: tuple = ()               # (app, listen address) of every traffic frontend
     new_commit: bool = False            # the revision differs from the last applied one
 
     @property
@@ -109,7 +110,7 @@ class Reconciler:
         self.desired_cache = DesiredCache(self.layout.state / "desired")
         self.venvs = VenvManager(self.layout.root, retention=settings.retention)
         self.load_key = (settings.installer, settings.allow_root_services, settings.allow_chaos)   # what LoadOptions the loader gets
-        self.lb = LoadBalancer(settings.lb, self.layout.root)
+        self.lb = LoadBalancer(settings.lb, self.layout.root, config=settings.lb_config, reload=settings.lb_reload)
         self.plan_opts = PlanOptions(self.layout, retention=settings.retention,
                                      embedded=self.supervisor.embedded is not None, lb=self.lb)
         self.verifier = None
@@ -231,7 +232,8 @@ class Reconciler:
         plan = make_plan(desired, facts, self.plan_opts)
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
-                    rollouts=rollouts)
+                    rollouts=rollouts,
+                    frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
         invalid_msg = invalid
         if not apply:
             outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")

@@ -26,6 +26,8 @@ class Settings:
     retention: int = 3                      # venvs kept per environment
     installer: str = "pip"                  # default for environments that do not say
     lb: str = "haproxy"                     # the load balancer for `traffic:`: haproxy | nginx (run under supervisord)
+    lb_config: str | None = None            # drive a system LB instead: the config file it reads ...
+    lb_reload: str | None = None            # ... and the command that reloads (or starts) it
     allow_root_services: bool = False
     health_wait_s: float = 30.0             # how long a (re)started service may take to become healthy
     listen: str = "127.0.0.1:9400"

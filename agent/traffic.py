@@ -6,7 +6,9 @@ The planner only calls the pure parts (`fingerprint`, `program_text`, `drift`); 
 
 from __future__ import annotations
 
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 from .errors import ConfigError
@@ -19,7 +21,12 @@ LB_KINDS = ("haproxy", "nginx")
 
 
 class LoadBalancer:
-    def __init__(self, kind: str, root: Path, binary: str | None = None):
+    """`config` + `reload`: drive a system load balancer (its config file, e.g. /etc/haproxy/haproxy.cfg,
+    and the command that reloads or starts it, e.g. `systemctl reload-or-restart haproxy`) instead of
+    running one under the agent's supervisord."""
+
+    def __init__(self, kind: str, root: Path, binary: str | None = None, config: str | None = None,
+                 reload: str | None = None):
         if kind not in LB_KINDS:
             raise ConfigError(f"lb must be one of {', '.join(LB_KINDS)}, not {kind!r}")
         self.kind = kind
@@ -34,6 +41,13 @@ class LoadBalancer:
             self.driver = NginxDriver(root, nginx_bin=binary or shutil.which("nginx") or "nginx")
             self.config_path = self.driver.config_path
         self.program_name = PROGRAM_NAME
+        self.managed = config is None
+        if config is not None:
+            if not reload:
+                raise ConfigError("--lb-config (a system load balancer) needs --lb-reload COMMAND")
+            self.config_path = self.driver.config_path = Path(config)
+            argv = shlex.split(reload)
+            self.driver.reload = lambda: _run_reload(argv)
 
     # -- pure ---------------------------------------------------------------------------------
 
@@ -76,9 +90,21 @@ class LoadBalancer:
 
     def apply(self, frontends: tuple[Frontend, ...]) -> str:
         applied = self.driver.apply(frontends)
+        if applied.action == "written" and not self.managed:   # a system LB that is down: start it, prove it
+            self.driver.reload()
+            self.driver.wait_live(frontends)
+            return f"{self.kind} (system) started with the desired frontends"
         changed = ", ".join(f"{fe}/{be} {old}->{new}" for fe, be, old, new in applied.changed)
         return f"{self.kind} {applied.action}" + (f": {changed}" if changed else "") + (f" ({applied.detail})" if applied.detail else "")
 
     def wait_live(self, frontends: tuple[Frontend, ...]) -> str:
         self.driver.wait_live(frontends)
         return f"{self.kind} serves the desired frontends"
+
+
+def _run_reload(argv: list[str]) -> None:
+    from .drivers.haproxy import LBError
+
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        raise LBError(f"reload command {argv[0]} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()[-300:]}")

@@ -236,3 +236,45 @@ def test_canary_release_failing_health_never_gets_traffic_and_ends_at_zero(state
     assert split(listen, 50) == {"1.0.0": 50}
     facts = json.loads(run_agent("facts", "--json", "--root", str(agent_root)).stdout)
     assert facts["traffic"]["weights"]["demo"]["web-green"] == 0
+
+
+def test_drives_a_system_haproxy_through_its_config_and_reload_command(tmp_path, state_repo, agent_root):
+    """--lb-config/--lb-reload: HAProxy run by 'the system' (here: started by the reload command itself,
+    like `systemctl reload-or-restart haproxy`), not by the agent's supervisord."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed")
+    system = tmp_path / "etc-haproxy"
+    system.mkdir()
+    cfg, pid = system / "haproxy.cfg", system / "haproxy.pid"
+    reload = system / "reload-or-restart"
+    reload.write_text(f"""#!/bin/sh
+if [ -f {pid} ] && kill -0 "$(cat {pid})" 2>/dev/null; then kill -USR2 "$(cat {pid})"
+else exec haproxy -W -D -p {pid} -f {cfg}; fi
+""")
+    reload.chmod(0o755)
+    listen = free_port()
+    two_colour_app(state_repo, listen, "  strategy: weighted\n  weights: {web-blue: 50, web-green: 50}\n")
+    state_repo.commit("system lb")
+    a = args(state_repo, agent_root, "haproxy") + ["--lb-config", str(cfg), "--lb-reload", str(reload)]
+    try:
+        proc = run_agent("once", *a)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert f"open http://127.0.0.1:{listen}/" in proc.stdout
+        assert "gitops-lb" not in run_agent("facts", "--root", str(agent_root)).stdout   # not under supervisord
+        seen = split(listen, 100)
+        assert seen["1.0.0"] and seen["2.0.0"], seen
+        app = state_repo.path / "apps/demo/app.yaml"
+        app.write_text(app.read_text().replace("web-blue: 50, web-green: 50", "web-blue: 0, web-green: 10"))
+        state_repo.commit("green only")
+        assert run_agent("once", *a).returncode == 0
+        assert split(listen, 20) == {"2.0.0": 20}
+        assert run_agent("plan", *a).returncode == 0
+    finally:
+        if pid.exists():
+            import os
+            import signal
+
+            try:
+                os.kill(int(pid.read_text().split()[0]), signal.SIGTERM)
+            except (OSError, ValueError):
+                pass
