@@ -278,3 +278,20 @@ else exec haproxy -W -D -p {pid} -f {cfg}; fi
                 os.kill(int(pid.read_text().split()[0]), signal.SIGTERM)
             except (OSError, ValueError):
                 pass
+
+
+def test_daemon_applies_a_weight_commit_within_one_poll_interval(request, tmp_path, state_repo, agent_root):
+    from daemon_helpers import start_daemon, wait_until
+
+    listen = free_port()
+    two_colour_app(state_repo, listen, "  strategy: canary\n  weights: {web-blue: 90, web-green: 10}\n")
+    state_repo.commit("90/10")
+    daemon = start_daemon(request, state_repo.url, agent_root, tmp_path, poll=30.0)
+    daemon.wait_value("gitops_agent_traffic_weight", lambda v: v == 10, 120, frontend="demo", backend="web-green")
+    app = state_repo.path / "apps/demo/app.yaml"
+    app.write_text(app.read_text().replace("web-blue: 90, web-green: 10", "web-blue: 50, web-green: 50"))
+    state_repo.commit("50/50")
+    started = time.monotonic()
+    daemon.wait_value("gitops_agent_traffic_weight", lambda v: v == 50, 30, frontend="demo", backend="web-green")
+    assert time.monotonic() - started < 30          # well inside one poll interval (the repo is watched)
+    wait_until(lambda: split(listen, 40)["2.0.0"] >= 10, 10, "the load balancer to serve 50/50")
