@@ -59,8 +59,12 @@ def test_once_converges_then_plan_is_empty_and_down_stops_everything(state_repo,
     # the service runs from the content-addressed venv the envs/ symlink points at
     link = agent_root / "envs" / "demo"
     assert link.is_symlink() and (link.resolve() / ".gitops-agent.json").is_file()
-    conf = (agent_root / "supervisor" / "programs" / "demo-web.conf").read_text()
+    conf_path = agent_root / "supervisor" / "programs" / "demo-web.conf"
+    conf = conf_path.read_text()
     assert str(link.resolve() / "bin" / "demoapp-server") in conf
+    # generated files are private: program files may carry secrets in their environment
+    assert conf_path.stat().st_mode & 0o777 == 0o600
+    assert (agent_root / "state" / "status.json").stat().st_mode & 0o777 == 0o600
 
     # embedded supervisord outlived `once`; a second run and plan see nothing to do
     code, plan = plan_json(state_repo, agent_root)

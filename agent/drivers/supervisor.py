@@ -534,7 +534,9 @@ def _tail(path: Path, nbytes: int = 2000) -> str:
 
 
 def write_program_file(include_dir: Path, name: str, text: str) -> None:
-    """Validate `text` as supervisord would, then atomically install it as <name>.conf (mode 0644).
+    """Validate `text` as supervisord would, then atomically install it as <name>.conf.
+
+    Mode 0600: a program's environment values may be secrets (supervisord runs as the agent's user).
 
     Why validate here: one unparsable include file makes every later `reloadConfig` fail (fault 92)
     for every program. The temp file is a dotfile ending in `.tmp`, outside the `*.conf` glob, so a
@@ -543,7 +545,7 @@ def write_program_file(include_dir: Path, name: str, text: str) -> None:
     _check_name(name)
     _validate_program_text(include_dir, name, text)
     Path(include_dir).mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(include_dir) / f"{name}.conf", text, 0o644)
+    _atomic_write(Path(include_dir) / f"{name}.conf", text, 0o600)
 
 
 def remove_program_file(include_dir: Path, name: str) -> None:
