@@ -92,6 +92,11 @@ def test_all_design_names_exist_with_their_labels():
         "gitops_agent_rollbacks": ("counter", ("service",)),
         "gitops_agent_service_up": ("gauge", ("service",)),
         "gitops_agent_traffic_weight": ("gauge", ("backend", "frontend")),
+        # fleet (docs/fleet.md): staged waves and chaos
+        "gitops_agent_wave_gate": ("gauge", ("app", "result", "wave")),
+        "gitops_agent_wave_due": ("gauge", ("app",)),
+        "gitops_agent_chaos_events": ("counter", ("app", "kind")),
+        "gitops_agent_chaos_recovery_seconds": ("histogram", ()),
     }
     assert set(families) == set(design)
     for name, (kind, labels) in design.items():
