@@ -39,6 +39,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allowed-signers", help="SSH allowed-signers file of trusted signers")
     g.add_argument("--require-fast-forward", action="store_const", const=True, default=None,
                    help="refuse a tracked ref whose history was rewritten (force-push)")
+    g.add_argument("--allow-chaos", action="store_const", const=True, default=None,
+                   help="act on apps' chaos: blocks (off by default: they are ignored with a note)")
     g.add_argument("--mode", choices=["enforce", "warn"], help="enforce (default): heal drift; warn: only report it")
     g.add_argument("--apply-commits", action="store_const", const=True, default=None,
                    help="in warn mode, still apply new commits")
@@ -62,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("state_path", metavar="PATH")
     validate.add_argument("--json", action="store_true")
     validate.add_argument("--allow-root-services", action="store_true")
+    validate.add_argument("--allow-chaos", action="store_true", help="check chaos: blocks as an agent that allows them")
+    validate.add_argument("--repo-root", help="paths may reach up to here (default: the git work tree holding PATH), "
+                                              "e.g. a tier directory sharing the repo's wheelhouse")
 
     status = sub.add_parser("status", help="applied revision, per-resource state, last error")
     _common(status)
@@ -76,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
     run.add_argument("--poll-interval", dest="poll_interval_s", type=float,
                      help="seconds between polls of the repo, jittered ±10%% (default 15)")
+    run.add_argument("--splay", type=float, help="random delay (0..SECONDS) before the first poll, so a fleet does "
+                                                 "not fetch at the same second")
 
     down = sub.add_parser("down", help="stop the embedded supervisord and everything it runs (state on disk kept)")
     _common(down)
@@ -168,7 +175,9 @@ def cmd_validate(args) -> int:
     if not root.is_dir():
         print(f"error: {root} is not a directory", file=sys.stderr)
         return EXIT_ERROR
-    problems = validate_tree(root, LoadOptions(allow_root=args.allow_root_services))
+    boundary = Path(args.repo_root) if args.repo_root else _work_tree(root)
+    problems = validate_tree(root, LoadOptions(allow_root=args.allow_root_services, allow_chaos=args.allow_chaos,
+                                               boundary=boundary.resolve() if boundary else None))
     if args.json:
         print(json.dumps({"valid": not problems, "problems": [p.__dict__ for p in problems]}, indent=2))
     else:
@@ -176,6 +185,14 @@ def cmd_validate(args) -> int:
             print(p)
         print(f"{root}: {'valid' if not problems else f'{len(problems)} problem(s)'}")
     return EXIT_ERROR if problems else EXIT_OK
+
+
+def _work_tree(path: Path) -> Path | None:
+    """The git work tree holding `path` (tiers may share files above their own directory), if any."""
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", str(path), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    return Path(proc.stdout.strip()) if proc.returncode == 0 and proc.stdout.strip() else None
 
 
 def cmd_status(args) -> int:

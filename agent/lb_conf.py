@@ -309,7 +309,10 @@ def render_nginx(frontends: Iterable[Frontend], *, prefix: str, version: str) ->
         if live:
             out.append(f"    upstream {pool} {{\n")
             for be in fe.backends:
-                how = f"weight={be.weight}" if be.weight > 0 else "down"
+                # max_fails=0: a backend that refused a connection is not shunned for fail_timeout (10 s by
+                # default: a restarted service would get "no live upstreams" 502s long after it is back);
+                # proxy_next_upstream already retries the next server on a refused connection.
+                how = f"weight={be.weight} max_fails=0" if be.weight > 0 else "down"
                 out.append(f"        server {be.address} {how};  # backend={be.name}\n")
             out.append("        keepalive 16;\n    }\n")
         else:  # nothing to proxy to: no upstream (nginx refuses weight=0); say what the weights are

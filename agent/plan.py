@@ -310,7 +310,7 @@ def _prune(desired: str, complete: tuple[str, ...], incomplete: tuple[str, ...],
 def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
     """The ordered actions that take `facts` to `desired`: venvs, programs, health, removals, pruning."""
     actions: list[Action] = []
-    notes = []
+    notes = list(desired.notes)
     if not desired.known_host:
         notes.append(f"host {desired.host!r} is not listed in fleet.yaml; only apps without a host selector apply")
     supervisor_up = facts.supervisor == "running"

@@ -36,11 +36,6 @@ def get(port: int) -> bool:
         return False
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "finding of this test: nginx's passive checks (default max_fails=1 fail_timeout=10s) take a backend out for "
-    "10 s after ONE refused connection; two kills within 10 s (one per backend) leave 'no live upstreams' (502) "
-    "although both programs are RUNNING again after ~2 s. Fix in lb_conf.py: fail_timeout=1s (or max_fails=0) "
-    "on each upstream server; then remove this xfail."))
 def test_chaos_kills_are_healed_and_nginx_loses_no_requests(request, monkeypatch, state_repo, agent_root, tmp_path):
     if shutil.which("nginx") is None:
         pytest.skip("nginx is not installed")

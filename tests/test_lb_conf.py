@@ -83,8 +83,8 @@ def test_nginx_is_a_complete_foreground_config_under_the_prefix():
     assert "daemon off;\n" in text
     assert f"pid {PREFIX}/nginx.pid;" in text and f"error_log {PREFIX}/logs/error.log" in text
     assert all(f"{PREFIX}/tmp/" in line for line in text.splitlines() if "_temp_path" in line)
-    assert "        server 127.0.0.1:8101 weight=90;  # backend=blue\n" in text
-    assert "        server 127.0.0.1:8102 weight=10;  # backend=green\n" in text
+    assert "        server 127.0.0.1:8101 weight=90 max_fails=0;  # backend=blue\n" in text
+    assert "        server 127.0.0.1:8102 weight=10 max_fails=0;  # backend=green\n" in text
     assert f"listen unix:{PREFIX}/control.sock;" in text
     assert text.count(f'location = {VERSION_PATH} {{ default_type text/plain; return 200 "v1\\n"; }}') == 2
     assert parse_weights(text) == {"app": {"blue": 90, "green": 10}}
@@ -94,7 +94,7 @@ def test_nginx_is_a_complete_foreground_config_under_the_prefix():
     ((5, 0), ["server 127.0.0.1:8102 down;  # backend=green", "proxy_pass http://gitops__app;"], ["weight=0"]),
     ((0, 0), ["location / { return 503; }", "# backend=blue weight=0", "# backend=green weight=0"],
      ["upstream gitops__app", "weight=0;"]),
-    ((256, 1), ["weight=256;", "weight=1;"], ["down;"]),
+    ((256, 1), ["weight=256 max_fails=0;", "weight=1 max_fails=0;"], ["down;"]),
 ])
 def test_nginx_weight_zero(weights, expected_lines, absent):
     text = render_nginx([fe(*weights)], prefix=PREFIX, version="v")

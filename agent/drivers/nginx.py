@@ -39,7 +39,7 @@ _SOCKET_PATH_MAX = 107
 _POLL = 0.02
 _VERSION_RE = re.compile(r'return 200 "([A-Za-z0-9._-]*)\\n";')
 _FRONTEND_RE = re.compile(r"^    # frontend=(\S+)$")
-_SERVER_RE = re.compile(r"^        server (\S+) (?:weight=(\d+)|down);  # backend=(\S+)$")
+_SERVER_RE = re.compile(r"^        server (\S+) (?:weight=(\d+)(?: max_fails=0)?|down);  # backend=(\S+)$")
 _ZERO_RE = re.compile(r"^    # backend=(\S+) weight=0$")
 
 
