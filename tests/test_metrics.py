@@ -98,7 +98,7 @@ def test_all_design_names_exist_with_their_labels():
         "gitops_agent_chaos_events": ("counter", ("app", "kind")),
         "gitops_agent_chaos_recovery_seconds": ("histogram", ()),
     }
-    assert set(families) == set(design)
+    assert set(design) <= set(families)                  # DESIGN §5 names; later issues add more (waves, chaos)
     for name, (kind, labels) in design.items():
         assert families[name][0] == kind, name
         assert families[name][1] <= {labels}, (name, families[name][1])      # no other label set (empty: not set yet)
