@@ -25,29 +25,44 @@ class LoadBalancer:
     and the command that reloads or starts it, e.g. `systemctl reload-or-restart haproxy`) instead of
     running one under the agent's supervisord."""
 
+    # the drivers' PROGRAM_NAME and config paths, known here without importing them (a no-op without
+    # traffic must not pay for the driver modules); `driver` checks they agree.
+    _PROGRAMS = {"haproxy": "gitops-lb-haproxy", "nginx": "gitops-lb-nginx"}
+    _CONFIGS = {"haproxy": "lb/haproxy.cfg", "nginx": "lb/nginx/nginx.conf"}
+
     def __init__(self, kind: str, root: Path, binary: str | None = None, config: str | None = None,
                  reload: str | None = None):
         if kind not in LB_KINDS:
             raise ConfigError(f"lb must be one of {', '.join(LB_KINDS)}, not {kind!r}")
-        self.kind = kind
-        if kind == "haproxy":
-            from .drivers.haproxy import PROGRAM_NAME, HAProxyDriver
-
-            self.driver = HAProxyDriver(root, haproxy_bin=binary or shutil.which("haproxy") or "haproxy")
-            self.config_path = self.driver.config_path
-        else:
-            from .drivers.nginx import PROGRAM_NAME, NginxDriver
-
-            self.driver = NginxDriver(root, nginx_bin=binary or shutil.which("nginx") or "nginx")
-            self.config_path = self.driver.config_path
-        self.program_name = PROGRAM_NAME
+        if config is not None and not reload:
+            raise ConfigError("--lb-config (a system load balancer) needs --lb-reload COMMAND")
+        self.kind, self.root, self.binary = kind, Path(root), binary
+        self.program_name = self._PROGRAMS[kind]
         self.managed = config is None
-        if config is not None:
-            if not reload:
-                raise ConfigError("--lb-config (a system load balancer) needs --lb-reload COMMAND")
-            self.config_path = self.driver.config_path = Path(config)
-            argv = shlex.split(reload)
-            self.driver.reload = lambda: _run_reload(argv)
+        self.config_path = Path(config) if config else self.root / self._CONFIGS[kind]
+        self._reload_argv = shlex.split(reload) if reload else None
+        self._driver = None
+
+    @property
+    def driver(self):
+        if self._driver is None:
+            if self.kind == "haproxy":
+                from .drivers.haproxy import PROGRAM_NAME, HAProxyDriver
+
+                driver = HAProxyDriver(self.root, haproxy_bin=self.binary or shutil.which("haproxy") or "haproxy")
+            else:
+                from .drivers.nginx import PROGRAM_NAME, NginxDriver
+
+                driver = NginxDriver(self.root, nginx_bin=self.binary or shutil.which("nginx") or "nginx")
+            assert PROGRAM_NAME == self.program_name
+            if self.managed:
+                assert driver.config_path == self.config_path
+            else:
+                driver.config_path = self.config_path
+                argv = self._reload_argv
+                driver.reload = lambda: _run_reload(argv)
+            self._driver = driver
+        return self._driver
 
     # -- pure ---------------------------------------------------------------------------------
 
