@@ -387,7 +387,7 @@ def test_nginx_facts_show_a_hand_edit(backends, lb_root):
     port = free_port()
     driver = NginxDriver(lb_root, nginx_bin=NGINX)
     start(driver, lb_root, frontend(backends, f"127.0.0.1:{port}", 90, 10))
-    text = driver.config_path.read_text().replace("weight=10;", "weight=40;")
+    text = driver.config_path.read_text().replace("weight=10 max_fails=0;", "weight=40 max_fails=0;")
     driver.config_path.write_text(text)
     os.kill(int(driver.pid_path.read_text()), signal.SIGHUP)
     time.sleep(0.3)

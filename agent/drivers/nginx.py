@@ -20,13 +20,13 @@ import http.client
 import os
 import re
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.drivers._unixhttp import UnixHTTPConnection
 from agent.drivers.haproxy import Applied, LBError, _master_pid, _read
 from agent.fsutil import atomic_write
 from agent.lb_conf import NGINX_CONTROL_SOCKET, VERSION_PATH, Frontend, nginx_version, render_nginx, validate
@@ -41,22 +41,6 @@ _VERSION_RE = re.compile(r'return 200 "([A-Za-z0-9._-]*)\\n";')
 _FRONTEND_RE = re.compile(r"^    # frontend=(\S+)$")
 _SERVER_RE = re.compile(r"^        server (\S+) (?:weight=(\d+)(?: max_fails=0)?|down);  # backend=(\S+)$")
 _ZERO_RE = re.compile(r"^    # backend=(\S+) weight=0$")
-
-
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
 
 
 def parse_weights(text: str) -> dict[str, dict[str, int]]:
@@ -178,7 +162,7 @@ class NginxDriver:
 
     def live_version(self) -> str | None:
         """The version the running nginx answers on its control socket; None if it does not answer."""
-        conn = _UnixHTTPConnection(str(self.control_socket), timeout=2.0)
+        conn = UnixHTTPConnection(str(self.control_socket), timeout=2.0)
         try:
             conn.request("GET", VERSION_PATH)
             resp = conn.getresponse()

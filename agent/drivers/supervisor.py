@@ -14,7 +14,6 @@ import http.client
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +23,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from agent.drivers._unixhttp import UnixHTTPConnection
 from agent.errors import ConfigError, SupervisorError
 from agent.supervisor_conf import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
 
@@ -67,24 +67,6 @@ log = logging.getLogger("gitops_agent.supervisor")
 # --- XML-RPC over a unix socket -------------------------------------------------------------------
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """An HTTPConnection whose socket is a unix stream socket (supervisord's `[unix_http_server]`)."""
-
-    def __init__(self, path: str, timeout: float):
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class _UnixTransport(xmlrpc.client.Transport):
     """One connection per transport; a transport per call keeps clients thread-safe and simple."""
 
@@ -95,7 +77,7 @@ class _UnixTransport(xmlrpc.client.Transport):
 
     def make_connection(self, host: Any) -> http.client.HTTPConnection:
         if self._connection[1] is None:
-            self._connection = (host, _UnixHTTPConnection(self._path, self._timeout))
+            self._connection = (host, UnixHTTPConnection(self._path, self._timeout))
         return self._connection[1]
 
 
