@@ -120,6 +120,8 @@ class Reconciler:
             self.verifier = SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
         self._drivers: Drivers | None = None
         self._clean_files: int | None = None     # program files that supervisord had fully applied
+        self.stager = None                       # staged waves, created for the first app that has them
+        self.last_desired: DesiredState | None = None
 
     @property
     def drivers(self) -> "Drivers":
@@ -155,8 +157,8 @@ class Reconciler:
     def _staged(self, rev: Revision, desired: DesiredState) -> DesiredState:
         """Staged waves (agent/waves.py, agent/staging.py): apps whose newest change is not due on this host
         yet keep their previous revision. Also remembered for the daemon's chaos timer and metrics."""
-        if any(a.rollout for a in desired.apps) or getattr(self, "stager", None) is not None:
-            if getattr(self, "stager", None) is None:
+        if any(a.rollout for a in desired.apps) or self.stager is not None:
+            if self.stager is None:
                 from .load import LoadOptions
                 from .staging import Stager
 
@@ -234,10 +236,9 @@ class Reconciler:
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
                     rollouts=rollouts,
                     frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
-        invalid_msg = invalid
         if not apply:
             outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
-            return Result(outcome, error=invalid_msg, drift=plan.actions, **base)
+            return Result(outcome, error=invalid, drift=plan.actions, **base)
         todo, drift = self._split_by_mode(plan, desired, new_commit)
         outcomes = ()
         if todo:
@@ -246,7 +247,7 @@ class Reconciler:
             outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
         failures = [o for o in outcomes if o.result != "ok"]
         if invalid:
-            return Result("invalid", outcomes=outcomes, error=invalid_msg, drift=drift, **base)
+            return Result("invalid", outcomes=outcomes, error=invalid, drift=drift, **base)
         if failures:
             rollouts = _fail_canaries(desired, rollouts, failures)
             base["rollouts"] = rollouts
