@@ -59,6 +59,8 @@ class Schedule:
     jitter: float = 0.1
     rng: random.Random = field(default_factory=random.Random)
     echo_window_s: float = 0.05                  # events first seen up to this long after a run ended are its echo
+    recheck_s: float = 1.0                       # a dropped echo still earns one timed run this soon: a real
+                                                 # hand change hidden in an echo is seen within ~1 s, not a poll
     failure_trigger_floor_s: float = 1.0
 
     def __post_init__(self) -> None:
@@ -90,6 +92,8 @@ class Schedule:
         if self.last_end is not None and since <= self.last_end + self.echo_window_s:
             if self.last_followup and self.last_applied:
                 self.dropped += 1
+                if not self.failures:        # while failing, the backoff decides when to look again
+                    self.next_at = min(self.next_at, now + self.recheck_s)
                 return False
             self.pending.add(source)
             return True
@@ -130,6 +134,8 @@ class Schedule:
         if self.during:
             if self.current_followup and applied:
                 self.dropped += 1
+                if ok:
+                    self.next_at = min(self.next_at, now + self.recheck_s)
             else:
                 self.pending |= self.during
             self.during.clear()
@@ -153,10 +159,10 @@ class Runtime:
         with self._cond:
             if self._stopping:
                 return
-            if self.schedule.trigger(self._clock(), source, since, until):
-                self._cond.notify()
-            else:
-                log.debug("%s trigger dropped: already seen by a later run, or the echo of a follow-up apply", source)
+            if not self.schedule.trigger(self._clock(), source, since, until):
+                log.debug("%s trigger dropped: already seen by a later run, or the echo of a follow-up apply "
+                          "(a recheck may still be scheduled)", source)
+            self._cond.notify()   # wake the loop either way: a dropped echo may have moved the next run closer
 
     def on_watch(self, sources: frozenset[str], since: float, until: float) -> None:
         """The watcher's callback: one trigger per batch (repo wins: it may end a backoff)."""

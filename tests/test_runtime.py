@@ -234,3 +234,16 @@ def test_stop_lets_the_current_run_finish_and_takes_no_more_triggers(loop):
     fake.gate.set()
     th.join(5)
     assert not th.is_alive() and fake.calls == 1 and rt.runs == 1
+
+
+def test_a_dropped_echo_of_a_healthy_run_still_earns_a_recheck_within_a_second():
+    """A hand change landing in the echo window of a follow-up that applied is not left to the poll."""
+    s = schedule()
+    s.trigger(0.0, "host", since=-1.0)
+    s.start(0.0)
+    s.trigger(0.5, "host", since=0.4)
+    s.finish(1.0, ok=True, applied=True)
+    assert s.start(1.0) == "host (follow-up)"
+    s.finish(1.2, ok=True, applied=True)
+    assert s.trigger(1.21, "host", since=1.21) is False        # dropped as the follow-up's echo...
+    assert 0 < s.due_in(1.21) <= s.recheck_s                    # ...but looked at again within recheck_s
