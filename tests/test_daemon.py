@@ -147,7 +147,7 @@ def test_warn_mode_reports_drift_and_heals_nothing_and_an_invalid_commit_keeps_t
     # an invalid commit is flagged; the last good revision stays applied, the service is untouched
     supervisor(agent_root).start(PROGRAM)
     assert wait_until(lambda: service_answers(port), 10, "service back")
-    state_repo.write(f"apps/demo/app.yaml", "apiVersion: gitops-agent/v1\nkind: App\nname: demo\nnonsense: 1\n")
+    state_repo.write("apps/demo/app.yaml", "apiVersion: gitops-agent/v1\nkind: App\nname: demo\nnonsense: 1\n")
     bad = state_repo.commit("broken")
     d.wait_value("gitops_agent_revision_invalid", lambda v: v == 1, 10, "invalid flagged")
     assert d.value("gitops_agent_applied_revision_info", revision=sha) == 1

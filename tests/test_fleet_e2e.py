@@ -119,7 +119,7 @@ def app_yaml(ports: dict[str, int], prom: str, query: str, after: int) -> str:
                   f'    set: {{services.demo-web.port: {p}, "services.demo-web.command.2": "{p}", '
                   f'services.demo-web.health.http: "http://127.0.0.1:{p}/healthz"}}']
     lines += ["rollout:", "  waves:", "    - hosts: {groups: [canary]}",
-              f'    - percent: 100', f"      after: {after}",
+              '    - percent: 100', f"      after: {after}",
               f'      gate: {{prometheus: "{prom}", query: "{query}", expect: "< 0.05", on_no_data: pause}}']
     return "\n".join(lines) + "\n"
 

@@ -82,7 +82,7 @@ INVALID = {
     "only sha512": (f"requests==2.31.0 --hash=sha512:{H512}\n", [(1, "requests", "sha256 hash")]),
     "md5 hash": (f"requests==2.31.0 --hash=md5:{'a' * 32}\n",
                  [(1, "requests", "algorithm"), (1, "requests", "sha256 hash")]),
-    "short hash": (f"requests==2.31.0 --hash=sha256:abc\n", [(1, "requests", "64 hex")]),
+    "short hash": ("requests==2.31.0 --hash=sha256:abc\n", [(1, "requests", "64 hex")]),
     "url requirement": (f"pkg @ https://example.com/pkg-1.0.whl --hash=sha256:{H1}\n", [(1, "pkg", "URL")]),
     "path": (f"./vendor/pkg-1.0-py3-none-any.whl --hash=sha256:{H1}\n", [(1, "", "paths and archives")]),
     "editable": ("-e ./src\n", [(1, "", "editable")]),

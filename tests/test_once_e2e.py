@@ -6,7 +6,6 @@ Each test drives the `gitops-agent` CLI as a user would and checks what the host
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import urllib.request
 from pathlib import Path

@@ -209,7 +209,6 @@ def _problems_are_located(problems, files=(APP_FILE, "apps/demo/demo.lock", "fle
 
 def _check_valid_load(state: Path, doc: dict) -> None:
     desired = load_desired(state, "h1")
-    app = next(iter(desired.apps), None)
     targeted = "hosts" not in doc or doc["hosts"].get("groups") == ["web"] or "h1" in doc["hosts"].get("names", [])
     if not targeted:
         assert desired.apps == ()
