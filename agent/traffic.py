@@ -105,8 +105,10 @@ class LoadBalancer:
 
     def apply(self, frontends: tuple[Frontend, ...]) -> str:
         applied = self.driver.apply(frontends)
-        if applied.action == "written" and not self.managed:   # a system LB that is down: start it, prove it
-            self.driver.reload()
+        if applied.action == "written":
+            if self.managed:   # its supervisord program is started next, then verified live
+                return f"{self.kind} config written; {self.kind} starts next"
+            self.driver.reload()   # a system LB that is down: start it, prove it
             self.driver.wait_live(frontends)
             return f"{self.kind} (system) started with the desired frontends"
         changed = ", ".join(f"{fe}/{be} {old}->{new}" for fe, be, old, new in applied.changed)
