@@ -71,3 +71,36 @@ def test_chaos_kills_are_healed_and_nginx_loses_no_requests(request, monkeypatch
     print(f"chaos: {int(kills)} kills over {RUN_S:.0f}s, {int(recovered)} back, mean recovery "
           f"{total_s / recovered:.2f}s, slowest {slowest:.2f}s; requests ok {ok}, failed {failed}")
     assert ok > 100 and failed <= LOSS_BUDGET * (ok + failed), (ok, failed, ERRORS)
+
+
+def test_chaos_disables_haproxy_backends_and_they_come_back(request, monkeypatch, state_repo, agent_root, tmp_path):
+    """disable_backend: a random backend's weight goes to 0 for a while (HAProxy runtime API), each event is
+    counted, and the weights come back (restored by the monkey, or healed as drift by the next reconcile)."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed")
+    a, b, listen = free_port(), free_port(), free_port()
+    state_repo.app(services={"demo-a": {"port": a}, "demo-b": {"port": b}},
+                   extra=f'traffic:\n  listen: "127.0.0.1:{listen}"\n  weights: {{demo-a: 50, demo-b: 50}}\n'
+                         "chaos:\n  disable_backend: {rate_per_hour: 3600, duration: 1s}\n")
+    state_repo.commit("demo with backend chaos")
+    monkeypatch.setenv("GITOPS_AGENT_ALLOW_CHAOS", "1")
+    d = start_daemon(request, state_repo.url, agent_root, tmp_path, poll=2.0)
+    d.wait_ready(90)
+    wait_until(lambda: get(listen), 30, "frontend serving", d.log)
+    from agent.drivers.haproxy import HAProxyRuntime
+
+    runtime = HAProxyRuntime(agent_root / "lb" / "haproxy.sock")
+    seen_zero = False
+    ok = failed = 0
+    deadline = time.monotonic() + RUN_S
+    while time.monotonic() < deadline:
+        weights = {s: runtime.get_weight("demo", s) for s in ("demo-a", "demo-b")}
+        seen_zero = seen_zero or 0 in weights.values()
+        assert any(weights.values()), weights          # never both at once: a drill, not an outage
+        ok, failed = (ok + 1, failed) if get(listen) else (ok, failed + 1)
+        time.sleep(0.02)
+    events = d.value("gitops_agent_chaos_events_total", app="demo", kind="disable_backend") or 0
+    assert events >= 1 and seen_zero, d.log_text()[-3000:]
+    wait_until(lambda: all(runtime.get_weight("demo", s) == 50 for s in ("demo-a", "demo-b")), 10,
+               "both backends back at weight 50", d.log)
+    assert failed == 0, (ok, failed, ERRORS)           # HAProxy drains a weight-0 server without errors
