@@ -76,6 +76,7 @@ class Stager:
                 apps.append(previous)
         self.due = due
         self._save_records(records)
+        _check_mixed(apps)
         return DesiredState.of(desired.host, tuple(apps), desired.known_host, tuple(notes))
 
     # -- steps ---------------------------------------------------------------------------------------
@@ -142,3 +143,25 @@ class Stager:
             atomic_write(self.state_file, json.dumps(records, indent=1, sort_keys=True))
         except OSError as exc:
             log.error("cannot write %s: %s", self.state_file, exc)
+
+
+def _check_mixed(apps: list[App]) -> None:
+    """Apps at different revisions (some kept back by their wave) may still not share a host's names:
+    each revision was validated alone, so a new app taking a port a kept-back app still holds is caught
+    here, and the revision is refused on this host (the last good one stays) until the waves line up."""
+    from .errors import InvalidState, Problem
+
+    claims: dict[tuple[str, object], str] = {}
+    problems = []
+    for app in apps:
+        owned = [("service", s.name) for s in app.services] + [("environment", e.name) for e in app.environments]
+        owned += [("port", s.port) for s in app.services if s.port is not None]
+        if app.traffic is not None:
+            owned.append(("listen address", app.traffic.listen))
+        for kind, key in owned:
+            other = claims.setdefault((kind, key), app.name)
+            if other != app.name:
+                problems.append(Problem(f"apps/{app.name}/app.yaml", None, kind,
+                                        f"{kind} {key!r} is also held by app {other!r} at its kept-back wave revision"))
+    if problems:
+        raise InvalidState(problems)

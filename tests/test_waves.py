@@ -101,3 +101,16 @@ def test_a_new_app_is_absent_until_due(state_repo, tmp_path):
     staged = stager.stage(rev, load_desired(source.checkout(rev), "h1"))
     assert staged.apps == () and "not deployed until then" in staged.notes[-1]
     source.close()
+
+
+def test_apps_at_mixed_wave_revisions_may_not_share_a_port():
+    from agent.errors import InvalidState
+    from agent.model import App, Service
+    from agent.staging import _check_mixed
+
+    def app(name, port):
+        return App(name, None, (), (Service(name, f"{name}-web", "e", ("x",), port=port),))
+
+    _check_mixed([app("a", 8001), app("b", 8002)])
+    with pytest.raises(InvalidState, match="port 8001 is also held by app 'a'"):
+        _check_mixed([app("a", 8001), app("b", 8001)])
