@@ -98,3 +98,36 @@ def start_daemon(request, repo_url: str, root: Path, tmp_path: Path, *extra: str
     request.addfinalizer(d.stop)
     return d
 
+
+
+def start_prometheus(request, tmp_path: Path, config: str) -> str:
+    """A real Prometheus (Debian's package) on a free 127.0.0.1 port with `config`, stopped by a finalizer;
+    returns its base URL. Skips the test when the binary is not installed."""
+    import shutil
+
+    import pytest
+
+    exe = shutil.which("prometheus")
+    if exe is None:
+        pytest.skip("the prometheus binary is not installed (Debian package `prometheus`)")
+    web = free_port()
+    conf = tmp_path / "prometheus.yml"
+    conf.write_text(config)
+    log = open(tmp_path / "prometheus.log", "wb")
+    proc = subprocess.Popen([exe, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                             f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"],
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def stop():
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+        log.close()
+
+    request.addfinalizer(stop)
+    base = f"http://127.0.0.1:{web}"
+    wait_until(lambda: http_get(base + "/-/ready")[0] == 200, 30, "prometheus ready", tmp_path / "prometheus.log")
+    return base

@@ -9,7 +9,6 @@ wave for good, and a new commit whose gate passes rolling out everywhere.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import time
 import urllib.request
@@ -17,7 +16,7 @@ import urllib.request
 import pytest
 
 from conftest import StateRepo, free_port, git, run_agent
-from daemon_helpers import http_get, wait_until
+from daemon_helpers import start_prometheus
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -54,30 +53,7 @@ def git_daemon(request, tmp_path):
 
 @pytest.fixture
 def prometheus(request, tmp_path):
-    exe = shutil.which("prometheus")
-    if exe is None:
-        pytest.skip("the prometheus binary is not installed (Debian package `prometheus`)")
-    web = free_port()
-    conf = tmp_path / "prometheus.yml"
-    conf.write_text("global: {scrape_interval: 15s}\nscrape_configs: []\n")
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([exe, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"], stdout=log,
-                            stderr=subprocess.STDOUT)
-
-    def stop():
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-
-    request.addfinalizer(stop)
-    base = f"http://127.0.0.1:{web}"
-    wait_until(lambda: http_get(base + "/-/ready")[0] == 200, 30, "prometheus ready", tmp_path / "prometheus.log")
-    return base
+    return start_prometheus(request, tmp_path, "global: {scrape_interval: 15s}\nscrape_configs: []\n")
 
 
 @pytest.fixture

@@ -3,52 +3,28 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 import urllib.parse
 
 import pytest
 
 from conftest import free_port
-from daemon_helpers import http_get, start_daemon, wait_until
+from daemon_helpers import http_get, start_daemon, start_prometheus, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
-PROMETHEUS = shutil.which("prometheus")
 PROGRAM = "demo-web"
 
 
 @pytest.fixture
 def prometheus(request, tmp_path):
     """Start Prometheus scraping 127.0.0.1:<port> every second; returns (scrape port, query function)."""
-    if PROMETHEUS is None:
-        pytest.skip("the prometheus binary is not installed (Debian package `prometheus`)")
     target = free_port()
-    web = free_port()
-    conf = tmp_path / "prometheus.yml"
-    conf.write_text(
-        "global: {scrape_interval: 1s, evaluation_interval: 1s, scrape_timeout: 900ms}\n"
-        "scrape_configs:\n"
-        "  - job_name: gitops-agent\n"
-        f"    static_configs: [{{targets: ['127.0.0.1:{target}']}}]\n")
-    log = open(tmp_path / "prometheus.log", "wb")
-    proc = subprocess.Popen([PROMETHEUS, f"--config.file={conf}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{web}", "--log.level=warn"],
-                            stdout=log, stderr=subprocess.STDOUT)
-
-    def stop():
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-        log.close()
-
-    request.addfinalizer(stop)
-    base = f"http://127.0.0.1:{web}"
-    wait_until(lambda: http_get(base + "/-/ready")[0] == 200, 30, "prometheus ready", tmp_path / "prometheus.log")
+    base = start_prometheus(request, tmp_path,
+                            "global: {scrape_interval: 1s, evaluation_interval: 1s, scrape_timeout: 900ms}\n"
+                            "scrape_configs:\n"
+                            "  - job_name: gitops-agent\n"
+                            f"    static_configs: [{{targets: ['127.0.0.1:{target}']}}]\n")
 
     def query(promql: str) -> list[dict]:
         code, body = http_get(base + "/api/v1/query?" + urllib.parse.urlencode({"query": promql}))

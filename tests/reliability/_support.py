@@ -7,13 +7,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Callable
 
 from conftest import REPO_ROOT, free_port, run_agent
+from daemon_helpers import wait_until  # noqa: F401 (re-exported for the reliability tests)
 
 __all__ = ["http_get", "get_text", "agent_args", "once", "status", "programs", "wait_until", "Daemon", "metric"]
 
@@ -56,21 +55,6 @@ def programs(root: Path) -> dict[str, dict]:
     from agent.drivers.supervisor import EmbeddedSupervisor
 
     return EmbeddedSupervisor(root).client(timeout=10).process_info()
-
-
-def wait_until(pred: Callable[[], object], timeout: float, what: str, log: Path | None = None, step: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = pred()
-        except OSError:
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            tail = log.read_text(errors="replace")[-4000:] if log is not None and log.exists() else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n--- log ---\n{tail}")
-        time.sleep(step)
 
 
 def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
