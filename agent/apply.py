@@ -18,7 +18,7 @@ from .facts import text_digest
 from .fsutil import atomic_write
 from .layout import Layout
 from .plan import (
-    Action, BuildVenv, CheckHealth, ConfigureTraffic, EnsureSupervisor, VerifyTraffic, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
+    Action, AwaitRunning, BuildVenv, CheckHealth, ConfigureTraffic, EnsureSupervisor, VerifyTraffic, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
     RepairVenv, RestartProgram, StartProgram, SwitchVenv, UpdateProgram, WriteProgram,
 )
 
@@ -86,6 +86,15 @@ def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
         drivers.sleep(0.05)
 
 
+def _started(drivers: Drivers, action: UpdateProgram | StartProgram | RestartProgram) -> str:
+    """Ungated: wait for RUNNING here. Gated: its health check decides, and AwaitRunning (planned
+    last) confirms startsecs, so a restart is not held up a whole startsecs before it gets traffic."""
+    if action.gated:
+        return ", starting (health gate next)"
+    _wait_running(drivers, action.name, action.startsecs)
+    return ", running"
+
+
 def _raise_if_dead(client, name: str, info: dict | None) -> None:
     state = info.get("statename") if info else None
     if state in ("FATAL", "EXITED", "STOPPED", "BACKOFF") and info is not None:
@@ -103,9 +112,9 @@ def _check_health(drivers: Drivers, action: CheckHealth) -> str:
         if ok:
             return seen
         probes += 1
-        if probes % 5 == 0:            # a crashed program will not turn healthy: say why, at once
-            _raise_if_dead(drivers.client(), action.name, drivers.client().process_info().get(action.name))
-        drivers.sleep(0.05 if probes < 20 else 0.2)
+        client = drivers.client()      # a crashed program will not turn healthy: say why, at once
+        _raise_if_dead(client, action.name, client.process_info().get(action.name))
+        drivers.sleep(0.01 if probes < 10 else 0.05 if probes < 30 else 0.2)
     raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
 
@@ -139,21 +148,21 @@ def _run(action: Action, drivers: Drivers) -> str:
     if isinstance(action, UpdateProgram):
         done = drivers.client().update([action.name])
         _start_if_stopped(drivers, action.name)   # unchanged config but a stopped program: start it
-        _wait_running(drivers, action.name, action.startsecs)
-        return done.get(action.name, "unchanged") + ", running"
+        return done.get(action.name, "unchanged") + _started(drivers, action)
     if isinstance(action, StartProgram):
         drivers.client().start(action.name, wait=False)
-        _wait_running(drivers, action.name, action.startsecs)
-        return "started"
+        return "started" + _started(drivers, action)
     if isinstance(action, RestartProgram):
         drivers.client().stop(action.name)
         drivers.client().start(action.name, wait=False)
-        _wait_running(drivers, action.name, action.startsecs)
-        return "restarted"
+        return "restarted" + _started(drivers, action)
     if isinstance(action, CheckHealth):
         seen = _check_health(drivers, action)
         _record_verified(drivers.layout, action.name)
         return seen
+    if isinstance(action, AwaitRunning):
+        _wait_running(drivers, action.name, action.startsecs)
+        return f"running (up {action.startsecs}s)"
     if isinstance(action, RemoveProgram):
         remove_program_file(layout.programs, action.name)
         drivers.client().update([action.name])

@@ -18,7 +18,7 @@ from .supervisor_conf import ProgramSpec, render_program
 
 __all__ = [
     "Action", "EnsureSupervisor", "BuildVenv", "SwitchVenv", "RepairVenv", "WriteProgram", "UpdateProgram",
-    "StartProgram", "RestartProgram", "CheckHealth", "RemoveProgram", "RemoveEnvironment", "PruneVenvs",
+    "StartProgram", "RestartProgram", "AwaitRunning", "CheckHealth", "RemoveProgram", "RemoveEnvironment", "PruneVenvs",
     "ConfigureTraffic", "VerifyTraffic", "Plan", "PlanOptions", "make_plan", "render_service",
 ]
 
@@ -98,16 +98,31 @@ class UpdateProgram(Action):
     """supervisorctl-update semantics for one program: add, replace (restart) or remove."""
     name: str = ""
     startsecs: int = 1
+    gated: bool = False     # a health check follows: it, not startsecs, decides when traffic may come
 
 
 @dataclass(frozen=True)
 class StartProgram(Action):
     name: str = ""
     startsecs: int = 1
+    gated: bool = False
 
 
 @dataclass(frozen=True)
 class RestartProgram(Action):
+    name: str = ""
+    startsecs: int = 1
+    gated: bool = False
+
+
+@dataclass(frozen=True)
+class AwaitRunning(Action):
+    """After a gated (re)start: wait until supervisord calls the program RUNNING (up `startsecs`).
+
+    Planned after every health gate and traffic change, so the startsecs windows of all services
+    overlap instead of adding up, and traffic moves as soon as a backend answers its health check.
+    A program that dies inside its window still fails here and is rolled back.
+    """
     name: str = ""
     startsecs: int = 1
 
@@ -226,7 +241,8 @@ def _installed_drift(env: Environment, installed: tuple[tuple[str, str], ...]) -
 
 
 def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tuple[str, ...], startsecs: int,
-                     venv_hint: tuple[str, str] | None = None, restart_reason: str = "") -> Iterator[Action]:
+                     venv_hint: tuple[str, str] | None = None, restart_reason: str = "",
+                     gated: bool = False) -> Iterator[Action]:
     """Write/update/start/restart one supervisord program so it runs `text`; nothing when it already does."""
     key = f"program:{name}"
     old = fact.file_text if fact else None
@@ -243,23 +259,25 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
     if changed or not loaded or (fact and fact.pending):
         why = "apply the new program config" if changed else (
             "supervisord has not loaded this program" if not loaded else f"supervisord has unapplied changes ({fact.pending})")
-        yield UpdateProgram(key, why, needs, name=name, startsecs=startsecs)
+        yield UpdateProgram(key, why, needs, name=name, startsecs=startsecs, gated=gated)
     elif fact.state not in HEALTHY_STATES:
         yield StartProgram(key, f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
-                           needs, name=name, startsecs=startsecs)
+                           needs, name=name, startsecs=startsecs, gated=gated)
     elif restart_reason:
-        yield RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs)
+        yield RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs, gated=gated)
 
 
 def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, venv_repaired: bool,
-                     opts: PlanOptions) -> Iterator[Action]:
+                     opts: PlanOptions, settle: list[Action]) -> Iterator[Action]:
+    """The service's program actions and health gate; its AwaitRunning goes to `settle` (end of plan)."""
     key = f"program:{svc.name}"
     needs = (f"venv:{env.name}", "supervisor")
     text = render_service(svc, env, opts.layout)
     actions = list(_program_actions(
         svc.name, text, fact, needs, svc.startsecs,
         venv_hint=(str(opts.layout.venvs), f"{env.name}-{env.identity}"),
-        restart_reason=f"its venv {env.name} is rebuilt in place" if venv_repaired else ""))
+        restart_reason=f"its venv {env.name} is rebuilt in place" if venv_repaired else "",
+        gated=svc.health is not None))
     yield from actions
     if svc.health is None:
         return
@@ -270,6 +288,9 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
     else:
         return
     yield CheckHealth(key, reason, needs, name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
+    if any(isinstance(a, (UpdateProgram, StartProgram, RestartProgram)) for a in actions):
+        settle.append(AwaitRunning(key, f"healthy; confirm it stays up its startsecs={svc.startsecs}", needs,
+                                   name=svc.name, startsecs=svc.startsecs))
 
 
 def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:
@@ -326,10 +347,12 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
             actions.append(action)
             if isinstance(action, RepairVenv):
                 repaired.add(env.name)
+    settle: list[Action] = []
     for svc in desired.services.values():
         env = desired.environments[svc.environment]
-        actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts))
+        actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts, settle))
     actions.extend(_traffic_actions(desired, facts, opts))
+    actions.extend(settle)      # before removals and pruning: those wait for the new programs to hold
 
     keep = set(desired.services)
     if opts.lb is not None and opts.lb.managed and frontends_of(desired):

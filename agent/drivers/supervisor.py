@@ -60,6 +60,8 @@ _ALREADY_STARTED, _NOT_RUNNING, _NO_FILE, _FAILED = 60, 70, 20, 30
 _SPAWN_FAULTS = (40, 50)
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL on Linux
 _POLL = 0.02
+_STOP_POLL = 0.01
+_STOPPING_STATES = ("STOPPING", "RUNNING", "STARTING")
 
 log = logging.getLogger("gitops_agent.supervisor")
 
@@ -155,11 +157,12 @@ class SupervisorClient:
 
     def _apply(self, group: str, change: str) -> None:
         if change in ("removed", "changed"):
-            results = self._call("supervisor.stopProcessGroup", group, True)
+            results = self._call("supervisor.stopProcessGroup", group, False)
             failed = [r for r in results if r.get("status") == _FAILED]
             if failed and change == "removed":
                 why = "; ".join(str(r.get("description")) for r in failed)
                 raise SupervisorError(f"{group}: could not be stopped, not removing: {why}", _FAILED)
+            self._wait_stopped(lambda info: info.get("group") == group, group)
             self._call("supervisor.removeProcessGroup", group)
         if change in ("changed", "added"):
             self._call("supervisor.addProcessGroup", group)
@@ -180,10 +183,30 @@ class SupervisorClient:
     def stop(self, name: str, wait: bool = True) -> None:
         """Stop `name`; with wait, block until it is gone (up to `stopwaitsecs`). Not running is fine."""
         try:
-            self._call("supervisor.stopProcess", name, wait)
+            self._call("supervisor.stopProcess", name, False)
         except SupervisorError as err:
             if err.code != _NOT_RUNNING:
                 raise
+            return
+        if wait:
+            self._wait_stopped(lambda info: _namespec(info) == name, name)
+
+    def _wait_stopped(self, selects, what: str) -> None:
+        """Poll until the selected processes have stopped.
+
+        Not supervisord's own `wait=True`: its deferred reply is only re-checked when its main loop
+        wakes, which costs up to a second (its select timeout) after the process is long gone. Our
+        polls wake that loop; a stop takes as long as the program needs (~20 ms for a Python server).
+        """
+        deadline = time.monotonic() + self.timeout
+        while True:
+            busy = [info for info in self._call("supervisor.getAllProcessInfo")
+                    if selects(info) and info.get("statename") in _STOPPING_STATES]
+            if not busy:
+                return
+            if time.monotonic() > deadline:
+                raise SupervisorError(f"{what}: still {busy[0].get('statename')} after {self.timeout:g}s", _FAILED)
+            time.sleep(_STOP_POLL)
 
     def restart(self, name: str) -> None:
         """Stop then start `name`, waiting for each."""
