@@ -346,7 +346,8 @@ def test_crash_looping_service_fails_alone_and_the_host_is_not_flapped(state_rep
     state_repo.commit("two broken services and a good one")
     proc = once(state_repo.url, root, "--health-wait", "3", expect=1)
     out = proc.stdout
-    assert "[FAILED] update_program svc-crash" in out and "unrecognized arguments: --no-such-flag" in out, out
+    # gated: its health gate sees it die (supervisord's BACKOFF) and says why, with its stderr
+    assert "[FAILED] check_health svc-crash" in out and "unrecognized arguments: --no-such-flag" in out, out
     assert "[FAILED] check_health svc-sick" in out and "HTTP 500" in out, out
     info = programs(root)
     assert info["svc-ok"]["pid"] == ok_pid and info["svc-new"]["statename"] == "RUNNING"
