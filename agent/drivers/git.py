@@ -25,7 +25,6 @@ import re
 import shutil
 import subprocess
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -160,7 +159,7 @@ class GitSource:
             return target
         self.checkouts.mkdir(parents=True, exist_ok=True)
         self._sweep_stale_tmp()
-        tmp = self.checkouts / f"{_TMP_PREFIX}{rev.sha[:12]}-{uuid.uuid4().hex[:8]}"
+        tmp = self.checkouts / f"{_TMP_PREFIX}{rev.sha[:12]}-{os.urandom(4).hex()}"
         try:
             self._materialise(rev.sha, tmp)
             _make_read_only(tmp)
@@ -303,7 +302,7 @@ class GitSource:
 
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.cache_dir, 0o700)  # the remote URL may carry a token
-        tmp = self.cache_dir / f"{_TMP_PREFIX}{MIRROR}-{uuid.uuid4().hex[:8]}"
+        tmp = self.cache_dir / f"{_TMP_PREFIX}{MIRROR}-{os.urandom(4).hex()}"
         try:
             repo = git.Repo.init(tmp, bare=True)  # git init --bare
             with repo.config_writer() as cfg:

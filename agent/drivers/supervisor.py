@@ -10,7 +10,6 @@ what changed. Untouched programs keep their pid.
 from __future__ import annotations
 
 import errno
-import http.client
 import logging
 import os
 import signal
@@ -18,12 +17,11 @@ import subprocess
 import sys
 import tempfile
 import time
-import xmlrpc.client
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from agent.drivers._unixhttp import UnixHTTPConnection
+from agent.drivers import _xmlrpc
 from agent.errors import ConfigError, SupervisorError
 from agent.supervisor_conf import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
 
@@ -64,23 +62,6 @@ _STOP_POLL = 0.01
 _STOPPING_STATES = ("STOPPING", "RUNNING", "STARTING")
 
 log = logging.getLogger("gitops_agent.supervisor")
-
-
-# --- XML-RPC over a unix socket -------------------------------------------------------------------
-
-
-class _UnixTransport(xmlrpc.client.Transport):
-    """One connection per transport; a transport per call keeps clients thread-safe and simple."""
-
-    def __init__(self, path: str, timeout: float):
-        super().__init__()
-        self._path = path
-        self._timeout = timeout
-
-    def make_connection(self, host: Any) -> http.client.HTTPConnection:
-        if self._connection[1] is None:
-            self._connection = (host, UnixHTTPConnection(self._path, self._timeout))
-        return self._connection[1]
 
 
 class SupervisorClient:
@@ -234,20 +215,17 @@ class SupervisorClient:
     # -- transport
 
     def _call(self, method: str, *args: Any) -> Any:
-        transport = _UnixTransport(self.socket_path, self.timeout)
-        proxy = xmlrpc.client.ServerProxy("http://localhost", transport=transport)
         try:
-            with proxy:
-                return getattr(proxy, method)(*args)
-        except xmlrpc.client.Fault as fault:
+            return _xmlrpc.call(self.socket_path, method, args, self.timeout)
+        except _xmlrpc.Fault as fault:
             raise _fault_error(method, args, fault) from None
-        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as exc:
+        except (OSError, _xmlrpc.ProtocolError) as exc:
             raise SupervisorError(
                 f"supervisord at unix://{self.socket_path} is unreachable ({method}): {exc}", None
             ) from exc
 
 
-def _fault_error(method: str, args: tuple, fault: xmlrpc.client.Fault) -> SupervisorError:
+def _fault_error(method: str, args: tuple, fault: _xmlrpc.Fault) -> SupervisorError:
     """`<sentence>: <supervisord's detail> [<call>: fault <code> <NAME>]`."""
     code = fault.faultCode
     name, sentence = FAULTS.get(code, ("UNKNOWN", f"unknown fault {code}"))

@@ -25,13 +25,9 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
-import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from hashlib import sha256
-from importlib import metadata
 from pathlib import Path
 
 
@@ -242,11 +238,19 @@ def _distributions(venv: Path) -> dict[str, str]:
     paths = [str(p) for p in _site_packages(venv)]
     if not paths:
         return found
+    from importlib import metadata    # lazy: a no-op reconcile reads installed() from its cache
+
     for dist in metadata.distributions(path=paths):
         name = dist.metadata["Name"]
         if name:
             found.setdefault(_canonical(name), dist.version)
     return found
+
+
+def _utc_now() -> str:
+    from datetime import datetime, timezone   # lazy: only a build stamps a marker
+
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 def _read_marker(venv: Path) -> dict | None:
@@ -267,6 +271,8 @@ def _fsync_dir(path: Path) -> None:
 
 def _atomic_write(path: Path, data: bytes) -> None:
     """Write to a temp file in the same dir, fsync, rename over: readers see old or new, never half."""
+    import tempfile   # lazy: only a build writes markers
+
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -458,7 +464,7 @@ class VenvManager:
             "installer": spec.installer,
             "options": list(spec.options),
             "packages": dict(sorted(expected.items())),
-            "built_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "built_at": _utc_now(),
         }
         _atomic_write(path / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode())
 
@@ -495,7 +501,7 @@ class VenvManager:
             raise BuildError(f"refusing to point env {name!r} at incomplete venv {path}")
         link = self.link_for(name)
         link.parent.mkdir(parents=True, exist_ok=True)
-        tmp = link.parent / f".{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
+        tmp = link.parent / f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         os.symlink(os.path.relpath(path, link.parent), tmp)
         try:
             os.replace(tmp, link)
@@ -562,7 +568,7 @@ class VenvManager:
             return
         if not path.exists():
             return
-        trash = path.parent / f"{_TRASH_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}"
+        trash = path.parent / f"{_TRASH_PREFIX}{path.name}.{os.urandom(4).hex()}"
         os.rename(path, trash)
         shutil.rmtree(trash, ignore_errors=True)
 

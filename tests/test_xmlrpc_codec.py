@@ -1,0 +1,83 @@
+"""The supervisord driver's own XML-RPC codec against the standard library's (the reference).
+
+The driver avoids `xmlrpc.client` only for its import cost (http.client, email, ssl); whatever
+supervisord can send must decode as the stdlib decodes it, and our calls must read back exactly.
+"""
+
+from __future__ import annotations
+
+import xmlrpc.client
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from agent.drivers import _xmlrpc
+
+text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), max_size=40)
+scalars = st.one_of(text, st.integers(-2**31, 2**31 - 1), st.booleans(),
+                    st.floats(allow_nan=False, allow_infinity=False))
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
+                                                       st.dictionaries(text, inner, max_size=4)),
+                      max_leaves=12)
+
+
+def _stdlib_controls_ok(value) -> bool:
+    """XML 1.0 cannot carry most control characters; neither codec can, so such values are out of scope."""
+    if isinstance(value, str):
+        return all(c in "\t\n" or ord(c) >= 0x20 for c in value)
+    if isinstance(value, list):
+        return all(_stdlib_controls_ok(v) for v in value)
+    if isinstance(value, dict):
+        return all(_stdlib_controls_ok(k) and _stdlib_controls_ok(v) for k, v in value.items())
+    return True
+
+
+@settings(max_examples=150, deadline=None)
+@given(values)
+def test_responses_decode_as_the_stdlib_encodes_them(value):
+    if not _stdlib_controls_ok(value):
+        return
+    wire = xmlrpc.client.dumps((value,), methodresponse=True, allow_none=True).encode()
+    assert _xmlrpc.loads_response(wire) == value
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(values, max_size=3))
+def test_calls_read_back_with_the_stdlib(params):
+    if not _stdlib_controls_ok(params):
+        return
+    got, method = xmlrpc.client.loads(_xmlrpc.dumps_call("supervisor.startProcess", tuple(params)))
+    assert method == "supervisor.startProcess" and list(got) == params
+
+
+def test_faults_become_fault_with_code_and_string():
+    wire = xmlrpc.client.dumps(xmlrpc.client.Fault(70, "NOT_RUNNING: web"), methodresponse=True).encode()
+    with pytest.raises(_xmlrpc.Fault) as err:
+        _xmlrpc.loads_response(wire)
+    assert err.value.faultCode == 70 and err.value.faultString == "NOT_RUNNING: web"
+
+
+def test_untyped_value_is_a_string_and_nil_is_none():
+    wire = (b"<?xml version='1.0'?><methodResponse><params><param><value><array><data>"
+            b"<value>bare &amp; text</value><value><nil/></value><value><i8>8589934592</i8></value>"
+            b"</data></array></value></param></params></methodResponse>")
+    assert _xmlrpc.loads_response(wire) == ["bare & text", None, 8589934592]
+
+
+@pytest.mark.parametrize("raw, why", [
+    (b"HTTP/1.0 401 Unauthorized\r\n\r\n", "HTTP 401 Unauthorized"),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 50\r\n\r\n<methodResponse>", "truncated"),
+    (b"garbage", "closed before"),
+    (b"SSH-2.0-OpenSSH\r\n\r\n", "not an HTTP response"),
+])
+def test_bad_http_is_a_protocol_error(raw, why):
+    with pytest.raises(_xmlrpc.ProtocolError, match=why):
+        _xmlrpc._http_body(raw)
+
+
+@pytest.mark.parametrize("wire", [b"<methodResponse><params>", b"<methodResponse><params></params></methodResponse>",
+                                  b"<methodResponse><params><param><value><base64>eA==</base64></value></param></params>"
+                                  b"</methodResponse>"])
+def test_malformed_or_unexpected_bodies_are_protocol_errors(wire):
+    with pytest.raises(_xmlrpc.ProtocolError):
+        _xmlrpc.loads_response(wire)
