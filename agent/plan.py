@@ -289,7 +289,7 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
         return
     yield CheckHealth(key, reason, needs, name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
     if any(isinstance(a, (UpdateProgram, StartProgram, RestartProgram)) for a in actions):
-        settle.append(AwaitRunning(key, f"healthy; confirm it stays up its startsecs={svc.startsecs}", needs,
+        settle.append(AwaitRunning(key, f"after its health gate: confirm it stays up startsecs={svc.startsecs}", needs,
                                    name=svc.name, startsecs=svc.startsecs))
 
 
