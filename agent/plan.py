@@ -119,9 +119,9 @@ class RestartProgram(Action):
 class AwaitRunning(Action):
     """After a gated (re)start: wait until supervisord calls the program RUNNING (up `startsecs`).
 
-    Planned after every health gate and traffic change, so the startsecs windows of all services
-    overlap instead of adding up, and traffic moves as soon as a backend answers its health check.
-    A program that dies inside its window still fails here and is rolled back.
+    Planned after every health gate, so the startsecs windows of all services overlap instead of
+    adding up; before a traffic change for a backend that gains weight, after it for the others. A
+    program that dies inside its window still fails here and is rolled back.
     """
     name: str = ""
     startsecs: int = 1
@@ -351,8 +351,14 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
     for svc in desired.services.values():
         env = desired.environments[svc.environment]
         actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts, settle))
-    actions.extend(_traffic_actions(desired, facts, opts))
-    actions.extend(settle)      # before removals and pruning: those wait for the new programs to hold
+    traffic = list(_traffic_actions(desired, facts, opts))
+    # A backend that gains traffic must have held its startsecs first: if it died right after its
+    # health gate, the switch would send users to a program about to be rolled back. The others'
+    # windows are confirmed after the traffic change, and before removals and pruning.
+    gaining = {k for a in traffic if isinstance(a, ConfigureTraffic) for k in a.needs}
+    actions.extend(a for a in settle if a.key in gaining)
+    actions.extend(traffic)
+    actions.extend(a for a in settle if a.key not in gaining)
 
     keep = set(desired.services)
     if opts.lb is not None and opts.lb.managed and frontends_of(desired):

@@ -182,3 +182,27 @@ def test_a_config_that_never_passed_its_gate_is_gated_again():
     assert "never passed its health gate" in plan.actions[0].reason
     stale = converged_facts(verified="0" * 64)          # the gate passed for another config
     assert kinds(make_plan(desired(), stale, OPTS)) == [("check_health", "program:web")]
+
+
+def test_a_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
+    """Blue-green with a restart of green in the same revision: green's await_running comes before
+    configure_traffic (a program that dies right after its gate never gets the users); blue, which
+    loses traffic, is confirmed after."""
+    from agent.model import Traffic
+    from agent.traffic import LoadBalancer
+
+    blue_env, green_env = env("aaaa"), env("bbbb", name="green")
+    blue, green = svc("web_blue"), svc("web_green", environment="green")
+    app = App("demo", None, (blue_env, green_env), (blue, green),
+              traffic=Traffic("127.0.0.1:8100", "blue-green", (("web_blue", 0), ("web_green", 100))))
+    want = DesiredState.of("h1", (app,))
+    lb = LoadBalancer("haproxy", LAYOUT.root)
+    facts = Facts("running", {e.name: VenvFact(e.name, e.identity, (e.identity,), (), e.requirements)
+                              for e in (blue_env, green_env)},
+                  {"web_blue": ProgramFact("web_blue", "[program:web_blue]\nold\n", "RUNNING", 7),
+                   "web_green": ProgramFact("web_green", "[program:web_green]\nold\n", "RUNNING", 8),
+                   lb.program_name: ProgramFact(lb.program_name, lb.program_text(), "RUNNING", 9)},
+                  traffic={"running": True, "weights": {"demo": {"web_blue": 100, "web_green": 0}}})
+    order = kinds(make_plan(want, facts, PlanOptions(LAYOUT, lb=lb)))
+    assert order.index(("await_running", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))
+    assert order.index(("configure_traffic", "traffic:lb")) < order.index(("await_running", "program:web_blue"))

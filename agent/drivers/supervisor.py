@@ -59,7 +59,7 @@ _SPAWN_FAULTS = (40, 50)
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL on Linux
 _POLL = 0.02
 _STOP_POLL = 0.01
-_STOPPING_STATES = ("STOPPING", "RUNNING", "STARTING")
+_STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")   # supervisor.states.STOPPED_STATES
 
 log = logging.getLogger("gitops_agent.supervisor")
 
@@ -143,7 +143,8 @@ class SupervisorClient:
             if failed and change == "removed":
                 why = "; ".join(str(r.get("description")) for r in failed)
                 raise SupervisorError(f"{group}: could not be stopped, not removing: {why}", _FAILED)
-            self._wait_stopped(lambda info: info.get("group") == group, group)
+            unstoppable = {r.get("name") for r in failed}   # removeProcessGroup will say STILL_RUNNING
+            self._wait_stopped(lambda info: info.get("group") == group and info.get("name") not in unstoppable, group)
             self._call("supervisor.removeProcessGroup", group)
         if change in ("changed", "added"):
             self._call("supervisor.addProcessGroup", group)
@@ -182,7 +183,7 @@ class SupervisorClient:
         deadline = time.monotonic() + self.timeout
         while True:
             busy = [info for info in self._call("supervisor.getAllProcessInfo")
-                    if selects(info) and info.get("statename") in _STOPPING_STATES]
+                    if selects(info) and info.get("statename") not in _STOPPED_STATES]
             if not busy:
                 return
             if time.monotonic() > deadline:
