@@ -264,7 +264,8 @@ def test_kill_before_the_health_gate_is_not_taken_as_healthy(state_repo, root):
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         # the new program is up (RUNNING, new pid): the agent is now polling its /healthz (500)
-        wait_until(lambda: programs(root)["demo-web"]["pid"] not in (0, old_pid)
+        # (get: between supervisord's removeProcessGroup and addProcessGroup the program is briefly absent)
+        wait_until(lambda: programs(root).get("demo-web", {}).get("pid") not in (None, 0, old_pid)
                    and programs(root)["demo-web"]["statename"] == "RUNNING", 30, "the new program to run")
         time.sleep(0.5)
         assert proc.poll() is None
