@@ -9,13 +9,11 @@ what changed. Untouched programs keep their pid.
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 
 from agent.drivers import _xmlrpc
 from agent.errors import ConfigError, SupervisorError
+from agent.fsutil import atomic_write, fsync_dir
 from agent.supervisor_conf import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
 
 __all__ = [
@@ -351,7 +350,7 @@ class EmbeddedSupervisor:
         except UnsafeValue as err:
             raise ConfigError(f"agent root {self.root} cannot be used with supervisord: {err}") from err
         if _read_text(self.conf_path) != text:
-            _atomic_write(self.conf_path, text, 0o600)
+            atomic_write(self.conf_path, text, 0o600)
 
     def _answers(self, want_running: bool = False) -> bool:
         try:
@@ -529,7 +528,7 @@ def write_program_file(include_dir: Path, name: str, text: str) -> None:
     _check_name(name)
     _validate_program_text(include_dir, name, text)
     Path(include_dir).mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(include_dir) / f"{name}.conf", text, 0o600)
+    atomic_write(Path(include_dir) / f"{name}.conf", text, 0o600)
 
 
 def remove_program_file(include_dir: Path, name: str) -> None:
@@ -539,7 +538,7 @@ def remove_program_file(include_dir: Path, name: str) -> None:
         (Path(include_dir) / f"{name}.conf").unlink()
     except FileNotFoundError:
         return
-    _fsync_dir(Path(include_dir))
+    fsync_dir(Path(include_dir))
 
 
 def read_program_files(include_dir: Path) -> dict[str, str]:
@@ -582,35 +581,3 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except OSError:
         return None
-
-
-def _atomic_write(path: Path, text: str, mode: int) -> None:
-    """temp file in the same directory + fsync + os.replace + fsync(dir): all or nothing."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError as err:
-        if err.errno in (errno.ENOENT, errno.EACCES):
-            return
-        raise
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

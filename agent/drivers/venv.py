@@ -32,6 +32,7 @@ from pathlib import Path
 
 
 from ..errors import BuildError
+from ..fsutil import atomic_write, fsync_dir
 from ..lockfile import LockedRequirement, parse_lock, venv_identity
 
 __all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY"]
@@ -261,32 +262,6 @@ def _read_marker(venv: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same dir, fsync, rename over: readers see old or new, never half."""
-    import tempfile   # lazy: only a build writes markers
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 def _normalized(path: Path | str) -> Path:
     """Absolute, with '..' folded but symlinks kept: the same spelling list(), current() and callers use."""
     return Path(os.path.normpath(Path(path).absolute()))
@@ -466,7 +441,7 @@ class VenvManager:
             "packages": dict(sorted(expected.items())),
             "built_at": _utc_now(),
         }
-        _atomic_write(path / MARKER, (json.dumps(marker, indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(path / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n", mode=0o644)
 
     def _check_entry_points(self, path: Path, python: Path, names: set[str], run) -> None:
         """Import every console script of the locked dists inside the venv, without running them."""
@@ -508,7 +483,7 @@ class VenvManager:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        _fsync_dir(link.parent)
+        fsync_dir(link.parent)
 
     def prune(self, name: str, keep: int | None = None, protect: Iterable[Path] = ()) -> list[Path]:
         """Delete old venvs of `name`: keep the newest `keep` complete ones, the current one and `protect`.
@@ -551,7 +526,7 @@ class VenvManager:
         link = self.link_for(name)
         if link.is_symlink():
             link.unlink()
-            _fsync_dir(link.parent)
+            fsync_dir(link.parent)
             removed.append(link)
         for info in self.list(name):
             if info.path not in self._building:
