@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from agent.errors import Permanent
+from agent.supervisor_conf import PROGRAM_NAME_RE
 
 __all__ = [
     "Backend",
@@ -54,7 +55,7 @@ __all__ = [
     "NGINX_CONTROL_SOCKET",
 ]
 
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RE = PROGRAM_NAME_RE   # backends are services, i.e. supervisord programs; apps follow the same rule
 _HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,252}[A-Za-z0-9])?")
 _PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
 _COOKIE_RE = re.compile(r"[A-Za-z0-9_]{1,64}")        # nginx `$cookie_<name>` needs a variable name
