@@ -662,30 +662,36 @@ def bench_rollback(res: Results, work: Path, rounds: int, quick: bool) -> None:
         (repo.path / "apps" / "demo" / "demo.lock").write_text(lock_text)
         commit(repo.path, message)
 
-    def check(kinds: list[str], ok: bool, expect_build: bool, what: str) -> None:
-        if not ok or ("build_venv" in kinds) != expect_build or "switch_venv" not in kinds:
-            raise RuntimeError(f"rollback: unexpected outcome {what} {kinds}")
+    def timed(run, expect_build: bool) -> tuple[float, float]:
+        """(until 1.0.0 answers again, until `run` returns); a rebuild reports its return for both.
 
-    def once_timed(expect_build: bool) -> tuple[float, float]:
-        """(until 1.0.0 answers again, whole process) for a rollback; rebuilds report both the same."""
+        `run()` -> (ok, action kinds, what to say if it went wrong)."""
         with ServedWatch(port, "1.0.0") as watch:
             t0 = time.perf_counter()
-            proc = subprocess.run(once, capture_output=True, text=True, timeout=300)
+            ok, kinds, what = run()
             wall = time.perf_counter() - t0
-        data = json.loads(proc.stdout)
-        check([o["action"] for o in data["outcomes"]], proc.returncode == 0, expect_build,
-              f"{data['result']} {data['error']}")
-        served = (watch.at - t0) if (watch.at and not expect_build) else wall
-        return served, wall
+        if not ok or ("build_venv" in kinds) != expect_build or "switch_venv" not in kinds:
+            raise RuntimeError(f"rollback: unexpected outcome {what} {kinds}")
+        return ((watch.at - t0) if (watch.at and not expect_build) else wall), wall
 
-    rebuild, rollback, rollback_wall = [], [], []
-    for _ in range(rounds):
-        change(repo.lock(f"1.{next(version)}.0"), "new lock")
-        rebuild.append(once_timed(True)[1])
-        change(base_lock, "revert the lock")
-        served, wall = once_timed(False)
-        rollback.append(served)
-        rollback_wall.append(wall)
+    def rounds_of(run) -> tuple[list[float], list[float], list[float]]:
+        """(rebuild, rollback until serving, rollback until returned) over `rounds` new-lock/revert pairs."""
+        rebuild, served, returned = [], [], []
+        for _ in range(rounds):
+            change(repo.lock(f"1.{next(version)}.0"), "new lock")
+            rebuild.append(timed(run, True)[1])
+            change(base_lock, "revert the lock")
+            at, wall = timed(run, False)
+            served.append(at)
+            returned.append(wall)
+        return rebuild, served, returned
+
+    def run_once():
+        proc = subprocess.run(once, capture_output=True, text=True, timeout=300)
+        data = json.loads(proc.stdout)
+        return proc.returncode == 0, [o["action"] for o in data["outcomes"]], f"{data['result']} {data['error']}"
+
+    rebuild, rollback, rollback_wall = rounds_of(run_once)
     start = service_start_time(root / "envs" / "demo", 3 if quick else 10)
     own = statistics.median(start)
     budget = 0.2 + own
@@ -700,22 +706,11 @@ def bench_rollback(res: Results, work: Path, rounds: int, quick: bool) -> None:
     rec = Reconciler(settings)
     rec.reconcile()
 
-    def inproc(expect_build: bool) -> tuple[float, float]:
-        with ServedWatch(port, "1.0.0") as watch:
-            t0 = time.perf_counter()
-            r = rec.reconcile()
-            dt = time.perf_counter() - t0
-        check([o.action.kind for o in r.outcomes], r.result == "applied", expect_build, f"{r.result} {r.error}")
-        return ((watch.at - t0) if (watch.at and not expect_build) else dt), dt
+    def run_inproc():
+        r = rec.reconcile()
+        return r.result == "applied", [o.action.kind for o in r.outcomes], f"{r.result} {r.error}"
 
-    rebuild_ip, rollback_ip, rollback_ip_wall = [], [], []
-    for _ in range(rounds):
-        change(repo.lock(f"1.{next(version)}.0"), "new lock")
-        rebuild_ip.append(inproc(True)[1])
-        change(base_lock, "revert the lock")
-        served, wall = inproc(False)
-        rollback_ip.append(served)
-        rollback_ip_wall.append(wall)
+    rebuild_ip, rollback_ip, rollback_ip_wall = rounds_of(run_inproc)
     ri = res.add(Figure("5", "rollback to a kept venv, daemon: reconcile -> kept version serving", "s",
                         rollback_ip, f"<= {budget:.2f} s (0.2 + start)",
                         note="switch + restart + health gate passed, seen from outside the agent"))
