@@ -6,6 +6,8 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,46 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within `timeout` s (for test finalizers)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def start_git_daemon(request, base: Path) -> int:
+    """A real `git daemon` exporting every repo under `base` on 127.0.0.1, stopped by a finalizer.
+    Returns its port once it accepts connections."""
+    port = free_port()
+    proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", "--informative-errors",
+                             f"--base-path={base}", "--listen=127.0.0.1", f"--port={port}", str(base)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    request.addfinalizer(lambda: stop_process(proc))
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return port
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"git daemon on port {port} did not start (exit {proc.poll()})") from None
+            time.sleep(0.02)
+
+
+def served_version(port: int) -> str | None:
+    """The version a demoapp on `port` answers with ("demoapp 1.0.0" -> "1.0.0"), None if nothing answers."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
+            return resp.read().decode().split()[1]
+    except OSError:
+        return None
 
 
 def git(cwd: Path, *args: str) -> str:

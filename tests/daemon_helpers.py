@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from typing import Callable
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import REPO_ROOT, free_port
+from conftest import REPO_ROOT, free_port, stop_process
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
@@ -51,14 +52,17 @@ class Daemon:
                      "--listen", f"127.0.0.1:{self.port}", "--poll-interval", str(poll), *extra]
         self._fh = open(log, "ab")
         self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *self.args], cwd=REPO_ROOT,
-                                     stdout=self._fh, stderr=subprocess.STDOUT)
+                                     stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
         self.base = f"http://127.0.0.1:{self.port}"
 
-    def metrics(self) -> dict[tuple, float]:
-        code, text = http_get(self.base + "/metrics")
+    def metrics_text(self) -> str:
+        code, text = http_get(self.base + "/metrics", timeout=5)
         assert code == 200, code
+        return text
+
+    def metrics(self) -> dict[tuple, float]:
         out = {}
-        for fam in text_string_to_metric_families(text):
+        for fam in text_string_to_metric_families(self.metrics_text()):
             for s in fam.samples:
                 out[(s.name, tuple(sorted(s.labels.items())))] = s.value
         return out
@@ -75,19 +79,25 @@ class Daemon:
     def wait_ready(self, timeout: float = 60.0) -> None:
         wait_until(lambda: http_get(self.base + "/readyz")[0] == 200, timeout, "/readyz 200", self.log)
 
-    def stop(self, timeout: float = 20.0) -> int | None:
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Until /healthz answers; fails at once, with the log, if the daemon exited instead."""
+        wait_until(lambda: self.proc.poll() is not None or http_get(self.base + "/healthz")[0] == 200,
+                   timeout, "the daemon's /healthz", self.log)
+        assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}\n{self.log_text()}"
+
+    def stop(self, timeout: float = 60.0) -> int | None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._fh.close()
         return self.proc.returncode
 
     def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
 def start_daemon(request, repo_url: str, root: Path, tmp_path: Path, *extra: str, poll: float = 30.0,
@@ -119,12 +129,7 @@ def start_prometheus(request, tmp_path: Path, config: str) -> str:
                             stdout=log, stderr=subprocess.STDOUT)
 
     def stop():
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, 15)
         log.close()
 
     request.addfinalizer(stop)

@@ -11,11 +11,10 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-import urllib.request
 
 import pytest
 
-from conftest import StateRepo, free_port, git, run_agent
+from conftest import StateRepo, free_port, git, run_agent, served_version, start_git_daemon
 from daemon_helpers import start_prometheus
 
 pytestmark = pytest.mark.timeout(300)
@@ -34,20 +33,7 @@ def git_daemon(request, tmp_path):
     """`git daemon` exporting tmp_path/served on 127.0.0.1; returns (base dir, url prefix)."""
     base = tmp_path / "served"
     base.mkdir()
-    port = free_port()
-    proc = subprocess.Popen(["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={base}",
-                             "--listen=127.0.0.1", f"--port={port}", str(base)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def stop():
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
-
-    request.addfinalizer(stop)
+    port = start_git_daemon(request, base)
     return base, f"git://127.0.0.1:{port}"
 
 
@@ -64,14 +50,6 @@ def roots(tmp_path):
 
     for root in made.values():
         EmbeddedSupervisor(root).stop()
-
-
-def served(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
-            return resp.read().decode().split()[1]
-    except OSError:
-        return None
 
 
 def app_yaml(ports: dict[str, int], prom: str, query: str, after: int) -> str:
@@ -123,7 +101,7 @@ def test_fleet_targeting_overrides_waves_and_a_failed_gate(git_daemon, prometheu
         return json.loads(proc.stdout)
 
     def fleet() -> dict[str, str | None]:
-        return {h: served(ports[h]) for h in HOSTS[:4]}
+        return {h: served_version(ports[h]) for h in HOSTS[:4]}
 
     # 1. targeting + overrides: h1..h4 run 1.0.0 each on its own port; h5 (zone c) runs nothing
     for h in HOSTS:
@@ -169,4 +147,4 @@ def test_fleet_targeting_overrides_waves_and_a_failed_gate(git_daemon, prometheu
     for h in HOSTS:
         once(h)
     assert fleet() == {h: "3.0.0" for h in HOSTS[:4]}
-    assert all(served(ports[h]) for h in HOSTS[:4])
+    assert all(served_version(ports[h]) for h in HOSTS[:4])

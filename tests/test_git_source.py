@@ -17,6 +17,7 @@ import pytest
 
 from agent.drivers.git import GitSource, Revision, is_ancestor, redact
 from agent.errors import ConfigError, SourceError
+from conftest import start_git_daemon
 
 GIT_ENV = {
     **os.environ,
@@ -338,41 +339,9 @@ def test_stale_temp_dirs_are_swept(remote: Remote, cache: Path) -> None:
 # -- a real network transport ---------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def git_daemon(remote: Remote, request) -> str:
-    port = free_port()
-    base = remote.server.parent
-    proc = subprocess.Popen(
-        ["git", "daemon", "--export-all", f"--base-path={base}", "--listen=127.0.0.1",
-         f"--port={port}", "--reuseaddr", "--informative-errors", str(base)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-
-    def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-    request.addfinalizer(stop)
-    deadline = time.monotonic() + 5
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if time.monotonic() > deadline or proc.poll() is not None:
-                pytest.skip("git daemon did not start")
-            time.sleep(0.02)
+    port = start_git_daemon(request, remote.server.parent)
     return f"git://127.0.0.1:{port}/{remote.server.name}"
 
 

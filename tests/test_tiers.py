@@ -5,13 +5,12 @@ merge; a change reaches a tier's hosts only when it is in that tier."""
 from __future__ import annotations
 
 import shutil
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from agent.load import LoadOptions, load_desired
-from conftest import REPO_ROOT, free_port, git, run_agent
+from conftest import REPO_ROOT, free_port, git, run_agent, served_version
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -20,14 +19,6 @@ def _installer() -> str:
     from agent.drivers.venv import find_uv
 
     return "uv" if find_uv() else "pip"
-
-
-def served(port: int) -> str | None:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
-            return resp.read().decode().split()[1]
-    except OSError:
-        return None
 
 
 @pytest.fixture
@@ -74,7 +65,7 @@ def test_directory_per_tier_promotion_by_commit(state_repo, roots):
     def both() -> dict:
         for t in ports:
             once(t)
-        return {t: served(ports[t]) for t in ports}
+        return {t: served_version(ports[t]) for t in ports}
 
     assert both() == {"staging": "1.0.0", "production": "1.0.0"}
     state_repo.lock("tiers/staging/apps/demo/demo.lock", "2.0.0")       # a change lands in staging only
@@ -103,20 +94,20 @@ def test_branch_per_tier_promotion_by_merge(state_repo, roots):
 
     for t in port:
         once(t)
-    assert {t: served(port[t]) for t in port} == {"staging": "1.0.0", "production": "1.0.0"}
+    assert {t: served_version(port[t]) for t in port} == {"staging": "1.0.0", "production": "1.0.0"}
     git(state_repo.path, "checkout", "-q", "staging")
     for t in port:
         state_repo.lock(f"tiers/{t}/apps/demo/demo.lock", "2.0.0")
     state_repo.commit("2.0.0 on the staging branch")
     for t in port:
         once(t)
-    assert {t: served(port[t]) for t in port} == {"staging": "2.0.0", "production": "1.0.0"}
+    assert {t: served_version(port[t]) for t in port} == {"staging": "2.0.0", "production": "1.0.0"}
     git(state_repo.path, "checkout", "-q", "production")
     git(state_repo.path, "merge", "-q", "--ff-only", "staging")             # promotion = a merge
     git(state_repo.path, "checkout", "-q", "main")
     for t in port:
         once(t)
-    assert {t: served(port[t]) for t in port} == {"staging": "2.0.0", "production": "2.0.0"}
+    assert {t: served_version(port[t]) for t in port} == {"staging": "2.0.0", "production": "2.0.0"}
 
 
 def test_examples_tiers_load_with_a_shared_wheelhouse():

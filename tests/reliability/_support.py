@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from conftest import REPO_ROOT, free_port, run_agent
-from daemon_helpers import wait_until  # noqa: F401 (re-exported for the reliability tests)
+import daemon_helpers
+from conftest import run_agent
+from daemon_helpers import http_get, wait_until  # noqa: F401 (re-exported for the reliability tests)
 
 __all__ = ["http_get", "get_text", "agent_args", "once", "status", "programs", "wait_until", "Daemon", "metric"]
-
-
-def http_get(url: str, timeout: float = 2.0) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
 
 
 def get_text(url: str, timeout: float = 2.0) -> str | None:
@@ -69,36 +56,9 @@ def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:
     return total
 
 
-class Daemon:
-    """A real `gitops-agent run` subprocess (own process group); `stop()` = SIGTERM, wait, then SIGKILL."""
+class Daemon(daemon_helpers.Daemon):
+    """The shared daemon with this suite's defaults: a poll every second, and /healthz up before use."""
 
     def __init__(self, repo_url: str, root: Path, log: Path, *extra: str, poll: float = 1.0):
-        self.port = free_port()
-        self.log = log
-        argv = [sys.executable, "-m", "agent.cli", "run", *agent_args(repo_url, root, *extra),
-                "--listen", f"127.0.0.1:{self.port}", "--poll-interval", str(poll)]
-        self._fh = open(log, "ab")
-        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=self._fh, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        self.base = f"http://127.0.0.1:{self.port}"
-        wait_until(lambda: get_text(self.base + "/healthz") is not None or self.proc.poll() is not None,
-                   30, "the daemon's /healthz", log)
-        assert self.proc.poll() is None, f"daemon exited {self.proc.returncode}\n{self.log_text()}"
-
-    def metrics(self) -> str:
-        code, text = http_get(self.base + "/metrics", timeout=5)
-        assert code == 200, code
-        return text
-
-    def log_text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-        self._fh.close()
+        super().__init__(repo_url, root, log, *extra, poll=poll)
+        self.wait_healthy()

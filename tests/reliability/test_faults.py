@@ -112,19 +112,19 @@ def test_repo_gone_keeps_last_good_and_the_daemon_counts_backs_off_and_recovers(
 
         daemon = Daemon(state_repo.url, root, tmp_path / "daemon.log", poll=1)
         daemons.append(daemon)
-        wait_until(lambda: metric(daemon.metrics(), "gitops_agent_source_fetch_errors_total") >= 3, 30,
+        wait_until(lambda: metric(daemon.metrics_text(), "gitops_agent_source_fetch_errors_total") >= 3, 30,
                    "3 fetch errors counted", daemon.log)
         log = daemon.log_text()
         delays = [float(d) for d in re.findall(r"next attempt in ([0-9.]+)s", log)]
         assert len(delays) >= 3 and delays[2] > delays[0], delays        # backing off, not hammering
-        assert metric(daemon.metrics(), "gitops_agent_reconcile_total", {"result": "error"}) >= 3
+        assert metric(daemon.metrics_text(), "gitops_agent_reconcile_total", {"result": "error"}) >= 3
         assert programs(root)["demo-web"]["pid"] == pid and served(port) == "demoapp 1.0.0\n"
     finally:
         away.rename(state_repo.path)
     state_repo.lock("apps/demo/demo.lock", "2.0.0")
     new = state_repo.commit("2.0.0 while the agent could not see the repo")
     wait_until(lambda: served(port) == "demoapp 2.0.0\n", 60, "recovery onto the new commit", daemon.log)
-    wait_until(lambda: metric(daemon.metrics(), "gitops_agent_applied_revision_info", {"revision": new}) == 1, 10,
+    wait_until(lambda: metric(daemon.metrics_text(), "gitops_agent_applied_revision_info", {"revision": new}) == 1, 10,
                "applied revision metric", daemon.log)
     assert status(root)["applied"]["sha"] == new
 
@@ -154,7 +154,7 @@ def test_missing_package_keeps_old_venv_and_the_daemon_retries_with_backoff(stat
 
     daemon = Daemon(state_repo.url, root, tmp_path / "daemon.log", poll=1)
     daemons.append(daemon)
-    wait_until(lambda: metric(daemon.metrics(), "gitops_agent_actions_total",
+    wait_until(lambda: metric(daemon.metrics_text(), "gitops_agent_actions_total",
                               {"action": "build_venv", "result": "failed"}) >= 3, 60, "3 failed builds", daemon.log)
     delays = [float(d) for d in re.findall(r"next attempt in ([0-9.]+)s", daemon.log_text())]
     assert len(delays) >= 2 and delays[1] > delays[0], delays
@@ -316,7 +316,7 @@ def test_supervisord_sigkill_is_detected_restarted_and_orphans_do_not_keep_the_p
     # and the daemon notices on its own
     daemon = Daemon(state_repo.url, root, tmp_path / "daemon.log", poll=1)
     daemons.append(daemon)
-    wait_until(lambda: metric(daemon.metrics(), "gitops_agent_reconcile_total") >= 1, 20, "a first reconcile", daemon.log)
+    wait_until(lambda: metric(daemon.metrics_text(), "gitops_agent_reconcile_total") >= 1, 20, "a first reconcile", daemon.log)
     second = _kill_supervisord(root)
     orphans = dict(new)
     wait_until(lambda: (root / "supervisor/supervisord.pid").exists()
@@ -452,9 +452,9 @@ def test_token_in_repo_url_never_appears_in_output_status_logs_or_metrics(root, 
     plan = run_agent("plan", "--json", *agent_args(url, root))
     daemon = Daemon(url, root, tmp_path / "daemon.log", "--log-format", "json", poll=1)
     daemons.append(daemon)
-    wait_until(lambda: metric(daemon.metrics(), "gitops_agent_source_fetch_errors_total") >= 2, 30,
+    wait_until(lambda: metric(daemon.metrics_text(), "gitops_agent_source_fetch_errors_total") >= 2, 30,
                "fetch errors", daemon.log)
-    metrics = daemon.metrics()
+    metrics = daemon.metrics_text()
     ready = get_text(daemon.base + "/readyz") or ""
     daemon.stop()
     logs = daemon.log_text()

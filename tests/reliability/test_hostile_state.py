@@ -132,7 +132,7 @@ CASES: list[Case] = [
          ("fleet.yaml", "more than the limit")),
     Case("duplicate-key-port", lambda c: c.service(f"port: {PORT + 1}\n"),
          (APP_FILE, "services.demo-web.port", "duplicate key 'port'")),
-    Case("duplicate-service", lambda c: c.app("services:\n", f"services:\n  demo-web: {{environment: demo, command: [demoapp-server]}}\n"),
+    Case("duplicate-service", lambda c: c.app("services:\n", "services:\n  demo-web: {environment: demo, command: [demoapp-server]}\n"),
          (APP_FILE, "duplicate key 'demo-web'")),
     Case("duplicate-host", lambda c: c.write("fleet.yaml", FLEET + "  h1: {groups: [db]}\n"),
          ("fleet.yaml", "duplicate key 'h1'")),
