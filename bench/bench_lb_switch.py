@@ -33,32 +33,7 @@ from agent.drivers.supervisor import EmbeddedSupervisor, write_program_file
 from agent.lb_conf import Backend, Frontend
 from agent.supervisor_conf import render_program
 
-BACKEND = """
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME, PORT = sys.argv[1], int(sys.argv[2])
-BODY = (NAME + "\\n").encode()
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args):
-        pass
-
-
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer.request_queue_size = 128
-ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
-"""
+BACKEND = Path(__file__).resolve().parent.parent / "tests" / "lb_backend.py"   # answers its own name
 
 
 def free_port() -> int:
@@ -130,14 +105,12 @@ class Load:
 def run_driver(kind: str, binary: str, flips: int, threads: int, pause: float) -> None:
     with tempfile.TemporaryDirectory(prefix="lbb") as tmp:
         tmp_path = Path(tmp)
-        script = tmp_path / "backend.py"
-        script.write_text(BACKEND)
         procs, addrs = [], {}
         sup = EmbeddedSupervisor(tmp_path / "r")
         try:
             for name in ("blue", "green"):
                 port = free_port()
-                procs.append(subprocess.Popen([sys.executable, str(script), name, str(port)],
+                procs.append(subprocess.Popen([sys.executable, str(BACKEND), name, str(port)],
                                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
                 addrs[name] = f"127.0.0.1:{port}"
                 wait_port(port)

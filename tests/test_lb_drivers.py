@@ -49,45 +49,16 @@ def _wait_port(port: int, timeout: float = 10.0) -> None:
     raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout}s")
 
 
-# A keep-alive backend answering its own name. TCP_NODELAY matters: http.server writes the headers and
-# the body separately, and with Nagle on, each pooled LB->backend request waits ~40 ms for a delayed ACK.
-BACKEND = """
-import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-NAME, PORT = sys.argv[1], int(sys.argv[2])
-BODY = (NAME + "\\n").encode()
-
-
-class Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def do_GET(self):
-        self.send_response(200)
-        self.send_header("Content-Type", "text/plain")
-        self.send_header("Content-Length", str(len(BODY)))
-        self.end_headers()
-        self.wfile.write(BODY)
-
-    def log_message(self, *args):
-        pass
-
-
-ThreadingHTTPServer.daemon_threads = True
-ThreadingHTTPServer(("127.0.0.1", PORT), Handler).serve_forever()
-"""
+BACKEND = Path(__file__).with_name("lb_backend.py")   # a keep-alive backend answering its own name
 
 
 @pytest.fixture
 def backends(tmp_path):
     """Two real HTTP backends, blue and green, answering "<name>\\n" on GET /; killed afterwards."""
     procs, out = [], {}
-    script = tmp_path / "backend.py"
-    script.write_text(BACKEND)
     for name in ("blue", "green"):
         port = free_port()
-        procs.append(subprocess.Popen([sys.executable, str(script), name, str(port)],
+        procs.append(subprocess.Popen([sys.executable, str(BACKEND), name, str(port)],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         out[name] = f"127.0.0.1:{port}"
     try:
