@@ -13,7 +13,8 @@ from hypothesis import given, settings, strategies as st
 
 from agent.drivers import _xmlrpc
 
-text = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00\r"), max_size=40)
+# XML 1.0 cannot carry most control characters (neither codec can), and it normalises \r: left out.
+text = st.text(st.characters(blacklist_categories=("Cs", "Cc", "Cn")) | st.sampled_from("\t\n"), max_size=40)
 scalars = st.one_of(text, st.integers(-2**31, 2**31 - 1), st.booleans(),
                     st.floats(allow_nan=False, allow_infinity=False))
 values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
@@ -21,22 +22,9 @@ values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=
                       max_leaves=12)
 
 
-def _stdlib_controls_ok(value) -> bool:
-    """XML 1.0 cannot carry most control characters; neither codec can, so such values are out of scope."""
-    if isinstance(value, str):
-        return all(c in "\t\n" or ord(c) >= 0x20 for c in value)
-    if isinstance(value, list):
-        return all(_stdlib_controls_ok(v) for v in value)
-    if isinstance(value, dict):
-        return all(_stdlib_controls_ok(k) and _stdlib_controls_ok(v) for k, v in value.items())
-    return True
-
-
 @settings(max_examples=150, deadline=None)
 @given(values)
 def test_responses_decode_as_the_stdlib_encodes_them(value):
-    if not _stdlib_controls_ok(value):
-        return
     wire = xmlrpc.client.dumps((value,), methodresponse=True, allow_none=True).encode()
     assert _xmlrpc.loads_response(wire) == value
 
@@ -44,8 +32,6 @@ def test_responses_decode_as_the_stdlib_encodes_them(value):
 @settings(max_examples=150, deadline=None)
 @given(st.lists(values, max_size=3))
 def test_calls_read_back_with_the_stdlib(params):
-    if not _stdlib_controls_ok(params):
-        return
     got, method = xmlrpc.client.loads(_xmlrpc.dumps_call("supervisor.startProcess", tuple(params)))
     assert method == "supervisor.startProcess" and list(got) == params
 
