@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.drivers._procfs import children, holds_listener, listening_inodes, master_pid
 from agent.drivers.haproxy import HAProxyDriver, HAProxyRuntime, LBError
 from agent.drivers.nginx import NginxDriver
 from agent.drivers.supervisor import EmbeddedSupervisor, write_program_file
@@ -278,6 +279,55 @@ def test_haproxy_ab_is_sticky_and_ramp_only_moves_users_into_the_variant(backend
     port = free_port()
     driver = HAProxyDriver(lb_root, haproxy_bin=HAPROXY)
     _check_ab(driver, lb_root, backends, port)
+
+
+@needs_haproxy
+def test_haproxy_reload_returns_with_only_the_new_worker_accepting(backends, lb_root):
+    """The new worker answers the stats socket ~1 ms before the master has soft-stopped the old one, and
+    a request accepted in between is served with the old config (an A/B user flipped buckets in CI)."""
+    port = free_port()
+    listen = f"127.0.0.1:{port}"
+    driver = HAProxyDriver(lb_root, haproxy_bin=HAPROXY)
+    start(driver, lb_root, frontend(backends, listen, 1, 0, ab=ABSplit("green", 0)))
+    master = master_pid(driver.pid_path, b"haproxy")
+    for round_ in range(8):
+        percent, want = (100, "green") if round_ % 2 == 0 else (0, "blue")
+        before = children(master)
+        assert driver.apply(frontend(backends, listen, 1, 0, ab=ABSplit("green", percent))).action == "reload"
+        listening = listening_inodes()
+        assert not [p for p in before if holds_listener(p, listening)], round_
+        assert [p for p in children(master) - before if holds_listener(p, listening)], "no new worker listens"
+        assert get(port)[1] == want, round_
+
+
+LISTENER = """
+import socket, sys, time
+s = socket.socket(); s.bind(("127.0.0.1", 0)); s.listen()
+print("listening", flush=True)
+time.sleep(float(sys.argv[1])); s.close()
+print("closed", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("holds_for, fails", [(0.3, False), (30, True)])
+def test_wait_retired_waits_until_the_old_worker_closed_its_listener(tmp_path, holds_for, fails):
+    """`_wait_retired`, against a real process standing in for an old worker that is slow to stop."""
+    proc = subprocess.Popen([sys.executable, "-c", LISTENER, str(holds_for)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "listening"
+        driver = HAProxyDriver(tmp_path, haproxy_bin="haproxy", live_timeout=1.0)
+        started = time.monotonic()
+        if fails:
+            with pytest.raises(LBError, match=rf"workers \[{proc.pid}\] of the previous config still accept"):
+                driver._wait_retired({proc.pid})
+        else:
+            driver._wait_retired({proc.pid})
+            assert time.monotonic() - started >= 0.2
+            assert proc.stdout.readline().strip() == "closed"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 # --- nginx ----------------------------------------------------------------------------------------

@@ -6,7 +6,8 @@ change of weights only goes through the runtime API, and the same weights are al
 config file, because runtime weights are lost on reload or restart. A change of anything else (a
 frontend, a backend, a listen address, the A/B split) is written to the config (checked first with
 `haproxy -c`), then the master is told to reload (SIGUSR2) and the driver waits until the running
-worker reports the new topology hash (`show env GITOPS_AGENT_TOPOLOGY`, set by the renderer): a
+worker reports the new topology hash (`show env GITOPS_AGENT_TOPOLOGY`, set by the renderer) and the
+old workers have closed their listeners (the new worker answers ~1 ms before they are soft-stopped): a
 reload that cannot take effect (a port in use) leaves the old worker running, which we report as
 LBError, restoring the previous file so that file and live process agree again.
 
@@ -25,6 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.drivers._procfs import children, holds_listener, listening_inodes, master_pid
 from agent.errors import AgentError
 from agent.fsutil import atomic_write
 from agent.lb_conf import TOPOLOGY_ENV, Frontend, haproxy_topology, render_haproxy, validate
@@ -43,6 +45,7 @@ __all__ = [
 PROGRAM_NAME = "gitops-lb-haproxy"
 _SOCKET_PATH_MAX = 107
 _POLL = 0.02
+_RETIRE_POLL = 0.001  # the window is ~1.4 ms; a /proc scan costs well under that
 _STATES = {"ready", "drain", "maint"}
 # srv_admin_state bits (include/haproxy/server-t.h): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04, FDRAIN 0x08,
 # IDRAIN 0x10, RMAINT 0x20, HMAINT 0x40.
@@ -263,9 +266,11 @@ class HAProxyDriver:
                            seconds=time.monotonic() - started)
         previous = _read(self.config_path)
         self._write_checked(text)
+        old_workers = children(master_pid(self.pid_path, b"haproxy"))
         try:
             self._reload()
             self.wait_live(frontends)
+            self._wait_retired(old_workers)
         except LBError as err:
             if previous is not None:
                 atomic_write(self.config_path, previous, 0o644)
@@ -290,6 +295,23 @@ class HAProxyDriver:
                 raise LBError(f"HAProxy did not go live with topology {want} (it runs {seen or 'nothing'}) "
                               f"within {self.live_timeout:g}s")
             time.sleep(_POLL)
+
+    def _wait_retired(self, old_workers: set[int]) -> None:
+        """Wait until the workers of the previous config hold no listening socket (soft-stopped or gone).
+
+        The new worker answers the stats socket ~1 ms before the master has soft-stopped the old ones;
+        a request in between is served with the old config (an A/B user could flip buckets).
+        """
+        deadline = time.monotonic() + self.live_timeout
+        while True:
+            listening = listening_inodes()
+            still = sorted(pid for pid in old_workers if holds_listener(pid, listening))
+            if not still:
+                return
+            if time.monotonic() >= deadline:
+                raise LBError(f"HAProxy workers {still} of the previous config still accept after "
+                              f"{self.live_timeout:g}s")
+            time.sleep(_RETIRE_POLL)
 
     def _weight_changes(self, frontends, state) -> list[tuple[str, str, int, int]]:
         changes = []
@@ -330,7 +352,7 @@ class HAProxyDriver:
         if self.reload is not None:
             self.reload()
             return
-        pid = _master_pid(self.pid_path, b"haproxy")
+        pid = master_pid(self.pid_path, b"haproxy")
         if pid is None:
             raise LBError(f"no running HAProxy master found through {self.pid_path}")
         os.kill(pid, signal.SIGUSR2)
@@ -371,17 +393,3 @@ def _read(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except OSError:
         return None
-
-
-def _master_pid(pid_path: Path, program: bytes) -> int | None:
-    """The pid in `pid_path` if it is alive and its command line names `program`."""
-    try:
-        pid = int(pid_path.read_text().split()[0])
-        os.kill(pid, 0)
-    except (OSError, ValueError, IndexError):
-        return None
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return pid
-    return pid if program in cmdline else None

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.drivers._unixhttp import UnixHTTPConnection
-from agent.drivers.haproxy import Applied, LBError, _master_pid, _read
+from agent.drivers._procfs import children, master_pid
+from agent.drivers.haproxy import Applied, LBError, _read
 from agent.fsutil import atomic_write
 from agent.lb_conf import NGINX_CONTROL_SOCKET, VERSION_PATH, Frontend, nginx_version, render_nginx, validate
 from agent.supervisor_conf import ProgramSpec
@@ -113,7 +114,7 @@ class NginxDriver:
         if live is None:
             return Applied("written", detail="nginx is not running: start it, then wait_live()",
                            seconds=time.monotonic() - started)
-        old_workers = _workers(_master_pid(self.pid_path, b"nginx"))
+        old_workers = children(master_pid(self.pid_path, b"nginx"))
         try:
             self._reload()
             self.wait_live(frontends)
@@ -196,7 +197,7 @@ class NginxDriver:
         if self.reload is not None:
             self.reload()
             return
-        pid = _master_pid(self.pid_path, b"nginx")
+        pid = master_pid(self.pid_path, b"nginx")
         if pid is None:
             raise LBError(f"no running nginx master found through {self.pid_path}")
         os.kill(pid, signal.SIGHUP)
@@ -233,21 +234,6 @@ class NginxDriver:
         elif text is None or live != out["config_version"]:
             out["error"] = f"nginx runs version {live}, the config file holds {out['config_version']}"
         return out
-
-
-def _workers(master: int | None) -> set[int]:
-    """Pids of the worker processes of nginx master `master` (empty without /proc or master)."""
-    if master is None:
-        return set()
-    out = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rpartition(")")[2].split()
-        except OSError:
-            continue
-        if len(fields) > 1 and fields[1] == str(master):
-            out.add(int(stat.parent.name))
-    return out
 
 
 def _accepting_worker(pid: int) -> bool:

