@@ -10,9 +10,11 @@ Linux-only; without /proc every answer is "nothing", and the drivers then skip t
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["master_pid", "children", "listening_inodes", "holds_listener"]
+__all__ = ["master_pid", "children", "listening_inodes", "holds_listener", "listening_pids", "wait_retired"]
 
 
 def master_pid(pid_path: Path, program: bytes) -> int | None:
@@ -74,3 +76,20 @@ def holds_listener(pid: int, listening: set[str]) -> bool:
         if target.startswith("socket:[") and target[8:-1] in listening:
             return True
     return False
+
+
+def listening_pids(pids: Iterable[int]) -> list[int]:
+    """The pids among `pids` that still hold a listening TCP socket, i.e. can still accept."""
+    listening = listening_inodes()
+    return sorted(pid for pid in pids if holds_listener(pid, listening))
+
+
+def wait_retired(old: set[int], accepting: Callable[[Iterable[int]], list[int]], *, timeout: float,
+                 poll: float) -> list[int]:
+    """Poll until no pid of `old` is `accepting`; returns those still accepting at `timeout` ([]: all retired)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        still = accepting(old)
+        if not still or time.monotonic() >= deadline:
+            return still
+        time.sleep(poll)

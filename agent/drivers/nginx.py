@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.drivers._unixhttp import UnixHTTPConnection
-from agent.drivers._procfs import children, master_pid
+from agent.drivers._procfs import children, master_pid, wait_retired
 from agent.drivers.haproxy import Applied, LBError, _read
 from agent.fsutil import atomic_write
 from agent.lb_conf import NGINX_CONTROL_SOCKET, VERSION_PATH, Frontend, nginx_version, render_nginx, validate
@@ -151,15 +151,10 @@ class NginxDriver:
         The control socket can be answered by a new worker while an old one, not yet told to quit,
         still accepts (and keeps serving keep-alive connections) with the old weights.
         """
-        deadline = time.monotonic() + self.live_timeout
-        while True:
-            still = {pid for pid in old_workers if _accepting_worker(pid)}
-            if not still:
-                return
-            if time.monotonic() >= deadline:
-                raise LBError(f"nginx workers {sorted(still)} of the previous config still accept after "
-                              f"{self.live_timeout:g}s")
-            time.sleep(_POLL)
+        still = wait_retired(old_workers, lambda pids: sorted(p for p in pids if _accepting_worker(p)),
+                             timeout=self.live_timeout, poll=_POLL)
+        if still:
+            raise LBError(f"nginx workers {still} of the previous config still accept after {self.live_timeout:g}s")
 
     def live_version(self) -> str | None:
         """The version the running nginx answers on its control socket; None if it does not answer."""
