@@ -173,11 +173,17 @@ def test_console_script_runs(v1):
     assert out == "hi\n"
 
 
-def test_build_again_is_a_no_op(mgr, spec_v1, v1):
+def _no_subprocess(monkeypatch) -> None:
+    """Any process started from here on fails the test (how a no-op or a fact read proves it ran none)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a subprocess was started: {args[:1]}")
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+
+
+def test_build_again_is_a_no_op(mgr, spec_v1, v1, monkeypatch):
     before = (v1 / MARKER).stat().st_mtime_ns
-    start = time.perf_counter()
+    _no_subprocess(monkeypatch)
     assert mgr.build(spec_v1) == v1
-    assert time.perf_counter() - start < 0.5
     assert (v1 / MARKER).stat().st_mtime_ns == before
 
 
@@ -188,12 +194,10 @@ def test_interrupted_dir_is_deleted_and_rebuilt_despite_hostile_env(v2_over_inte
     assert mgr.installed(path) == {"demoapp": "2.0.0", "tiny-lib": "1.0"}
 
 
-def test_installed_reads_in_process_and_skips_seeded_tools(mgr, v1):
-    start = time.perf_counter()
+def test_installed_reads_in_process_and_skips_seeded_tools(mgr, v1, monkeypatch):
+    _no_subprocess(monkeypatch)                            # no `pip freeze` (~250 ms a call)
     got = mgr.installed(v1)
-    elapsed = time.perf_counter() - start
     assert got == {"demoapp": "1.0.0", "tiny-lib": "1.0"}  # no pip/setuptools although venv seeded them
-    assert elapsed < 0.1, elapsed
 
 
 def test_installed_sees_hand_changes(mgr, v1, wheelhouse):
@@ -239,7 +243,7 @@ def test_invalid_lock_raises_invalid_state(mgr, root, wheelhouse):
 
 # ----- switching -----
 
-def test_switch_back_and_forth_is_atomic_and_needs_no_rebuild(mgr, spec_v1, v1, v2_over_interrupted):
+def test_switch_back_and_forth_is_atomic_and_needs_no_rebuild(mgr, spec_v1, v1, v2_over_interrupted, monkeypatch):
     v2 = v2_over_interrupted[0]
     link = mgr.link_for("app")
     mgr.switch("app", v2)
@@ -267,10 +271,9 @@ def test_switch_back_and_forth_is_atomic_and_needs_no_rebuild(mgr, spec_v1, v1, 
         thread.join()
     assert errors == []
 
-    start = time.perf_counter()  # rollback = the kept venv is found complete, then a symlink swap
+    _no_subprocess(monkeypatch)  # rollback = the kept venv is found complete, then a symlink swap
     assert mgr.build(spec_v1) == v1
     mgr.switch("app", v1)
-    assert time.perf_counter() - start < 0.5
     assert mgr.current("app") == v1
     assert not os.path.isabs(os.readlink(link))  # relative: ../venvs/<name>-<identity>
     assert not [p for p in link.parent.iterdir() if p.name.endswith(".tmp")]  # no temp links left behind
