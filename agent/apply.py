@@ -137,8 +137,7 @@ def _run(action: Action, drivers: Drivers) -> str:
     if isinstance(action, BuildVenv):
         return f"built {venvs.build(_spec(action.env))}"
     if isinstance(action, RepairVenv):
-        venvs.remove(action.env.name, action.env.identity, allow_current=True)
-        return f"rebuilt {venvs.build(_spec(action.env))}"
+        return f"rebuilt {venvs.repair(_spec(action.env))}"
     if isinstance(action, SwitchVenv):
         venvs.switch(action.name, layout.venv(action.name, action.identity))
         return f"envs/{action.name} -> {action.identity}"

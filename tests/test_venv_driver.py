@@ -7,8 +7,10 @@ hand-made venv dirs (a dir plus a marker) and stay fast.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -225,6 +227,53 @@ def test_hash_mismatch_fails_and_leaves_current_untouched(mgr, root, v1, wheelho
     assert not mgr.path_for("app", bad.identity).exists()
     assert mgr.current("app") == v1 and (v1 / MARKER).is_file()
     assert mgr.installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+
+
+def _pip_into(venv: Path, *args: str) -> None:
+    subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q", *args],
+                   check=True, capture_output=True)
+
+
+def test_repair_keeps_the_drifted_venv_until_the_new_one_is_complete(mgr, root, wheelhouse, tmp_path):
+    spec = _spec(root, "fix", [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["lib"])],
+                 wheelhouse["dir"], lock_name="fix.lock")
+    path = mgr.build(spec)
+    mgr.switch("fix", path)
+    _pip_into(path, "install", "--no-deps", "--no-index", "--find-links", str(wheelhouse["dir"]), "extra")
+    drifted = {"demoapp": "1.0.0", "tiny-lib": "1.0", "extra": "0.1"}
+    assert mgr.installed(path) == drifted
+
+    empty = tmp_path / "no-wheels"
+    empty.mkdir()
+    with pytest.raises(BuildError, match="demoapp"):          # the wheels are gone: the rebuild fails
+        mgr.repair(dataclasses.replace(spec, find_links=(empty,)))
+    assert mgr.current("fix") == path and (path / MARKER).is_file()
+    assert mgr.installed(path) == drifted                      # the venv the service ran from, back as it was
+    assert _serve_and_get(path / "bin" / "demoapp-server") == "demoapp 1.0.0\n"
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+
+    assert mgr.repair(spec) == path
+    assert mgr.installed(path) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+    assert mgr.current("fix") == path
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("new_completed", [False, True])
+def test_a_repair_a_crash_interrupted_is_finished_by_the_next_build(mgr, root, wheelhouse, monkeypatch,
+                                                                   new_completed):
+    name = f"crash{int(new_completed)}"
+    spec = _spec(root, name, [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["lib"])],
+                 wheelhouse["dir"], lock_name=f"{name}.lock")
+    path = mgr.build(spec)
+    held = path.parent / f".held-{path.name}.0badc0de"
+    shutil.copytree(path, held, symlinks=True)               # the drifted venv, renamed aside by the repair
+    (held / "held-copy").write_text("")
+    if not new_completed:                                      # the crash hit mid-build: no marker yet
+        (path / MARKER).unlink()
+    _no_subprocess(monkeypatch)                                # finishing it rebuilds nothing
+    assert mgr.build(spec) == path
+    assert (path / MARKER).is_file() and (path / "held-copy").exists() != new_completed
+    assert not held.exists()
 
 
 def test_lock_changed_after_planning_is_refused(mgr, root, wheelhouse):

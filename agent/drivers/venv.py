@@ -44,6 +44,7 @@ _IDENTITY = re.compile(r"^[0-9a-f]{16}$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # the schema's identifier: no '/', no leading '.'
 _VERSION = re.compile(r"^3\.[0-9]{1,2}$")
 _TRASH_PREFIX = ".trash-"
+_HELD_PREFIX = ".held-"     # a drifted venv kept aside while it is repaired, until the new one is complete
 _STDERR_TAIL_LINES = 25
 _STDERR_TAIL_CHARS = 3000
 # Caller variables that are plumbing, not policy: keep them so builds work behind proxies etc.
@@ -369,9 +370,51 @@ class VenvManager:
         """Build (or find already built) the venv for `spec` at its final path; return that path.
 
         Complete venvs are reused as they are. A dir without marker is a leftover of an interrupted
-        build and is deleted first. On any failure the partial dir is removed, the symlink is untouched,
-        and BuildError carries the installer's stderr tail. Lock problems raise InvalidState.
+        build and is deleted first (or, if a crash interrupted a repair, the venv held aside is put
+        back). On any failure the partial dir is removed, the symlink is untouched, and BuildError
+        carries the installer's stderr tail. Lock problems raise InvalidState.
         """
+        return self._build(spec, recover=True)
+
+    def repair(self, spec: VenvSpec) -> Path:
+        """Rebuild the venv for `spec` at its own path: its installed packages drifted from the lock.
+
+        Why not delete and build: a failed rebuild would then leave the service's current venv gone.
+        The drifted venv is renamed aside (atomic, same dir) and deleted only once the new one is
+        complete; a failed rebuild renames it back, so the host keeps what its services ran from.
+        """
+        if not spec.identity:
+            raise BuildError(f"{spec.name}: a repair needs the planned venv identity")
+        path = self.path_for(spec.name, spec.identity)
+        self._recover_held(path)
+        held = path.parent / f"{_HELD_PREFIX}{path.name}.{os.urandom(4).hex()}"
+        if path.exists():
+            os.rename(path, held)
+            fsync_dir(path.parent)
+        try:
+            built = self._build(spec, recover=False)
+        except BaseException:
+            if held.exists():
+                self._delete(path)           # the partial dir, if the failed build left one
+                os.rename(held, path)
+                fsync_dir(path.parent)
+            raise
+        self._delete(held)
+        return built
+
+    def _recover_held(self, path: Path) -> None:
+        """Finish a repair a crash interrupted: keep the new venv if it completed, else put the held one back."""
+        held = sorted(path.parent.glob(f"{_HELD_PREFIX}{path.name}.*"), key=lambda p: p.stat().st_mtime)
+        if not held:
+            return
+        if not (path / MARKER).exists() and (held[-1] / MARKER).exists():
+            self._delete(path)
+            os.rename(held.pop(), path)
+            fsync_dir(path.parent)
+        for leftover in held:
+            self._delete(leftover)
+
+    def _build(self, spec: VenvSpec, *, recover: bool) -> Path:
         try:
             lock_bytes = Path(spec.lockfile).read_bytes()
         except OSError as exc:
@@ -382,6 +425,8 @@ class VenvManager:
                              f"(identity {spec.identity}, now {identity})")
         locked = parse_lock(lock_bytes.decode("utf-8", "replace"), str(spec.lockfile))
         path = self.path_for(spec.name, identity)
+        if recover:
+            self._recover_held(path)
         if (path / MARKER).exists():
             return path
         if spec.installer not in ("pip", "uv"):
@@ -508,13 +553,13 @@ class VenvManager:
         self._empty_trash()
         return removed
 
-    def remove(self, name: str, identity: str, *, allow_current: bool = False) -> Path | None:
-        """Delete one venv of `name` (atomically, via the trash); never the current one unless asked
-        (a repair rebuilds the current venv in place). Returns the path removed, or None if absent."""
+    def remove(self, name: str, identity: str) -> Path | None:
+        """Delete one venv of `name` (atomically, via the trash), never the current one. Returns the
+        path removed, or None if absent."""
         path = self.path_for(name, identity)
         if not path.exists():
             return None
-        if not allow_current and self.current(name) == _normalized(path):
+        if self.current(name) == _normalized(path):
             raise BuildError(f"refusing to delete {path}: envs/{name} points at it")
         self._delete(path)
         self._empty_trash()
