@@ -39,6 +39,7 @@ class SignatureVerifier:
         if self.keyring is None:
             env["GNUPGHOME"] = str(self.gnupghome)
             self.gnupghome.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _no_agent(self.gnupghome)
             return env
         digest = hashlib.sha256(self.keyring.read_bytes()).hexdigest()
         stamp = self.gnupghome / ".imported"
@@ -48,6 +49,7 @@ class SignatureVerifier:
 
                 shutil.rmtree(self.gnupghome)
             self.gnupghome.mkdir(mode=0o700, parents=True)
+            _no_agent(self.gnupghome)
             proc = subprocess.run(["gpg", "--batch", "--quiet", "--import", str(self.keyring)],
                                   env={**env, "GNUPGHOME": str(self.gnupghome)}, capture_output=True, text=True, timeout=60)
             if proc.returncode != 0:
@@ -91,3 +93,11 @@ def _signer(out: str) -> str:
         if line.startswith("Good \"git\" signature for"):
             return line.split("for", 1)[1].strip()
     return "verified"
+
+
+def _no_agent(gnupghome: Path) -> None:
+    """Importing public keys and verifying need no gpg-agent; without this, gpg starts one per root
+    that outlives the agent (and a rmtree of the home under it)."""
+    conf = gnupghome / "gpg.conf"
+    if not conf.exists():
+        conf.write_text("no-autostart\n")

@@ -24,8 +24,18 @@ def get(url: str) -> str:
         return resp.read().decode()
 
 
-def _gpg_key(home, name: str) -> str:
+@pytest.fixture
+def gpg_homes():
+    """GNUPGHOMEs the test makes keys in; their gpg-agents (key generation starts one) are killed after."""
+    homes: list = []
+    yield homes
+    for home in homes:
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "gpg-agent"], capture_output=True, timeout=30)
+
+
+def _gpg_key(home, name: str, homes: list) -> str:
     home.mkdir(mode=0o700)
+    homes.append(home)
     env = {**os.environ, "GNUPGHOME": str(home)}
     subprocess.run(["gpg", "--batch", "--passphrase", "", "--quick-gen-key", f"{name} <{name}@example.invalid>",
                     "ed25519", "sign", "1d"], env=env, check=True, capture_output=True)
@@ -42,9 +52,9 @@ def _commit_signed_gpg(repo, home, fpr: str, message: str) -> str:
 
 
 @pytest.mark.skipif(shutil.which("gpg") is None, reason="gpg is not installed")
-def test_openpgp_only_trusted_signed_commits_are_applied(tmp_path, state_repo, agent_root):
+def test_openpgp_only_trusted_signed_commits_are_applied(tmp_path, state_repo, agent_root, gpg_homes):
     trusted_home, rogue_home = tmp_path / "gpg-trusted", tmp_path / "gpg-rogue"
-    trusted, rogue = _gpg_key(trusted_home, "release"), _gpg_key(rogue_home, "mallory")
+    trusted, rogue = _gpg_key(trusted_home, "release", gpg_homes), _gpg_key(rogue_home, "mallory", gpg_homes)
     keyring = tmp_path / "trusted.asc"
     keyring.write_bytes(subprocess.run(["gpg", "--batch", "--armor", "--export", trusted], check=True, capture_output=True,
                                        env={**os.environ, "GNUPGHOME": str(trusted_home)}).stdout)
