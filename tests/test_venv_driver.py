@@ -373,9 +373,13 @@ def test_remove_all(tmp_path):
     a = _fake_venv(mgr, "gone", "1" * 16, complete=True, mtime=1)
     b = _fake_venv(mgr, "gone", "2" * 16, complete=False, mtime=2)
     keep = _fake_venv(mgr, "stays", "3" * 16, complete=True, mtime=3)
+    held = [mgr.path_for(n, "4" * 16).with_name(f".held-{n}-{'4' * 16}.0badc0de") for n in ("gone", "gone-too")]
+    for path in held:                                     # drifted venvs a crashed repair left aside
+        path.mkdir()
     mgr.switch("gone", a)
     assert sorted(mgr.remove_all("gone")) == sorted([mgr.link_for("gone"), a, b])
     assert mgr.current("gone") is None and mgr.list("gone") == [] and keep.exists()
+    assert [p.exists() for p in held] == [False, True]   # "gone-too" is another environment
 
 
 def test_empty_root_has_no_facts(tmp_path):

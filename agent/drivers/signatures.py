@@ -55,6 +55,7 @@ class SignatureVerifier:
             if proc.returncode != 0:
                 raise ConfigError(f"cannot import trusted keys from {self.keyring}: {proc.stderr.strip()[-300:]}")
             stamp.write_text(digest)
+        _no_agent(self.gnupghome)       # also for a home imported before gpg.conf was written
         env["GNUPGHOME"] = str(self.gnupghome)
         return env
 

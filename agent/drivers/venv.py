@@ -577,6 +577,10 @@ class VenvManager:
             if info.path not in self._building:
                 self._delete(info.path)
                 removed.append(info.path)
+        for held in self._venvs.glob(f"{_HELD_PREFIX}*"):           # a crashed repair's drifted venv
+            env_name, _, identity = held.name[len(_HELD_PREFIX):].rpartition(".")[0].rpartition("-")
+            if env_name == name and _IDENTITY.match(identity):
+                self._delete(held)
         self._empty_trash()
         return removed
 
