@@ -243,7 +243,8 @@ def test_failed_health_check_rolls_the_service_back(state_repo, agent_root):
     state_repo.commit("unhealthy")
     proc = run_agent("once", *args(state_repo, agent_root)[:-2], "--health-wait", "2")
     assert proc.returncode == 1, proc.stdout
-    assert "check_health" in proc.stdout and "rolled back" in proc.stdout
+    assert "check_health" in proc.stdout and "rolled back demo-web: its previous config" in proc.stdout
+    assert ", running)" in proc.stdout, proc.stdout      # once returns after the old version runs again
     assert get(f"http://127.0.0.1:{port}/") == "demoapp 1.0.0\n"
 
 
