@@ -35,28 +35,22 @@ class SignatureVerifier:
 
     def _prepare_gnupg(self) -> dict[str, str]:
         """A private GNUPGHOME holding only the configured keyring (re-imported when the file changes)."""
-        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
-        if self.keyring is None:
-            env["GNUPGHOME"] = str(self.gnupghome)
-            self.gnupghome.mkdir(mode=0o700, parents=True, exist_ok=True)
-            _no_agent(self.gnupghome)
-            return env
-        digest = hashlib.sha256(self.keyring.read_bytes()).hexdigest()
+        env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GNUPGHOME": str(self.gnupghome)}
+        digest = None if self.keyring is None else hashlib.sha256(self.keyring.read_bytes()).hexdigest()
         stamp = self.gnupghome / ".imported"
-        if not stamp.exists() or stamp.read_text() != digest:
-            if self.gnupghome.exists():
-                import shutil
+        stale = digest is not None and (not stamp.exists() or stamp.read_text() != digest)
+        if stale and self.gnupghome.exists():
+            import shutil
 
-                shutil.rmtree(self.gnupghome)
-            self.gnupghome.mkdir(mode=0o700, parents=True)
-            _no_agent(self.gnupghome)
+            shutil.rmtree(self.gnupghome)
+        self.gnupghome.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _no_agent(self.gnupghome)       # before gpg runs; also for a home imported before gpg.conf existed
+        if stale:
             proc = subprocess.run(["gpg", "--batch", "--quiet", "--import", str(self.keyring)],
-                                  env={**env, "GNUPGHOME": str(self.gnupghome)}, capture_output=True, text=True, timeout=60)
+                                  env=env, capture_output=True, text=True, timeout=60)
             if proc.returncode != 0:
                 raise ConfigError(f"cannot import trusted keys from {self.keyring}: {proc.stderr.strip()[-300:]}")
             stamp.write_text(digest)
-        _no_agent(self.gnupghome)       # also for a home imported before gpg.conf was written
-        env["GNUPGHOME"] = str(self.gnupghome)
         return env
 
     def verify(self, git_dir: Path, sha: str) -> str:
