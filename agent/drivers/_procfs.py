@@ -78,9 +78,14 @@ def holds_listener(pid: int, listening: set[str]) -> bool:
     return False
 
 
-def listening_pids(pids: Iterable[int]) -> list[int]:
-    """The pids among `pids` that still hold a listening TCP socket, i.e. can still accept."""
-    listening = listening_inodes()
+def listening_pids(pids: Iterable[int], listening: set[str] | None = None) -> list[int]:
+    """The pids among `pids` that still hold a listening TCP socket, i.e. can still accept.
+
+    `listening` (from `listening_inodes()`) can be read once and reused while waiting for old workers
+    to close theirs: /proc/net/tcp lists every connection of the host, so it is not re-read per poll.
+    """
+    if listening is None:
+        listening = listening_inodes()
     return sorted(pid for pid in pids if holds_listener(pid, listening))
 
 

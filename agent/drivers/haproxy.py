@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.drivers._procfs import children, listening_pids, master_pid, wait_retired
+from agent.drivers._procfs import children, listening_inodes, listening_pids, master_pid, wait_retired
 from agent.errors import AgentError
 from agent.fsutil import atomic_write
 from agent.lb_conf import TOPOLOGY_ENV, Frontend, haproxy_topology, render_haproxy, validate
@@ -302,7 +302,9 @@ class HAProxyDriver:
         The new worker answers the stats socket ~1 ms before the master has soft-stopped the old ones;
         a request in between is served with the old config (an A/B user could flip buckets).
         """
-        still = wait_retired(old_workers, listening_pids, timeout=self.live_timeout, poll=_RETIRE_POLL)
+        listening = listening_inodes()   # once: old workers only close listeners, they never open one
+        still = wait_retired(old_workers, lambda pids: listening_pids(pids, listening),
+                             timeout=self.live_timeout, poll=_RETIRE_POLL)
         if still:
             raise LBError(f"HAProxy workers {still} of the previous config still accept after {self.live_timeout:g}s")
 
