@@ -203,8 +203,8 @@ def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
     if first.previous is not None:
         # supervisord starts the restored program in its own loop: a rollback is done when it runs again,
         # not when it was asked for (else `once` could exit 1 "rolled back" with nothing listening yet).
-        _wait_running(drivers, first.name, max((a.startsecs for a in done if a.key == key and hasattr(a, "startsecs")),
-                                               default=1))
+        started = (a for a in done if a.key == key and isinstance(a, (UpdateProgram, StartProgram, RestartProgram)))
+        _wait_running(drivers, first.name, max((a.startsecs for a in started), default=1))
         what += ", running"
     return f"rolled back {first.name}: {what}"
 
