@@ -90,13 +90,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from .settings import build_settings
+    from agent.settings import build_settings
 
     return build_settings(vars(args))
 
 
 def _setup_logs(settings) -> None:
-    from .logs import setup_logging
+    from agent.logs import setup_logging
 
     setup_logging(settings.log_format, settings.log_level)
 
@@ -141,8 +141,8 @@ def _result_json(result) -> dict:
 def cmd_once(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from .lock import root_lock
-    from .reconciler import Reconciler
+    from agent.service.rootlock import root_lock
+    from agent.service.reconciler import Reconciler
 
     with root_lock(settings.root):
         result = Reconciler(settings).reconcile()
@@ -153,7 +153,7 @@ def cmd_once(args) -> int:
 def cmd_plan(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from .reconciler import Reconciler
+    from agent.service.reconciler import Reconciler
 
     result = Reconciler(settings).reconcile(apply=False)
     if args.json:
@@ -169,7 +169,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_validate(args) -> int:
-    from .load import LoadOptions, validate_tree
+    from agent.core.load import LoadOptions, validate_tree
 
     root = Path(args.state_path)
     if not root.is_dir():
@@ -197,8 +197,8 @@ def _work_tree(path: Path) -> Path | None:
 
 def cmd_status(args) -> int:
     settings = _settings(args)
-    from .layout import Layout
-    from .store import load_status
+    from agent.core.layout import Layout
+    from agent.service.store import load_status
 
     status = load_status(Layout(settings.root).status_file)
     if args.json:
@@ -233,12 +233,12 @@ def _ts(t: float | None) -> str:
 def cmd_facts(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from .drivers.supervisor import read_program_files
-    from .drivers.venv import VenvManager
-    from .facts import collect, read_verified
-    from .layout import Layout
-    from .reconciler import SupervisorHandle
-    from .traffic import LoadBalancer
+    from agent.drivers.supervisor import read_program_files
+    from agent.drivers.venv import VenvManager
+    from agent.service.facts import collect, read_verified
+    from agent.core.layout import Layout
+    from agent.service.reconciler import SupervisorHandle
+    from agent.drivers.lb import LoadBalancer
 
     layout = Layout(settings.root)
     handle = SupervisorHandle(settings.supervisor, layout)
@@ -268,8 +268,8 @@ def cmd_facts(args) -> int:
 def cmd_run(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from .lock import root_lock
-    from .runtime import run_daemon
+    from agent.service.rootlock import root_lock
+    from agent.service.runtime import run_daemon
 
     with root_lock(settings.root):
         return run_daemon(settings)
@@ -278,7 +278,7 @@ def cmd_run(args) -> int:
 def cmd_down(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from .drivers.supervisor import EmbeddedSupervisor
+    from agent.drivers.supervisor import EmbeddedSupervisor
 
     if settings.supervisor != "embedded":
         print("error: down only stops the embedded supervisord", file=sys.stderr)
@@ -294,7 +294,7 @@ COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "statu
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .errors import AgentError
+    from agent.core.errors import AgentError
 
     try:
         return COMMANDS[args.command](args)

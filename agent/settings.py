@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-from .errors import ConfigError
+from agent.core.errors import ConfigError
 
 __all__ = ["Settings", "build_settings", "ENV_PREFIX"]
 

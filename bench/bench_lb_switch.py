@@ -30,8 +30,8 @@ from pathlib import Path
 from agent.drivers.haproxy import HAProxyDriver
 from agent.drivers.nginx import NginxDriver
 from agent.drivers.supervisor import EmbeddedSupervisor, write_program_file
-from agent.lb_conf import Backend, Frontend
-from agent.supervisor_conf import render_program
+from agent.core.render.lb import Backend, Frontend
+from agent.core.render.supervisor import render_program
 
 BACKEND = Path(__file__).resolve().parent.parent / "tests" / "lb_backend.py"   # answers its own name
 

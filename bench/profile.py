@@ -28,7 +28,7 @@ OUT = bench.BENCH / "profile-out"
 def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
     from pyinstrument import Profiler
 
-    from agent.reconciler import Reconciler
+    from agent.service.reconciler import Reconciler
 
     repo = bench.DemoRepo(work / "repo")
     lock = repo.lock("1.0.0")

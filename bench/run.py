@@ -327,7 +327,7 @@ def settings_for(url: str, root: Path, **kw):
 
 
 def converge_in_process(settings, what: str) -> None:
-    from agent.reconciler import Reconciler
+    from agent.service.reconciler import Reconciler
 
     rec = Reconciler(settings)
     t0 = time.perf_counter()
@@ -344,7 +344,7 @@ def converge_in_process(settings, what: str) -> None:
 # -- 1. no-op reconcile in-process, by number of apps -----------------------------------------------
 
 def bench_scale(res: Results, work: Path, sizes: list[int], runs: int) -> None:
-    from agent.reconciler import Reconciler
+    from agent.service.reconciler import Reconciler
 
     repo = DemoRepo(work / "scale-repo")
     lock = repo.lock("1.0.0")           # ONE lock shared by every app (each app still has its own env/venv)
@@ -643,7 +643,7 @@ class ServedWatch:
 
 
 def bench_rollback(res: Results, work: Path, rounds: int, quick: bool) -> None:
-    from agent.reconciler import Reconciler
+    from agent.service.reconciler import Reconciler
 
     repo = DemoRepo(work / "rollback-repo")
     port = free_port()

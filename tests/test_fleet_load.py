@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from agent.errors import InvalidState
-from agent.load import LoadOptions, _expression_holds, _Host, _selects, load_desired, validate_tree
+from agent.core.errors import InvalidState
+from agent.core.load import LoadOptions, _expression_holds, _Host, _selects, load_desired, validate_tree
 from test_load import APP, tree
 
 FLEET = """\

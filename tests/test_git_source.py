@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.drivers.git import GitSource, Revision, is_ancestor, redact
-from agent.errors import ConfigError, SourceError
+from agent.core.errors import ConfigError, SourceError
 from conftest import start_git_daemon
 
 GIT_ENV = {

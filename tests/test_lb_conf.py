@@ -1,4 +1,4 @@
-"""agent.lb_conf: pure renderers. Table-driven cases, a Hypothesis property against injection, and the
+"""agent.core.render.lb: pure renderers. Table-driven cases, a Hypothesis property against injection, and the
 real `haproxy -c` / `nginx -t` (when installed) accepting what we render."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from agent.drivers.haproxy import weights_of
 from agent.drivers.nginx import parse_weights
-from agent.lb_conf import (
+from agent.core.render.lb import (
     NAME_RE,
     VERSION_PATH,
     ABSplit,

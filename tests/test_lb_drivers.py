@@ -24,8 +24,8 @@ from agent.drivers._procfs import children, listening_pids, master_pid
 from agent.drivers.haproxy import HAProxyDriver, HAProxyRuntime, LBError
 from agent.drivers.nginx import NginxDriver
 from agent.drivers.supervisor import EmbeddedSupervisor, write_program_file
-from agent.lb_conf import ABSplit, Backend, Frontend
-from agent.supervisor_conf import render_program
+from agent.core.render.lb import ABSplit, Backend, Frontend
+from agent.core.render.supervisor import render_program
 from conftest import free_port
 
 pytestmark = pytest.mark.timeout(60)

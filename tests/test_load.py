@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import InvalidState
-from agent.load import LoadOptions, load_desired, validate_tree
+from agent.core.errors import InvalidState
+from agent.core.load import LoadOptions, load_desired, validate_tree
 from wheelfactory import lock_line, make_http_app_wheel
 
 FLEET = """\

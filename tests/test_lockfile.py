@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from packaging.utils import canonicalize_name
 
 from agent.drivers.venv import find_uv
-from agent.errors import InvalidState
-from agent.lockfile import LockedRequirement, parse_lock, venv_identity
+from agent.core.errors import InvalidState
+from agent.core.lockfile import LockedRequirement, parse_lock, venv_identity
 
 try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
     import wheelfactory

@@ -8,12 +8,12 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.apply import Outcome
+from agent.service.executor import Outcome
 from agent.drivers.git import Revision
-from agent.facts import Facts, ProgramFact, VenvFact
-from agent.metrics import MetricsServer, Recorder, resource_of
-from agent.plan import BuildVenv, CheckHealth, Plan, RemoveProgram, StartProgram, WriteProgram
-from agent.reconciler import Result
+from agent.core.facts import Facts, ProgramFact, VenvFact
+from agent.service.metrics import MetricsServer, Recorder, resource_of
+from agent.core.plan import BuildVenv, CheckHealth, Plan, RemoveProgram, StartProgram, WriteProgram
+from agent.service.reconciler import Result
 
 SHA1, SHA2 = "a" * 40, "b" * 40
 
@@ -277,8 +277,8 @@ def test_http_endpoints():
 
 
 def test_traffic_weights_follow_the_load_balancer():
-    from agent.lb_conf import Backend, Frontend
-    from agent.plan import ConfigureTraffic
+    from agent.core.render.lb import Backend, Frontend
+    from agent.core.plan import ConfigureTraffic
 
     rec = Recorder(clock=Clock())
     seen = facts()

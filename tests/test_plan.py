@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.facts import Facts, ProgramFact, VenvFact, text_digest
-from agent.layout import Layout
-from agent.model import DesiredState, Environment, HealthCheck, Service, App
-from agent.plan import PlanOptions, make_plan, render_service
+from agent.core.facts import Facts, ProgramFact, VenvFact, text_digest
+from agent.core.layout import Layout
+from agent.core.model import DesiredState, Environment, HealthCheck, Service, App
+from agent.core.plan import PlanOptions, make_plan, render_service
 
 LAYOUT = Layout(Path("/srv/agent"))
 OPTS = PlanOptions(LAYOUT, retention=2)
@@ -188,8 +188,8 @@ def test_a_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
     """Blue-green with a restart of green in the same revision: green's await_running comes before
     configure_traffic (a program that dies right after its gate never gets the users); blue, which
     loses traffic, is confirmed after."""
-    from agent.model import Traffic
-    from agent.traffic import LoadBalancer
+    from agent.core.model import Traffic
+    from agent.drivers.lb import LoadBalancer
 
     blue_env, green_env = env("aaaa"), env("bbbb", name="green")
     blue, green = svc("web_blue"), svc("web_green", environment="green")

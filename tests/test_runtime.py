@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from agent.runtime import Backoff, Runtime, Schedule, jittered
+from agent.service.runtime import Backoff, Runtime, Schedule, jittered
 
 pytestmark = pytest.mark.timeout(30)
 

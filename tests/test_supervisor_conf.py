@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from supervisor.options import ServerOptions, UnhosedConfigParser
 
-from agent.errors import Permanent
-from agent.supervisor_conf import (
+from agent.core.errors import Permanent
+from agent.core.render.supervisor import (
     ENV_KEY_RE,
     PROGRAM_NAME_RE,
     ProgramSpec,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.errors import ConfigError, SupervisorError
+from agent.core.errors import ConfigError, SupervisorError
 from agent.drivers.supervisor import (
     EmbeddedSupervisor,
     SupervisorClient,
@@ -27,7 +27,7 @@ from agent.drivers.supervisor import (
     remove_program_file,
     write_program_file,
 )
-from agent.supervisor_conf import ProgramSpec, UnsafeValue, render_program
+from agent.core.render.supervisor import ProgramSpec, UnsafeValue, render_program
 
 pytestmark = pytest.mark.timeout(60)
 

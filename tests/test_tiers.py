@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.load import LoadOptions, load_desired
+from agent.core.load import LoadOptions, load_desired
 from conftest import REPO_ROOT, free_port, git, run_agent, served_version
 
 pytestmark = pytest.mark.timeout(300)

@@ -23,8 +23,8 @@ import pytest
 
 from agent.drivers import venv as venv_mod
 from agent.drivers.venv import MARKER, VenvManager, VenvSpec, find_uv, resolve_python
-from agent.errors import BuildError, InvalidState
-from agent.lockfile import venv_identity
+from agent.core.errors import BuildError, InvalidState
+from agent.core.lockfile import venv_identity
 
 try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
     import wheelfactory

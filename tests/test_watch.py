@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from agent.layout import Layout
-from agent.watch import Debouncer, Watcher, WatchSpec, local_repo_dir, managed_paths
+from agent.core.layout import Layout
+from agent.service.watch import Debouncer, Watcher, WatchSpec, local_repo_dir, managed_paths
 from conftest import git
 
 pytestmark = pytest.mark.timeout(30)

@@ -8,10 +8,10 @@ import collections
 import pytest
 
 from agent.drivers.git import GitSource
-from agent.load import LoadOptions, load_desired
-from agent.model import Gate, Rollout, Wave
-from agent.staging import Stager
-from agent.waves import bucket, decide, gate_verdict, timing, wave_of
+from agent.core.load import LoadOptions, load_desired
+from agent.core.model import Gate, Rollout, Wave
+from agent.service.staging import Stager
+from agent.core.waves import bucket, decide, gate_verdict, timing, wave_of
 
 GATE = Gate("http://p", "q", "<", 0.05, "pause")
 ROLL = Rollout((Wave(selected=False), Wave(percent=25, after_s=600, gate=GATE), Wave(percent=100, after_s=1800)))
@@ -104,9 +104,9 @@ def test_a_new_app_is_absent_until_due(state_repo, tmp_path):
 
 
 def test_apps_at_mixed_wave_revisions_may_not_share_a_port():
-    from agent.errors import InvalidState
-    from agent.model import App, Service
-    from agent.staging import _check_mixed
+    from agent.core.errors import InvalidState
+    from agent.core.model import App, Service
+    from agent.service.staging import _check_mixed
 
     def app(name, port):
         return App(name, None, (), (Service(name, f"{name}-web", "e", ("x",), port=port),))

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
-from agent.errors import ConfigError, SourceError
+from agent.core.errors import ConfigError, SourceError
 
 __all__ = ["Revision", "GitSource", "redact", "is_ancestor"]
 

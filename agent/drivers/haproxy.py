@@ -11,7 +11,7 @@ old workers have closed their listeners (the new worker answers ~1 ms before the
 reload that cannot take effect (a port in use) leaves the old worker running, which we report as
 LBError, restoring the previous file so that file and live process agree again.
 
-Side effects only; the text comes from `agent.lb_conf` (pure).
+Side effects only; the text comes from `agent.core.render.lb` (pure).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.drivers._procfs import children, listening_inodes, listening_pids, master_pid, wait_retired
-from agent.errors import AgentError
-from agent.fsutil import atomic_write
-from agent.lb_conf import TOPOLOGY_ENV, Frontend, haproxy_topology, render_haproxy, validate
-from agent.supervisor_conf import ProgramSpec
+from agent.core.errors import AgentError
+from agent.drivers.fsutil import atomic_write
+from agent.core.render.lb import TOPOLOGY_ENV, Frontend, haproxy_topology, render_haproxy, validate
+from agent.core.render.supervisor import ProgramSpec
 
 __all__ = [
     "LBError",

@@ -29,9 +29,9 @@ from pathlib import Path
 from agent.drivers._unixhttp import UnixHTTPConnection
 from agent.drivers._procfs import children, master_pid, wait_retired
 from agent.drivers.haproxy import Applied, LBError, _read
-from agent.fsutil import atomic_write
-from agent.lb_conf import NGINX_CONTROL_SOCKET, VERSION_PATH, Frontend, nginx_version, render_nginx, validate
-from agent.supervisor_conf import ProgramSpec
+from agent.drivers.fsutil import atomic_write
+from agent.core.render.lb import NGINX_CONTROL_SOCKET, VERSION_PATH, Frontend, nginx_version, render_nginx, validate
+from agent.core.render.supervisor import ProgramSpec
 
 __all__ = ["NginxDriver", "PROGRAM_NAME", "parse_weights", "LBError", "Applied"]
 

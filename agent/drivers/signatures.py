@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from ..errors import ConfigError, Permanent
+from agent.core.errors import ConfigError, Permanent
 
 __all__ = ["SignatureRefused", "SignatureVerifier"]
 

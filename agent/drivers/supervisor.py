@@ -1,6 +1,6 @@
 """supervisord driver: XML-RPC over a unix socket, the agent's embedded supervisord, program files.
 
-Side effects only; what to write comes from `agent.supervisor_conf` (pure). Why XML-RPC and not
+Side effects only; what to write comes from `agent.core.render.supervisor` (pure). Why XML-RPC and not
 `supervisorctl`: faults come back as numbers we can map to sentences instead of text we would parse.
 Why `update()` is done by hand: `supervisorctl update` is `reloadConfig` plus stop/remove/add per
 group, and doing those calls ourselves lets us restrict them to named programs and report exactly
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from agent.drivers import _xmlrpc
-from agent.errors import ConfigError, SupervisorError
-from agent.fsutil import atomic_write, fsync_dir
-from agent.supervisor_conf import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
+from agent.core.errors import ConfigError, SupervisorError
+from agent.drivers.fsutil import atomic_write, fsync_dir
+from agent.core.render.supervisor import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
 
 __all__ = [
     "SupervisorClient",

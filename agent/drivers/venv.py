@@ -31,9 +31,9 @@ from hashlib import sha256
 from pathlib import Path
 
 
-from ..errors import BuildError
-from ..fsutil import atomic_write, fsync_dir
-from ..lockfile import LockedRequirement, parse_lock, venv_identity
+from agent.core.errors import BuildError
+from agent.drivers.fsutil import atomic_write, fsync_dir
+from agent.core.lockfile import LockedRequirement, parse_lock, venv_identity
 
 __all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY"]
 

@@ -5,7 +5,7 @@ of a good file), `validate_tree` never raises; it returns problems that each nam
 field, or the tree is valid and the DesiredState holds exactly the input's values (nothing added, nothing
 dropped) and every service renders to a program file supervisord reads back to exactly that input.
 
-Renderer: for any Service, `agent.plan.render_service` either raises UnsafeValue naming the field, or
+Renderer: for any Service, `agent.core.plan.render_service` either raises UnsafeValue naming the field, or
 gives exactly one `[program:NAME]` section whose command and environment come back unchanged through
 supervisor's own config reader (`ServerOptions.read_config`) and `shlex.split` (what it does at spawn).
 """
@@ -25,12 +25,12 @@ from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from supervisor.options import ServerOptions, UnhosedConfigParser
 
-from agent.errors import InvalidState
-from agent.layout import Layout
-from agent.load import load_desired, validate_tree
-from agent.model import Environment, HealthCheck as Health, Service
-from agent.plan import render_service
-from agent.supervisor_conf import UnsafeValue
+from agent.core.errors import InvalidState
+from agent.core.layout import Layout
+from agent.core.load import load_desired, validate_tree
+from agent.core.model import Environment, HealthCheck as Health, Service
+from agent.core.plan import render_service
+from agent.core.render.supervisor import UnsafeValue
 from wheelfactory import lock_line, make_http_app_wheel
 
 PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -299,7 +299,7 @@ def test_any_mutation_of_a_good_file_never_crashes_the_loader(state, edits):
             assert_renders_exactly(svc, desired.environments[svc.environment])
 
 
-# --- renderer, end to end through agent.plan.render_service ---------------------------------------
+# --- renderer, end to end through agent.core.plan.render_service ---------------------------------------
 
 ENV = Environment(app="demo", name="demo", python="3.11", lockfile=Path("/s/apps/demo/demo.lock"), lock_sha256="0" * 64,
                   requirements=(("demoapp", "1.0.0"),), find_links=(), installer="pip", options=(),

@@ -103,7 +103,7 @@ class Recorder:
             self._set_applied(applied_sha)
 
     def observe(self, result) -> None:
-        """Update every metric from one reconcile `Result` (agent.reconciler.Result)."""
+        """Update every metric from one reconcile `Result` (agent.service.reconciler.Result)."""
         with self._lock:
             self._observe(result)
 
@@ -263,7 +263,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     """"127.0.0.1:9400" / "[::1]:9400" / ":9400" (all interfaces) -> (host, port)."""
     host, sep, port = listen.rpartition(":")
     if not sep or not port.isdigit():
-        from .errors import ConfigError
+        from agent.core.errors import ConfigError
 
         raise ConfigError(f"listen must be HOST:PORT, not {listen!r}")
     return host.strip("[]") or "0.0.0.0", int(port)

@@ -227,13 +227,13 @@ class Runtime:
 
 def run_daemon(settings) -> int:
     """`gitops-agent run`: the caller holds the root lock for our whole life."""
-    from .layout import Layout
-    from .metrics import MetricsServer, Recorder
-    from .reconciler import Reconciler
-    from .store import load_status
-    from .watch import Watcher, managed_paths
+    from agent.core.layout import Layout
+    from agent.service.metrics import MetricsServer, Recorder
+    from agent.service.reconciler import Reconciler
+    from agent.service.store import load_status
+    from agent.service.watch import Watcher, managed_paths
 
-    from .errors import ConfigError
+    from agent.core.errors import ConfigError
 
     if settings.poll_interval_s <= 0:
         raise ConfigError(f"poll interval must be positive, not {settings.poll_interval_s:g}")
@@ -293,7 +293,7 @@ def run_daemon(settings) -> int:
 
 def _start_chaos(reconciler, recorder, runtime: Runtime, tick_s: float = 1.0) -> threading.Thread:
     """The chaos timer (--allow-chaos): acts on the `chaos:` blocks of the last loaded desired state."""
-    from .chaos import ChaosMonkey
+    from agent.service.chaos import ChaosMonkey
 
     monkey = ChaosMonkey(lambda: getattr(reconciler, "last_desired", None), reconciler.supervisor.running_client,
                          lb=reconciler.lb, recorder=recorder)

@@ -10,7 +10,7 @@ from typing import Any
 
 import yaml
 
-from .errors import InvalidState, Problem
+from agent.core.errors import InvalidState, Problem
 
 __all__ = ["MAX_BYTES", "MAX_NODES", "Located", "parse"]
 

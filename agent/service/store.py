@@ -10,7 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from .fsutil import atomic_write
+from agent.drivers.fsutil import atomic_write
 
 __all__ = ["RevisionRecord", "Status", "load_status", "save_status"]
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .lb_conf import ABSplit, Backend, Frontend
-from .model import Canary, DesiredState, Traffic
+from agent.core.render.lb import ABSplit, Backend, Frontend
+from agent.core.model import Canary, DesiredState, Traffic
 
 __all__ = ["frontends_of", "effective_weights", "CanaryProgress", "canary_step", "canary_percent", "with_canary"]
 

@@ -1,5 +1,5 @@
 """The I/O around staged waves: Git history for the change time and the previous revision of an app,
-Prometheus for the gates, a small state file for what this host already decided. Decisions: `agent.waves`.
+Prometheus for the gates, a small state file for what this host already decided. Decisions: `agent.core.waves`.
 
 `Stager.stage(rev, desired)` runs right after a revision's desired state is loaded: every app with
 `rollout.waves` whose newest change is not yet due on this host is replaced by its previous version
@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .drivers.git import GitSource, Revision
-from .drivers.prometheus import instant_query
-from .errors import AgentError
-from .fsutil import atomic_write
-from .load import APPS_DIR, LoadOptions, load_desired
-from .model import App, DesiredState
-from .waves import FAIL, PASS, Decision, decide, gate_verdict, timing
+from agent.drivers.git import GitSource, Revision
+from agent.drivers.prometheus import instant_query
+from agent.core.errors import AgentError
+from agent.drivers.fsutil import atomic_write
+from agent.core.load import APPS_DIR, LoadOptions, load_desired
+from agent.core.model import App, DesiredState
+from agent.core.waves import FAIL, PASS, Decision, decide, gate_verdict, timing
 
 __all__ = ["Stager"]
 
@@ -149,7 +149,7 @@ def _check_mixed(apps: list[App]) -> None:
     """Apps at different revisions (some kept back by their wave) may still not share a host's names:
     each revision was validated alone, so a new app taking a port a kept-back app still holds is caught
     here, and the revision is refused on this host (the last good one stays) until the waves line up."""
-    from .errors import InvalidState, Problem
+    from agent.core.errors import InvalidState, Problem
 
     claims: dict[tuple[str, object], str] = {}
     problems = []

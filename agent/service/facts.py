@@ -1,21 +1,15 @@
-"""Observed facts of a host, as plain data (the planner's other input).
-
-`collect` is the only part with I/O: it asks the venv manager and supervisord, once each, and
+"""Gather a host's facts (`agent.core.facts`): asks the venv manager and supervisord, once each, and
 reads the program include dir. Nothing here decides anything.
 """
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-__all__ = ["VenvFact", "ProgramFact", "Facts", "collect", "read_verified", "text_digest"]
+from agent.core.facts import Facts, ProgramFact, VenvFact
 
-
-def text_digest(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+__all__ = ["collect", "read_verified"]
 
 
 def read_verified(directory: Path) -> dict[str, str]:
@@ -25,41 +19,6 @@ def read_verified(directory: Path) -> dict[str, str]:
     except FileNotFoundError:
         return {}
 
-
-@dataclass(frozen=True)
-class VenvFact:
-    name: str
-    current: str | None                       # identity envs/<name> points to (None: no symlink)
-    complete: tuple[str, ...] = ()            # identities built and verified (marker present), newest first
-    incomplete: tuple[str, ...] = ()          # dirs without marker: interrupted builds
-    installed: tuple[tuple[str, str], ...] | None = None   # distributions in the current venv
-
-
-@dataclass(frozen=True)
-class ProgramFact:
-    name: str
-    file_text: str | None                     # our include file, None when missing
-    state: str | None = None                  # supervisord statename; None: not loaded
-    pid: int | None = None
-    pending: str | None = None                # file on disk not yet applied: added / changed / removed
-    spawnerr: str = ""
-    verified: str | None = None               # sha256 of the config whose health gate last passed
-
-
-@dataclass(frozen=True)
-class Facts:
-    supervisor: str                           # "running", "stopped" or "unreachable: <why>"
-    venvs: dict[str, VenvFact] = field(default_factory=dict)
-    programs: dict[str, ProgramFact] = field(default_factory=dict)
-    traffic: dict | None = None               # the load balancer's own view: running, topology/version, weights
-
-    def to_json(self) -> dict:
-        return {
-            "supervisor": self.supervisor,
-            "venvs": {k: asdict(v) for k, v in sorted(self.venvs.items())},
-            "programs": {k: asdict(v) for k, v in sorted(self.programs.items())},
-            "traffic": self.traffic,
-        }
 
 
 class _Venvs(Protocol):
@@ -100,7 +59,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
     info: dict[str, dict] = {}
     pending: dict[str, str] = {}
     if client is not None:
-        from .errors import SupervisorError
+        from agent.core.errors import SupervisorError
 
         try:
             info = client.process_info()

@@ -3,37 +3,43 @@
 A checkout of a commit is immutable, so loading it twice gives the same DesiredState: a no-op poll
 (and a `once` whose revision did not move) skips YAML, JSON Schema and lockfile parsing entirely.
 Kept in memory for the daemon and pickled under <root>/state/desired (0700, written only by the agent)
-for short-lived `once` runs. The key includes a digest of the loader's code and schemas, so an upgraded
-agent never trusts a state validated by older rules.
+for short-lived `once` runs. The key includes a digest of every module of the pure core (the loader
+and everything it imports: model, lockfile rules, renderers that decide acceptance) and of the schemas,
+so an upgraded agent never trusts a state validated by older rules. A cache file that cannot be read
+back is set aside and the revision loaded again: a cache is only ever a cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pickle
 from functools import lru_cache
 from pathlib import Path
 
-from .fsutil import atomic_write
-from .model import DesiredState
+from agent.drivers.fsutil import atomic_write
+from agent.core.model import DesiredState
 
 __all__ = ["DesiredCache"]
 
-_CODE = ("load.py", "_yaml.py", "lockfile.py", "model.py", "__init__.py")
+log = logging.getLogger("gitops_agent.cache")
+
+_CORE = Path(__file__).resolve().parent.parent / "core"
+
+
+def _schema_dir() -> Path:
+    repo = _CORE.parent.parent / "schemas"          # a checkout (editable install)
+    return repo if repo.is_dir() else _CORE.parent / "schemas"   # installed: agent/schemas
 
 
 @lru_cache(maxsize=1)
 def _code_digest() -> str:
-    here = Path(__file__).parent
+    """Every file of the pure core (the loader imports nothing else of ours) and every schema: no list
+    to keep by hand, so a rule added anywhere the loader reaches changes the key."""
     h = hashlib.sha256()
-    for name in _CODE:
-        h.update((here / name).read_bytes())
-    schemas = here.parent / "schemas"
-    if not schemas.is_dir():                       # installed (non-editable): schemas live in agent/schemas
-        schemas = here / "schemas"
-    for path in sorted(schemas.glob("*.json")):
-        h.update(path.read_bytes())
+    for path in sorted(_CORE.rglob("*.py")) + sorted(_schema_dir().glob("*.json")):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
 
@@ -51,15 +57,30 @@ class DesiredCache:
         hit = self._memory.get(key)
         if hit is not None:
             return hit
+        path = self.directory / f"{key}.pickle"
         try:
-            with open(self.directory / f"{key}.pickle", "rb") as fh:
+            with open(path, "rb") as fh:
                 hit = pickle.load(fh)                      # noqa: S301 (our own 0700 state dir)
-        except (OSError, pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError):
+        except FileNotFoundError:
+            return None
+        except Exception as exc:                            # noqa: BLE001 - any garbage: unpickling runs arbitrary constructors
+            self._set_aside(path, f"{type(exc).__name__}: {exc}")
             return None
         if not isinstance(hit, DesiredState):
+            self._set_aside(path, f"holds a {type(hit).__name__}, not a DesiredState")
             return None
         self._memory = {key: hit}
         return hit
+
+    @staticmethod
+    def _set_aside(path: Path, why: str) -> None:
+        bad = path.with_suffix(".bad")
+        try:
+            os.replace(path, bad)
+        except OSError:
+            bad = path
+        log.warning("desired-state cache %s is unreadable (%s): set aside as %s, loading the revision again",
+                    path.name, why[:200], bad.name)
 
     def put(self, key: str, desired: DesiredState) -> None:
         self._memory = {key: desired}

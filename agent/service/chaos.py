@@ -115,7 +115,7 @@ class ChaosMonkey:
         if len(backends) < 2:
             return      # never take the only live backend away: that is an outage, not a drill
         name = self.rng.choice(backends)
-        from .drivers.haproxy import HAProxyRuntime
+        from agent.drivers.haproxy import HAProxyRuntime
 
         runtime = HAProxyRuntime(self.lb.driver.socket_path)
         try:
@@ -131,7 +131,7 @@ class ChaosMonkey:
         for item in [r for r in self._restore if r[0] <= now]:
             self._restore.remove(item)
             _, backend, server, weight = item
-            from .drivers.haproxy import HAProxyRuntime
+            from agent.drivers.haproxy import HAProxyRuntime
 
             try:
                 HAProxyRuntime(self.lb.driver.socket_path).set_weight(backend, server, weight)

@@ -11,13 +11,13 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .drivers.supervisor import remove_program_file, write_program_file
-from .drivers.venv import VenvManager, VenvSpec
-from .errors import AgentError, HealthCheckFailed, SupervisorError
-from .facts import text_digest
-from .fsutil import atomic_write
-from .layout import Layout
-from .plan import (
+from agent.drivers.supervisor import remove_program_file, write_program_file
+from agent.drivers.venv import VenvManager, VenvSpec
+from agent.core.errors import AgentError, HealthCheckFailed, SupervisorError
+from agent.core.facts import text_digest
+from agent.drivers.fsutil import atomic_write
+from agent.core.layout import Layout
+from agent.core.plan import (
     Action, AwaitRunning, BuildVenv, CheckHealth, ConfigureTraffic, EnsureSupervisor, VerifyTraffic, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
     RepairVenv, RestartProgram, StartProgram, SwitchVenv, UpdateProgram, WriteProgram,
 )
@@ -46,7 +46,7 @@ class Drivers:
     layout: Layout
     venvs: VenvManager
     supervisor: object                      # has .ensure() -> SupervisorClient
-    lb: object | None = None                # agent.traffic.LoadBalancer
+    lb: object | None = None                # agent.drivers.lb.LoadBalancer
     health_wait_s: float = 30.0
     start_wait_s: float = 60.0
     clock: Callable[[], float] = time.monotonic

@@ -10,11 +10,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
-from .facts import Facts, ProgramFact, text_digest
-from .layout import Layout
-from .model import DesiredState, Environment, Service
-from .rollout import frontends_of
-from .supervisor_conf import ProgramSpec, render_program
+from agent.core.facts import Facts, ProgramFact, text_digest
+from agent.core.layout import Layout
+from agent.core.model import DesiredState, Environment, Service
+from agent.core.rollout import frontends_of
+from agent.core.render.supervisor import ProgramSpec, render_program
 
 __all__ = [
     "Action", "EnsureSupervisor", "BuildVenv", "SwitchVenv", "RepairVenv", "WriteProgram", "UpdateProgram",
@@ -188,7 +188,7 @@ class PlanOptions:
     layout: Layout
     retention: int = 3
     embedded: bool = True
-    lb: object | None = None            # agent.traffic.LoadBalancer: only its pure methods are used here
+    lb: object | None = None            # agent.drivers.lb.LoadBalancer: only its pure methods are used here
 
 
 def render_service(svc: Service, env: Environment, layout: Layout) -> str:

@@ -15,22 +15,23 @@ from pathlib import Path
 
 from typing import TYPE_CHECKING
 
-from .drivers.git import GitSource, Revision, is_ancestor
-from .drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
-from .drivers.venv import VenvManager
-from .desired_cache import DesiredCache
-from .errors import AgentError, ConfigError, InvalidState, SupervisorError
-from .facts import Facts, collect, read_verified
-from .layout import Layout
-from .model import DesiredState
-from .plan import Plan, PlanOptions, make_plan, render_service
-from .rollout import CanaryProgress, canary_percent, canary_step, with_canary
-from .settings import Settings
-from .traffic import LoadBalancer
-from .store import RevisionRecord, Status, load_status, save_status
+from agent.drivers.git import GitSource, Revision, is_ancestor
+from agent.drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
+from agent.drivers.venv import VenvManager
+from agent.service.desired_cache import DesiredCache
+from agent.core.errors import AgentError, ConfigError, InvalidState, SupervisorError
+from agent.core.facts import Facts
+from agent.service.facts import collect, read_verified
+from agent.core.layout import Layout
+from agent.core.model import DesiredState
+from agent.core.plan import Plan, PlanOptions, make_plan, render_service
+from agent.core.rollout import CanaryProgress, canary_percent, canary_step, with_canary
+from agent.settings import Settings
+from agent.drivers.lb import LoadBalancer
+from agent.service.store import RevisionRecord, Status, load_status, save_status
 
 if TYPE_CHECKING:
-    from .apply import Drivers, Outcome
+    from agent.service.executor import Drivers, Outcome
 
 # Imported lazily (a no-op `once` must stay fast): .apply (only when a plan has actions), .load (only
 # when a revision is not in the desired-state cache), .drivers.signatures (only with --verify-signatures).
@@ -115,7 +116,7 @@ class Reconciler:
                                      embedded=self.supervisor.embedded is not None, lb=self.lb)
         self.verifier = None
         if settings.verify_signatures:
-            from .drivers.signatures import SignatureVerifier
+            from agent.drivers.signatures import SignatureVerifier
 
             self.verifier = SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
         self._drivers: Drivers | None = None
@@ -126,7 +127,7 @@ class Reconciler:
     @property
     def drivers(self) -> "Drivers":
         if self._drivers is None:
-            from .apply import Drivers
+            from agent.service.executor import Drivers
 
             self._drivers = Drivers(self.layout, self.venvs, self.supervisor, lb=self.lb,
                                     health_wait_s=self.settings.health_wait_s)
@@ -146,7 +147,7 @@ class Reconciler:
         key = self.desired_cache.key(rev.sha, self.settings.path, self.settings.host, self.load_key)
         desired = self.desired_cache.get(key)
         if desired is None:
-            from .load import LoadOptions, load_desired
+            from agent.core.load import LoadOptions, load_desired
 
             opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services,
                                allow_chaos=self.settings.allow_chaos, boundary=checkout)
@@ -159,8 +160,8 @@ class Reconciler:
         yet keep their previous revision. Also remembered for the daemon's chaos timer and metrics."""
         if any(a.rollout for a in desired.apps) or self.stager is not None:
             if self.stager is None:
-                from .load import LoadOptions
-                from .staging import Stager
+                from agent.core.load import LoadOptions
+                from agent.service.staging import Stager
 
                 opts = LoadOptions(default_installer=self.settings.installer,
                                    allow_root=self.settings.allow_root_services, allow_chaos=self.settings.allow_chaos)
@@ -242,7 +243,7 @@ class Reconciler:
         todo, drift = self._split_by_mode(plan, desired, new_commit)
         outcomes = ()
         if todo:
-            from .apply import apply_plan
+            from agent.service.executor import apply_plan
 
             outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
         failures = [o for o in outcomes if o.result != "ok"]
@@ -349,7 +350,7 @@ def _fail_canaries(desired: DesiredState, rollouts: dict, failures) -> dict:
 
 def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:
     """(probes, errors) of `count` requests to a service's health URL: the canary gate's evidence."""
-    from .apply import http_healthy
+    from agent.service.executor import http_healthy
 
     errors = sum(0 if http_healthy(url, timeout_s)[0] else 1 for _ in range(count))
     return count, errors
@@ -364,7 +365,7 @@ def _mode_of(action, desired: DesiredState, default: str) -> str:
 
 
 def _problem(field: str, message: str):
-    from .errors import Problem
+    from agent.core.errors import Problem
 
     return Problem(field, None, "path", message)
 

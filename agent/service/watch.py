@@ -27,7 +27,7 @@ from urllib.parse import unquote, urlparse
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from .layout import Layout
+from agent.core.layout import Layout
 
 __all__ = ["WatchSpec", "Watcher", "Debouncer", "managed_paths", "local_repo_dir"]
 

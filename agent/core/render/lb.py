@@ -35,8 +35,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from agent.errors import Permanent
-from agent.supervisor_conf import PROGRAM_NAME_RE
+from agent.core.errors import Permanent
+from agent.core.render.supervisor import PROGRAM_NAME_RE
 
 __all__ = [
     "Backend",

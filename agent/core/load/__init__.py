@@ -18,12 +18,12 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
-from ._yaml import Located, parse
-from .errors import InvalidState, Problem
-from .lockfile import parse_lock, venv_identity
-from .model import (App, Canary, Chaos, DesiredState, Environment, Gate, HealthCheck, Rollout, Service, Traffic,
+from agent.core.load._yaml import Located, parse
+from agent.core.errors import InvalidState, Problem
+from agent.core.lockfile import parse_lock, venv_identity
+from agent.core.model import (App, Canary, Chaos, DesiredState, Environment, Gate, HealthCheck, Rollout, Service, Traffic,
                     Wave)
-from .supervisor_conf import ProgramSpec, UnsafeValue, render_program
+from agent.core.render.supervisor import ProgramSpec, UnsafeValue, render_program
 
 __all__ = ["LoadOptions", "load_desired", "validate_tree", "FLEET_FILE", "APPS_DIR"]
 

@@ -11,9 +11,9 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .errors import ConfigError
-from .lb_conf import Frontend
-from .supervisor_conf import render_program
+from agent.core.errors import ConfigError
+from agent.core.render.lb import Frontend
+from agent.core.render.supervisor import render_program
 
 __all__ = ["LoadBalancer", "LB_KINDS"]
 
@@ -47,11 +47,11 @@ class LoadBalancer:
     def driver(self):
         if self._driver is None:
             if self.kind == "haproxy":
-                from .drivers.haproxy import PROGRAM_NAME, HAProxyDriver
+                from agent.drivers.haproxy import PROGRAM_NAME, HAProxyDriver
 
                 driver = HAProxyDriver(self.root, haproxy_bin=self.binary or shutil.which("haproxy") or "haproxy")
             else:
-                from .drivers.nginx import PROGRAM_NAME, NginxDriver
+                from agent.drivers.nginx import PROGRAM_NAME, NginxDriver
 
                 driver = NginxDriver(self.root, nginx_bin=self.binary or shutil.which("nginx") or "nginx")
             assert PROGRAM_NAME == self.program_name
@@ -72,14 +72,14 @@ class LoadBalancer:
     def fingerprint(self, frontends: tuple[Frontend, ...]) -> str:
         """What must be live apart from weights: HAProxy's topology hash, nginx's config version."""
         if self.kind == "haproxy":
-            from .lb_conf import haproxy_topology
+            from agent.core.render.lb import haproxy_topology
 
             return haproxy_topology(frontends, stats_socket=str(self.driver.socket_path), pid_file=str(self.driver.pid_path))
         return self.driver.version_of(frontends)
 
     def drift(self, frontends: tuple[Frontend, ...], facts: dict | None) -> str:
         """Why the live load balancer differs from `frontends` ('' when it matches)."""
-        from .drivers.haproxy import weights_of
+        from agent.drivers.haproxy import weights_of
 
         if not facts or not facts.get("running"):
             return f"{self.kind} is not running" + (f" ({facts['error']})" if facts and facts.get("error") else "")
@@ -120,7 +120,7 @@ class LoadBalancer:
 
 
 def _run_reload(argv: list[str]) -> None:
-    from .drivers.haproxy import LBError
+    from agent.drivers.haproxy import LBError
 
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
     if proc.returncode != 0:

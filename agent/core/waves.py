@@ -10,7 +10,7 @@ Every agent decides alone whether the newest revision of an app is due on its ho
 - every **gate** of the waves up to and including its own must pass (a Prometheus query over what the
   earlier waves report); a failed gate stops its wave and all later ones, until a new commit changes the app.
 
-Until then the host keeps the app's previous revision (computed from Git history by `agent.staging`).
+Until then the host keeps the app's previous revision (computed from Git history by `agent.service.staging`).
 Once a host found a change due it stays due (recorded), so a gate that turns bad later never rolls a
 host back: that is a new commit's job.
 """
@@ -21,7 +21,7 @@ import hashlib
 import operator
 from dataclasses import dataclass
 
-from .model import Gate, Rollout
+from agent.core.model import Gate, Rollout
 
 __all__ = ["bucket", "wave_of", "Decision", "timing", "gate_verdict", "decide", "PASS", "FAIL", "PAUSE"]
 

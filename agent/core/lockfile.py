@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from .errors import InvalidState, Problem
+from agent.core.errors import InvalidState, Problem
 
 __all__ = ["LockedRequirement", "parse_lock", "venv_identity"]
 

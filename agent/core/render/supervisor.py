@@ -29,7 +29,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from agent.errors import Permanent
+from agent.core.errors import Permanent
 
 __all__ = [
     "ProgramSpec",

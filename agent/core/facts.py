@@ -1,0 +1,49 @@
+"""Observed facts of a host, as plain data: the planner's other input. Gathering them is
+`agent.service.facts.collect`; nothing here decides anything or touches the host."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+
+__all__ = ["VenvFact", "ProgramFact", "Facts", "text_digest"]
+
+
+def text_digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class VenvFact:
+    name: str
+    current: str | None                       # identity envs/<name> points to (None: no symlink)
+    complete: tuple[str, ...] = ()            # identities built and verified (marker present), newest first
+    incomplete: tuple[str, ...] = ()          # dirs without marker: interrupted builds
+    installed: tuple[tuple[str, str], ...] | None = None   # distributions in the current venv
+
+
+@dataclass(frozen=True)
+class ProgramFact:
+    name: str
+    file_text: str | None                     # our include file, None when missing
+    state: str | None = None                  # supervisord statename; None: not loaded
+    pid: int | None = None
+    pending: str | None = None                # file on disk not yet applied: added / changed / removed
+    spawnerr: str = ""
+    verified: str | None = None               # sha256 of the config whose health gate last passed
+
+
+@dataclass(frozen=True)
+class Facts:
+    supervisor: str                           # "running", "stopped" or "unreachable: <why>"
+    venvs: dict[str, VenvFact] = field(default_factory=dict)
+    programs: dict[str, ProgramFact] = field(default_factory=dict)
+    traffic: dict | None = None               # the load balancer's own view: running, topology/version, weights
+
+    def to_json(self) -> dict:
+        return {
+            "supervisor": self.supervisor,
+            "venvs": {k: asdict(v) for k, v in sorted(self.venvs.items())},
+            "programs": {k: asdict(v) for k, v in sorted(self.programs.items())},
+            "traffic": self.traffic,
+        }
