@@ -745,7 +745,7 @@ def wait_for(pred, timeout: float, interval: float = 0.005, what: str = "") -> f
 
 
 def traffic_supported() -> bool:
-    return bool(re.search(r"class \w*(Traffic|Weight)\w*\(", (REPO / "agent" / "plan.py").read_text()))
+    return bool(re.search(r"class \w*(Traffic|Weight)\w*\(", (REPO / "agent" / "core" / "plan.py").read_text()))
 
 
 def write_traffic_app(repo: DemoRepo) -> None:
