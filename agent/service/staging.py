@@ -148,20 +148,14 @@ class Stager:
 def _check_mixed(apps: list[App]) -> None:
     """Apps at different revisions (some kept back by their wave) may still not share a host's names:
     each revision was validated alone, so a new app taking a port a kept-back app still holds is caught
-    here, and the revision is refused on this host (the last good one stays) until the waves line up."""
-    from agent.core.errors import InvalidState, Problem
+    here, and the revision is refused on this host (the last good one stays) until the waves line up.
+    The check is the loader's own (agent.core.load.conflicts), so both agree on what clashes."""
+    from agent.core.errors import InvalidState
+    from agent.core.load.conflicts import conflicts
 
-    claims: dict[tuple[str, object], str] = {}
-    problems = []
-    for app in apps:
-        owned = [("service", s.name) for s in app.services] + [("environment", e.name) for e in app.environments]
-        owned += [("port", s.port) for s in app.services if s.port is not None]
-        if app.traffic is not None:
-            owned.append(("listen address", app.traffic.listen))
-        for kind, key in owned:
-            other = claims.setdefault((kind, key), app.name)
-            if other != app.name:
-                problems.append(Problem(f"apps/{app.name}/app.yaml", None, kind,
-                                        f"{kind} {key!r} is also held by app {other!r} at its kept-back wave revision"))
+    def locate(app: App):
+        return lambda path: (f"{APPS_DIR}/{app.name}/app.yaml", None)
+
+    problems = conflicts([(app, locate(app)) for app in apps], " at its kept-back wave revision", "held by app {app!r}")
     if problems:
         raise InvalidState(problems)

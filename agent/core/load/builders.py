@@ -1,0 +1,206 @@
+"""Schema-valid app documents -> typed model values, with the reference checks the schema cannot make.
+
+Pure: lockfile bytes and resolved paths come from the read step's snapshot (`RawTree`). Every builder
+takes a document that passed the App schema, so a wrong shape here is a bug, never a user error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+
+from agent.core.load._yaml import Located
+from agent.core.load.options import LoadOptions
+from agent.core.load.problems import Collector
+from agent.core.load.read import RawTree
+from agent.core.lockfile import parse_lock, venv_identity
+from agent.core.model import App, Canary, Chaos, Environment, Gate, HealthCheck, Rollout, Service, Traffic, Wave
+from agent.core.errors import InvalidState
+from agent.core.render.supervisor import ProgramSpec, UnsafeValue, render_program
+
+__all__ = ["build_app", "environments", "services", "traffic", "rollout", "chaos", "duration_s"]
+
+
+def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector) -> App:
+    envs = environments(doc, tree, fleet_defaults, opts, out)
+    svcs = services(doc, set(doc.data.get("environments") or {}), opts, out)
+    ports: dict[int, str] = {}
+    for svc in svcs:
+        if svc.port is not None:
+            if svc.port in ports:
+                out.add(doc, ("services", svc.name, "port"), f"port {svc.port} is also used by service {ports[svc.port]!r}")
+            ports[svc.port] = svc.name
+    return App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(svcs),
+               traffic(doc, {s.name: s for s in svcs}, out), rollout=rollout(doc, out), chaos=chaos(doc))
+
+
+def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector) -> list[Environment]:
+    app = doc.data["name"]
+    envs = []
+    for name, spec in (doc.data.get("environments") or {}).items():
+        here = ("environments", name)
+        lock = tree.lockfile(doc, spec["lockfile"])
+        if lock.problem is not None:
+            out.add(doc, here + ("lockfile",), lock.problem)
+            continue
+        links = []
+        for i, link in enumerate(spec.get("find_links", [])):
+            ref = tree.directory(doc, link)
+            if ref.problem is not None:
+                out.add(doc, here + ("find_links", i), ref.problem)
+            else:
+                links.append(ref.path)
+        try:
+            reqs = parse_lock(lock.data.decode("utf-8", "replace"), lock.display)
+        except InvalidState as exc:
+            out.extend(exc.problems)
+            continue
+        python = spec.get("python") or fleet_defaults.get("python") or opts.default_python
+        installer = spec.get("installer") or fleet_defaults.get("installer") or opts.default_installer
+        options = () if spec.get("index", True) else ("--no-index",)
+        envs.append(Environment(
+            app=app, name=name, python=python, lockfile=lock.path,
+            lock_sha256=hashlib.sha256(lock.data).hexdigest(),
+            requirements=tuple(sorted((r.name, r.version) for r in reqs)),
+            find_links=tuple(links), installer=installer, options=options,
+            identity=venv_identity(python, lock.data, installer, options),
+        ))
+    return envs
+
+
+def services(doc: Located, env_names: set[str], opts: LoadOptions, out: Collector) -> list[Service]:
+    app = doc.data["name"]
+    result = []
+    for name, spec in (doc.data.get("services") or {}).items():
+        here = ("services", name)
+        if spec["environment"] not in env_names:
+            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app")
+            continue
+        if spec.get("user") == "root" and not opts.allow_root:
+            out.add(doc, here + ("user",), "services may not run as root unless the agent's config allows it (--allow-root-services)")
+            continue
+        unsafe = _unrenderable(spec)
+        if unsafe is not None:
+            out.add(doc, here + unsafe[0], unsafe[1])
+            continue
+        health = spec.get("health")
+        result.append(Service(
+            app=app, name=name, environment=spec["environment"], command=tuple(spec["command"]),
+            port=spec.get("port"), env=tuple(sorted((spec.get("env") or {}).items())), user=spec.get("user"),
+            startsecs=spec.get("startsecs", 1), stopwaitsecs=spec.get("stopwaitsecs", 10),
+            health=HealthCheck(health["http"], float(health.get("timeout_s", 2.0))) if health else None,
+        ))
+    return result
+
+
+def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
+    """(field path, reason) if supervisord's config cannot carry this service's values exactly.
+
+    The schema refuses control characters; what is left are the limits of supervisord's own syntax
+    (an environment value that starts or ends with a quote, holds both quote kinds, `;`/`#` after
+    whitespace, `%(here)s`; Unicode line separators). Refusing them here makes the revision invalid
+    as a whole, instead of a planner error after the revision was accepted.
+    """
+    command, env, user = spec.get("command"), spec.get("env") or {}, spec.get("user")
+    if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)
+            and isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
+            and (user is None or isinstance(user, str))):
+        return None     # wrong types: the schema reports them
+    try:
+        render_program(ProgramSpec(name="check", command=("/venv/bin/" + command[0], *command[1:]),
+                                   environment=tuple(env.items()), user=user))
+    except UnsafeValue as exc:
+        field, _, index = exc.field.partition("[")
+        if field == "command" and index:
+            return ("command", int(index.rstrip("]"))), exc.reason
+        if field.startswith("environment"):
+            return ("env", *field.split(".", 1)[1:]), exc.reason
+        return (field,), exc.reason
+    return None
+
+
+def traffic(doc: Located, svcs: dict[str, Service], out: Collector) -> Traffic | None:
+    spec = doc.data.get("traffic")
+    if not spec:
+        return None
+    for svc in spec["weights"]:
+        where = ("traffic", "weights", svc)
+        if svc not in (doc.data.get("services") or {}):
+            out.add(doc, where, f"weight for unknown service {svc!r}")
+        elif svc in svcs and svcs[svc].port is None:
+            out.add(doc, where, f"service {svc!r} has no port, so it cannot receive traffic")
+    strategy = spec.get("strategy", "weighted")
+    weights = spec["weights"]
+    if strategy == "blue-green" and sum(1 for w in weights.values() if w > 0) != 1:
+        out.add(doc, ("traffic", "weights"), "blue-green sends all traffic to one colour: exactly one weight must be > 0")
+    ab = spec.get("ab")
+    if strategy == "ab":
+        if not ab:
+            out.add(doc, ("traffic",), "strategy ab needs ab: {variant: SERVICE, percent: N}")
+        elif ab["variant"] not in weights:
+            out.add(doc, ("traffic", "ab", "variant"), f"variant {ab['variant']!r} is not one of the weighted services")
+        elif not any(w > 0 for s, w in weights.items() if s != ab["variant"]):
+            out.add(doc, ("traffic", "weights"), "strategy ab needs a weight > 0 on a service other than the variant")
+    elif ab:
+        out.add(doc, ("traffic", "ab"), "ab: is only used with strategy: ab")
+    canary = spec.get("canary")
+    if canary:
+        steps = canary.get("steps", [5, 25, 50, 100])
+        if strategy != "canary":
+            out.add(doc, ("traffic", "canary"), "canary: is only used with strategy: canary")
+        elif canary["service"] not in weights:
+            out.add(doc, ("traffic", "canary", "service"), f"canary {canary['service']!r} is not one of the weighted services")
+        elif len(weights) < 2:
+            out.add(doc, ("traffic", "weights"), "a canary needs at least one stable service beside it")
+        elif canary["service"] in svcs and svcs[canary["service"]].health is None:
+            out.add(doc, ("traffic", "canary", "service"), "the canary needs a health check: the gate probes it")
+        if list(steps) != sorted(set(steps)) or steps[-1] != 100:
+            out.add(doc, ("traffic", "canary", "steps"), "steps must increase and end at 100")
+        canary = Canary(canary["service"], tuple(steps), float(canary.get("pause_s", 30)),
+                        float(canary.get("max_error_rate", 0.05)), int(canary.get("probes", 10)))
+    if not canary and strategy != "ab" and not any(w > 0 for w in weights.values()):
+        out.add(doc, ("traffic", "weights"), "at least one weight must be > 0 (else the frontend serves nothing)")
+    return Traffic(spec["listen"], strategy, tuple(sorted(weights.items())),
+                   ab_variant=ab["variant"] if ab else None, ab_percent=ab["percent"] if ab else 0,
+                   canary=canary or None)
+
+
+_DURATION = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(s|m|h|d)$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_EXPECT = re.compile(r"^(<=|>=|==|!=|<|>) *(-?[0-9]+(?:\.[0-9]+)?)$")
+
+
+def duration_s(value: float | int | str) -> float:
+    """90 / "90s" / "10m" / "2h" / "1d" -> seconds (the schema has checked the form)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    number, unit = _DURATION.match(value).groups()
+    return float(number) * _UNITS[unit]
+
+
+def rollout(doc: Located, out: Collector) -> Rollout | None:
+    spec = doc.data.get("rollout") or {}
+    waves = spec.get("waves")
+    if not waves:
+        return None
+    if waves[-1].get("percent") != 100:
+        out.add(doc, ("rollout", "waves", len(waves) - 1), "the last wave must have percent: 100 (every host gets the change)")
+    parsed = []
+    for w in waves:
+        gate = None
+        if w.get("gate"):
+            g = w["gate"]
+            op, threshold = _EXPECT.match(g["expect"]).groups()
+            gate = Gate(g["prometheus"].rstrip("/"), g["query"], op, float(threshold), g.get("on_no_data", "pause"),
+                        float(g.get("timeout_s", 5.0)))
+        parsed.append(Wave(percent=w.get("percent"), after_s=duration_s(w.get("after", 0)), gate=gate))
+    return Rollout(tuple(parsed))
+
+
+def chaos(doc: Located) -> Chaos | None:
+    spec = doc.data.get("chaos")
+    if not spec:
+        return None
+    kill, disable = spec.get("kill") or {}, spec.get("disable_backend") or {}
+    return Chaos(float(kill.get("rate_per_hour", 0)), float(disable.get("rate_per_hour", 0)),
+                 duration_s(disable.get("duration", 30)))

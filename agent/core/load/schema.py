@@ -1,0 +1,53 @@
+"""The JSON Schemas in `schemas/`, and their errors as problems a user can act on."""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from agent.core.load._yaml import Located
+from agent.core.load.problems import Collector
+
+__all__ = ["validator", "app_schema", "schema_errors", "schema_problems"]
+
+
+@lru_cache(maxsize=None)
+def validator(kind: str):
+    from importlib import resources
+
+    from jsonschema import Draft202012Validator
+
+    text = resources.files("agent.schemas").joinpath(f"{kind}.schema.json").read_text()
+    return Draft202012Validator(json.loads(text))
+
+
+@lru_cache(maxsize=None)
+def app_schema() -> dict:
+    return validator("app").schema
+
+
+def schema_errors(data: object, kind: str) -> list:
+    return sorted(validator(kind).iter_errors(data), key=lambda e: list(map(str, e.absolute_path)))
+
+
+def schema_problems(doc: Located, kind: str, out: Collector) -> bool:
+    """Validate against the JSON Schema; True when the document is valid."""
+    errors = schema_errors(doc.data, kind)
+    for err in errors:
+        path = tuple(err.absolute_path)
+        if err.validator == "additionalProperties" and isinstance(err.instance, dict):
+            allowed = set(err.schema.get("properties", {}))
+            for key in sorted(set(err.instance) - allowed):
+                out.add(doc, path + (key,), f"unknown field {key!r}")
+            continue
+        out.add(doc, path, _short(err))
+    return not errors
+
+
+def _short(err) -> str:
+    if err.validator == "pattern":
+        return f"{err.instance!r} is not allowed here (must match {err.validator_value})"
+    if err.validator in ("oneOf", "anyOf"):
+        return f"{err.instance!r} matches none of the allowed forms"
+    msg = err.message
+    return msg if len(msg) < 300 else msg[:300] + "..."

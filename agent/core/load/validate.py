@@ -1,0 +1,132 @@
+"""Step two of loading: the read snapshot -> schema -> references -> typed apps, per host. Pure.
+
+Validation collects every problem (file, line, field, message) before failing, so a user fixes a
+revision in one round trip. A revision is judged as a whole, for every host of the fleet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.core.errors import Problem
+from agent.core.load._yaml import Located
+from agent.core.load.builders import build_app, environments, services
+from agent.core.load.conflicts import conflicts
+from agent.core.load.options import LoadOptions
+from agent.core.load.overrides import describe_override, override_paths_ok, with_overrides
+from agent.core.load.problems import Collector
+from agent.core.load.read import RawTree
+from agent.core.load.schema import schema_problems
+from agent.core.load.selectors import Host, hosts_of, selects
+from agent.core.model import App
+
+__all__ = ["Validated", "Variants", "validate"]
+
+
+@dataclass(frozen=True)
+class Validated:
+    """The outcome of validating a revision: its hosts, its apps (base form), every problem."""
+
+    hosts: dict[str, Host] = field(hash=False)
+    apps: tuple[tuple[Located, App], ...]
+    problems: tuple[Problem, ...]
+    variants: "Variants"
+
+
+class Variants:
+    """An app as a given host sees it: its base, or with the overrides that select the host applied.
+
+    Hosts selecting the same overrides share one build, so a fleet of thousands of hosts costs one
+    build per distinct override combination. Problems are reported once, naming the overrides.
+    """
+
+    def __init__(self, tree: RawTree, defaults: dict, opts: LoadOptions, out: Collector):
+        self.tree, self.defaults, self.opts, self.out = tree, defaults, opts, out
+        self.broken: set[str] = set()           # docs whose override paths are invalid: no variants
+        self._cache: dict[tuple[str, tuple[int, ...]], App | None] = {}
+
+    def of(self, doc: Located, base: App, host: Host) -> App | None:
+        """None when this host's variant is invalid (its problems are in `out`)."""
+        entries = doc.data.get("overrides") or []
+        key = tuple(i for i, e in enumerate(entries) if selects(e["hosts"], host))
+        if not key or doc.file in self.broken:
+            return base
+        cache_key = (doc.file, key)
+        if cache_key not in self._cache:
+            self._cache[cache_key] = self._build(doc, key)
+        return self._cache[cache_key]
+
+    def _build(self, doc: Located, key: tuple[int, ...]) -> App | None:
+        entries = doc.data["overrides"]
+        variant = Located(with_overrides(doc.data, [entries[i] for i in key]), doc.lines, doc.file)
+        sub = Collector()
+        app = None
+        if schema_problems(variant, "app", sub):
+            app = build_app(variant, self.tree, self.defaults, self.opts, sub)
+        suffix = f" (with {', '.join(f'overrides[{i}]' for i in key)} applied)"
+        self.out.extend(dataclasses.replace(p, message=p.message + suffix) for p in sub.problems)
+        if sub.problems or app is None:
+            return None
+        return dataclasses.replace(app, overrides=tuple(describe_override(i, entries[i]) for i in key))
+
+
+def _locator(doc: Located):
+    return lambda path: (doc.file, doc.line(path))
+
+
+def validate(tree: RawTree, opts: LoadOptions) -> Validated:
+    out = Collector()
+    out.extend(tree.problems)
+    fleet = tree.fleet
+    fleet_ok = fleet is not None and schema_problems(fleet, "fleet", out)
+    defaults = (fleet.data.get("defaults") or {}) if fleet_ok else {}
+    hosts = hosts_of(fleet.data) if fleet_ok else {}
+    variants = Variants(tree, defaults, opts, out)
+    apps: list[tuple[Located, App]] = []
+    for doc in tree.apps:
+        if not schema_problems(doc, "app", out):
+            _best_effort(doc, tree, defaults, opts, out)
+            continue
+        expected = Path(doc.file).parent.name
+        if doc.data["name"] != expected:
+            out.add(doc, ("name",), f"app name {doc.data['name']!r} must match its directory {expected!r}")
+        if not override_paths_ok(doc, out):
+            variants.broken.add(doc.file)
+        apps.append((doc, build_app(doc, tree, defaults, opts, out)))
+    if hosts:
+        for host in hosts.values():
+            mine = [(d, variants.of(d, a, host)) for d, a in apps if selects(d.data.get("hosts"), host)]
+            out.extend(conflicts([(a, _locator(d)) for d, a in mine if a is not None],
+                                 f" (both run on host {host.name})"))
+    else:
+        out.extend(conflicts([(a, _locator(d)) for d, a in apps]))
+    return Validated(hosts, tuple(apps), tuple(out.unique()), variants)
+
+
+def _best_effort(doc: Located, tree: RawTree, defaults: dict, opts: LoadOptions, out: Collector) -> None:
+    """Reference checks on a document that failed its schema, so one run reports every problem.
+
+    The shape is not guaranteed here: whatever a wrong type breaks is skipped, and any problem found
+    twice (schema and reference) is reported once.
+    """
+    data = doc.data if isinstance(doc.data, dict) else {}
+    expected = Path(doc.file).parent.name
+    if isinstance(data.get("name"), str) and data["name"] != expected:
+        out.add(doc, ("name",), f"app name {data['name']!r} must match its directory {expected!r}")
+    for section in ("environments", "services"):
+        items = data.get(section)
+        if not isinstance(items, dict):
+            continue
+        for name, spec in list(items.items()):
+            probe = Located({"name": str(data.get("name", "?")), section: {name: spec},
+                             "environments": data.get("environments") if section == "services" else {name: spec}},
+                            doc.lines, doc.file)
+            try:
+                if section == "environments":
+                    environments(probe, tree, defaults, opts, out)
+                else:
+                    services(probe, set(data.get("environments") or {}), opts, out)
+            except (KeyError, TypeError, AttributeError, ValueError):
+                continue
