@@ -11,6 +11,13 @@ Why it looks like this (DESIGN §2 step 1, §7 Git timings):
 * A checkout is the exact tree of one commit, built aside in a temp dir with a private index and renamed
   into `checkouts/<sha>`; the rename is the completion mark, so a crash leaves only a temp dir behind.
   `info/attributes` in the mirror switches off eol/filter conversion so the files are the committed bytes.
+* The mirror's remote URL is checked before every resolve and every fetch, not once at start: whoever
+  re-pointed it (an older agent's `plan`, a hand edit) is named in a warning and the mirror is pointed back,
+  because the agent's own `--repo` is the declared source and the mirror only a cache of it (Flux's
+  source-controller follows `spec.url` the same way). A stall here would leave a person nothing to decide.
+* Read-only commands (`plan`) use `GitSource.aside`: a throw-away mirror outside the root that borrows the
+  root mirror's objects (`objects/info/alternates`) and its refs as a starting point, so it fetches only
+  what is new, from whatever URL it was asked for, and never writes under the root.
 * Nothing may wait on a prompt (GIT_TERMINAL_PROMPT=0, SSH_ASKPASS_REQUIRE=never, no controlling
   terminal for child processes, a timeout on every call), and a URL's credentials never reach a message
   or a log line (`redact`).
@@ -24,6 +31,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +134,40 @@ class GitSource:
         self._mirror_ready = False
         self._revisions: dict[str, Revision] = {}  # commit sha -> Revision
         self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
+        self._url_checked = False  # the first URL check of this process may see a legitimate --repo change
+        self._borrow: Path | None = None  # aside only: the root's mirror, read for objects, refs and stamps
+        self._scratch: Path | None = None  # aside only: the temp dir this source made and removes on close
+
+    @classmethod
+    def aside(
+        cls,
+        url: str,
+        ref: str,
+        shared: Path | str,
+        *,
+        scratch: Path | str | None = None,
+        timeout: float = 60.0,
+        ssh_command: str | None = None,
+    ) -> GitSource:
+        """A source that writes nothing under `shared` (the root's source dir): for `plan` (DESIGN §6).
+
+        Its mirror and checkouts live in `scratch` (default: a new private temp dir, removed by `close()`;
+        a given `scratch` is the caller's to remove). The root's mirror, when there is one, lends its
+        objects (alternates) and its refs for `ref` as a starting point, so an unchanged ref fetches
+        nothing and a moved one fetches only the new objects; `url` may differ from the root mirror's
+        (e.g. `plan --repo OTHER`), which is only read, never re-pointed.
+        """
+        own = scratch is None
+        where = Path(tempfile.mkdtemp(prefix="gitops-agent-source-")) if own else Path(scratch)
+        try:
+            src = cls(url, ref, where, timeout=timeout, ssh_command=ssh_command)
+        except BaseException:
+            if own:
+                _remove_tree(where)
+            raise
+        src._borrow = Path(shared) / MIRROR
+        src._scratch = where if own else None
+        return src
 
     # -- public -----------------------------------------------------------------------------------
 
@@ -140,6 +182,7 @@ class GitSource:
     def resolve(self) -> Revision:
         """The commit `ref` names on the remote now; fetches only when the remote moved."""
         self._ensure_mirror()
+        self._own_url()
         advertised = self._ls_remote()
         name = self._match_ref(advertised)
         if name is not None:
@@ -201,10 +244,14 @@ class GitSource:
         return [(c, float(t)) for c, t in (line.split() for line in out.splitlines() if line.strip())]
 
     def close(self) -> None:
-        """Stop GitPython's persistent `cat-file` helpers."""
+        """Stop GitPython's persistent `cat-file` helpers; an `aside` source also removes its temp dir."""
         if self._repo is not None:
             self._repo.close()
             self._repo = None
+        if self._scratch is not None:
+            _remove_tree(self._scratch)
+            self._scratch = None
+            self._mirror_ready = False
 
     def __enter__(self) -> GitSource:
         return self
@@ -267,9 +314,9 @@ class GitSource:
         if cached is None:
             stamp = self.cache_dir / _REVISIONS / sha
             try:
-                data = json.loads(stamp.read_text())
+                data = json.loads(_first_readable(stamp, self._borrow and self._borrow.parent / _REVISIONS / sha))
                 cached = Revision(sha, self.ref, float(data["committed_at"]), str(data["summary"]))
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 commit = self._git_repo().commit(sha)
                 cached = Revision(sha, self.ref, float(commit.committed_date), commit.summary)
                 try:
@@ -283,7 +330,7 @@ class GitSource:
     # -- git plumbing ------------------------------------------------------------------------------
 
     def _ensure_mirror(self) -> None:
-        """Create the bare mirror on first use (built aside, renamed in) and keep its URL current.
+        """Create the bare mirror on first use (built aside, renamed in).
 
         No GitPython here: the no-op poll reads the mirror's config and refs as files (its import alone
         costs ~50 ms); GitPython is opened only to fetch or read a commit (`_git_repo`).
@@ -292,10 +339,28 @@ class GitSource:
             return
         if not (self.mirror / "HEAD").exists():
             self._create_mirror()
-        if _config_url(self.mirror / "config") != self.url:
-            log.info("source URL changed to %s", redact(self.url))
-            self._run(["remote", "set-url", _REMOTE, self.url])
         self._mirror_ready = True
+
+    def _own_url(self) -> None:
+        """Point the mirror's remote at `self.url` if anything else changed it (one small file read).
+
+        Checked before every resolve and every fetch: the mirror is shared by every command run on the
+        root, and a remote re-pointed behind this source's back would otherwise have its next poll fetch,
+        and the agent apply, another repository's commit. The first check of a process may meet a URL
+        the user changed on purpose (`--repo` of the last run): said at info level; a change later on was
+        made by someone else while this source ran: said as a warning naming both URLs.
+        """
+        found = _config_url(self.mirror / "config")
+        if found != self.url:
+            if not self._url_checked:
+                log.info("source URL changed from %s to %s: re-pointing the mirror %s",
+                         redact(found) or "(none)", redact(self.url), self.mirror)
+            else:
+                log.warning("the mirror %s was re-pointed to %s behind this agent's back (another command "
+                            "on this root, or a hand edit); pointing it back to this agent's repo %s",
+                            self.mirror, redact(found) or "(none)", redact(self.url))
+            self._run(["remote", "set-url", _REMOTE, self.url])
+        self._url_checked = True
 
     def _create_mirror(self) -> None:
         import git
@@ -316,6 +381,7 @@ class GitSource:
             repo.close()
             (tmp / "info").mkdir(exist_ok=True)
             (tmp / "info" / "attributes").write_text(_ATTRIBUTES)
+            self._borrow_from_root(tmp)
             os.rename(tmp, self.mirror)
         except (OSError, git.GitCommandError) as exc:
             if not (self.mirror / "HEAD").exists():
@@ -324,6 +390,23 @@ class GitSource:
             if tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
         log.info("created git mirror %s for %s", self.mirror, redact(self.url))
+
+    def _borrow_from_root(self, git_dir: Path) -> None:
+        """An `aside` mirror starts from the root's: its objects as an alternate store (read in place, never
+        written), and its copies of the refs `ref` may name. A borrowed ref is only a starting point: the
+        resolve compares it with what `url` advertises and fetches when they differ."""
+        borrow = self._borrow
+        if borrow is None or not (borrow / "objects").is_dir() or not (borrow / "HEAD").is_file():
+            return
+        (git_dir / "objects" / "info").mkdir(parents=True, exist_ok=True)
+        (git_dir / "objects" / "info" / "alternates").write_text(str((borrow / "objects").resolve()) + "\n")
+        for name in _candidates(self.ref):
+            local = _tracking(name)
+            sha = _read_ref(borrow, local)
+            if sha is not None:
+                target = git_dir / local
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_text(sha + "\n")
 
     def _ls_remote(self) -> dict[str, str]:
         """Remote refs that `self.ref` could name (the server filters them: protocol v2 ref-prefix).
@@ -349,6 +432,7 @@ class GitSource:
         """GitPython fetch with the mirror's forced, pruning refspecs (plus one commit id when asked)."""
         import git
 
+        self._own_url()
         started = time.monotonic()
         try:
             self._git_repo().git.execute(
@@ -477,6 +561,19 @@ def _config_url(config: Path) -> str:
         elif section == f'[remote "{_REMOTE}"]' and line.partition("=")[0].strip() == "url":
             return line.partition("=")[2].strip()
     return ""
+
+
+def _first_readable(*paths: Path | None) -> str:
+    """The text of the first of `paths` that can be read (OSError from the last one otherwise)."""
+    error: OSError = FileNotFoundError("no path")
+    for path in paths:
+        if path is None:
+            continue
+        try:
+            return path.read_text()
+        except OSError as exc:
+            error = exc
+    raise error
 
 
 def _read_ref(git_dir: Path, name: str, depth: int = 0) -> str | None:
