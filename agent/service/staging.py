@@ -6,6 +6,11 @@ Prometheus for the gates, a small state file for what this host already decided.
 (the app as loaded from the newest commit before the change; absent when the app is new), with a note
 saying why. What a host decided is kept in `<root>/state/waves.json`: a change once due stays due, a
 failed gate stays failed until a new commit changes the app.
+
+`read_only=True` is for `plan` (DESIGN §6: read-only commands write nothing under the root and probe
+nothing): the recorded decisions are read and used, nothing is written, and Prometheus is never asked. A
+change whose gates would have to be queried (no recorded decision yet) is reported as not evaluated in the
+plan and not due, so the plan shows what the host keeps until the agent itself checks the gates.
 """
 
 from __future__ import annotations
@@ -33,9 +38,10 @@ log = logging.getLogger("gitops_agent.waves")
 class Stager:
     def __init__(self, source: GitSource, state_path: str, host: str, load_opts: LoadOptions, state_file: Path,
                  state_dir_of: Callable[[Revision], Path], clock: Callable[[], float] = time.time,
-                 query: Callable[[str, str, float], list[float] | None] = instant_query):
+                 query: Callable[[str, str, float], list[float] | None] = instant_query, *, read_only: bool = False):
         self.source, self.state_path, self.host, self.load_opts = source, state_path.strip("/"), host, load_opts
         self.state_file, self.state_dir_of, self.clock, self.query = state_file, state_dir_of, clock, query
+        self.read_only = read_only                      # plan: read waves.json, never write it, never query
         self._history: dict[tuple[str, str], list[tuple[str, float]]] = {}
         self._previous: dict[tuple[str, str], App | None] = {}
         self.gates: dict[tuple[str, int], str] = {}     # (app, wave 1-based) -> pass | fail | pause (last check)
@@ -75,7 +81,8 @@ class Stager:
             if previous is not None:
                 apps.append(previous)
         self.due = due
-        self._save_records(records)
+        if not self.read_only:
+            self._save_records(records)
         _check_mixed(apps)
         return DesiredState.of(desired.host, tuple(apps), desired.known_host, tuple(notes))
 
@@ -88,6 +95,10 @@ class Stager:
                             state=record["state"])
         now = self.clock()
         first = timing(app.rollout, self.host, changed_at, now)
+        if self.read_only and first.gates:
+            return Decision(False, first.wave, f"{first.reason}: not evaluated in plan (a read-only command does "
+                            "not query Prometheus; the agent checks them on its next reconcile)",
+                            first.gates, first.state)
         verdicts = {}
         for g in first.gates:
             gate = app.rollout.waves[g].gate
