@@ -13,6 +13,7 @@ from agent.core.load._yaml import Located
 from agent.core.load.options import LoadOptions
 from agent.core.load.problems import Collector
 from agent.core.load.read import RawTree
+from agent.core.load.salvage import Salvaged
 from agent.core.lockfile import parse_lock, venv_identity
 from agent.core.model import App, Canary, Chaos, Environment, Gate, HealthCheck, Rollout, Service, Traffic, Wave
 from agent.core.errors import InvalidState
@@ -21,9 +22,16 @@ from agent.core.render.supervisor import ProgramSpec, UnsafeValue, render_progra
 __all__ = ["build_app", "environments", "services", "traffic", "rollout", "chaos", "duration_s"]
 
 
-def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector) -> App:
+def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector,
+              salvaged: Salvaged | None = None) -> App:
+    """`salvaged`: `doc` is the sound part of an invalid document; a name that was cut is still declared
+    (not "undefined"), and a service that lost a field is not judged by it (its traffic checks)."""
+    if salvaged is None:
+        env_names, svc_names = frozenset(doc.data.get("environments") or {}), frozenset(doc.data.get("services") or {})
+    else:
+        env_names, svc_names = salvaged.declared_environments, salvaged.declared_services
     envs = environments(doc, tree, fleet_defaults, opts, out)
-    svcs = services(doc, set(doc.data.get("environments") or {}), opts, out)
+    svcs = services(doc, env_names, opts, out)
     ports: dict[int, str] = {}
     for svc in svcs:
         if svc.port is not None:
@@ -31,7 +39,8 @@ def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptio
                 out.add(doc, ("services", svc.name, "port"), f"port {svc.port} is also used by service {ports[svc.port]!r}")
             ports[svc.port] = svc.name
     return App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(svcs),
-               traffic(doc, {s.name: s for s in svcs}, out), rollout=rollout(doc, out), chaos=chaos(doc))
+               traffic(doc, {s.name: s for s in svcs if not salvaged or s.name not in salvaged.damaged_services},
+                       svc_names, out), rollout=rollout(doc, out), chaos=chaos(doc))
 
 
 def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector) -> list[Environment]:
@@ -68,7 +77,7 @@ def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOp
     return envs
 
 
-def services(doc: Located, env_names: set[str], opts: LoadOptions, out: Collector) -> list[Service]:
+def services(doc: Located, env_names: frozenset[str], opts: LoadOptions, out: Collector) -> list[Service]:
     app = doc.data["name"]
     result = []
     for name, spec in (doc.data.get("services") or {}).items():
@@ -101,11 +110,7 @@ def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
     whitespace, `%(here)s`; Unicode line separators). Refusing them here makes the revision invalid
     as a whole, instead of a planner error after the revision was accepted.
     """
-    command, env, user = spec.get("command"), spec.get("env") or {}, spec.get("user")
-    if not (isinstance(command, list) and command and all(isinstance(a, str) for a in command)
-            and isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
-            and (user is None or isinstance(user, str))):
-        return None     # wrong types: the schema reports them
+    command, env, user = spec["command"], spec.get("env") or {}, spec.get("user")
     try:
         render_program(ProgramSpec(name="check", command=("/venv/bin/" + command[0], *command[1:]),
                                    environment=tuple(env.items()), user=user))
@@ -119,13 +124,13 @@ def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
     return None
 
 
-def traffic(doc: Located, svcs: dict[str, Service], out: Collector) -> Traffic | None:
+def traffic(doc: Located, svcs: dict[str, Service], declared: frozenset[str], out: Collector) -> Traffic | None:
     spec = doc.data.get("traffic")
     if not spec:
         return None
     for svc in spec["weights"]:
         where = ("traffic", "weights", svc)
-        if svc not in (doc.data.get("services") or {}):
+        if svc not in declared:
             out.add(doc, where, f"weight for unknown service {svc!r}")
         elif svc in svcs and svcs[svc].port is None:
             out.add(doc, where, f"service {svc!r} has no port, so it cannot receive traffic")

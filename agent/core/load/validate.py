@@ -12,12 +12,13 @@ from pathlib import Path
 
 from agent.core.errors import Problem
 from agent.core.load._yaml import Located
-from agent.core.load.builders import build_app, environments, services
+from agent.core.load.builders import build_app
 from agent.core.load.conflicts import conflicts
 from agent.core.load.options import LoadOptions
 from agent.core.load.overrides import describe_override, override_paths_ok, with_overrides
 from agent.core.load.problems import Collector
 from agent.core.load.read import RawTree
+from agent.core.load.salvage import salvage
 from agent.core.load.schema import schema_problems
 from agent.core.load.selectors import Host, hosts_of, selects
 from agent.core.model import App
@@ -85,48 +86,29 @@ def validate(tree: RawTree, opts: LoadOptions) -> Validated:
     hosts = hosts_of(fleet.data) if fleet_ok else {}
     variants = Variants(tree, defaults, opts, out)
     apps: list[tuple[Located, App]] = []
+    partial: list[tuple[Located, App]] = []     # the sound part of invalid apps: checked, never loaded
     for doc in tree.apps:
-        if not schema_problems(doc, "app", out):
-            _best_effort(doc, tree, defaults, opts, out)
+        valid = schema_problems(doc, "app", out)
+        saved = None if valid else salvage(doc)
+        work = doc if valid else saved.doc if saved else None
+        if work is None:
             continue
         expected = Path(doc.file).parent.name
-        if doc.data["name"] != expected:
-            out.add(doc, ("name",), f"app name {doc.data['name']!r} must match its directory {expected!r}")
-        if not override_paths_ok(doc, out):
+        if work.data["name"] != expected:
+            out.add(doc, ("name",), f"app name {work.data['name']!r} must match its directory {expected!r}")
+        if valid and not override_paths_ok(doc, out):
             variants.broken.add(doc.file)
-        apps.append((doc, build_app(doc, tree, defaults, opts, out)))
+        app = build_app(work, tree, defaults, opts, out, saved)
+        if valid:
+            apps.append((doc, app))
+        elif saved.hosts_intact:
+            partial.append((work, app))
     if hosts:
         for host in hosts.values():
             mine = [(d, variants.of(d, a, host)) for d, a in apps if selects(d.data.get("hosts"), host)]
+            mine += [(d, a) for d, a in partial if selects(d.data.get("hosts"), host)]
             out.extend(conflicts([(a, _locator(d)) for d, a in mine if a is not None],
                                  f" (both run on host {host.name})"))
     else:
-        out.extend(conflicts([(a, _locator(d)) for d, a in apps]))
+        out.extend(conflicts([(a, _locator(d)) for d, a in apps + partial]))
     return Validated(hosts, tuple(apps), tuple(out.unique()), variants)
-
-
-def _best_effort(doc: Located, tree: RawTree, defaults: dict, opts: LoadOptions, out: Collector) -> None:
-    """Reference checks on a document that failed its schema, so one run reports every problem.
-
-    The shape is not guaranteed here: whatever a wrong type breaks is skipped, and any problem found
-    twice (schema and reference) is reported once.
-    """
-    data = doc.data if isinstance(doc.data, dict) else {}
-    expected = Path(doc.file).parent.name
-    if isinstance(data.get("name"), str) and data["name"] != expected:
-        out.add(doc, ("name",), f"app name {data['name']!r} must match its directory {expected!r}")
-    for section in ("environments", "services"):
-        items = data.get(section)
-        if not isinstance(items, dict):
-            continue
-        for name, spec in list(items.items()):
-            probe = Located({"name": str(data.get("name", "?")), section: {name: spec},
-                             "environments": data.get("environments") if section == "services" else {name: spec}},
-                            doc.lines, doc.file)
-            try:
-                if section == "environments":
-                    environments(probe, tree, defaults, opts, out)
-                else:
-                    services(probe, set(data.get("environments") or {}), opts, out)
-            except (KeyError, TypeError, AttributeError, ValueError):
-                continue

@@ -1,0 +1,67 @@
+"""The loader's checks that must not hide behind another error, and messages that say how to fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent.core.load import load_desired, validate_tree
+from test_load import APP, tree
+
+OTHER = APP.replace("name: demo", "name: other").replace("demo-web", "other-web").replace("blue", "green")
+
+
+def two_apps(tmp_path, demo: str = APP, other: str = OTHER):
+    root = tree(tmp_path, {"apps/demo/app.yaml": demo, "apps/other/app.yaml": other})
+    (root / "apps/other/green.lock").write_text((root / "apps/demo/blue.lock").read_text())
+    return root
+
+
+def messages(root) -> str:
+    return "\n".join(map(str, validate_tree(root)))
+
+
+# -- item 2: no check is skipped because another error is present ----------------------------------------
+
+def test_port_clash_across_apps_is_reported_next_to_a_schema_error(tmp_path):
+    # before: an app with any schema error was left out of the conflict check
+    text = messages(two_apps(tmp_path, other=OTHER + "colour: red\n"))
+    assert "unknown field 'colour'" in text
+    assert "port 8101 is also defined in apps/" in text, text
+
+
+def test_port_clash_inside_an_app_is_reported_next_to_a_schema_error(tmp_path):
+    app = APP + """\
+  demo-admin:
+    environment: blue
+    port: 8101
+    command: [demoapp-server]
+    privileged: true
+"""
+    text = messages(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert "unknown field 'privileged'" in text
+    assert "services.demo-admin.port: port 8101 is also used by service 'demo-web'" in text, text
+
+
+def test_a_cut_field_does_not_make_false_problems(tmp_path):
+    # a bad port is reported once; the service's other references are still checked; traffic does not
+    # claim the service "has no port" because its (bad) port was left out
+    app = APP.replace("port: 8101", "port: 0").replace("environment: blue", "environment: nope") \
+        + "traffic: {listen: '127.0.0.1:8100', weights: {demo-web: 1}}\n"
+    problems = validate_tree(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    fields = sorted(p.field for p in problems)
+    assert fields == ["services.demo-web.environment", "services.demo-web.port"], problems
+
+
+def test_a_bug_in_a_check_is_raised_not_swallowed(tmp_path, monkeypatch):
+    # before: reference checks on a schema-invalid app swallowed KeyError/TypeError/AttributeError/ValueError,
+    # so a bug in a check made its problems vanish silently
+    import agent.core.load.builders as builders
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug in a check")
+
+    monkeypatch.setattr(builders, "render_program", broken)
+    root = tree(tmp_path, {"apps/demo/app.yaml": APP + "colour: red\n"})
+    with pytest.raises(TypeError, match="a bug in a check"):
+        validate_tree(root)
+    assert load_desired  # the public API is unchanged
