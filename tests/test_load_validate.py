@@ -65,3 +65,48 @@ def test_a_bug_in_a_check_is_raised_not_swallowed(tmp_path, monkeypatch):
     with pytest.raises(TypeError, match="a bug in a check"):
         validate_tree(root)
     assert load_desired  # the public API is unchanged
+
+
+# -- item 3: YAML 1.2 core-schema scalars -----------------------------------------------------------------
+
+FLEET_LABELS = """\
+apiVersion: gitops-agent/v1
+kind: Fleet
+hosts:
+  h1: {groups: [web], labels: {country: no, power: on, ok: yes, short: y, off: off}}
+"""
+
+
+def test_norway_stays_a_string_in_labels(tmp_path):
+    # before (YAML 1.1): `no`/`on`/`yes` were booleans, so the label failed its schema (or, as a key, was True)
+    app = APP.replace("hosts: {groups: [web]}", "hosts: {matchLabels: {country: 'no', power: 'on', off: 'off'}}")
+    root = tree(tmp_path, {"fleet.yaml": FLEET_LABELS, "apps/demo/app.yaml": app})
+    assert validate_tree(root) == []
+    assert [a.name for a in load_desired(root, "h1").apps] == ["demo"]
+
+
+@pytest.mark.parametrize("text, value", [
+    ("true", True), ("True", True), ("TRUE", True), ("false", False), ("False", False), ("FALSE", False),
+    ("no", "no"), ("No", "No"), ("yes", "yes"), ("y", "y"), ("n", "n"), ("on", "on"), ("off", "off"), ("OFF", "OFF"),
+    ("0777", 777), ("0o17", 15), ("0x1F", 31), ("1:30", "1:30"), ("1_000", "1_000"), ("2024-01-01", "2024-01-01"),
+    ("1.5", 1.5), ("~", None), ("null", None), ("'true'", "true"),
+])
+def test_scalars_follow_the_yaml_1_2_core_schema(text, value):
+    from agent.core.load._yaml import parse
+
+    assert parse(f"k: {text}\n", "f.yaml").data == {"k": value}
+
+
+def test_a_bool_field_refuses_yes(tmp_path):
+    app = APP.replace("find_links: [../../wheelhouse]}", "find_links: [../../wheelhouse], index: yes}")
+    text = messages(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert "environments.blue.index: 'yes' is not of type 'boolean'" in text, text
+
+
+def test_an_explicit_tag_must_hold_a_core_value(tmp_path):
+    from agent.core.errors import InvalidState
+    from agent.core.load._yaml import parse
+
+    assert parse("k: !!bool true\n", "f.yaml").data == {"k": True}
+    with pytest.raises(InvalidState, match="'yes' is not a bool"):
+        parse("k: !!bool yes\n", "f.yaml")

@@ -2,11 +2,18 @@
 
 PyYAML's composer gives nodes with marks; we construct the data ourselves so that duplicate
 keys, non-string keys, tags and alias bombs become clear errors instead of silent surprises.
+
+Plain scalars are typed by the YAML 1.2 core schema, not PyYAML's YAML 1.1 one: only true/false
+(True/TRUE/False/FALSE) are booleans, so `country: no` or `mode: on` stay strings; `0777` is the
+decimal 777 (`0o777` is octal), `1:30` is a string, not 5400; dates stay the text written.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+import math
+import re
 
 import yaml
 
@@ -88,20 +95,68 @@ class _Builder:
             if kind in ("str", "timestamp"):  # a date stays the text the user wrote
                 return _LOADER.construct_scalar(node)
             if kind in _SAFE:
-                return _SAFE[kind](node)
+                value = _SAFE[kind](node)
+                if value is _NOT_CORE:
+                    self.fail(node, _dotted(path), f"{node.value!r} is not a {kind} (YAML 1.2 core schema)")
+                return value
         self.fail(node, _dotted(path), f"unsupported YAML tag {tag}")
 
 
 _COLLECTION_TAGS = ("tag:yaml.org,2002:map", "tag:yaml.org,2002:seq")
 _LOADER = yaml.SafeLoader("")
+_T = "tag:yaml.org,2002:"
+
+# The YAML 1.2 core schema (yaml.org/spec/1.2.2 §10.3.2), in resolution order.
+_CORE = (
+    ("null", re.compile(r"^(?:~|null|Null|NULL|)$"), list("~nN") + [""]),
+    ("bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")),
+    ("int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789")),
+    ("float", re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?"
+                         r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"), list("-+.0123456789")),
+)
+
+
 # libyaml's composer when PyYAML was built with it (3x faster); nodes and marks are the same either way.
-_COMPOSER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-_SAFE = {
-    "int": lambda n: _LOADER.construct_yaml_int(n),
-    "float": lambda n: _LOADER.construct_yaml_float(n),
-    "bool": lambda n: _LOADER.construct_yaml_bool(n),
-    "null": lambda n: None,
-}
+class _Composer(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):
+    """Resolves plain scalars by the YAML 1.2 core schema (merge keys still resolve, to be refused)."""
+
+    yaml_implicit_resolvers: dict = {}
+
+
+_Composer.add_implicit_resolver(_T + "merge", re.compile(r"^(?:<<)$"), ["<"])
+for _kind, _regexp, _first in _CORE:
+    _Composer.add_implicit_resolver(_T + _kind, _regexp, _first)
+
+_COMPOSER = _Composer
+
+
+def _core(kind: str):
+    """A constructor that accepts only the core schema's forms of `kind` (also for explicit `!!kind` tags)."""
+    regexp = next(r for k, r, _ in _CORE if k == kind)
+
+    def construct(node: yaml.ScalarNode) -> Any:
+        value = node.value
+        if not regexp.match(value):
+            return _NOT_CORE
+        if kind == "null":
+            return None
+        if kind == "bool":
+            return value.lower() == "true"
+        if kind == "int":
+            if value.startswith(("0o", "0x")):
+                return int(value[2:], 8 if value[1] == "o" else 16)
+            return int(value)
+        if value.lstrip("+-").lower() == ".inf":
+            return -math.inf if value.startswith("-") else math.inf
+        if value.lower() == ".nan":
+            return math.nan
+        return float(value)
+
+    return construct
+
+
+_NOT_CORE = object()
+_SAFE = {kind: _core(kind) for kind, _, _ in _CORE}
 
 
 def _dotted(path: Path_) -> str:
