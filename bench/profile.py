@@ -20,9 +20,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import run as bench  # noqa: E402  (bench/run.py: repos, cleanup)
+from harness import BENCH, CLEANUP, agent_cmd, distinct_port  # noqa: E402  (first: puts tests/ on sys.path)
 
-OUT = bench.BENCH / "profile-out"
+# isort: split
+from fixtures import DemoRepo, converge_in_process, example_repo, settings_for, write_app  # noqa: E402
+
+OUT = BENCH / "profile-out"
 
 
 def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
@@ -30,14 +33,14 @@ def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
 
     from agent.service.reconciler import Reconciler
 
-    repo = bench.DemoRepo(work / "repo")
-    lock = repo.lock("1.0.0")
+    repo = DemoRepo(work / "repo")
+    lock = repo.lock_text("1.0.0")
     for i in range(apps):
-        bench.write_app(repo.path, f"app{i:03d}", f"env{i:03d}", lock, {f"svc{i:03d}": bench.free_port()})
-    bench.commit(repo.path, f"{apps} apps")
-    root = bench.CLEANUP.root(work / "root")
-    settings = bench.settings_for(repo.url, root)
-    bench.converge_in_process(settings, f"profile: {apps} apps")
+        write_app(repo, f"app{i:03d}", f"env{i:03d}", lock, {f"svc{i:03d}": distinct_port()})
+    repo.commit(f"{apps} apps")
+    root = CLEANUP.root(work / "root")
+    settings = settings_for(repo.url, root)
+    converge_in_process(settings, f"profile: {apps} apps")
     rec = Reconciler(settings)
     for _ in range(3):
         rec.reconcile()
@@ -54,12 +57,12 @@ def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
 
 
 def profile_once(work: Path) -> None:
-    repo, _ = bench.example_repo(work)
-    root = bench.CLEANUP.root(work / "example-root")
+    repo, _ = example_repo(work)
+    root = CLEANUP.root(work / "example-root")
     args = ["once", "--repo", f"file://{repo}", "--path", "desired-state-example", "--host", "localhost",
             "--root", str(root), "--installer", "uv"]
-    subprocess.run([*bench.agent_cmd(), *args], check=True, capture_output=True)
-    subprocess.run([*bench.agent_cmd(), *args], check=True, capture_output=True)
+    subprocess.run([*agent_cmd(), *args], check=True, capture_output=True)
+    subprocess.run([*agent_cmd(), *args], check=True, capture_output=True)
     code = ("import sys; from pyinstrument import Profiler; p = Profiler(interval=0.0005); p.start(); "
             "from agent.cli import main; rc = main(sys.argv[1:]); p.stop(); "
             f"open({str(OUT / 'once.txt')!r}, 'w').write(p.output_text(unicode=False, color=False)); sys.exit(rc)")
@@ -93,7 +96,7 @@ def main() -> int:
             profile_inprocess(work, args.apps, args.iterations)
         profile_once(work)
     finally:
-        bench.CLEANUP.run()
+        CLEANUP.run()
         shutil.rmtree(work, ignore_errors=True)
     return 0
 

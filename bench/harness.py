@@ -1,0 +1,372 @@
+"""The bench's machinery without a measurement in it: timing, figures, the result table, RESULTS.md, the CLI.
+
+A section (bench/sections/) measures and adds `Figure`s to `Results`; this module runs the sections it is
+given, keeps one broken section from losing the others, stops every process and supervisord they started
+(also on error, Ctrl-C or SIGTERM), prints the table and writes the markdown report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import resource
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+for _path in (REPO / "tests", REPO):           # the agent, and the tests' helpers the sections share
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+from conftest import free_port
+from daemon_helpers import wait_until
+
+__all__ = [
+    "BENCH",
+    "CLEANUP",
+    "REPO",
+    "Cleanup",
+    "Context",
+    "Figure",
+    "Results",
+    "Section",
+    "agent_cmd",
+    "distinct_port",
+    "log",
+    "machine_info",
+    "main",
+    "port_free",
+    "precompile",
+    "samples_ms",
+    "timed_proc",
+    "verdict",
+    "version_of",
+    "when",
+    "write_markdown",
+]
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+_taken_ports: set[int] = set()
+
+
+def distinct_port() -> int:
+    """A free 127.0.0.1 port never handed out before in this run.
+
+    Ports are written into app.yaml long before their services bind them (200 at once in section 1),
+    so the tests' `free_port` alone could give one twice."""
+    while True:
+        port = free_port()
+        if port not in _taken_ports:
+            _taken_ports.add(port)
+            return port
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def agent_cmd() -> list[str]:
+    """The installed console script, as a user runs it (its start is part of what `once` costs)."""
+    script = Path(sys.executable).parent / "gitops-agent"
+    if script.exists():
+        return [str(script)]
+    found = shutil.which("gitops-agent")
+    return [found] if found else [sys.executable, "-m", "agent.cli"]
+
+
+def timed_proc(argv: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:
+    """(wall s, CPU s of the child: user+sys, result)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, **kw)
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, cpu, proc
+
+
+def when(pred: Callable[[], object], timeout: float, what: str, step: float, log_file: Path | None = None) -> float:
+    """perf_counter() at the first poll where `pred()` holds (the tests' `wait_until` polling)."""
+    return wait_until(lambda: pred() and time.perf_counter(), timeout, what, log_file, step)
+
+
+def version_of(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        return (out.stdout or out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "not found"
+
+
+# -- what to stop at the end -----------------------------------------------------------------------
+
+class Cleanup:
+    """Finalizers run last-in first-out at the end of the run, like pytest's `request.addfinalizer`.
+
+    It is passed as `request` to the tests' starters (`daemon_helpers.start_daemon`), so a process the
+    bench starts is stopped the way the tests stop it."""
+
+    def __init__(self) -> None:
+        self._finalizers: list[Callable[[], object]] = []
+
+    def addfinalizer(self, fn: Callable[[], object]) -> None:
+        self._finalizers.append(fn)
+
+    def root(self, root: Path) -> Path:
+        """An agent root whose embedded supervisord (and everything it runs) is stopped at the end."""
+        from agent.drivers.supervisor import EmbeddedSupervisor
+
+        self.addfinalizer(lambda: (root / "supervisor").exists() and EmbeddedSupervisor(root).stop())
+        return root
+
+    def run(self) -> None:
+        while self._finalizers:
+            fn = self._finalizers.pop()
+            try:
+                fn()
+            except Exception as exc:  # noqa: BLE001 (the other finalizers must still run)
+                log(f"cleanup: {exc}")
+
+
+CLEANUP = Cleanup()
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+@dataclass
+class Figure:
+    section: str
+    label: str
+    unit: str                      # ms | s | % | MB | x | ms/app
+    samples: list[float] = field(default_factory=list)
+    target: str = ""
+    verdict: str = ""              # PASS | FAIL | "" (informational) | n/a
+    note: str = ""
+    text: str = ""                 # replaces the numbers (skipped, n/a, error)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def cells(self) -> list[str]:
+        if self.text or not self.samples:
+            return [self.text or "n/a", "", "", ""]
+        fmt = _fmt(self.unit)
+        if len(self.samples) == 1:
+            return [fmt(self.samples[0]), "", "", "1"]
+        return [fmt(self.median), fmt(min(self.samples)), fmt(max(self.samples)), str(len(self.samples))]
+
+
+def _fmt(unit: str) -> Callable[[float], str]:
+    if unit == "x":
+        return lambda v: f"{v:.1f}x"
+    if unit == "%":
+        return lambda v: f"{v:.2f}%"
+    if unit == "MB":
+        return lambda v: f"{v:.1f} MB"
+    if unit == "ms/app":
+        return lambda v: f"{v:.3f} ms/app"
+    if unit == "s":
+        return lambda v: f"{v:.3f} s"
+    return lambda v: f"{v:.2f} ms"
+
+
+class Results:
+    def __init__(self) -> None:
+        self.figures: list[Figure] = []
+        self.notes: list[str] = []
+
+    def add(self, fig: Figure) -> Figure:
+        self.figures.append(fig)
+        cells = fig.cells()
+        log(f"{fig.label}: {cells[0]}" + (f" (min {cells[1]}, max {cells[2]}, n={cells[3]})" if cells[1] else "")
+            + (f" [{fig.verdict}]" if fig.verdict else ""))
+        return fig
+
+    def get(self, label: str) -> Figure | None:
+        return next((f for f in self.figures if f.label == label and f.samples), None)
+
+    def table(self) -> str:
+        head = ["#", "figure", "median", "min", "max", "n", "target", "verdict"]
+        rows = [[f.section, f.label, *f.cells(), f.target, f.verdict] for f in self.figures]
+        widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+
+        def line(r: list[str]) -> str:
+            return "| " + " | ".join(str(c).ljust(w) for c, w in zip(r, widths)) + " |"
+
+        return "\n".join([line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, rows)])
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def samples_ms(samples_s: list[float]) -> list[float]:
+    return [s * 1000 for s in samples_s]
+
+
+# -- sections --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Context:
+    """What a section gets: the results to add to, a temp dir of its own run, and the mode."""
+
+    res: Results
+    work: Path
+    quick: bool
+
+
+@dataclass(frozen=True)
+class Section:
+    """One numbered part of the report: `run` measures, `how` is its item of "How each figure is made"."""
+
+    number: str
+    run: Callable[[Context], None]
+    how: str
+
+
+# -- machine info and the report -------------------------------------------------------------------
+
+def machine_info(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The machine and the tool versions the figures depend on; `extra`: rows the sections add."""
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = "unknown"
+    try:
+        kb = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))
+        mem = f"{kb / 1024 / 1024:.1f} GiB"
+    except (OSError, AttributeError):
+        pass
+    from agent.drivers.venv import find_uv
+
+    uv = find_uv()
+    return [
+        ("CPU", cpu), ("cores", str(os.cpu_count())), ("RAM", mem),
+        ("OS", f"{platform.system()} {platform.release()}"),
+        ("Python", platform.python_version() + f" ({sys.executable})"),
+        ("git", version_of(["git", "--version"])),
+        ("pip", version_of([sys.executable, "-m", "pip", "--version"]).split(" from ")[0]),
+        ("uv", version_of([uv, "--version"]) if uv else "not found"),
+        ("supervisord", version_of([str(Path(sys.executable).parent / "supervisord"), "--version"])),
+        *extra,
+    ]
+
+
+def write_markdown(res: Results, info: list[tuple[str, str]], quick: bool, seconds: float, path: Path,
+                   how: list[str]) -> None:
+    lines = ["# gitops-agent benchmark results", "",
+             (f"`python bench/run.py{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} "
+              f"({seconds:.0f} s). Targets from issue 6. Times are wall clock unless marked CPU."), "",
+             "## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info], "",
+             "## Results", "", res.table(), ""]
+    notes = [f"- **{f.label}**: {f.note}" for f in res.figures if f.note]
+    if notes:
+        lines += ["## Notes on figures", "", *notes, ""]
+    lines += ["## How each figure is made", "", "\n".join(h.rstrip("\n") for h in how)]
+    if res.notes:
+        lines += ["", "## Run notes", "", *[f"- {n}" for n in res.notes]]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def precompile(res: Results) -> None:
+    """Byte-compile the agent package, as `pip install` of the wheel (and the container image) does.
+
+    An editable checkout under PYTHONDONTWRITEBYTECODE=1 (set on the bench machines) never writes
+    .pyc files, so every `once` would recompile all ~30 modules from source (~21 ms): a cost of the
+    dev checkout, not of an installed agent.
+    """
+    import compileall
+
+    import agent
+    package = Path(agent.__file__).parent
+    compileall.compile_dir(str(package), quiet=1)
+    if os.environ.get("PYTHONDONTWRITEBYTECODE") or sys.flags.dont_write_bytecode:
+        res.notes.append(f"PYTHONDONTWRITEBYTECODE is set here: the bench byte-compiled {package} first, "
+                         "as a pip or container install does (otherwise every `once` recompiles the agent, ~21 ms).")
+
+
+# -- the command line ------------------------------------------------------------------------------
+
+def main(description: str, sections: list[Section], machine_rows: Callable[[], list[tuple[str, str]]],
+         argv: list[str] | None = None) -> int:
+    """Run `sections` (or those --only names), print the table, write the report; 1 if a section failed."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--quick", action="store_true", help="CI smoke mode: well under a minute")
+    ap.add_argument("--out", help="where to write the markdown report (default bench/RESULTS.md; "
+                    "--quick: bench/RESULTS-quick.md, so a smoke run never overwrites the full results)")
+    ap.add_argument("--only", help="comma-separated sections to run (e.g. 1,6); default all")
+    ap.add_argument("--keep", action="store_true", help="keep the temp work dir (processes are still stopped)")
+    args = ap.parse_args(argv)
+    quick = args.quick
+    out = Path(args.out) if args.out else BENCH / ("RESULTS-quick.md" if quick else "RESULTS.md")
+    started = time.perf_counter()
+
+    def on_term(signum, _frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_term)
+    work = Path(tempfile.mkdtemp(prefix="gitops-bench-"))
+    res = Results()
+    info = machine_info(machine_rows())
+    precompile(res)
+    ctx = Context(res, work, quick)
+    failed = False
+    try:
+        only = set(args.only.split(",")) if args.only else None
+        for section in sections:
+            if only is not None and section.number not in only:
+                continue
+            try:
+                section.run(ctx)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # noqa: BLE001 (one broken section must not lose the others)
+                failed = True
+                traceback.print_exc()
+                res.add(Figure(section.number, f"section {section.number}", "",
+                               text=f"error: {exc}".splitlines()[0][:160], verdict="ERROR"))
+    finally:
+        CLEANUP.run()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            log(f"work dir kept: {work}")
+    seconds = time.perf_counter() - started
+    print()
+    print("\n".join(f"{k}: {v}" for k, v in info))
+    print()
+    print(res.table())
+    print(f"\n{'quick' if quick else 'full'} run in {seconds:.0f} s")
+    write_markdown(res, info, quick, seconds, out, [s.how for s in sections])
+    print(f"written {out}")
+    return 1 if failed else 0

@@ -1,0 +1,1 @@
+"""One module per numbered section of the benchmark; each has `SECTION` (a `harness.Section`)."""

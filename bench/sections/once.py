@@ -1,0 +1,57 @@
+"""Section 2: `gitops-agent once` no-op on the bundled example, as a whole process."""
+
+from __future__ import annotations
+
+from harness import (
+    CLEANUP,
+    Context,
+    Figure,
+    Section,
+    agent_cmd,
+    log,
+    timed_proc,
+    verdict,
+)
+
+# isort: split
+from fixtures import EXAMPLE, example_repo
+
+__all__ = ["SECTION", "WALL"]
+
+WALL = "`once` no-op, whole process, example (wall)"
+
+HOW = """\
+2. desired-state-example committed into a temp git repo; `gitops-agent once --path
+   desired-state-example --host localhost` converges it (pip; uv in quick mode), then each timed
+   run is the console script as a fresh process, exit 0 and "result: converged" checked.
+"""
+
+
+def run(ctx: Context) -> None:
+    res, work, quick = ctx.res, ctx.work, ctx.quick
+    runs = 5 if quick else 15
+    repo, ports = example_repo(work)
+    root = CLEANUP.root(work / "example-root")
+    base = [*agent_cmd(), "once", "--repo", f"file://{repo}", "--path", EXAMPLE.name, "--host", "localhost",
+            "--root", str(root)]
+    if ports != {"blue": 8101, "green": 8102}:
+        res.notes.append(f"The example's ports 8101/8102 were taken on this host: the bench's copy uses {ports}.")
+    first = base + (["--installer", "uv"] if quick else [])
+    log("once: converging the example" + (" (uv: quick mode)" if quick else " (pip, the example's default)"))
+    wall, _, proc = timed_proc(first, timeout=900)
+    if proc.returncode != 0:
+        raise RuntimeError(f"once (converge) failed:\n{proc.stdout}\n{proc.stderr}")
+    log(f"once: converged in {wall:.1f}s")
+    walls, cpus = [], []
+    for _ in range(runs):
+        wall, cpu, proc = timed_proc(first, timeout=120)
+        if proc.returncode != 0 or "result: converged" not in proc.stdout:
+            raise RuntimeError(f"once no-op was not a no-op:\n{proc.stdout}\n{proc.stderr}")
+        walls.append(wall)
+        cpus.append(cpu)
+    fig = res.add(Figure("2", WALL, "s", walls, "<= 0.15 s"))
+    fig.verdict = verdict(fig.median <= 0.15)
+    res.add(Figure("2", "`once` no-op, whole process, example (CPU user+sys)", "s", cpus))
+
+
+SECTION = Section("2", run, HOW)
