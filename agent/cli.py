@@ -141,11 +141,11 @@ def _result_json(result) -> dict:
 def cmd_once(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
+    from agent.compose import reconciler
     from agent.service.rootlock import root_lock
-    from agent.service.reconciler import Reconciler
 
     with root_lock(settings.root):
-        result = Reconciler(settings).reconcile()
+        result = reconciler(settings).reconcile()
     _print_result(result, args.json)
     return result.exit_code
 
@@ -153,9 +153,9 @@ def cmd_once(args) -> int:
 def cmd_plan(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from agent.service.reconciler import Reconciler
+    from agent.compose import reconciler
 
-    result = Reconciler(settings).reconcile(apply=False)
+    result = reconciler(settings, read_only=True).reconcile(apply=False)
     if args.json:
         print(json.dumps(_result_json(result), indent=2))
     else:
@@ -237,7 +237,7 @@ def cmd_facts(args) -> int:
     from agent.drivers.venv import VenvManager
     from agent.service.facts import collect, read_verified
     from agent.core.layout import Layout
-    from agent.service.reconciler import SupervisorHandle
+    from agent.drivers.supervisor_handle import SupervisorHandle
     from agent.drivers.lb import LoadBalancer
 
     layout = Layout(settings.root)

@@ -1,4 +1,5 @@
-"""Execute a plan through the drivers. Never raises: every action becomes an Outcome.
+"""Execute a plan through the drivers. Never raises: every action becomes an `Outcome` (agent.core.outcome),
+whatever the driver raised; the error's type decides its verdict (Permanent or Temporary).
 
 An action runs only if nothing it needs failed; a failed program change is rolled back to the
 program's previous config, so a host is never left half-way between two revisions of a service.
@@ -15,6 +16,7 @@ from agent.drivers.supervisor import remove_program_file, write_program_file
 from agent.drivers.venv import VenvManager, VenvSpec
 from agent.core.errors import AgentError, HealthCheckFailed, SupervisorError
 from agent.core.facts import text_digest
+from agent.core.outcome import Outcome, Verdict, verdict_for
 from agent.drivers.fsutil import atomic_write
 from agent.core.layout import Layout
 from agent.core.plan import (
@@ -25,18 +27,6 @@ from agent.core.plan import (
 __all__ = ["Outcome", "Drivers", "apply_plan", "http_healthy"]
 
 log = logging.getLogger("gitops_agent.apply")
-
-
-@dataclass(frozen=True)
-class Outcome:
-    action: Action
-    result: str                 # ok | failed | skipped | rolled_back
-    message: str = ""
-    seconds: float = 0.0
-
-    def to_json(self) -> dict:
-        return {"action": self.action.kind, "key": self.action.key, "result": self.result,
-                "message": self.message, "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -129,62 +119,71 @@ def _spec(env) -> VenvSpec:
                     installer=env.installer, options=env.options, identity=env.identity)
 
 
-def _run(action: Action, drivers: Drivers) -> str:
+@dataclass(frozen=True)
+class _Done:
+    message: str
+    verdict: Verdict = Verdict.APPLIED
+
+
+def _run(action: Action, drivers: Drivers) -> _Done:
     layout, venvs = drivers.layout, drivers.venvs
     if isinstance(action, EnsureSupervisor):
         drivers.supervisor.ensure()
-        return "supervisord running"
+        return _Done("supervisord running")
     if isinstance(action, BuildVenv):
-        return f"built {venvs.build(_spec(action.env))}"
+        return _Done(f"built {venvs.build(_spec(action.env))}")
     if isinstance(action, RepairVenv):
-        return f"rebuilt {venvs.repair(_spec(action.env))}"
+        return _Done(f"rebuilt {venvs.repair(_spec(action.env))}")
     if isinstance(action, SwitchVenv):
         venvs.switch(action.name, layout.venv(action.name, action.identity))
-        return f"envs/{action.name} -> {action.identity}"
+        return _Done(f"envs/{action.name} -> {action.identity}")
     if isinstance(action, WriteProgram):
         write_program_file(layout.programs, action.name, action.text)
-        return "written"
+        return _Done("written")
     if isinstance(action, UpdateProgram):
         done = drivers.client().update([action.name])
-        _start_if_stopped(drivers, action.name)   # unchanged config but a stopped program: start it
-        return done.get(action.name, "unchanged") + _started(drivers, action)
+        restarted = _start_if_stopped(drivers, action.name)   # unchanged config but a stopped program: start it
+        changed = action.name in done or restarted
+        return _Done(done.get(action.name, "unchanged") + _started(drivers, action),
+                     Verdict.APPLIED if changed else Verdict.UNCHANGED)
     if isinstance(action, StartProgram):
         drivers.client().start(action.name, wait=False)
-        return "started" + _started(drivers, action)
+        return _Done("started" + _started(drivers, action))
     if isinstance(action, RestartProgram):
         drivers.client().stop(action.name)
         drivers.client().start(action.name, wait=False)
-        return "restarted" + _started(drivers, action)
+        return _Done("restarted" + _started(drivers, action))
     if isinstance(action, CheckHealth):
         seen = _check_health(drivers, action)
         _record_verified(drivers.layout, action.name)
-        return seen
+        return _Done(seen)
     if isinstance(action, AwaitRunning):
         _wait_running(drivers, action.name, action.startsecs)
-        return f"running (up {action.startsecs}s)"
+        return _Done(f"running (up {action.startsecs}s)")
     if isinstance(action, RemoveProgram):
         remove_program_file(layout.programs, action.name)
         drivers.client().update([action.name])
-        return "removed"
+        return _Done("removed")
     if isinstance(action, RemoveEnvironment):
         removed = venvs.remove_all(action.name)
-        return f"removed {len(removed)} venv(s)"
+        return _Done(f"removed {len(removed)} venv(s)")
     if isinstance(action, ConfigureTraffic):
-        return drivers.lb.apply(action.frontends)
+        return _Done(drivers.lb.apply(action.frontends))
     if isinstance(action, VerifyTraffic):
-        return drivers.lb.wait_live(action.frontends)
+        return _Done(drivers.lb.wait_live(action.frontends))
     if isinstance(action, PruneVenvs):
         for identity in action.identities:
             venvs.remove(action.name, identity)
-        return f"pruned {', '.join(action.identities)}"
+        return _Done(f"pruned {', '.join(action.identities)}")
     raise AgentError(f"no driver for action {action.kind}")
 
 
-def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
-    """Put a service back as it was before this apply: its previous program file, then supervisord update."""
+def _rollback(key: str, done: list[Action], drivers: Drivers) -> tuple[bool, str]:
+    """Put a service back as it was before this apply: its previous program file, then supervisord update.
+    (rolled back, what was done)."""
     writes = [a for a in done if isinstance(a, WriteProgram) and a.key == key]
     if not writes:
-        return ""
+        return False, ""
     first = writes[0]
     if first.previous is not None:
         write_program_file(drivers.layout.programs, first.name, first.previous)
@@ -193,7 +192,7 @@ def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
         remove_program_file(drivers.layout.programs, first.name)
         what = "not installed (it is new)"
     else:
-        return "no known-good config to roll back to"
+        return False, "no known-good config to roll back to"
     drivers.client().update([first.name])
     if first.previous is not None:
         _start_if_stopped(drivers, first.name)
@@ -206,13 +205,15 @@ def _rollback(key: str, done: list[Action], drivers: Drivers) -> str:
         started = (a for a in done if a.key == key and isinstance(a, (UpdateProgram, StartProgram, RestartProgram)))
         _wait_running(drivers, first.name, max((a.startsecs for a in started), default=1))
         what += ", running"
-    return f"rolled back {first.name}: {what}"
+    return True, f"rolled back {first.name}: {what}"
 
 
-def _start_if_stopped(drivers: Drivers, name: str) -> None:
+def _start_if_stopped(drivers: Drivers, name: str) -> bool:
     info = drivers.client().process_info().get(name) or {}
     if info.get("statename") in ("STOPPED", "EXITED", "FATAL"):
         drivers.client().start(name, wait=False)
+        return True
+    return False
 
 
 def _fields(action: Action, result: str) -> dict:
@@ -221,6 +222,9 @@ def _fields(action: Action, result: str) -> dict:
 
 
 def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
+    """One outcome per action, in plan order. Never raises: an unexpected exception (a bug in a driver)
+    is logged with its traceback and becomes a failed outcome, so the rest of the host goes on and
+    the reconcile is still recorded."""
     failed: set[str] = set()
     done: list[Action] = []
     outcomes: list[Outcome] = []
@@ -228,27 +232,35 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
         blocked = [k for k in (action.key, *action.needs) if k in failed]
         if blocked:
             failed.add(action.key)
-            outcomes.append(Outcome(action, "skipped", f"{blocked[0]} failed"))
+            outcomes.append(Outcome(action, Verdict.SKIPPED_BLOCKED, f"{blocked[0]} failed"))
             log.info("skip %s: %s failed", action.describe(), blocked[0], extra=_fields(action, "skipped"))
             continue
         start = drivers.clock()
         try:
-            message = _run(action, drivers)
-        except (AgentError, OSError) as exc:
+            done_ = _run(action, drivers)
+        except Exception as exc:  # noqa: BLE001 - the executor's promise: every action becomes an Outcome
             failed.add(action.key)
-            message = f"{type(exc).__name__}: {exc}"
-            if action.key.startswith("program:"):
-                try:
-                    undo = _rollback(action.key, done, drivers)
-                except (AgentError, OSError) as rb_exc:
-                    undo = f"rollback failed too: {rb_exc}"
-                if undo:
-                    message += f" ({undo})"
-            outcomes.append(Outcome(action, "failed", message, drivers.clock() - start))
-            log.error("%s failed: %s (reason: %s)", action.describe(), message, action.reason,
-                      extra=_fields(action, "failed"))
+            outcomes.append(_failure(action, exc, done, drivers, drivers.clock() - start))
             continue
         done.append(action)
-        outcomes.append(Outcome(action, "ok", message, drivers.clock() - start))
-        log.info("%s: %s (reason: %s)", action.describe(), message, action.reason, extra=_fields(action, "ok"))
+        outcomes.append(Outcome(action, done_.verdict, done_.message, drivers.clock() - start))
+        log.info("%s: %s (reason: %s)", action.describe(), done_.message, action.reason, extra=_fields(action, "ok"))
     return tuple(outcomes)
+
+
+def _failure(action: Action, exc: Exception, done: list[Action], drivers: Drivers, seconds: float) -> Outcome:
+    if not isinstance(exc, (AgentError, OSError)):
+        log.error("%s raised an unexpected %s (a bug: please report it)", action.describe(), type(exc).__name__,
+                  exc_info=exc)
+    message = f"{type(exc).__name__}: {exc}"
+    rolled = False
+    if action.key.startswith("program:"):
+        try:
+            rolled, undo = _rollback(action.key, done, drivers)
+        except Exception as rb_exc:  # noqa: BLE001 - reported in the outcome; the apply goes on
+            undo = f"rollback failed too: {type(rb_exc).__name__}: {rb_exc}"
+        if undo:
+            message += f" ({undo})"
+    log.error("%s failed: %s (reason: %s)", action.describe(), message, action.reason,
+              extra=_fields(action, "failed"))
+    return Outcome(action, verdict_for(exc, rolled), message, seconds)

@@ -1,8 +1,8 @@
-"""One reconcile: source -> load & validate -> facts -> plan -> apply -> record.
+"""One reconcile: source -> load & validate -> facts -> plan -> apply, then record.
 
 Level-triggered: every call re-reads the world. An invalid revision is rejected whole and the
 last good revision stays the desired state (drift against it is still healed). Status is always
-recorded, whatever failed.
+recorded, whatever failed (a `finally`), and the result says by its type what the daemon does next.
 """
 
 from __future__ import annotations
@@ -11,74 +11,45 @@ import hashlib
 import logging
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
-from typing import TYPE_CHECKING
-
-from agent.drivers.git import GitSource, Revision, is_ancestor
-from agent.drivers.supervisor import EmbeddedSupervisor, SupervisorClient, connect, read_program_files
-from agent.drivers.venv import VenvManager
-from agent.service.desired_cache import DesiredCache
-from agent.core.errors import AgentError, ConfigError, InvalidState, SupervisorError
+from agent.core.errors import AgentError, InvalidState, Permanent
 from agent.core.facts import Facts
-from agent.service.facts import collect, read_verified
 from agent.core.layout import Layout
 from agent.core.model import DesiredState
+from agent.core.outcome import Outcome, ReconcileResult, Retry, Verdict, resource_states
 from agent.core.plan import Plan, PlanOptions, make_plan, render_service
 from agent.core.rollout import CanaryProgress, canary_percent, canary_step, with_canary
-from agent.settings import Settings
+from agent.drivers.git import GitSource, Revision, is_ancestor
 from agent.drivers.lb import LoadBalancer
+from agent.drivers.supervisor import read_program_files
+from agent.drivers.supervisor_handle import SupervisorHandle
+from agent.drivers.venv import VenvManager
+from agent.service.desired_cache import DesiredCache
+from agent.service.facts import collect, read_verified
 from agent.service.store import RevisionRecord, Status, load_status, save_status
+from agent.settings import Settings
 
 if TYPE_CHECKING:
-    from agent.service.executor import Drivers, Outcome
+    from agent.service.executor import Drivers
 
 # Imported lazily (a no-op `once` must stay fast): .apply (only when a plan has actions), .load (only
 # when a revision is not in the desired-state cache), .drivers.signatures (only with --verify-signatures).
 
-__all__ = ["SupervisorHandle", "Result", "Reconciler", "EXIT_OK", "EXIT_ERROR", "EXIT_DRIFT"]
+__all__ = ["World", "Result", "Reconciler", "EXIT_OK", "EXIT_ERROR", "EXIT_DRIFT"]
 
 log = logging.getLogger("gitops_agent.reconcile")
 
 EXIT_OK, EXIT_ERROR, EXIT_DRIFT = 0, 1, 2
 
 
-class SupervisorHandle:
-    """The agent's supervisord: its own embedded one under the root, or an existing one by socket."""
-
-    def __init__(self, spec: str, layout: Layout):
-        self.embedded = EmbeddedSupervisor(layout.root) if spec == "embedded" else None
-        self.url = spec
-        self._client: SupervisorClient | None = None
-
-    def running_client(self) -> SupervisorClient | None:
-        """A client if supervisord answers now; never starts anything (facts and plan must not)."""
-        if self.embedded is not None:
-            return self.embedded_client() if self.embedded.is_running() else None
-        client = connect(self.url)
-        try:
-            client.state()
-        except SupervisorError:
-            return None
-        return client
-
-    def embedded_client(self) -> SupervisorClient:
-        if self._client is None:
-            self._client = SupervisorClient(self.embedded.socket_path)
-        return self._client
-
-    def ensure(self) -> SupervisorClient:
-        if self.embedded is not None:
-            self._client = self.embedded.ensure_running()
-            return self._client
-        client = connect(self.url)
-        client.state()
-        return client
-
-
 @dataclass
 class Result:
-    result: str                         # converged | applied | failed | invalid | error | drift
+    """One reconcile, as values: what it found, what it did, and what the daemon should do next."""
+
+    result: ReconcileResult
     revision: Revision | None = None
     plan: Plan | None = None
     outcomes: tuple[Outcome, ...] = ()
@@ -90,35 +61,74 @@ class Result:
     rollouts: dict | None = None        # canary progress per app after this reconcile
     frontends: tuple = ()               # (app, listen address) of every traffic frontend
     new_commit: bool = False            # the revision differs from the last applied one
+    retry: Retry = Retry.POLL           # decided by the failure's error type, never by its text
+    source_failed: bool = False         # the state repo could not be fetched or resolved
+    finished_at: float = 0.0            # wall time the reconcile ended (set by `reconcile`)
+
+    @cached_property
+    def resources(self) -> dict[str, dict]:
+        """Each resource's state (ok / drift / failed): the one drift computation, read by status.json and
+        the metrics alike. Empty when no plan was made (status then keeps its previous resources)."""
+        return resource_states(self.facts, self.plan, self.outcomes, self.finished_at) if self.plan else {}
 
     @property
     def exit_code(self) -> int:
-        if self.result in ("converged", "applied"):
+        if self.result in (ReconcileResult.CONVERGED, ReconcileResult.APPLIED):
             return EXIT_OK
-        if self.result == "drift":
+        if self.result is ReconcileResult.DRIFT:
             return EXIT_DRIFT
         return EXIT_ERROR
 
 
+class _Stop(Exception):
+    """A step ended the reconcile early with this result (the steps' `return` of a final value)."""
+
+    def __init__(self, result: Result):
+        super().__init__(result.result)
+        self.result = result
+
+
+def _retry_after(exc: BaseException) -> Retry:
+    return Retry.POLL if isinstance(exc, Permanent) else Retry.BACKOFF
+
+
+@dataclass(frozen=True)
+class World:
+    """Everything a reconcile touches, each behind a small interface; built by `agent.compose` (tests may
+    hand in their own)."""
+
+    layout: Layout
+    source: GitSource
+    supervisor: SupervisorHandle
+    venvs: VenvManager
+    lb: LoadBalancer
+    desired_cache: DesiredCache
+    verifier: object | None = None      # agent.drivers.signatures.SignatureVerifier with --verify-signatures
+    clock: Callable[[], float] = time.time
+
+
 class Reconciler:
-    def __init__(self, settings: Settings):
-        if not settings.repo:
-            raise ConfigError("no state repo given: use --repo URL (or GITOPS_AGENT_REPO)")
+    """source -> load -> facts -> plan -> apply, then record (always). Each step either returns its value
+    or ends the reconcile with a typed Result (`_Stop`); `reconcile` records whatever came out."""
+
+    def __init__(self, settings: Settings, world: World | None = None, read_only: bool = False):
+        if world is None:
+            from agent.compose import world as build_world
+
+            world = build_world(settings)
         self.settings = settings
-        self.layout = Layout(settings.root)
-        self.source = GitSource(settings.repo, settings.ref, self.layout.source)
-        self.supervisor = SupervisorHandle(settings.supervisor, self.layout)
-        self.desired_cache = DesiredCache(self.layout.state / "desired")
-        self.venvs = VenvManager(self.layout.root, retention=settings.retention)
+        self.world = world
+        self.read_only = read_only              # plan/status/facts: write nothing under the root, probe nothing
+        self.layout = world.layout
+        self.source = world.source
+        self.supervisor = world.supervisor
+        self.desired_cache = world.desired_cache
+        self.venvs = world.venvs
+        self.lb = world.lb
+        self.verifier = world.verifier
         self.load_key = (settings.installer, settings.allow_root_services, settings.allow_chaos)   # what LoadOptions the loader gets
-        self.lb = LoadBalancer(settings.lb, self.layout.root, config=settings.lb_config, reload=settings.lb_reload)
         self.plan_opts = PlanOptions(self.layout, retention=settings.retention,
                                      embedded=self.supervisor.embedded is not None, lb=self.lb)
-        self.verifier = None
-        if settings.verify_signatures:
-            from agent.drivers.signatures import SignatureVerifier
-
-            self.verifier = SignatureVerifier(self.layout.root, settings.trusted_keys, settings.allowed_signers)
         self._drivers: Drivers | None = None
         self._clean_files: int | None = None     # program files that supervisord had fully applied
         self.stager = None                       # staged waves, created for the first app that has them
@@ -152,7 +162,8 @@ class Reconciler:
             opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services,
                                allow_chaos=self.settings.allow_chaos, boundary=checkout)
             desired = load_desired(self._state_dir(checkout), self.settings.host, opts)
-            self.desired_cache.put(key, desired)
+            if not self.read_only:
+                self.desired_cache.put(key, desired)
         return self._staged(rev, desired)
 
     def _staged(self, rev: Revision, desired: DesiredState) -> DesiredState:
@@ -192,45 +203,34 @@ class Reconciler:
     # -- the reconcile ---------------------------------------------------------------------------
 
     def reconcile(self, apply: bool = True) -> Result:
-        """One pass. `apply=False` plans only (the `plan` command and warn mode)."""
+        """One pass. `apply=False` plans only (the `plan` command and warn mode). Status and metrics input
+        are recorded whatever happens, an internal error included (it becomes an `error` result)."""
         started = time.monotonic()
-        status = load_status(self.layout.status_file)
-        result = self._reconcile(status, apply)
-        result.seconds = time.monotonic() - started
-        if apply:
-            self._record(status, result)
+        status = load_status(self.layout.status_file, set_aside=apply and not self.read_only)
+        result = Result(ReconcileResult.ERROR, error="the reconcile did not finish")
+        try:
+            result = self._steps(status, apply)
+        except _Stop as stop:
+            result = stop.result
+        except Exception as exc:  # noqa: BLE001 - a bug must not lose the record of this reconcile
+            log.exception("reconcile failed unexpectedly")
+            result = Result(ReconcileResult.ERROR, error=f"internal error: {type(exc).__name__}: {exc}",
+                            retry=Retry.BACKOFF)
+        finally:
+            result.seconds = time.monotonic() - started
+            result.finished_at = self.world.clock()
+            if apply and not self.read_only:
+                self._record(status, result)
         return result
 
-    def _reconcile(self, status: Status, apply: bool) -> Result:
-        try:
-            rev = self.source.resolve()
-        except AgentError as exc:
-            return Result("error", error=f"source: {exc}")
-        invalid: str | None = None
-        try:
-            invalid = self._refusal(rev, status)
-            if invalid is None:
-                desired = self.desired_at(rev)
-                desired_from = rev.sha
-        except InvalidState as exc:
-            invalid = f"revision {rev.sha[:12]} is invalid:\n{exc}"
-        except AgentError as exc:
-            return Result("error", rev, error=f"checkout: {exc}")
-        if invalid is not None:
-            log.error("%s\nkeeping the last good revision", invalid)
-            if status.applied is None:
-                return Result("invalid", rev, error=invalid)
-            last = status.applied
-            try:
-                desired = self.desired_at(Revision(last.sha, last.ref, last.committed_at, last.summary))
-            except AgentError as exc2:
-                return Result("invalid", rev, error=f"{invalid}\n(and the last good revision cannot be loaded: {exc2})")
-            desired_from = last.sha
-
-        try:
-            facts = self.facts()
-        except (AgentError, OSError) as exc:
-            return Result("error", rev, error=f"facts: {exc}", desired_from=desired_from)
+    def _steps(self, status: Status, apply: bool) -> Result:
+        rev = self._source_step()
+        desired, desired_from, invalid = self._load_step(rev, status)
+        facts = self._facts_step(rev, desired_from)
+        if invalid is None:
+            invalid = self._emptying(rev, desired, facts)
+            if invalid is not None:
+                desired, desired_from = self._last_good(rev, status, invalid)
         desired, rollouts = self._rollouts(desired, facts, status)
         plan = make_plan(desired, facts, self.plan_opts)
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
@@ -238,25 +238,84 @@ class Reconciler:
                     rollouts=rollouts,
                     frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
         if not apply:
-            outcome = "invalid" if invalid else ("converged" if plan.converged else "drift")
+            outcome = (ReconcileResult.INVALID if invalid
+                       else ReconcileResult.CONVERGED if plan.converged else ReconcileResult.DRIFT)
             return Result(outcome, error=invalid, drift=plan.actions, **base)
-        todo, drift = self._split_by_mode(plan, desired, new_commit)
-        outcomes = ()
+        return self._apply_step(plan, desired, invalid, base)
+
+    def _source_step(self) -> Revision:
+        try:
+            return self.source.resolve()
+        except AgentError as exc:
+            raise _Stop(Result(ReconcileResult.ERROR, error=f"source: {exc}", source_failed=True,
+                               retry=_retry_after(exc))) from None
+
+    def _load_step(self, rev: Revision, status: Status) -> tuple[DesiredState, str, str | None]:
+        """(desired state, the revision it came from, why `rev` is invalid). An invalid revision keeps the
+        last good one desired, so its drift is still healed."""
+        try:
+            invalid = self._refusal(rev, status)
+            if invalid is None:
+                return self.desired_at(rev), rev.sha, None
+        except InvalidState as exc:
+            invalid = f"revision {rev.sha[:12]} is invalid:\n{exc}"
+        except AgentError as exc:
+            raise _Stop(Result(ReconcileResult.ERROR, rev, error=f"checkout: {exc}", retry=_retry_after(exc))) from None
+        return (*self._last_good(rev, status, invalid), invalid)
+
+    def _last_good(self, rev: Revision, status: Status, invalid: str) -> tuple[DesiredState, str]:
+        # one line: the whole message is the result's error, which `once`/`plan` print and the daemon logs
+        log.warning("%s; keeping the last good revision", invalid.splitlines()[0].rstrip(":"))
+        last = status.applied
+        if last is None:
+            raise _Stop(Result(ReconcileResult.INVALID, rev, error=invalid))
+        try:
+            desired = self.desired_at(Revision(last.sha, last.ref, last.committed_at, last.summary))
+        except AgentError as exc2:
+            raise _Stop(Result(ReconcileResult.INVALID, rev,
+                               error=f"{invalid}\n(and the last good revision cannot be loaded: {exc2})")) from None
+        return desired, last.sha
+
+    def _facts_step(self, rev: Revision, desired_from: str | None) -> Facts:
+        try:
+            return self.facts()
+        except (AgentError, OSError) as exc:
+            raise _Stop(Result(ReconcileResult.ERROR, rev, error=f"facts: {exc}", desired_from=desired_from,
+                               retry=_retry_after(exc))) from None
+
+    def _emptying(self, rev: Revision, desired: DesiredState, facts: Facts) -> str | None:
+        """DESIGN §3d: a revision under which a host that runs services would run none is held, unless
+        fleet.yaml says `decommission: true` for the host (a renamed host entry or an emptied apps/ must
+        never tear a host down)."""
+        if desired.services or getattr(desired, "decommission", False):
+            return None
+        managed = sorted(n for n, p in facts.programs.items() if p.file_text is not None and n != self.lb.program_name)
+        if not managed:
+            return None
+        return (f"revision {rev.sha[:12]} is invalid for host {self.settings.host!r}: it would remove every "
+                f"service this host runs ({', '.join(managed[:5])}{', ...' if len(managed) > 5 else ''}).\n"
+                f"If that is intended, set `decommission: true` for {self.settings.host} in fleet.yaml; "
+                "otherwise check the host's name and its apps' `hosts:` selectors.")
+
+    def _apply_step(self, plan: Plan, desired: DesiredState, invalid: str | None, base: dict) -> Result:
+        todo, drift = self._split_by_mode(plan, desired, base["new_commit"])
+        outcomes: tuple[Outcome, ...] = ()
         if todo:
             from agent.service.executor import apply_plan
 
             outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
-        failures = [o for o in outcomes if o.result != "ok"]
+        failures = [o for o in outcomes if not o.ok]
         if invalid:
-            return Result("invalid", outcomes=outcomes, error=invalid, drift=drift, **base)
+            return Result(ReconcileResult.INVALID, outcomes=outcomes, error=invalid, drift=drift, **base)
         if failures:
-            rollouts = _fail_canaries(desired, rollouts, failures)
-            base["rollouts"] = rollouts
-            msg = "; ".join(f"{o.action.describe()}: {o.message}" for o in failures if o.result == "failed")
-            return Result("failed", outcomes=outcomes, error=msg, drift=drift, **base)
+            base["rollouts"] = _fail_canaries(desired, base["rollouts"], failures)
+            msg = "; ".join(f"{o.action.describe()}: {o.message}" for o in failures if o.failed)
+            permanent = all(o.verdict is Verdict.FAILED_PERMANENT for o in failures if o.failed)
+            return Result(ReconcileResult.FAILED, outcomes=outcomes, error=msg, drift=drift,
+                          retry=Retry.POLL if permanent else Retry.BACKOFF, **base)
         if drift:
-            return Result("drift", outcomes=outcomes, drift=drift, **base)
-        return Result("converged" if plan.converged else "applied", outcomes=outcomes, **base)
+            return Result(ReconcileResult.DRIFT, outcomes=outcomes, drift=drift, **base)
+        return Result(ReconcileResult.CONVERGED if plan.converged else ReconcileResult.APPLIED, outcomes=outcomes, **base)
 
     def _rollouts(self, desired: DesiredState, facts: Facts, status: Status) -> tuple[DesiredState, dict]:
         """Walk each automatic canary one step (pure decision in rollout.py) on fresh probe evidence, and
@@ -275,7 +334,7 @@ class Reconciler:
             previous = CanaryProgress(**rollouts[app.name]) if app.name in rollouts else None
             fact = facts.programs.get(svc.name)
             probe = None
-            if (previous and previous.id == canary_id and previous.state == "progressing" and svc.health
+            if (not self.read_only and previous and previous.id == canary_id and previous.state == "progressing" and svc.health
                     and fact is not None and fact.file_text == text and fact.state is not None):
                 probe = _probe(svc.health.url, svc.health.timeout_s, canary.probes)
             progress = canary_step(canary, previous, canary_id, time.time(), probe)
@@ -312,20 +371,22 @@ class Reconciler:
         return tuple(todo), tuple(drift)
 
     def _record(self, status: Status, result: Result) -> None:
-        now = time.time()
+        now = self.world.clock()
         status.host = self.settings.host
-        status.result = result.result
+        status.result = result.result.value
         status.last_reconcile_at = now
         rev = result.revision
+        succeeded = result.result in (ReconcileResult.CONVERGED, ReconcileResult.APPLIED)
         if rev is not None:
             status.attempted = RevisionRecord(rev.sha, rev.ref, rev.committed_at, rev.summary, now)
-            if result.result in ("converged", "applied") and (status.applied is None or status.applied.sha != rev.sha):
+            if succeeded and (status.applied is None or status.applied.sha != rev.sha):
                 status.applied = RevisionRecord(rev.sha, rev.ref, rev.committed_at, rev.summary, now)
         if result.error:
             status.last_error, status.last_error_at = result.error, now
-        elif result.result in ("converged", "applied"):
+        elif succeeded:
             status.last_error = None
-        status.resources = _resources(status.resources, result, now)
+        if result.plan is not None:
+            status.resources = result.resources
         if result.rollouts is not None:
             status.rollouts = result.rollouts
         try:
@@ -337,7 +398,7 @@ class Reconciler:
 def _fail_canaries(desired: DesiredState, rollouts: dict, failures) -> dict:
     """A canary release that fails to start or fails its health gate ends the canary at 0%, for good
     (until a commit changes the canary): it is not retried step by step."""
-    failed = {o.action.key for o in failures if o.result == "failed"}
+    failed = {o.action.key for o in failures if o.failed}
     out = dict(rollouts)
     for app in desired.apps:
         canary = app.traffic.canary if app.traffic else None
@@ -368,30 +429,3 @@ def _problem(field: str, message: str):
     from agent.core.errors import Problem
 
     return Problem(field, None, "path", message)
-
-
-def _resources(previous: dict[str, dict], result: Result, now: float) -> dict[str, dict]:
-    """Per-resource state after a reconcile: ok, failed (with the cause), or drift (planned, not applied)."""
-    if result.plan is None:
-        return previous
-    resources: dict[str, dict] = {}
-    facts = result.facts
-    if facts is not None:
-        for name in facts.venvs:
-            resources[f"venv:{name}"] = {"state": "ok", "message": "", "at": now}
-        for name in facts.programs:
-            resources[f"program:{name}"] = {"state": "ok", "message": facts.programs[name].state or "", "at": now}
-    for action in result.plan.actions:
-        resources[action.key] = {"state": "drift", "message": action.reason, "at": now}
-    failed = {}
-    for o in result.outcomes:
-        if o.result == "ok":
-            resources[o.action.key] = {"state": "ok", "message": o.message, "at": now}
-    for o in result.outcomes:
-        if o.result != "ok" and o.action.key not in failed:
-            failed[o.action.key] = o
-            resources[o.action.key] = {"state": "failed", "message": o.message, "at": now}
-    for o in result.outcomes:
-        if o.result == "ok" and o.action.kind in ("remove_program", "remove_environment"):
-            resources.pop(o.action.key, None)
-    return dict(sorted(resources.items()))

@@ -1,18 +1,26 @@
 """Persistent status: the applied revision, per-resource state, the last error.
 
 One JSON file written atomically (temp + fsync + rename): a crash at any moment leaves either the
-previous status or the new one, never a torn file.
+previous status or the new one, never a torn file. A filesystem without data journaling can still
+leave garbage after a power cut: an unreadable status file never stops the agent. `load_status`
+returns an empty status and says so; a writer (`set_aside=True`, holding the root lock) first moves
+the bad file to `status.json.corrupt-<time>` so it can be inspected, while `status`/`plan` only read.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import os
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from agent.drivers.fsutil import atomic_write
 
-__all__ = ["RevisionRecord", "Status", "load_status", "save_status"]
+__all__ = ["RevisionRecord", "Status", "CorruptStatus", "load_status", "save_status"]
+
+log = logging.getLogger("gitops_agent.store")
 
 VERSION = 1
 
@@ -42,17 +50,52 @@ class Status:
         return {"version": VERSION, **asdict(self)}
 
 
-def load_status(path: Path) -> Status:
+class CorruptStatus(ValueError):
+    """The status file is not a status this agent wrote (torn, empty, garbage, wrong shape)."""
+
+
+def load_status(path: Path, set_aside: bool = False) -> Status:
+    path = Path(path)
     try:
-        raw = json.loads(Path(path).read_text())
+        return _parse(path.read_bytes())
     except FileNotFoundError:
         return Status()
+    except (CorruptStatus, OSError) as exc:
+        where = path
+        if set_aside and not isinstance(exc, OSError):
+            where = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}")
+            try:
+                os.replace(path, where)
+            except OSError:
+                where = path
+        log.warning("status file %s is unreadable (%s): starting from an empty status%s", path, exc,
+                    f"; the bad file is kept as {where}" if where != path else "")
+        return Status()
+
+
+def _parse(data: bytes) -> Status:
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptStatus(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CorruptStatus(f"a JSON {type(raw).__name__}, not an object")
     raw.pop("version", None)
-    for key in ("applied", "attempted"):
-        if raw.get(key):
-            raw[key] = RevisionRecord(**raw[key])
     known = Status.__dataclass_fields__
-    return Status(**{k: v for k, v in raw.items() if k in known})
+    fields = {k: v for k, v in raw.items() if k in known}
+    try:
+        for key in ("applied", "attempted"):
+            if fields.get(key):
+                fields[key] = RevisionRecord(**fields[key])
+        status = Status(**fields)
+    except TypeError as exc:
+        raise CorruptStatus(f"unexpected shape: {exc}") from None
+    for name, kind in (("resources", dict), ("rollouts", dict)):
+        if not isinstance(getattr(status, name), kind):
+            raise CorruptStatus(f"{name} is a {type(getattr(status, name)).__name__}, not an object")
+    if any(not isinstance(v, dict) for v in (*status.resources.values(), *status.rollouts.values())):
+        raise CorruptStatus("a resource or rollout entry is not an object")
+    return status
 
 
 def save_status(path: Path, status: Status) -> None:

@@ -1,0 +1,48 @@
+"""The composition root: the one place that builds the agent's drivers and reconciler from `Settings`.
+
+Everything below the CLI takes its collaborators as arguments, so a test can hand in other drivers
+(a reconciler over temp dirs, a fixed clock) without touching the code that decides.
+"""
+
+from __future__ import annotations
+
+from agent.core.errors import ConfigError
+from agent.core.layout import Layout
+from agent.settings import Settings
+
+__all__ = ["world", "reconciler"]
+
+
+def world(settings: Settings):
+    """Build the drivers a reconcile uses. Cheap: nothing is started, fetched or read here."""
+    from agent.drivers.git import GitSource
+    from agent.drivers.lb import LoadBalancer
+    from agent.drivers.supervisor_handle import SupervisorHandle
+    from agent.drivers.venv import VenvManager
+    from agent.service.desired_cache import DesiredCache
+    from agent.service.reconciler import World
+
+    if not settings.repo:
+        raise ConfigError("no state repo given: use --repo URL (or GITOPS_AGENT_REPO)")
+    layout = Layout(settings.root)
+    verifier = None
+    if settings.verify_signatures:
+        from agent.drivers.signatures import SignatureVerifier
+
+        verifier = SignatureVerifier(layout.root, settings.trusted_keys, settings.allowed_signers)
+    return World(
+        layout=layout,
+        source=GitSource(settings.repo, settings.ref, layout.source),
+        supervisor=SupervisorHandle(settings.supervisor, layout),
+        venvs=VenvManager(layout.root, retention=settings.retention),
+        lb=LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
+        desired_cache=DesiredCache(layout.state / "desired"),
+        verifier=verifier,
+    )
+
+
+def reconciler(settings: Settings, read_only: bool = False):
+    """The reconciler `once`, `run` (read_only=False) and `plan` (read_only=True) use."""
+    from agent.service.reconciler import Reconciler
+
+    return Reconciler(settings, world(settings), read_only=read_only)

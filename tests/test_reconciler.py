@@ -1,0 +1,149 @@
+"""The reconciler's steps with the real drivers on temp dirs (real git, venv, supervisord), and faults
+handed in through `World` where they cannot otherwise be caused (named as such)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from agent.compose import world as build_world
+from agent.core.outcome import ReconcileResult, Retry, Verdict
+from agent.drivers.venv import VenvManager
+from agent.service.reconciler import Reconciler
+from agent.settings import Settings
+from conftest import free_port, run_agent, served_version
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def settings(repo, root, **kw) -> Settings:
+    return Settings(repo=repo.url, host="h1", root=root, health_wait_s=15, **kw)
+
+
+class _ExplodingSource:
+    """FAKE, for a fault no real input causes: a bug inside a step (an exception no step expects)."""
+
+    def __init__(self, real):
+        self.real = real
+
+    def resolve(self):
+        raise RuntimeError("boom in a step")
+
+    def __getattr__(self, name):
+        return getattr(self.real, name)
+
+
+class _BuggyVenvs(VenvManager):
+    """FAKE, for a fault no real input causes: a driver raising a bare exception type (a bug)."""
+
+    def build(self, spec):
+        raise KeyError("a driver bug")
+
+
+def _status(root) -> dict:
+    return json.loads((root / "state" / "status.json").read_text())
+
+
+def test_status_is_recorded_even_when_a_step_raises(state_repo, agent_root):
+    state_repo.app()
+    state_repo.commit()
+    s = settings(state_repo, agent_root)
+    w = build_world(s)
+    result = Reconciler(s, dataclasses.replace(w, source=_ExplodingSource(w.source))).reconcile()
+    assert result.result is ReconcileResult.ERROR and result.retry is Retry.BACKOFF
+    assert "internal error: RuntimeError: boom in a step" in result.error
+    recorded = _status(agent_root)
+    assert recorded["result"] == "error" and "boom in a step" in recorded["last_error"]
+
+
+def test_the_executor_turns_a_driver_bug_into_a_failed_outcome(state_repo, agent_root):
+    state_repo.app()
+    state_repo.commit()
+    s = settings(state_repo, agent_root)
+    w = build_world(s)
+    result = Reconciler(s, dataclasses.replace(w, venvs=_BuggyVenvs(w.layout.root))).reconcile()
+    assert result.result is ReconcileResult.FAILED
+    build = next(o for o in result.outcomes if o.action.kind == "build_venv")
+    assert build.verdict is Verdict.FAILED_TEMPORARY and "KeyError" in build.message
+    assert all(o.verdict is Verdict.SKIPPED_BLOCKED for o in result.outcomes
+               if o.action.key == "program:demo-web")
+    assert _status(agent_root)["resources"]["venv:demo"]["state"] == "failed"
+
+
+def test_an_invalid_revision_waits_for_a_new_input_and_a_source_error_backs_off(state_repo, agent_root, tmp_path):
+    state_repo.write("fleet.yaml", "apiVersion: gitops-agent/v1\nkind: Fleet\nhosts: {h1: {groups: [web]}}\nbogus: 1\n")
+    state_repo.commit()
+    result = Reconciler(settings(state_repo, agent_root)).reconcile()
+    assert result.result is ReconcileResult.INVALID and result.retry is Retry.POLL
+
+    s = Settings(repo=f"file://{tmp_path / 'nowhere'}", host="h1", root=tmp_path / "root2")
+    result = Reconciler(s).reconcile()
+    assert result.result is ReconcileResult.ERROR and result.source_failed
+    assert result.retry is Retry.BACKOFF
+
+
+def test_a_failed_health_gate_is_rolled_back_and_says_so(state_repo, agent_root):
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit()
+    assert Reconciler(settings(state_repo, agent_root)).reconcile().result is ReconcileResult.APPLIED
+    # a new version whose command cannot start: the program change is rolled back to the running one
+    text = (state_repo.path / "apps/demo/app.yaml").read_text()
+    state_repo.write("apps/demo/app.yaml", text.replace("[demoapp-server,", "[demoapp-server, --no-such-flag,"))
+    state_repo.commit("broken")
+    result = Reconciler(settings(state_repo, agent_root)).reconcile()
+    assert result.result is ReconcileResult.FAILED
+    assert any(o.verdict is Verdict.ROLLED_BACK for o in result.outcomes), [o.to_json() for o in result.outcomes]
+    assert served_version(port) == "1.0.0"
+
+
+def test_a_corrupt_status_and_cache_never_wedge_once_plan_or_status(state_repo, agent_root):
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit()
+    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    assert run_agent("once", *common).returncode == 0
+    status_file = agent_root / "state" / "status.json"
+    for pickle in (agent_root / "state" / "desired").glob("*.pickle"):
+        pickle.write_bytes(b"\x80\x04garbage")
+    status_file.write_bytes(b"[]")
+
+    assert run_agent("status", "--root", str(agent_root)).returncode == 0
+    plan = run_agent("plan", *common)
+    assert plan.returncode in (0, 2) and "Traceback" not in plan.stderr, plan.stderr
+    assert status_file.read_bytes() == b"[]"                  # plan and status only read
+
+    once = run_agent("once", *common)
+    assert once.returncode == 0 and "Traceback" not in once.stderr, once.stdout + once.stderr
+    assert "unreadable" in once.stderr
+    assert list((agent_root / "state").glob("status.json.corrupt-*"))
+    assert json.loads(status_file.read_text())["result"] in ("converged", "applied")
+    assert served_version(port) == "1.0.0"
+
+
+def test_a_revision_that_would_empty_the_host_is_held_unless_decommissioned(state_repo, agent_root):
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit()
+    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    assert run_agent("once", *common).returncode == 0
+
+    # the app's selector no longer matches h1 (a typo): nothing would run here
+    text = (state_repo.path / "apps/demo/app.yaml").read_text()
+    state_repo.write("apps/demo/app.yaml", text.replace("hosts: {groups: [web]}", "hosts: {groups: [wbe]}"))
+    state_repo.commit("typo")
+    once = run_agent("once", *common)
+    assert once.returncode == 1 and "decommission: true" in once.stderr, once.stdout + once.stderr
+    assert served_version(port) == "1.0.0"
+    assert _status(agent_root)["result"] == "invalid"
+
+    fleet = (state_repo.path / "fleet.yaml").read_text()
+    state_repo.write("fleet.yaml", fleet.replace("h1: {groups: [web]}", "h1: {groups: [web], decommission: true}"))
+    state_repo.commit("decommission h1")
+    once = run_agent("once", *common)
+    assert once.returncode == 0, once.stdout + once.stderr
+    assert served_version(port) is None
+    assert not os.path.exists(agent_root / "supervisor" / "programs" / "demo-web.conf")

@@ -1,0 +1,51 @@
+"""agent.service.store: a status file that cannot be read never stops the agent (issue 12 item 6)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from agent.service.store import RevisionRecord, Status, load_status, save_status
+
+BAD = {
+    "truncated": b'{"version": 1, "host": "h1", "applied": {"sha": "ab',
+    "empty": b"",
+    "garbage": b"\x00\xff\xfe garbage \x80",
+    "a list": b"[]",
+    "a string": b'"status"',
+    "wrong shape": b'{"applied": "not an object"}',
+    "resources not an object": b'{"resources": [1, 2]}',
+    "a resource not an object": b'{"resources": {"program:web": 3}}',
+    "unknown record field": b'{"applied": {"sha": "x", "colour": "blue"}}',
+}
+
+
+@pytest.mark.parametrize("content", BAD.values(), ids=BAD.keys())
+def test_a_corrupt_status_reads_as_empty_and_a_writer_sets_it_aside(tmp_path, caplog, content):
+    path = tmp_path / "status.json"
+    path.write_bytes(content)
+    with caplog.at_level(logging.WARNING, logger="gitops_agent.store"):
+        assert load_status(path) == Status()                 # a reader (status, plan): leaves the file
+    assert path.read_bytes() == content
+    assert "unreadable" in caplog.text
+
+    assert load_status(path, set_aside=True) == Status()     # the agent holding the root lock
+    assert not path.exists()
+    aside = list(tmp_path.glob("status.json.corrupt-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == content
+
+
+def test_a_good_status_round_trips(tmp_path):
+    path = tmp_path / "status.json"
+    status = Status(host="h1", applied=RevisionRecord("a" * 40, "main", 1.0, "first", 2.0), result="applied",
+                    resources={"program:web": {"state": "ok", "message": "RUNNING", "at": 2.0}})
+    save_status(path, status)
+    assert load_status(path, set_aside=True) == status
+    assert path.stat().st_mode & 0o777 == 0o600
+
+
+def test_a_missing_status_is_empty_and_says_nothing(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        assert load_status(tmp_path / "none.json", set_aside=True) == Status()
+    assert caplog.text == ""
