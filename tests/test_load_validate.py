@@ -110,3 +110,38 @@ def test_an_explicit_tag_must_hold_a_core_value(tmp_path):
     assert parse("k: !!bool true\n", "f.yaml").data == {"k": True}
     with pytest.raises(InvalidState, match="'yes' is not a bool"):
         parse("k: !!bool yes\n", "f.yaml")
+
+
+# -- item 4: messages say how to fix ------------------------------------------------------------------------
+
+def test_unknown_environment_lists_the_defined_ones(tmp_path):
+    app = APP.replace("environment: blue", "environment: bleu") \
+        .replace("environments:\n", "environments:\n  green: {lockfile: blue.lock}\n")
+    text = messages(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert "environment 'bleu' is not defined in this app (did you mean 'blue'?); defined: blue, green" in text, text
+
+
+def test_unknown_field_suggests_the_close_one(tmp_path):
+    app = APP.replace("    port: 8101\n", "    prot: 8101\n")
+    problems = validate_tree(tree(tmp_path, {"apps/demo/app.yaml": app,
+                                             "fleet.yaml": FLEET_LABELS.replace("groups:", "grups:")}))
+    text = "\n".join(map(str, problems))
+    assert "apps/demo/app.yaml:10: services.demo-web.prot: unknown field 'prot' (did you mean 'port'?)" in text, text
+    assert "hosts.h1.grups: unknown field 'grups' (did you mean 'groups'?)" in text, text
+
+
+def test_command_path_says_console_script_not_path(tmp_path):
+    app = APP.replace("[demoapp-server,", "[/opt/venv/bin/demoapp-server,")
+    text = messages(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert ("services.demo-web.command.0: '/opt/venv/bin/demoapp-server' is not allowed here: argv[0] is a console "
+            "script name from the venv, not a path (write 'demoapp-server'") in text, text
+    assert "must match ^" not in text, text           # not a regex
+
+
+def test_yaml_syntax_error_names_where_the_bracket_opened(tmp_path):
+    app = APP.replace("command: [demoapp-server, --port, \"8101\"]", "command: [demoapp-server, --port, \"8101\"")
+    problems = validate_tree(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert len(problems) == 1, problems
+    p = problems[0]
+    assert p.file == "apps/demo/app.yaml" and p.line == 12, p       # where the parser gave up
+    assert "flow sequence that opened at line 11, column 14 (is it closed?)" in p.message, p

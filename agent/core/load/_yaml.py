@@ -175,10 +175,7 @@ def parse(text: bytes | str, file: str) -> Located:
     try:
         nodes = list(yaml.compose_all(text, Loader=_COMPOSER))
     except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else None
-        msg = " ".join(filter(None, [exc.context, exc.problem])) or str(exc)
-        raise InvalidState([Problem(file, line, "", f"YAML syntax error: {msg}")]) from None
+        raise InvalidState([_syntax_problem(exc, file)]) from None
     except yaml.YAMLError as exc:
         raise InvalidState([Problem(file, None, "", f"YAML error: {exc}")]) from None
     if len(nodes) != 1:
@@ -187,3 +184,18 @@ def parse(text: bytes | str, file: str) -> Located:
     data = builder.build(nodes[0], ())
     builder.lines.setdefault((), nodes[0].start_mark.line + 1)
     return Located(data, builder.lines, file)
+
+
+def _syntax_problem(exc: yaml.MarkedYAMLError, file: str) -> Problem:
+    """file:line of the failure, and the line where the bracket, quote or block it is inside opened
+    (the unclosed `[` is usually the mistake, far above where the parser gave up)."""
+    mark = exc.problem_mark or exc.context_mark
+    line = mark.line + 1 if mark else None
+    problem = exc.problem or str(exc)
+    context = exc.context or ""
+    if exc.context_mark is not None and exc.problem_mark is not None and context:
+        opened, column = exc.context_mark.line + 1, exc.context_mark.column + 1
+        check = "is it closed?" if ("flow" in context or "quoted" in context) else "check the indentation"
+        return Problem(file, line, "", f"YAML syntax error: {problem}, {context} that opened at line {opened}, "
+                                       f"column {column} ({check})")
+    return Problem(file, line, "", f"YAML syntax error: {' '.join(filter(None, [context, problem]))}")

@@ -10,6 +10,7 @@ import hashlib
 import re
 
 from agent.core.load._yaml import Located
+from agent.core.load.hints import defined
 from agent.core.load.options import LoadOptions
 from agent.core.load.problems import Collector
 from agent.core.load.read import RawTree
@@ -83,7 +84,8 @@ def services(doc: Located, env_names: frozenset[str], opts: LoadOptions, out: Co
     for name, spec in (doc.data.get("services") or {}).items():
         here = ("services", name)
         if spec["environment"] not in env_names:
-            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app")
+            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app"
+                                                  + defined(spec["environment"], env_names, "environment"))
             continue
         if spec.get("user") == "root" and not opts.allow_root:
             out.add(doc, here + ("user",), "services may not run as root unless the agent's config allows it (--allow-root-services)")
@@ -131,7 +133,7 @@ def traffic(doc: Located, svcs: dict[str, Service], declared: frozenset[str], ou
     for svc in spec["weights"]:
         where = ("traffic", "weights", svc)
         if svc not in declared:
-            out.add(doc, where, f"weight for unknown service {svc!r}")
+            out.add(doc, where, f"weight for unknown service {svc!r}" + defined(svc, declared, "service"))
         elif svc in svcs and svcs[svc].port is None:
             out.add(doc, where, f"service {svc!r} has no port, so it cannot receive traffic")
     strategy = spec.get("strategy", "weighted")
@@ -143,7 +145,8 @@ def traffic(doc: Located, svcs: dict[str, Service], declared: frozenset[str], ou
         if not ab:
             out.add(doc, ("traffic",), "strategy ab needs ab: {variant: SERVICE, percent: N}")
         elif ab["variant"] not in weights:
-            out.add(doc, ("traffic", "ab", "variant"), f"variant {ab['variant']!r} is not one of the weighted services")
+            out.add(doc, ("traffic", "ab", "variant"), f"variant {ab['variant']!r} is not one of the weighted services"
+                                                       + defined(ab["variant"], weights, "weighted service"))
         elif not any(w > 0 for s, w in weights.items() if s != ab["variant"]):
             out.add(doc, ("traffic", "weights"), "strategy ab needs a weight > 0 on a service other than the variant")
     elif ab:
@@ -154,7 +157,8 @@ def traffic(doc: Located, svcs: dict[str, Service], declared: frozenset[str], ou
         if strategy != "canary":
             out.add(doc, ("traffic", "canary"), "canary: is only used with strategy: canary")
         elif canary["service"] not in weights:
-            out.add(doc, ("traffic", "canary", "service"), f"canary {canary['service']!r} is not one of the weighted services")
+            out.add(doc, ("traffic", "canary", "service"), f"canary {canary['service']!r} is not one of the weighted services"
+                                                           + defined(canary["service"], weights, "weighted service"))
         elif len(weights) < 2:
             out.add(doc, ("traffic", "weights"), "a canary needs at least one stable service beside it")
         elif canary["service"] in svcs and svcs[canary["service"]].health is None:

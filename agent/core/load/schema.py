@@ -6,6 +6,7 @@ import json
 from functools import lru_cache
 
 from agent.core.load._yaml import Located
+from agent.core.load.hints import did_you_mean
 from agent.core.load.problems import Collector
 
 __all__ = ["validator", "app_schema", "schema_errors", "schema_problems"]
@@ -38,13 +39,21 @@ def schema_problems(doc: Located, kind: str, out: Collector) -> bool:
         if err.validator == "additionalProperties" and isinstance(err.instance, dict):
             allowed = set(err.schema.get("properties", {}))
             for key in sorted(set(err.instance) - allowed):
-                out.add(doc, path + (key,), f"unknown field {key!r}")
+                out.add(doc, path + (key,), f"unknown field {key!r}" + did_you_mean(key, allowed))
             continue
         out.add(doc, path, _short(err))
     return not errors
 
 
 def _short(err) -> str:
+    path = tuple(err.absolute_path)
+    if err.validator == "pattern" and path[-2:] == ("command", 0) and isinstance(err.instance, str):
+        if "/" in err.instance or "\\" in err.instance:
+            return (f"{err.instance!r} is not allowed here: argv[0] is a console script name from the venv, not a "
+                    f"path (write {err.instance.replace(chr(92), '/').rsplit('/', 1)[-1]!r}; the agent runs "
+                    "<venv>/bin/<name>)")
+        return (f"{err.instance!r} is not allowed here: argv[0] is a console script name from the venv "
+                "(letters, digits and _ . + -; options go after it)")
     if err.validator == "pattern":
         return f"{err.instance!r} is not allowed here (must match {err.validator_value})"
     if err.validator in ("oneOf", "anyOf"):
