@@ -138,7 +138,9 @@ def objects_held(git_dir: Path) -> int:
 
 def test_plan_against_another_repo_leaves_the_root_alone_and_the_daemon_on_its_repo(served, tmp_path, caplog):
     r, other = served.repo("r"), served.repo("other")
+    r.commit("common.txt", "the same bytes in both repos: one blob, already in R's mirror\n")
     r.commit("fleet.yaml", "repo: r 1\n")
+    other.commit("common.txt", "the same bytes in both repos: one blob, already in R's mirror\n")
     o1 = other.commit("fleet.yaml", "repo: other 1\n")
     root = tmp_path / "root"
     daemon = GitSource(r.url, "main", root / "source")          # the long-lived source of `run` on root R
@@ -149,7 +151,7 @@ def test_plan_against_another_repo_leaves_the_root_alone_and_the_daemon_on_its_r
     with GitSource.aside(other.url, "main", root / "source") as plan:     # `plan --repo OTHER --root R`
         rev = plan.resolve()
         assert rev.sha == o1
-        assert tree(plan.checkout(rev)) == {"fleet.yaml": "repo: other 1\n"}
+        assert tree(plan.checkout(rev))["fleet.yaml"] == "repo: other 1\n"
         scratch = plan.cache_dir
         assert not scratch.resolve().is_relative_to(root.resolve())
     assert not scratch.exists()
@@ -159,7 +161,7 @@ def test_plan_against_another_repo_leaves_the_root_alone_and_the_daemon_on_its_r
     r2 = r.commit("fleet.yaml", "repo: r 2\n")
     rev = daemon.resolve()
     assert rev.sha == r2
-    assert tree(daemon.checkout(rev)) == {"fleet.yaml": "repo: r 2\n"}
+    assert tree(daemon.checkout(rev))["fleet.yaml"] == "repo: r 2\n"
     assert SECRET not in caplog.text
     daemon.close()
 
@@ -210,9 +212,10 @@ def test_an_aside_source_fetches_only_what_is_new(served, tmp_path):
 
     new = r.commit("f0.txt", "changed\n")
     before = snapshot(root)
-    with GitSource.aside(r.url, "main", root / "source") as plan:       # one commit: its commit, tree, blob
+    with GitSource.aside(r.url, "main", root / "source") as plan:
         assert plan.resolve().sha == new
-        assert 1 <= objects_held(plan.mirror) <= 3
+        # the new commit, tree and blob, plus the delta base a thin pack needs (of ~30 objects in R)
+        assert 3 <= objects_held(plan.mirror) <= 5
         assert is_ancestor(plan.cache_dir, first.sha, new)
         assert tree(plan.checkout(plan.resolve()))["f0.txt"] == "changed\n"
     assert snapshot(root) == before

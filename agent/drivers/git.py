@@ -378,6 +378,13 @@ class GitSource:
                 cfg.set_value(section, "prune", "true")
                 cfg.set_value(section, "tagOpt", "--no-tags")
                 cfg.set_value("core", "logAllRefUpdates", "false")
+                if self._borrow is not None:
+                    # Fetched objects are kept as a pack (index-pack) instead of unpacked as loose objects:
+                    # writing a loose object that the alternate store already holds "freshens" it, i.e.
+                    # touches the mtime of a file in the root's mirror. No auto gc in a throw-away repo.
+                    cfg.set_value("fetch", "unpackLimit", "1")
+                    cfg.set_value("transfer", "unpackLimit", "1")
+                    cfg.set_value("gc", "auto", "0")
             repo.close()
             (tmp / "info").mkdir(exist_ok=True)
             (tmp / "info" / "attributes").write_text(_ATTRIBUTES)
