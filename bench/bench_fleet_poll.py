@@ -17,12 +17,17 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+# isort: split
+from conftest import StateRepo, git
 
 
 class InetdServer:
@@ -64,24 +69,19 @@ class InetdServer:
         self.sock.close()
 
 
-def cpu_s(server: "InetdServer") -> float:
+def cpu_s(server: InetdServer) -> float:
     with server.lock:
         return server.cpu
 
 
 def make_repo(base: Path, refs: int) -> None:
-    repo = base / "state.git"
-    work = base / "work"
-    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    work = StateRepo(base / "work")
     for i in range(20):
-        (work / f"f{i}.yaml").write_text(f"value: {i}\n" * 50)
-    env = {**os.environ, "GIT_AUTHOR_NAME": "b", "GIT_AUTHOR_EMAIL": "b@x", "GIT_COMMITTER_NAME": "b",
-           "GIT_COMMITTER_EMAIL": "b@x"}
-    subprocess.run(["git", "-C", str(work), "add", "-A"], check=True)
-    subprocess.run(["git", "-C", str(work), "commit", "-qm", "state"], check=True, env=env)
+        work.write(f"f{i}.yaml", f"value: {i}\n" * 50)
+    work.commit("state")
     for i in range(refs):                      # other branches/tags a real state repo accumulates
-        subprocess.run(["git", "-C", str(work), "tag", f"release-{i}"], check=True)
-    subprocess.run(["git", "clone", "-q", "--bare", str(work), str(repo)], check=True)
+        git(work.path, "tag", f"release-{i}")
+    git(base, "clone", "-q", "--bare", str(work.path), str(base / "state.git"))
 
 
 def poll(url: str) -> float:
@@ -91,7 +91,7 @@ def poll(url: str) -> float:
     return time.perf_counter() - started
 
 
-def run(url: str, pid: "InetdServer", agents: int, rounds: int, interval: float, concurrency: int, spread: bool) -> dict:
+def run(url: str, pid: InetdServer, agents: int, rounds: int, interval: float, concurrency: int, spread: bool) -> dict:
     latencies: list[float] = []
     lock = threading.Lock()
     cpu0, wall0 = cpu_s(pid), time.perf_counter()

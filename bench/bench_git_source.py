@@ -8,33 +8,24 @@ Prints medians over RUNS (default 20) runs each, plus plain `git ls-remote` / `g
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+# isort: split
 from agent.drivers.git import GitSource
-
-ENV = {
-    **os.environ,
-    "GIT_AUTHOR_NAME": "bench",
-    "GIT_AUTHOR_EMAIL": "bench@example.com",
-    "GIT_COMMITTER_NAME": "bench",
-    "GIT_COMMITTER_EMAIL": "bench@example.com",
-}
+from conftest import StateRepo, git
 
 
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, env=ENV, check=True, capture_output=True)
-
-
-def commit(work: Path, n: int) -> None:
-    (work / "fleet.yaml").write_text(f"revision: {n}\n")
-    git(work, "commit", "-q", "-am", f"revision {n}")
-    git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+def commit(work: StateRepo, n: int) -> None:
+    work.write("fleet.yaml", f"revision: {n}\n")
+    work.commit(f"revision {n}")
+    git(work.path, "push", "-q", "origin", "HEAD:refs/heads/main")
 
 
 def timed(fn) -> float:
@@ -50,14 +41,11 @@ def median_ms(samples: list[float]) -> str:
 def main(runs: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        server, work = root / "server.git", root / "work"
+        server = root / "server.git"
         git(root, "init", "-q", "--bare", "-b", "main", str(server))
-        git(root, "clone", "-q", str(server), str(work))
-        git(work, "checkout", "-q", "-b", "main")
-        (work / "fleet.yaml").write_text("revision: 0\n")
-        git(work, "add", "fleet.yaml")
-        git(work, "commit", "-q", "-m", "revision 0")
-        git(work, "push", "-q", "origin", "HEAD:refs/heads/main")
+        work = StateRepo(root / "work")
+        git(work.path, "remote", "add", "origin", str(server))
+        commit(work, 0)
 
         src = GitSource(server.as_uri(), "main", root / "cache")
         src.resolve()  # create the mirror, import GitPython, first fetch: not what a poll costs
@@ -68,8 +56,8 @@ def main(runs: int) -> None:
             commit(work, n)
             moved.append(timed(src.resolve))
             rev = src.resolve()
-            checkout.append(timed(lambda: src.checkout(rev)))  # includes pruning to keep_checkouts
-        same = [timed(lambda: src.checkout(rev)) for _ in range(runs)]
+            checkout.append(timed(partial(src.checkout, rev)))  # includes pruning to keep_checkouts
+        same = [timed(partial(src.checkout, rev)) for _ in range(runs)]
         mirror = str(root / "cache" / "repo.git")
         ls_remote = [timed(lambda: git(root, "--git-dir", mirror, "ls-remote", "origin", "refs/heads/main"))
                      for _ in range(runs)]

@@ -27,31 +27,24 @@ import threading
 import time
 from pathlib import Path
 
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path.insert(0, str(TESTS))
+
+# isort: split
+from agent.core.render.lb import Backend, Frontend
+from agent.core.render.supervisor import render_program
 from agent.drivers.haproxy import HAProxyDriver
 from agent.drivers.nginx import NginxDriver
 from agent.drivers.supervisor import EmbeddedSupervisor, write_program_file
-from agent.core.render.lb import Backend, Frontend
-from agent.core.render.supervisor import render_program
+from conftest import free_port, stop_process
+from daemon_helpers import wait_until
 
-BACKEND = Path(__file__).resolve().parent.parent / "tests" / "lb_backend.py"   # answers its own name
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+BACKEND = TESTS / "lb_backend.py"   # answers its own name
 
 
 def wait_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
+    wait_until(lambda: socket.create_connection(("127.0.0.1", port), timeout=0.2).close() or True, timeout,
+               f"the backend on port {port}")
 
 
 class Load:
@@ -162,8 +155,7 @@ def run_driver(kind: str, binary: str, flips: int, threads: int, pause: float) -
                 sup.stop()
             finally:
                 for p in procs:
-                    p.terminate()
-                    p.wait(5)
+                    stop_process(p)
 
 
 def main() -> None:

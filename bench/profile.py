@@ -20,18 +20,24 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import BENCH, CLEANUP, agent_cmd, distinct_port  # noqa: E402  (first: puts tests/ on sys.path)
+# harness first: it puts the agent and tests/ (the shared helpers) on sys.path
+from harness import BENCH, CLEANUP, agent_cmd, distinct_port
 
 # isort: split
-from fixtures import DemoRepo, converge_in_process, example_repo, settings_for, write_app  # noqa: E402
+from fixtures import (
+    DemoRepo,
+    converge_in_process,
+    example_repo,
+    settings_for,
+    write_app,
+)
 
 OUT = BENCH / "profile-out"
 
 
 def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
-    from pyinstrument import Profiler
-
     from agent.service.reconciler import Reconciler
+    from pyinstrument import Profiler
 
     repo = DemoRepo(work / "repo")
     lock = repo.lock_text("1.0.0")
