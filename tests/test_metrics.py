@@ -11,7 +11,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from agent.service.executor import Outcome
 from agent.drivers.git import Revision
 from agent.core.facts import Facts, ProgramFact, VenvFact
-from agent.service.metrics import MetricsServer, Recorder, resource_of
+from agent.service.http import MetricsServer
+from agent.service.metrics import Recorder, resource_of
 from agent.core.plan import BuildVenv, CheckHealth, Plan, RemoveProgram, StartProgram, WriteProgram
 from agent.service.reconciler import Result
 

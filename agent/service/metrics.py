@@ -1,4 +1,4 @@
-"""Metrics (DESIGN.md §5) and the /metrics, /healthz, /readyz HTTP endpoints.
+"""Metrics (DESIGN.md §5); agent.service.http serves them on /metrics, /healthz and /readyz.
 
 A `Recorder` owns its collectors on its own `CollectorRegistry` (nothing is registered globally) and
 turns one reconcile `Result` into metric updates (`observe`). Label sets stay bounded: resources,
@@ -12,12 +12,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-__all__ = ["Recorder", "MetricsServer", "parse_listen", "resource_of", "RESULTS"]
+__all__ = ["Recorder", "resource_of", "RESULTS"]
 
 log = logging.getLogger("gitops_agent.metrics")
 
@@ -257,72 +256,3 @@ class Recorder:
             if self.last_result == "error":
                 return Readiness(False, f"the last reconcile failed: {self.last_error or 'error'}")
             return Readiness(True, f"last reconcile {self.last_result} {age:.1f}s ago")
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """"127.0.0.1:9400" / "[::1]:9400" / ":9400" (all interfaces) -> (host, port)."""
-    host, sep, port = listen.rpartition(":")
-    if not sep or not port.isdigit():
-        from agent.core.errors import ConfigError
-
-        raise ConfigError(f"listen must be HOST:PORT, not {listen!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: "_Server"
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics":
-            self._send(200, self.server.recorder.exposition(), CONTENT_TYPE_LATEST)
-        elif path == "/healthz":
-            self._send(200, b"ok\n")
-        elif path == "/readyz":
-            r = self.server.recorder.readiness(self.server.poll_interval_s)
-            self._send(200 if r.ready else 503, (r.reason + "\n").encode())
-        else:
-            self._send(404, b"not found: try /metrics, /healthz or /readyz\n")
-
-    def _send(self, code: int, body: bytes, ctype: str = "text/plain; charset=utf-8") -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", ctype)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, fmt: str, *args) -> None:
-        log.debug("%s %s", self.address_string(), fmt % args)
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    recorder: Recorder
-    poll_interval_s: float
-
-
-class MetricsServer:
-    """The HTTP endpoints in a background thread; `stop()` closes the socket."""
-
-    def __init__(self, recorder: Recorder, listen: str, poll_interval_s: float):
-        host, port = parse_listen(listen)
-        self._server = _Server((host, port), _Handler)
-        self._server.recorder = recorder
-        self._server.poll_interval_s = poll_interval_s
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.5},
-                                        name="metrics-http", daemon=True)
-
-    @property
-    def address(self) -> tuple[str, int]:
-        return self._server.server_address[:2]
-
-    def start(self) -> "MetricsServer":
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(timeout=5)
-

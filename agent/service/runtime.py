@@ -228,7 +228,8 @@ class Runtime:
 def run_daemon(settings) -> int:
     """`gitops-agent run`: the caller holds the root lock for our whole life."""
     from agent.core.layout import Layout
-    from agent.service.metrics import MetricsServer, Recorder
+    from agent.service.http import MetricsServer
+    from agent.service.metrics import Recorder
     from agent.service.reconciler import Reconciler
     from agent.service.store import load_status
     from agent.service.watch import Watcher, managed_paths
