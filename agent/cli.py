@@ -155,7 +155,11 @@ def cmd_plan(args) -> int:
     _setup_logs(settings)
     from agent.compose import reconciler
 
-    result = reconciler(settings, read_only=True).reconcile(apply=False)
+    rec = reconciler(settings, read_only=True)
+    try:
+        result = rec.reconcile(apply=False)
+    finally:
+        rec.close()
     if args.json:
         print(json.dumps(_result_json(result), indent=2))
     else:

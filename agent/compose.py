@@ -13,8 +13,15 @@ from agent.settings import Settings
 __all__ = ["world", "reconciler"]
 
 
-def world(settings: Settings):
-    """Build the drivers a reconcile uses. Cheap: nothing is started, fetched or read here."""
+def world(settings: Settings, read_only: bool = False):
+    """Build the drivers a reconcile uses. Cheap: nothing is started, fetched or read here.
+
+    `read_only` (plan): nothing may be written under the root (DESIGN §6), so the source fetches into a
+    scratch dir borrowing the root mirror's objects, signatures are checked with a scratch GNUPGHOME,
+    and the desired-state cache is only read. `World.close()` removes the scratch dir."""
+    import tempfile
+    from pathlib import Path
+
     from agent.drivers.git import GitSource
     from agent.drivers.lb import LoadBalancer
     from agent.drivers.supervisor_handle import SupervisorHandle
@@ -25,19 +32,25 @@ def world(settings: Settings):
     if not settings.repo:
         raise ConfigError("no state repo given: use --repo URL (or GITOPS_AGENT_REPO)")
     layout = Layout(settings.root)
+    scratch = Path(tempfile.mkdtemp(prefix="gitops-agent-plan-")) if read_only else None
+    if scratch is not None:
+        source = GitSource.aside(settings.repo, settings.ref, layout.source, scratch=scratch / "source")
+    else:
+        source = GitSource(settings.repo, settings.ref, layout.source)
     verifier = None
     if settings.verify_signatures:
         from agent.drivers.signatures import SignatureVerifier
 
-        verifier = SignatureVerifier(layout.root, settings.trusted_keys, settings.allowed_signers)
+        verifier = SignatureVerifier(scratch or layout.root, settings.trusted_keys, settings.allowed_signers)
     return World(
         layout=layout,
-        source=GitSource(settings.repo, settings.ref, layout.source),
+        source=source,
         supervisor=SupervisorHandle(settings.supervisor, layout),
         venvs=VenvManager(layout.root, retention=settings.retention),
         lb=LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
-        desired_cache=DesiredCache(layout.state / "desired"),
+        desired_cache=DesiredCache(layout.state / "desired", read_only=read_only),
         verifier=verifier,
+        scratch=scratch,
     )
 
 
@@ -45,4 +58,4 @@ def reconciler(settings: Settings, read_only: bool = False):
     """The reconciler `once`, `run` (read_only=False) and `plan` (read_only=True) use."""
     from agent.service.reconciler import Reconciler
 
-    return Reconciler(settings, world(settings), read_only=read_only)
+    return Reconciler(settings, world(settings, read_only), read_only=read_only)

@@ -147,3 +147,49 @@ def test_a_revision_that_would_empty_the_host_is_held_unless_decommissioned(stat
     assert once.returncode == 0, once.stdout + once.stderr
     assert served_version(port) is None
     assert not os.path.exists(agent_root / "supervisor" / "programs" / "demo-web.conf")
+
+
+def _snapshot(root) -> dict:
+    """Every path under the root with its type, mode, size, mtime and content digest."""
+    import hashlib
+
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            digest = ""
+            if os.path.isfile(path) and not os.path.islink(path) and not name.endswith(".sock"):
+                with open(path, "rb") as fh:
+                    digest = hashlib.sha256(fh.read()).hexdigest()
+            out[os.path.relpath(path, root)] = (st.st_mode, st.st_size, st.st_mtime_ns, digest)
+    return out
+
+
+def test_plan_status_and_facts_leave_the_root_byte_for_byte_unchanged(state_repo, agent_root, tmp_path):
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit()
+    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    assert run_agent("once", *common).returncode == 0
+    # a new commit the root has not fetched, and another repo: plan must fetch aside, never into the root
+    state_repo.lock("apps/demo/demo.lock", "1.1.0")
+    state_repo.commit("1.1.0")
+    other = type(state_repo)(tmp_path / "other")
+    other.app(services={"demo-web": {"port": port}}, version="2.0.0")
+    other.commit("other")
+    (agent_root / "state" / "desired").mkdir(exist_ok=True)
+    (agent_root / "state" / "desired" / "garbage.pickle").write_bytes(b"\x80\x04junk")
+    before = _snapshot(agent_root)
+
+    plan = run_agent("plan", "--json", *common)
+    assert plan.returncode == 2 and "build_venv" in plan.stdout, plan.stdout + plan.stderr
+    plan_other = run_agent("plan", *["--repo", other.url] + common[2:])
+    assert plan_other.returncode == 2, plan_other.stdout + plan_other.stderr
+    assert run_agent("status", "--json", "--root", str(agent_root)).returncode == 0
+    assert run_agent("facts", "--json", *common).returncode == 0
+    assert _snapshot(agent_root) == before
+
+    # the root still follows its own repo: the other repo's commit never reaches it
+    assert run_agent("once", *common).returncode == 0
+    assert served_version(port) == "1.1.0"

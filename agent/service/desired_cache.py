@@ -44,9 +44,10 @@ def _code_digest() -> str:
 
 
 class DesiredCache:
-    def __init__(self, directory: Path, keep: int = 4):
+    def __init__(self, directory: Path, keep: int = 4, read_only: bool = False):
         self.directory = Path(directory)
         self.keep = keep
+        self.read_only = read_only          # plan: read the cache, never write, prune or set aside
         self._memory: dict[str, DesiredState] = {}
 
     def key(self, sha: str, path: str, host: str, options: object) -> str:
@@ -72,18 +73,21 @@ class DesiredCache:
         self._memory = {key: hit}
         return hit
 
-    @staticmethod
-    def _set_aside(path: Path, why: str) -> None:
-        bad = path.with_suffix(".bad")
-        try:
-            os.replace(path, bad)
-        except OSError:
-            bad = path
-        log.warning("desired-state cache %s is unreadable (%s): set aside as %s, loading the revision again",
-                    path.name, why[:200], bad.name)
+    def _set_aside(self, path: Path, why: str) -> None:
+        bad = path
+        if not self.read_only:
+            try:
+                os.replace(path, path.with_suffix(".bad"))
+                bad = path.with_suffix(".bad")
+            except OSError:
+                pass
+        log.warning("desired-state cache %s is unreadable (%s)%s; loading the revision again", path.name, why[:200],
+                    f": set aside as {bad.name}" if bad != path else "")
 
     def put(self, key: str, desired: DesiredState) -> None:
         self._memory = {key: desired}
+        if self.read_only:
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)

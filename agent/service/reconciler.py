@@ -104,7 +104,15 @@ class World:
     lb: LoadBalancer
     desired_cache: DesiredCache
     verifier: object | None = None      # agent.drivers.signatures.SignatureVerifier with --verify-signatures
+    scratch: Path | None = None         # read-only worlds: the temp dir that stands in for the root's writes
     clock: Callable[[], float] = time.time
+
+    def close(self) -> None:
+        self.source.close()
+        if self.scratch is not None:
+            import shutil
+
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 class Reconciler:
@@ -134,6 +142,9 @@ class Reconciler:
         self.stager = None                       # staged waves, created for the first app that has them
         self.last_desired: DesiredState | None = None
 
+    def close(self) -> None:
+        self.world.close()
+
     @property
     def drivers(self) -> "Drivers":
         if self._drivers is None:
@@ -162,8 +173,7 @@ class Reconciler:
             opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services,
                                allow_chaos=self.settings.allow_chaos, boundary=checkout)
             desired = load_desired(self._state_dir(checkout), self.settings.host, opts)
-            if not self.read_only:
-                self.desired_cache.put(key, desired)
+            self.desired_cache.put(key, desired)
         return self._staged(rev, desired)
 
     def _staged(self, rev: Revision, desired: DesiredState) -> DesiredState:
@@ -177,7 +187,8 @@ class Reconciler:
                 opts = LoadOptions(default_installer=self.settings.installer,
                                    allow_root=self.settings.allow_root_services, allow_chaos=self.settings.allow_chaos)
                 self.stager = Stager(self.source, self.settings.path, self.settings.host, opts,
-                                     self.layout.state / "waves.json", lambda r: self._state_dir(self.source.checkout(r)))
+                                     self.layout.state / "waves.json", lambda r: self._state_dir(self.source.checkout(r)),
+                                     read_only=self.read_only)
             desired = self.stager.stage(rev, desired)
         self.last_desired = desired
         return desired
