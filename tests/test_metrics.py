@@ -8,7 +8,7 @@ import urllib.request
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agent.service.executor import Outcome
+from agent.core.outcome import Outcome, ReconcileResult, Verdict
 from agent.drivers.git import Revision
 from agent.core.facts import Facts, ProgramFact, VenvFact
 from agent.service.http import MetricsServer
@@ -58,11 +58,11 @@ def write_web(reason: str = "program file differs from the desired config") -> W
 
 
 def ok(*actions) -> tuple[Outcome, ...]:
-    return tuple(Outcome(a, "ok", "done") for a in actions)
+    return tuple(Outcome(a, Verdict.APPLIED, "done") for a in actions)
 
 
 def converged(sha=SHA1, **kw) -> Result:
-    return Result("converged", rev(sha), Plan(()), facts=kw.pop("facts", facts()), **kw)
+    return Result(ReconcileResult.CONVERGED, rev(sha), Plan(()), facts=kw.pop("facts", facts()), **kw)
 
 
 def test_resource_of():
@@ -123,19 +123,19 @@ def test_warn_mode_drift_begins_stays_then_is_corrected_and_cleared():
     edit = write_web()
     clock.t += 10
     began = clock.t
-    rec.observe(Result("drift", rev(), Plan((edit,)), facts=facts(), drift=(edit,)))
+    rec.observe(Result(ReconcileResult.DRIFT, rev(), Plan((edit,)), facts=facts(), drift=(edit,)))
     assert value(rec, "gitops_agent_drift", kind="program", name="web") == 1
     assert value(rec, "gitops_agent_drift_since_timestamp_seconds", kind="program", name="web") == began
     assert value(rec, "gitops_agent_drifted_resources") == 1
     assert value(rec, "gitops_agent_drift_corrected_total", kind="program") is None
 
     clock.t += 10   # still drifted: the start time is remembered, not reset
-    rec.observe(Result("drift", rev(), Plan((edit,)), facts=facts(), drift=(edit,)))
+    rec.observe(Result(ReconcileResult.DRIFT, rev(), Plan((edit,)), facts=facts(), drift=(edit,)))
     assert value(rec, "gitops_agent_drift_since_timestamp_seconds", kind="program", name="web") == began
 
     # switched to enforce: healed by an apply -> counted once, gauges back to 0, since cleared
     clock.t += 10
-    rec.observe(Result("applied", rev(), Plan((edit,)), outcomes=ok(edit), facts=facts()))
+    rec.observe(Result(ReconcileResult.APPLIED, rev(), Plan((edit,)), outcomes=ok(edit), facts=facts()))
     assert value(rec, "gitops_agent_drift", kind="program", name="web") == 0
     assert value(rec, "gitops_agent_drifted_resources") == 0
     assert value(rec, "gitops_agent_drift_corrected_total", kind="program") == 1
@@ -148,7 +148,7 @@ def test_enforce_heals_within_one_reconcile_counts_a_resource_once_not_per_actio
     rec.observe(converged())
     acts = (StartProgram("program:web", "program is STOPPED", name="web"),
             CheckHealth("program:web", "gate", name="web"))
-    rec.observe(Result("applied", rev(), Plan(acts), outcomes=ok(*acts), facts=facts({"web": "STOPPED"})))
+    rec.observe(Result(ReconcileResult.APPLIED, rev(), Plan(acts), outcomes=ok(*acts), facts=facts({"web": "STOPPED"})))
     assert value(rec, "gitops_agent_drift_corrected_total", kind="program") == 1
     assert value(rec, "gitops_agent_drift", kind="program", name="web") == 0
     # facts were read before the start; the apply's success wins
@@ -161,7 +161,7 @@ def test_a_new_commits_changes_are_not_drift_and_commit_to_converged_is_observed
     rec.observe(converged())
     build = BuildVenv("venv:demo", "demo.lock changed")
     write = write_web("new config")
-    new = Result("applied", rev(SHA2, committed_at=999_970.0), Plan((build, write)), outcomes=ok(build, write),
+    new = Result(ReconcileResult.APPLIED, rev(SHA2, committed_at=999_970.0), Plan((build, write)), outcomes=ok(build, write),
                  facts=facts(), new_commit=True)
     rec.observe(new)
     assert value(rec, "gitops_agent_drift_corrected_total", kind="venv") is None
@@ -179,10 +179,10 @@ def test_invalid_revision_flag_and_fetch_errors():
     rec = Recorder(clock=Clock())
     rec.restore(SHA1)
     assert value(rec, "gitops_agent_applied_revision_info", revision=SHA1) == 1
-    rec.observe(Result("invalid", rev(SHA2), Plan(()), facts=facts(), error="bad", desired_from=SHA1))
+    rec.observe(Result(ReconcileResult.INVALID, rev(SHA2), Plan(()), facts=facts(), error="bad", desired_from=SHA1))
     assert value(rec, "gitops_agent_revision_invalid") == 1
     assert value(rec, "gitops_agent_applied_revision_info", revision=SHA1) == 1     # the last good one stays
-    rec.observe(Result("error", error="source: cannot reach"))
+    rec.observe(Result(ReconcileResult.ERROR, error="source: cannot reach", source_failed=True))
     assert value(rec, "gitops_agent_source_fetch_errors_total") == 1
     assert value(rec, "gitops_agent_revision_invalid") == 1                         # unknown: unchanged
     rec.observe(converged(SHA1))
@@ -195,9 +195,9 @@ def test_failed_action_keeps_drift_counts_rollback_and_service_down():
     rec = Recorder(clock=Clock())
     rec.observe(converged())
     write, start = write_web(), StartProgram("program:web", "program is STOPPED", name="web")
-    outcomes = (Outcome(write, "ok", "written"),
-                Outcome(start, "failed", "SupervisorError: spawn error (rolled back web: its previous config)"))
-    rec.observe(Result("failed", rev(), Plan((write, start)), outcomes=outcomes, facts=facts(), error="x"))
+    outcomes = (Outcome(write, Verdict.APPLIED, "written"),
+                Outcome(start, Verdict.ROLLED_BACK, "SupervisorError: spawn error (rolled back web: its previous config)"))
+    rec.observe(Result(ReconcileResult.FAILED, rev(), Plan((write, start)), outcomes=outcomes, facts=facts(), error="x"))
     assert value(rec, "gitops_agent_drift", kind="program", name="web") == 1
     assert value(rec, "gitops_agent_drift_corrected_total", kind="program") is None
     assert value(rec, "gitops_agent_rollbacks_total", service="web") == 1
@@ -211,7 +211,7 @@ def test_removed_resources_lose_their_series():
     rec.observe(converged(facts=two))
     assert value(rec, "gitops_agent_service_up", service="old") == 1
     rm = RemoveProgram("program:old", "not desired any more", name="old")
-    rec.observe(Result("applied", rev(), Plan((rm,)), outcomes=ok(rm), facts=two))
+    rec.observe(Result(ReconcileResult.APPLIED, rev(), Plan((rm,)), outcomes=ok(rm), facts=two))
     assert value(rec, "gitops_agent_drift", kind="program", name="old") is None
     assert value(rec, "gitops_agent_service_up", service="old") is None
     rec.observe(converged(facts=facts()))           # the next facts no longer list the legacy venv either
@@ -225,8 +225,8 @@ def test_label_sets_stay_bounded_over_many_revisions_and_drifts():
     for i in range(200):
         sha = f"{i:040x}"
         edit = write_web()
-        rec.observe(Result("drift", rev(sha), Plan((edit,)), facts=facts(), drift=(edit,)))
-        rec.observe(Result("applied", rev(sha), Plan((edit,)), outcomes=ok(edit), facts=facts(), new_commit=True))
+        rec.observe(Result(ReconcileResult.DRIFT, rev(sha), Plan((edit,)), facts=facts(), drift=(edit,)))
+        rec.observe(Result(ReconcileResult.APPLIED, rev(sha), Plan((edit,)), outcomes=ok(edit), facts=facts(), new_commit=True))
     s = samples(rec)
     assert len(names_of(rec, "gitops_agent_applied_revision_info")) == 1
     shas = [k for k in s if any(len(v) == 40 for _, v in k[1])]
@@ -245,10 +245,10 @@ def test_readiness():
     clock.t += 2.0
     r = rec.readiness(15)
     assert not r.ready and "stale" in r.reason
-    rec.observe(Result("error", error="source: unreachable"))
+    rec.observe(Result(ReconcileResult.ERROR, error="source: unreachable", source_failed=True))
     r = rec.readiness(15)
     assert not r.ready and "unreachable" in r.reason
-    rec.observe(Result("invalid", rev(), Plan(()), facts=facts(), error="bad"))
+    rec.observe(Result(ReconcileResult.INVALID, rev(), Plan(()), facts=facts(), error="bad"))
     assert rec.readiness(15).ready        # an invalid revision is reported, the agent keeps its last good one
 
 
@@ -284,10 +284,10 @@ def test_traffic_weights_follow_the_load_balancer():
     rec = Recorder(clock=Clock())
     seen = facts()
     seen = Facts(seen.supervisor, seen.venvs, seen.programs, traffic={"running": True, "weights": {"web": {"blue": 90, "green": 10}}})
-    rec.observe(Result("converged", rev(), Plan(()), facts=seen))
+    rec.observe(Result(ReconcileResult.CONVERGED, rev(), Plan(()), facts=seen))
     assert value(rec, "gitops_agent_traffic_weight", frontend="web", backend="green") == 10
     fe = Frontend("web", "127.0.0.1:8100", (Backend("blue", "127.0.0.1:1", 0), Backend("green", "127.0.0.1:2", 100)))
     action = ConfigureTraffic("traffic:lb", "weights differ", frontends=(fe,))
-    rec.observe(Result("applied", rev(), Plan((action,)), outcomes=ok(action), facts=seen))
+    rec.observe(Result(ReconcileResult.APPLIED, rev(), Plan((action,)), outcomes=ok(action), facts=seen))
     assert value(rec, "gitops_agent_traffic_weight", frontend="web", backend="green") == 100
     assert value(rec, "gitops_agent_traffic_weight", frontend="web", backend="blue") == 0

@@ -67,6 +67,35 @@ def test_failures_back_off_exponentially_and_reset_on_success():
     assert s.failures == 0 and s.due_in(t + 1.0) == pytest.approx(15.0)   # ends at t+1, then the poll
 
 
+def test_a_permanent_failure_waits_for_the_poll_and_a_temporary_one_backs_off():
+    """The error's type decides the retry: an invalid revision cannot pass before a new commit."""
+    s = schedule(poll_s=15.0, backoff=Backoff((1, 2, 4), jitter=0.0), jitter=0.0)
+    s.start(0.0)
+    s.finish(0.0, ok=False, applied=False, backoff=False)        # Permanent (Result.retry is POLL)
+    assert s.due_in(0.0) == pytest.approx(15.0) and s.failures == 0
+    s.start(15.0)
+    s.finish(15.0, ok=False, applied=False, backoff=True)        # Temporary
+    assert s.due_in(15.0) == pytest.approx(1.0) and s.failures == 1
+
+
+def test_the_runtime_reads_the_retry_from_the_result():
+    from agent.core.outcome import ReconcileResult, Retry
+
+    results = iter([SimpleNamespace(result=ReconcileResult.INVALID, retry=Retry.POLL, outcomes=(), error="bad"),
+                    SimpleNamespace(result=ReconcileResult.ERROR, retry=Retry.BACKOFF, outcomes=(), error="net")])
+    seen = []
+
+    def reconcile():
+        r = next(results)
+        seen.append(r)
+        return r
+
+    rt = Runtime(reconcile, Schedule(60.0, now=time.monotonic(), backoff=Backoff((0.01,), jitter=0.0)))
+    assert rt._run_once("poll")[3] is False
+    assert rt._run_once("poll")[3] is True
+    assert len(seen) == 2
+
+
 # -- coalescing ---------------------------------------------------------------------------------
 
 def test_triggers_during_a_run_coalesce_into_one_follow_up():

@@ -14,16 +14,15 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from agent.core.outcome import ReconcileResult, ResourceState, Verdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 __all__ = ["Recorder", "resource_of", "RESULTS"]
 
 log = logging.getLogger("gitops_agent.metrics")
 
-RESULTS = ("converged", "applied", "failed", "drift", "invalid", "error")
-SUCCESS = ("converged", "applied", "drift")          # the reconcile did its job (drift: warn mode reported it)
+RESULTS = tuple(r.value for r in ReconcileResult)
 _UP_ACTIONS = ("start_program", "restart_program", "update_program", "check_health")
-_REMOVE_ACTIONS = ("remove_program", "remove_environment")
 
 DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 C2C_BUCKETS = (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 1800, 3600, 4 * 3600, 86400)
@@ -141,17 +140,17 @@ class Recorder:
         now = self.clock()
         self.reconcile.labels(result.result).inc()
         self.duration.observe(result.seconds)
-        if result.result == "error" and (result.error or "").startswith("source:"):
+        if result.source_failed:
             self.fetch_errors.inc()
-        if result.result == "invalid":
+        if result.result is ReconcileResult.INVALID:
             self.revision_invalid.set(1)
-        elif result.revision is not None and result.result != "error":
+        elif result.revision is not None and result.result is not ReconcileResult.ERROR:
             self.revision_invalid.set(0)
         for o in result.outcomes:
             self.actions.labels(o.action.kind, o.result).inc()
-            if o.result == "failed" and "(rolled back " in o.message:
+            if o.verdict is Verdict.ROLLED_BACK:
                 self.rollbacks.labels(resource_of(o.action.key)[1]).inc()
-        if result.result in ("converged", "applied") and result.revision is not None:
+        if result.result in (ReconcileResult.CONVERGED, ReconcileResult.APPLIED) and result.revision is not None:
             sha = result.revision.sha
             if result.new_commit and sha != self._applied and result.revision.committed_at:
                 self.commit_to_converged.observe(max(0.0, now - result.revision.committed_at))
@@ -161,7 +160,7 @@ class Recorder:
         if result.facts is not None:
             self._observe_services(result)
             self._observe_traffic(result)
-        if result.result in SUCCESS:
+        if result.result.success:
             self.last_success.set(now)
         self._finish(result.result, result.error, result.seconds)
 
@@ -173,7 +172,7 @@ class Recorder:
             for be, w in backends.items():
                 weights[(fe, be)] = float(w)
         for o in result.outcomes:
-            if o.result == "ok" and o.action.kind == "configure_traffic":
+            if o.ok and o.action.kind == "configure_traffic":
                 weights = {(fe.name, be.name): float(be.weight) for fe in o.action.frontends for be in fe.backends}
         self.set_traffic(weights)
 
@@ -191,20 +190,16 @@ class Recorder:
         self._applied = sha
 
     def _observe_resources(self, result, now: float) -> None:
-        ok = {o.action.key for o in result.outcomes if o.result == "ok"}
-        not_ok = {o.action.key for o in result.outcomes if o.result != "ok"}
-        removed = {o.action.key for o in result.outcomes if o.result == "ok" and o.action.kind in _REMOVE_ACTIONS}
-        drifted = {a.key for a in result.drift} | not_ok
+        """Drift series from the reconcile's resource states (agent.core.outcome.resource_states: the same
+        computation status.json holds), plus the drift this apply corrected."""
+        known = set(result.resources)
+        drifted = {k for k, r in result.resources.items() if ResourceState(r["state"]).drifted}
+        ok = {o.action.key for o in result.outcomes if o.ok}
         # drift healed by this apply: what an earlier reconcile saw drifted, plus (unless the plan is a
         # new commit's intended change) what this plan found drifted, now applied without failure
         planned = set() if result.new_commit else {a.key for a in result.plan.actions}
         for key in sorted(((set(self._drift_began) | planned) & ok) - drifted):
             self.drift_corrected.labels(resource_of(key)[0]).inc()
-        known = set(drifted) | ok
-        facts = result.facts
-        if facts is not None:
-            known |= {f"program:{n}" for n in facts.programs} | {f"venv:{n}" for n in facts.venvs}
-        known -= removed - drifted
         for key in sorted(self._resources - known):
             self.drift.remove(*resource_of(key))
         for key in sorted(known):
@@ -223,14 +218,14 @@ class Recorder:
         up = {name: p.state == "RUNNING" for name, p in result.facts.programs.items()}
         for o in result.outcomes:
             kind, name = resource_of(o.action.key)
-            if kind == "program" and o.result == "ok":
+            if kind == "program" and o.ok:
                 if o.action.kind in _UP_ACTIONS:
                     up[name] = True
                 elif o.action.kind == "remove_program":
                     up.pop(name, None)
         for o in result.outcomes:    # a failure on a program wins over its earlier successes
             kind, name = resource_of(o.action.key)
-            if kind == "program" and o.result == "failed" and o.action.kind in _UP_ACTIONS:
+            if kind == "program" and o.failed and o.action.kind in _UP_ACTIONS:
                 up[name] = False
         for name in sorted(self._services - set(up)):
             self.service_up.remove(name)

@@ -8,8 +8,10 @@ Rules:
 - single flight: one reconcile at a time; triggers arriving during a run coalesce into ONE follow-up;
 - a run's own writes echo back as file events (seen before the run ended): they earn one follow-up run,
   but a follow-up that itself applied something earns none (no endless apply -> event -> apply loop);
-- failures (error / failed / invalid, or an exception) back off along `Backoff.delays` with jitter; any
-  success resets; while backing off a host event waits at least `failure_trigger_floor_s` after the last
+- the failure's type decides the retry (`Result.retry`): a Temporary one (a fetch, a busy supervisord,
+  an exception) backs off along `Backoff.delays` with jitter; a Permanent one (an invalid revision, a
+  refused commit) waits for the next poll or trigger, since retrying cannot help before the input
+  changes; any success resets; while backing off a host event waits at least `failure_trigger_floor_s` after the last
   run, a new commit in a local repo runs at once (it may be the fix);
 - SIGTERM/SIGINT: stop taking triggers, let the current reconcile finish, stop; the services keep running.
 """
@@ -24,11 +26,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+from agent.core.outcome import ReconcileResult, Retry
+
 __all__ = ["Backoff", "jittered", "Schedule", "Runtime", "run_daemon", "SUCCESS"]
 
 log = logging.getLogger("gitops_agent.runtime")
 
-SUCCESS = ("converged", "applied", "drift")     # drift: warn mode reported it; the reconcile did its job
+SUCCESS = tuple(r for r in ReconcileResult if r.success)   # drift: warn mode reported it; the reconcile did its job
 
 
 def jittered(base: float, fraction: float, rng: random.Random) -> float:
@@ -124,12 +128,14 @@ class Schedule:
         self.last_start = now
         return reason
 
-    def finish(self, now: float, ok: bool, applied: bool) -> float:
-        """The run ended; returns the delay until the next timed run."""
+    def finish(self, now: float, ok: bool, applied: bool, backoff: bool | None = None) -> float:
+        """The run ended; returns the delay until the next timed run. `backoff` (default: not ok) says
+        whether the failure may pass on its own (Temporary: retry soon) or needs a new input (poll)."""
         self.running = False
         self.last_end, self.last_applied, self.last_followup = now, applied, self.current_followup
-        self.failures = 0 if ok else self.failures + 1
-        delay = jittered(self.poll_s, self.jitter, self.rng) if ok else self.backoff.delay(self.failures, self.rng)
+        backoff = (not ok) if backoff is None else backoff
+        self.failures = self.failures + 1 if backoff else 0
+        delay = self.backoff.delay(self.failures, self.rng) if backoff else jittered(self.poll_s, self.jitter, self.rng)
         self.next_at = now + delay
         if self.during:
             if self.current_followup and applied:
@@ -189,10 +195,10 @@ class Runtime:
                     return
                 reason = self.schedule.start(self._clock())
                 self.running = True
-            result, ok, applied = self._run_once(reason)
+            result, ok, applied, backoff = self._run_once(reason)
             with self._cond:
                 self.running = False
-                delay = self.schedule.finish(self._clock(), ok, applied)
+                delay = self.schedule.finish(self._clock(), ok, applied, backoff)
                 self.runs += 1
             if not ok:
                 log.warning("next attempt in %.1fs (failure %d in a row)", delay, self.schedule.failures)
@@ -202,7 +208,8 @@ class Runtime:
                 except Exception:  # noqa: BLE001
                     log.exception("after-run hook failed")
 
-    def _run_once(self, reason: str) -> tuple[object, bool, bool]:
+    def _run_once(self, reason: str) -> tuple[object, bool, bool, bool]:
+        """(result, ok, applied something, back off: the failure may pass on its own)."""
         started = time.monotonic()
         try:
             result = self._reconcile()
@@ -210,7 +217,7 @@ class Runtime:
             log.exception("reconcile raised (trigger: %s)", reason)
             if self.recorder is not None:
                 self.recorder.observe_exception(time.monotonic() - started, f"{type(exc).__name__}: {exc}")
-            return None, False, True
+            return None, False, True, True
         outcome = getattr(result, "result", "error")
         rev = getattr(result, "revision", None)
         log.log(logging.INFO if outcome in SUCCESS else logging.ERROR,
@@ -222,7 +229,9 @@ class Runtime:
                 self.recorder.observe(result)
             except Exception:  # noqa: BLE001 (metrics must never stop reconciling)
                 log.exception("recording metrics failed")
-        return result, outcome in SUCCESS, bool(getattr(result, "outcomes", ()))
+        ok = outcome in SUCCESS
+        backoff = not ok and getattr(result, "retry", Retry.BACKOFF) is Retry.BACKOFF
+        return result, ok, bool(getattr(result, "outcomes", ())), backoff
 
 
 def run_daemon(settings) -> int:
@@ -230,7 +239,7 @@ def run_daemon(settings) -> int:
     from agent.core.layout import Layout
     from agent.service.http import MetricsServer
     from agent.service.metrics import Recorder
-    from agent.service.reconciler import Reconciler
+    from agent.compose import reconciler as build_reconciler
     from agent.service.store import load_status
     from agent.service.watch import Watcher, managed_paths
 
@@ -239,9 +248,9 @@ def run_daemon(settings) -> int:
     if settings.poll_interval_s <= 0:
         raise ConfigError(f"poll interval must be positive, not {settings.poll_interval_s:g}")
     layout = Layout(settings.root)
-    reconciler = Reconciler(settings)
+    reconciler = build_reconciler(settings)
     recorder = Recorder()
-    applied = load_status(layout.status_file).applied
+    applied = load_status(layout.status_file, set_aside=True).applied
     recorder.restore(applied.sha if applied else None)
     try:
         server = MetricsServer(recorder, settings.listen, settings.poll_interval_s)
