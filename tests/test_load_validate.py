@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from agent.core.errors import InvalidState
 from agent.core.load import load_desired, validate_tree
 from test_load import APP, tree
 
@@ -145,3 +146,94 @@ def test_yaml_syntax_error_names_where_the_bracket_opened(tmp_path):
     p = problems[0]
     assert p.file == "apps/demo/app.yaml" and p.line == 12, p       # where the parser gave up
     assert "flow sequence that opened at line 11, column 14 (is it closed?)" in p.message, p
+
+
+# -- item 5 (issue 12.3): listen addresses compared as what they bind --------------------------------------
+
+OTHER2 = OTHER.replace("8101", "8102")
+
+
+def with_traffic(app: str, service: str, listen: str) -> str:
+    return app + f"traffic: {{listen: '{listen}', weights: {{{service}: 1}}}}\n"
+
+
+@pytest.mark.parametrize("demo_listen, other_listen, clash", [
+    ("localhost:18300", "127.0.0.1:18300", "127.0.0.1:18300"),
+    ("127.0.0.1:18300", "localhost:18300", "127.0.0.1:18300"),
+    ("0.0.0.0:18300", "127.0.0.1:18300", "127.0.0.1:18300"),
+    ("[::1]:18300", "localhost:18300", "[::1]:18300"),
+    ("0.0.0.0:18300", "[::1]:18300", "[::1]:18300"),
+    ("[::1]:18300", "127.0.0.1:18300", None),
+    ("localhost:18300", "localhost:18301", None),
+])
+def test_frontends_that_bind_the_same_address_clash(tmp_path, demo_listen, other_listen, clash):
+    root = two_apps(tmp_path, with_traffic(APP, "demo-web", demo_listen), with_traffic(OTHER2, "other-web", other_listen))
+    problems = [p for p in validate_tree(root) if "listen" in p.field]
+    if clash is None:
+        assert problems == []
+        return
+    assert len(problems) == 1, problems
+    p = problems[0]
+    assert (p.file, p.line, p.field) == ("apps/other/app.yaml", 13, "traffic.listen"), p
+    assert (f"listen address {other_listen!r} overlaps listen address {demo_listen!r} of apps/demo/app.yaml:13 "
+            f"(both take {clash}) (both run on host h1)") == p.message, p
+    with pytest.raises(InvalidState, match="apps/demo/app.yaml:13"):
+        load_desired(root, "h1")
+
+
+@pytest.mark.parametrize("listen", ["127.0.0.1:8101", "localhost:8101", "0.0.0.0:8101"])
+def test_a_frontend_may_not_take_a_service_port_of_another_app(tmp_path, listen):
+    root = two_apps(tmp_path, APP, with_traffic(OTHER2, "other-web", listen))
+    problems = [p for p in validate_tree(root)]
+    assert len(problems) == 1, problems
+    p = problems[0]
+    assert (p.file, p.line, p.field) == ("apps/other/app.yaml", 13, "traffic.listen"), p
+    assert (f"listen address {listen!r} takes 127.0.0.1:8101, where service 'demo-web' of apps/demo/app.yaml:10 "
+            "listens") in p.message, p
+
+
+def test_a_service_port_may_not_be_taken_by_an_earlier_apps_frontend(tmp_path):
+    # the other order: the frontend's app is read first, the service comes later
+    root = two_apps(tmp_path, with_traffic(APP, "demo-web", "0.0.0.0:8102"), OTHER2)
+    text = messages(root)
+    assert ("apps/other/app.yaml:10: services.other-web.port: port 8102 (127.0.0.1:8102) is also taken by listen "
+            "address '0.0.0.0:8102' of apps/demo/app.yaml:13 (both run on host h1)") in text, text
+
+
+def test_a_frontend_may_not_take_its_own_apps_service_port(tmp_path):
+    app = with_traffic(APP, "demo-web", "localhost:8101")
+    problems = validate_tree(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert [(p.line, p.field) for p in problems] == [(13, "traffic.listen")], problems
+    assert "takes 127.0.0.1:8101, where service 'demo-web' of apps/demo/app.yaml:10 listens" in problems[0].message
+    assert "::1" not in problems[0].message          # only the address both take
+
+
+def test_only_apps_on_the_same_host_clash(tmp_path):
+    other = with_traffic(OTHER2.replace("groups: [web]", "groups: [db]"), "other-web", "0.0.0.0:8101")
+    root = two_apps(tmp_path, APP, other)
+    assert validate_tree(root) == []                    # demo runs on h1 (web), other on h2 (db)
+    both = other.replace("groups: [db]", "groups: [db, web]")
+    text = messages(two_apps(tmp_path / "b", APP, both))
+    assert "(both run on host h1)" in text and "h2" not in text, text
+
+
+@pytest.mark.parametrize("listen", ["*:9000", ":9000", "[::]:9000", "0.0.0.0:9000"])
+def test_wildcards_take_every_address(listen):
+    from agent.core.load.conflicts import bind_of_listen, bind_of_service
+
+    wild = bind_of_listen(listen)
+    for other in ("127.0.0.1:9000", "[::1]:9000", "localhost:9000", "10.1.2.3:9000", "*:9000"):
+        assert wild.overlap(bind_of_listen(other)), other
+    assert wild.overlap(bind_of_service(9000)) and not wild.overlap(bind_of_service(9001))
+    assert not bind_of_listen("10.1.2.3:9000").overlap(bind_of_service(9000))
+
+
+def test_staging_uses_the_same_check_for_kept_back_apps():
+    from agent.core.model import App, Service, Traffic
+    from agent.service.staging import _check_mixed
+
+    web = App("a", None, (), (Service("a", "a-web", "e", ("x",), port=8001),))
+    front = App("b", None, (), (), Traffic("localhost:8001", "weighted", (("b-web", 1),)))
+    with pytest.raises(InvalidState, match="takes 127.0.0.1:8001, where service 'a-web' of apps/a/app.yaml"):
+        _check_mixed([web, front])
+    _check_mixed([web, App("b", None, (), (), Traffic("[::1]:8001", "weighted", (("b-web", 1),)))])

@@ -10,6 +10,7 @@ import hashlib
 import re
 
 from agent.core.load._yaml import Located
+from agent.core.load.conflicts import bind_of_listen, own_conflicts
 from agent.core.load.hints import defined
 from agent.core.load.options import LoadOptions
 from agent.core.load.problems import Collector
@@ -39,9 +40,11 @@ def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptio
             if svc.port in ports:
                 out.add(doc, ("services", svc.name, "port"), f"port {svc.port} is also used by service {ports[svc.port]!r}")
             ports[svc.port] = svc.name
-    return App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(svcs),
-               traffic(doc, {s.name: s for s in svcs if not salvaged or s.name not in salvaged.damaged_services},
-                       svc_names, out), rollout=rollout(doc, out), chaos=chaos(doc))
+    app = App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(svcs),
+              traffic(doc, {s.name: s for s in svcs if not salvaged or s.name not in salvaged.damaged_services},
+                      svc_names, out), rollout=rollout(doc, out), chaos=chaos(doc))
+    out.extend(own_conflicts(app, lambda path: (doc.file, doc.line(path))))
+    return app
 
 
 def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector) -> list[Environment]:
@@ -136,6 +139,9 @@ def traffic(doc: Located, svcs: dict[str, Service], declared: frozenset[str], ou
             out.add(doc, where, f"weight for unknown service {svc!r}" + defined(svc, declared, "service"))
         elif svc in svcs and svcs[svc].port is None:
             out.add(doc, where, f"service {svc!r} has no port, so it cannot receive traffic")
+    bind = bind_of_listen(spec["listen"])
+    if bind is None or not 1 <= bind.port <= 65535:
+        out.add(doc, ("traffic", "listen"), f"{spec['listen']!r}: the port must be 1..65535")
     strategy = spec.get("strategy", "weighted")
     weights = spec["weights"]
     if strategy == "blue-green" and sum(1 for w in weights.values() if w > 0) != 1:
