@@ -229,6 +229,9 @@ def test_an_aside_source_on_a_fresh_root_creates_nothing_there(served, tmp_path)
     given.mkdir()
     with GitSource.aside(r.url, "main", root / "source", scratch=given) as plan:
         assert plan.resolve().sha == sha
-        assert tree(plan.checkout(plan.resolve())) == {"fleet.yaml": "x\n"}
+        out = plan.checkout(plan.resolve())
+        assert tree(out) == {"fleet.yaml": "x\n"}
+        assert stat.S_IMODE(out.stat().st_mode) & 0o222 == 0    # read-only: a non-root rmtree could not empty it
     assert not root.exists()
-    assert given.is_dir()                                       # a scratch dir the caller gave is the caller's
+    assert given.is_dir() and list(given.iterdir()) == []      # emptied (read-only checkouts too), kept: the caller's
+

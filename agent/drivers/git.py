@@ -136,7 +136,8 @@ class GitSource:
         self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
         self._url_checked = False  # the first URL check of this process may see a legitimate --repo change
         self._borrow: Path | None = None  # aside only: the root's mirror, read for objects, refs and stamps
-        self._scratch: Path | None = None  # aside only: the temp dir this source made and removes on close
+        self._scratch: Path | None = None  # aside only: what close() removes (its temp dir, or what it put in one)
+        self._owns_scratch = False
 
     @classmethod
     def aside(
@@ -151,8 +152,9 @@ class GitSource:
     ) -> GitSource:
         """A source that writes nothing under `shared` (the root's source dir): for `plan` (DESIGN §6).
 
-        Its mirror and checkouts live in `scratch` (default: a new private temp dir, removed by `close()`;
-        a given `scratch` is the caller's to remove). The root's mirror, when there is one, lends its
+        Its mirror and checkouts live in `scratch` (default: a new private temp dir). `close()` removes
+        what it wrote there (the checkouts are read-only: a plain `shutil.rmtree` of a non-root user
+        cannot), and the dir itself when it made it. The root's mirror, when there is one, lends its
         objects (alternates) and its refs for `ref` as a starting point, so an unchanged ref fetches
         nothing and a moved one fetches only the new objects; `url` may differ from the root mirror's
         (e.g. `plan --repo OTHER`), which is only read, never re-pointed.
@@ -166,7 +168,7 @@ class GitSource:
                 _remove_tree(where)
             raise
         src._borrow = Path(shared) / MIRROR
-        src._scratch = where if own else None
+        src._scratch, src._owns_scratch = where, own
         return src
 
     # -- public -----------------------------------------------------------------------------------
@@ -249,7 +251,11 @@ class GitSource:
             self._repo.close()
             self._repo = None
         if self._scratch is not None:
-            _remove_tree(self._scratch)
+            if self._owns_scratch:
+                _remove_tree(self._scratch)
+            else:
+                for made in (MIRROR, CHECKOUTS, _REVISIONS):
+                    _remove_tree(self._scratch / made)
             self._scratch = None
             self._mirror_ready = False
 
