@@ -60,9 +60,10 @@ def test_valid_tree_loads_for_targeted_host(tmp_path):
     assert env.find_links == ((root / "wheelhouse").resolve(),)
     assert desired.services["demo-web"].command == ("demoapp-server", "--port", "8101")
     assert desired.services["demo-web"].health.url == "http://127.0.0.1:8101/healthz"
-    # h2 is not in group web; an unknown host gets only apps without a selector
+    # h2 is not in group web; a host fleet.yaml does not list is refused, never emptied (DESIGN §3d)
     assert load_desired(root, "h2").apps == ()
-    assert load_desired(root, "nobody").known_host is False
+    with pytest.raises(InvalidState, match="host 'nobody' is not defined in fleet.yaml"):
+        load_desired(root, "nobody")
 
 
 def test_identity_changes_with_lock_python_installer(tmp_path):

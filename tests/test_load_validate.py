@@ -237,3 +237,33 @@ def test_staging_uses_the_same_check_for_kept_back_apps():
     with pytest.raises(InvalidState, match="takes 127.0.0.1:8001, where service 'a-web' of apps/a/app.yaml"):
         _check_mixed([web, front])
     _check_mixed([web, App("b", None, (), (), Traffic("[::1]:8001", "weighted", (("b-web", 1),)))])
+
+
+# -- item 6 (issue 12.5): a typo in fleet.yaml must not empty a host (DESIGN §3d) --------------------------
+
+def test_a_host_missing_from_fleet_yaml_is_refused_not_emptied(tmp_path):
+    # before: a renamed or misspelt host entry loaded as an empty desired state, and the host was torn down
+    root = tree(tmp_path, {"fleet.yaml": FLEET_LABELS.replace("h1:", "hl:")})
+    assert validate_tree(root) == []                      # the revision is fine as such ...
+    with pytest.raises(InvalidState) as info:             # ... but not for a host it does not list
+        load_desired(root, "h1")
+    (p,) = info.value.problems
+    assert (p.file, p.line, p.field) == ("fleet.yaml", 3, "hosts"), p
+    assert "host 'h1' is not defined in fleet.yaml" in p.message and "(did you mean 'hl'?); defined: hl" in p.message
+
+
+def test_decommission_is_read_from_fleet_yaml(tmp_path):
+    fleet = FLEET_LABELS + "  h2: {groups: [db], decommission: true}\n"
+    root = tree(tmp_path, {"fleet.yaml": fleet})
+    assert validate_tree(root) == []
+    assert (load_desired(root, "h1").decommission, load_desired(root, "h2").decommission) == (False, True)
+    text = messages(tree(tmp_path / "b", {"fleet.yaml": fleet.replace("decommission: true", "decommission: yes")}))
+    assert "hosts.h2.decommission: 'yes' is not of type 'boolean'" in text, text
+
+
+def test_desired_state_keeps_decommission_across_with_apps():
+    from agent.core.model import DesiredState
+
+    d = DesiredState.of("h1", (), notes=("n",), decommission=True)
+    assert d.with_apps(()).decommission is True and d.with_apps((), ("m",)).notes == ("m",)
+    assert DesiredState.of("h1", ()).decommission is False          # the old callers' form still works

@@ -130,13 +130,23 @@ class DesiredState:
 
     host: str
     apps: tuple[App, ...] = ()
-    known_host: bool = True             # False: the host is not listed in fleet.yaml
+    known_host: bool = True             # False: the host is not listed in fleet.yaml (the loader refuses such a
+                                        # host since DESIGN §3d; other constructors may still say so)
     notes: tuple[str, ...] = ()         # what the loader and the fleet step decided (overrides, waves, chaos)
     environments: dict[str, Environment] = field(default_factory=dict, compare=False)
     services: dict[str, Service] = field(default_factory=dict, compare=False)
+    decommission: bool = False          # fleet.yaml says `decommission: true` for this host: emptying it is meant
 
     @classmethod
-    def of(cls, host: str, apps: tuple[App, ...], known_host: bool = True, notes: tuple[str, ...] = ()) -> "DesiredState":
+    def of(cls, host: str, apps: tuple[App, ...], known_host: bool = True, notes: tuple[str, ...] = (),
+           decommission: bool = False) -> "DesiredState":
         envs = {e.name: e for a in apps for e in a.environments}
         svcs = {s.name: s for a in apps for s in a.services}
-        return cls(host=host, apps=apps, known_host=known_host, notes=notes, environments=envs, services=svcs)
+        return cls(host=host, apps=apps, known_host=known_host, notes=notes, environments=envs, services=svcs,
+                   decommission=decommission)
+
+    def with_apps(self, apps: tuple[App, ...], notes: tuple[str, ...] | None = None) -> "DesiredState":
+        """The same host and revision with other apps (staging, canaries): host, known_host and
+        decommission are kept, which `of(...)` with positional arguments would drop."""
+        return DesiredState.of(self.host, tuple(apps), self.known_host, self.notes if notes is None else tuple(notes),
+                               self.decommission)

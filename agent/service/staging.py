@@ -84,7 +84,7 @@ class Stager:
         if not self.read_only:
             self._save_records(records)
         _check_mixed(apps)
-        return DesiredState.of(desired.host, tuple(apps), desired.known_host, tuple(notes))
+        return desired.with_apps(tuple(apps), tuple(notes))
 
     # -- steps ---------------------------------------------------------------------------------------
 

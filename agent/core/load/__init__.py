@@ -13,6 +13,7 @@ from pathlib import Path
 
 from agent.core.errors import InvalidState, Problem
 from agent.core.load.builders import duration_s
+from agent.core.load.hints import defined
 from agent.core.load.options import APP_FILE, APPS_DIR, FLEET_FILE, MAX_APPS, LoadOptions
 from agent.core.load.read import read_tree
 from agent.core.load.selectors import Host, expression_holds, selects
@@ -39,20 +40,24 @@ def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> De
     """The desired state of `host`; InvalidState (with every problem) if any part of the revision is invalid.
 
     The whole revision is validated, not only what targets this host: a revision is accepted or
-    rejected as a unit, the same on every host. Overrides that select this host are applied (in
-    list order: a later entry wins) and named in the notes.
+    rejected as a unit, the same on every host. A host that fleet.yaml does not list is refused (the
+    revision is invalid for it, DESIGN §3d). Overrides that select this host are applied (in list
+    order: a later entry wins) and named in the notes.
     """
     result = _validated(root, opts)
-    if result.problems:
-        raise InvalidState(result.problems)
-    me = result.hosts.get(host, Host(host, frozenset(), {}))
+    problems = list(result.problems)
+    if host not in result.hosts and result.fleet is not None:
+        problems.append(_unknown_host(host, result))
+    if problems:
+        raise InvalidState(problems)
+    me = result.hosts[host]
     mine, notes = [], []
     for doc, base in result.apps:
         if not selects(doc.data.get("hosts"), me):
             continue
         app = result.variants.of(doc, base, me)
-        if app is None:      # only possible for a host missing from fleet.yaml (listed hosts were checked)
-            raise InvalidState(result.variants.out.unique())
+        if app is None:      # every listed host's variants were built and checked by validate()
+            raise AssertionError(f"app {base.name}: no valid variant for host {host} in a valid revision")
         notes += [f"app {app.name}: {o}" for o in app.overrides]
         if app.rollout is not None:
             waves = (doc.data.get("rollout") or {}).get("waves") or []
@@ -63,4 +68,14 @@ def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> De
             notes.append(f"app {app.name}: chaos block ignored (this agent does not allow chaos: --allow-chaos)")
             app = dataclasses.replace(app, chaos=None)
         mine.append(app)
-    return DesiredState.of(host, tuple(mine), known_host=host in result.hosts, notes=tuple(notes))
+    return DesiredState.of(host, tuple(mine), known_host=True, notes=tuple(notes), decommission=me.decommission)
+
+
+def _unknown_host(host: str, result: Validated) -> Problem:
+    """A host fleet.yaml does not list gets nothing from this revision, rather than an empty desired state
+    that would tear it down (a typo or a renamed entry must not empty a host: DESIGN §3d)."""
+    line = result.fleet.line(("hosts",)) if "hosts" in (result.fleet.data or {}) else None
+    return Problem(FLEET_FILE, line, "hosts",
+                   f"host {host!r} is not defined in {FLEET_FILE}, so this revision is not applied to it (a host "
+                   f"the fleet does not list is never emptied){defined(host, result.hosts, 'host')}; add it under "
+                   f"hosts: (or run the agent with the --host name it has there)")

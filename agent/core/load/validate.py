@@ -34,6 +34,7 @@ class Validated:
     apps: tuple[tuple[Located, App], ...]
     problems: tuple[Problem, ...]
     variants: "Variants"
+    fleet: Located | None = None
 
 
 class Variants:
@@ -111,4 +112,4 @@ def validate(tree: RawTree, opts: LoadOptions) -> Validated:
                                  f" (both run on host {host.name})"))
     else:
         out.extend(conflicts([(a, _locator(d)) for d, a in apps + partial]))
-    return Validated(hosts, tuple(apps), tuple(out.unique()), variants)
+    return Validated(hosts, tuple(apps), tuple(out.unique()), variants, fleet)
