@@ -13,7 +13,9 @@ Rules:
   refused commit) waits for the next poll or trigger, since retrying cannot help before the input
   changes; any success resets; while backing off a host event waits at least `failure_trigger_floor_s` after the last
   run, a new commit in a local repo runs at once (it may be the fix);
-- SIGTERM/SIGINT: stop taking triggers, let the current reconcile finish, stop; the services keep running.
+- SIGTERM/SIGINT: stop taking triggers, let the current reconcile finish, stop; the services keep running;
+- SIGHUP (a closed terminal, or a habit of "reload"): logged and ignored, since settings are read once at
+  start (re-reading them would mean rebuilding the reconciler, server and watcher): restart to apply.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from agent.core.outcome import ReconcileResult, Retry
 __all__ = ["Backoff", "jittered", "Schedule", "Runtime", "run_daemon", "SUCCESS"]
 
 log = logging.getLogger("gitops_agent.runtime")
+
+SIGHUP_MESSAGE = "SIGHUP: settings are read at start; restart the agent to apply changes"
 
 SUCCESS = tuple(r for r in ReconcileResult if r.success)   # drift: warn mode reported it; the reconcile did its job
 
@@ -272,13 +276,22 @@ def run_daemon(settings) -> int:
     runtime = Runtime(reconciler.reconcile, schedule, recorder, after_run=rewatch)
     watcher = Watcher(runtime.on_watch)
 
-    def on_signal(signum, _frame) -> None:
-        # only start a thread here: the handler may interrupt the loop while it holds the condition
+    def stop(name: str) -> None:
         if not runtime.stopping:
-            log.info("%s: stopping after the current reconcile (services keep running)", signal.Signals(signum).name)
-        threading.Thread(target=runtime.stop, name="stop", daemon=True).start()
+            log.info("%s: stopping after the current reconcile (services keep running)", name)
+        runtime.stop()
 
-    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # the handlers only start a thread: they run in the main thread between two bytecodes, which may hold the
+    # runtime's condition or be inside a write to the log stream (a log call right here can then raise
+    # "RuntimeError: reentrant call")
+    def on_stop(signum, _frame) -> None:
+        threading.Thread(target=stop, args=(signal.Signals(signum).name,), name="stop", daemon=True).start()
+
+    def on_hup(_signum, _frame) -> None:
+        threading.Thread(target=log.warning, args=(SIGHUP_MESSAGE,), name="sighup", daemon=True).start()
+
+    old = {s: signal.signal(s, on_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    old[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hup)
     server.start()
     try:
         watcher.start()
