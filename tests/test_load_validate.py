@@ -267,3 +267,24 @@ def test_desired_state_keeps_decommission_across_with_apps():
     d = DesiredState.of("h1", (), notes=("n",), decommission=True)
     assert d.with_apps(()).decommission is True and d.with_apps((), ("m",)).notes == ("m",)
     assert DesiredState.of("h1", ()).decommission is False          # the old callers' form still works
+
+
+# -- item 7 (issue 12.11): a missing fleet.yaml (an empty checkout, a wrong --path) is an invalid revision ----
+
+def test_a_missing_fleet_yaml_is_an_invalid_revision_naming_the_file(tmp_path):
+    empty = tmp_path / "empty"
+    (empty / "apps").mkdir(parents=True)
+    for root in (empty, tree(tmp_path, {"fleet.yaml": None})):
+        problems = validate_tree(root)
+        assert [(p.file, p.line) for p in problems] == [("fleet.yaml", None)], problems
+        assert "missing: a state repo needs a fleet.yaml at its root" in problems[0].message
+        with pytest.raises(InvalidState, match="fleet.yaml: missing"):
+            load_desired(root, "h1")
+    # with nothing at all, the message asks whether this is the state repo's root (a wrong --path)
+    assert "is this the state repo's root?" in validate_tree(empty)[0].message
+
+
+def test_an_app_file_with_the_wrong_name_is_not_silently_skipped(tmp_path):
+    root = tree(tmp_path, {"apps/other/app.yml": OTHER2})
+    text = messages(root)
+    assert "apps/other/app.yml: is not read: an app is defined by apps/<app>/app.yaml (rename it to app.yaml)" in text

@@ -257,7 +257,30 @@ CASES: list[Case] = [
     Case("lock-marker", lambda c: c.lock(f"demoapp==2.0.0 ; python_version < '3' --hash={_hash_of(c)}\n"), ("apps/demo/demo.lock", "marker")),
     Case("lock-twice", lambda c: c.lock(_line2(c) + "\n" + _line2(c) + "\n"), ("apps/demo/demo.lock:2", "listed twice")),
     Case("lock-empty", lambda c: c.lock("# nothing\n"), ("apps/demo/demo.lock", "pins no requirements")),
+    # --- the loader's later checks (YAML 1.2 scalars, hints, addresses as bound, §3d) ----------------------
+    Case("yaml11-bool-yes", lambda c: c.app("index: false", "index: yes"),
+         (APP_FILE, "environments.demo.index", "'yes' is not of type 'boolean'")),
+    Case("command0-venv-path", lambda c: c.app("[demoapp-server,", "[/opt/venv/bin/demoapp-server,"),
+         (APP_FILE, "services.demo-web.command.0", "a console script name from the venv, not a path")),
+    Case("yaml-unclosed-bracket", lambda c: c.app(f'"{PORT}"]', f'"{PORT}"'), (APP_FILE, "YAML syntax error", "opened at line 11")),
+    Case("listen-takes-service-port", lambda c: c.write(APP_FILE, APP + f"traffic: {{listen: 'localhost:{PORT}', weights: {{demo-web: 1}}}}\n"),
+         (APP_FILE, "traffic.listen", f"takes 127.0.0.1:{PORT}, where service 'demo-web' of {APP_FILE}:10 listens")),
+    Case("listen-overlaps-other-app", lambda c: (
+        c.write(APP_FILE, APP + "traffic: {listen: '127.0.0.1:18100', weights: {demo-web: 1}}\n"),
+        c.write("apps/other/app.yaml", _other_app("traffic: {listen: '0.0.0.0:18100', weights: {other-web: 1}}\n"))),
+         ("apps/other/app.yaml", "traffic.listen", f"overlaps listen address '127.0.0.1:18100' of {APP_FILE}:13")),
+    Case("port-clash-beside-typo", lambda c: c.write("apps/other/app.yaml", _other_app("colour: red\n", port=PORT)),
+         ("apps/other/app.yaml", "unknown field 'colour'", f"port {PORT} is also defined in {APP_FILE}")),
+    Case("host-missing-from-fleet", lambda c: c.write("fleet.yaml", FLEET.replace("  h1:", "  hl:")),
+         ("fleet.yaml", "host 'h1' is not defined in fleet.yaml", "did you mean 'hl'")),
 ]
+
+
+def _other_app(extra: str, port: int = PORT + 1) -> str:
+    """A second app on the same host, locked like demo (its lockfile is demo's, through a relative path)."""
+    return (APP.replace("name: demo", "name: other").replace("demo-web", "other-web").replace("  demo: {", "  other: {")
+            .replace("lockfile: demo.lock", "lockfile: ../demo/demo.lock").replace("environment: demo", "environment: other")
+            .replace(str(PORT), str(port)) + extra)
 
 
 def test_corpus_is_large_and_ids_are_unique():
