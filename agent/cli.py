@@ -297,16 +297,37 @@ COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "statu
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
     from agent.core.errors import AgentError
 
     try:
-        return COMMANDS[args.command](args)
+        args = _parser().parse_args(argv)     # in the try: --help writes to stdout too
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()          # here, not at exit, so a reader that left is seen below
+        return code
     except AgentError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `gitops-agent status | head -1`: the reader left. As the CPython docs advise (signal module, "Note
+        # on SIGPIPE"), point stdout at /dev/null so the flush at exit cannot fail again, and exit quietly
+        # with 141 (128 + SIGPIPE, what a shell reports for a tool the pipe ended). Only when stdout is what
+        # broke: a broken pipe elsewhere (a socket) is a real error and keeps its traceback.
+        import os
+        import select
+
+        try:
+            fd = sys.stdout.fileno()
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            gone = any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+        except (AttributeError, OSError, ValueError):   # no real stdout (replaced, closed): not ours to judge
+            gone = False
+        if not gone:
+            raise
+        os.dup2(os.open(os.devnull, os.O_WRONLY), fd)
+        return 141
 
 
 if __name__ == "__main__":
