@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import socket
@@ -23,7 +24,8 @@ import pytest
 
 from agent.drivers import venv as venv_mod
 from agent.drivers.venv import MARKER, VenvManager, VenvSpec, find_uv, resolve_python
-from agent.core.errors import BuildError, InvalidState
+from agent.core.errors import AgentError, BuildError, ConfigError, InvalidState, InvalidVenvRef, Permanent
+from agent.core.outcome import Verdict, verdict_for
 from agent.core.lockfile import venv_identity
 
 try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
@@ -234,6 +236,11 @@ def _pip_into(venv: Path, *args: str) -> None:
                    check=True, capture_output=True)
 
 
+def _leftovers(venvs: Path) -> list[str]:
+    """Held or trashed venvs left in venvs/ (the installers' private HOME belongs there)."""
+    return [p.name for p in venvs.iterdir() if p.name.startswith(".") and p.name != venv_mod.INSTALLER_HOME]
+
+
 def test_repair_keeps_the_drifted_venv_until_the_new_one_is_complete(mgr, root, wheelhouse, tmp_path):
     spec = _spec(root, "fix", [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["lib"])],
                  wheelhouse["dir"], lock_name="fix.lock")
@@ -250,12 +257,12 @@ def test_repair_keeps_the_drifted_venv_until_the_new_one_is_complete(mgr, root, 
     assert mgr.current("fix") == path and (path / MARKER).is_file()
     assert mgr.installed(path) == drifted                      # the venv the service ran from, back as it was
     assert _serve_and_get(path / "bin" / "demoapp-server") == "demoapp 1.0.0\n"
-    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert not _leftovers(path.parent)
 
     assert mgr.repair(spec) == path
     assert mgr.installed(path) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
     assert mgr.current("fix") == path
-    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
+    assert not _leftovers(path.parent)
 
 
 @pytest.mark.parametrize("new_completed", [False, True])
@@ -336,6 +343,55 @@ def test_switch_refuses_incomplete_or_foreign_dirs(mgr, tmp_path):
     with pytest.raises(BuildError, match="not one of its venvs"):
         mgr.switch("half", tmp_path)
     assert mgr.current("half") is None
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_switch_sets_a_foreign_entry_aside_and_heals(tmp_path, caplog, kind):
+    """envs/<name> replaced by hand (a dir or a file) made every switch fail, or silently replaced a
+    file: it is renamed aside next to the link (kept, with a warning) and the link is put back."""
+    mgr = VenvManager(tmp_path)
+    venv = _fake_venv(mgr, "web", "1" * 16, complete=True, mtime=time.time())
+    link = mgr.link_for("web")
+    link.parent.mkdir(parents=True)
+    if kind == "directory":
+        link.mkdir()
+        (link / "notes.txt").write_text("someone's work")
+    else:
+        link.write_text("someone's work")
+    assert mgr.current("web") is None                  # the planner sees no current venv: it plans a switch
+
+    with caplog.at_level(logging.WARNING, logger="agent.drivers.venv"):
+        mgr.switch("web", venv)
+    assert mgr.current("web") == venv and link.is_symlink()
+    aside = [p for p in link.parent.iterdir() if p.name != "web"]
+    assert len(aside) == 1 and aside[0].name.startswith(".web.aside-")
+    kept = aside[0] / "notes.txt" if kind == "directory" else aside[0]
+    assert kept.read_text() == "someone's work"        # user data is never deleted silently
+    assert str(aside[0]) in caplog.text and "WARNING" in caplog.text
+
+    caplog.clear()
+    mgr.switch("web", venv)                            # a symlink is ours: replaced without a word
+    assert len(list(link.parent.iterdir())) == 2 and caplog.text == ""
+    link.unlink()
+    link.mkdir()                                       # it happens again: a second, distinct aside name
+    mgr.switch("web", venv)
+    assert mgr.current("web") == venv and len([p for p in link.parent.iterdir() if ".aside-" in p.name]) == 2
+
+
+def test_bad_names_and_identities_raise_a_permanent_build_error(tmp_path):
+    """They used to raise a bare ValueError, which escaped the executor (it catches AgentError/OSError)."""
+    mgr = VenvManager(tmp_path)
+    calls = [lambda: mgr.link_for("../etc"), lambda: mgr.current(".hidden"), lambda: mgr.path_for("a/b", "0" * 16),
+             lambda: mgr.path_for("web", "not-a-hash"), lambda: mgr.remove("web", "0" * 15),
+             lambda: mgr.build(VenvSpec("../up", PY, tmp_path / "missing.lock", ()))]
+    for call in calls:
+        with pytest.raises(InvalidVenvRef) as info:
+            call()
+        assert isinstance(info.value, BuildError) and isinstance(info.value, AgentError)
+        assert verdict_for(info.value, rolled_back=False) is Verdict.FAILED_PERMANENT  # no retry loop
+    with pytest.raises(ConfigError, match="retention"):
+        VenvManager(tmp_path, retention=0)
+    assert issubclass(ConfigError, Permanent)
 
 
 # ----- retention (file-level: hand-made venv dirs) -----
@@ -465,9 +521,75 @@ def test_resolve_python():
         resolve_python("python; rm -rf /")
 
 
-def test_build_env_drops_redirecting_variables():
-    env = venv_mod._build_env({"PATH": "/bin", "PIP_INDEX_URL": "x", "PIP_USER": "1", "VIRTUAL_ENV": "/v",
-                               "PIP_CERT": "/ca.pem", "UV_INDEX_URL": "y", "UV_CACHE_DIR": "/c", "PYTHONPATH": "/p"})
-    assert env["PATH"] == "/bin" and env["PIP_CERT"] == "/ca.pem" and env["UV_CACHE_DIR"] == "/c"
-    assert not {"PIP_INDEX_URL", "PIP_USER", "VIRTUAL_ENV", "UV_INDEX_URL", "PYTHONPATH"} & env.keys()
-    assert env["PIP_DISABLE_PIP_VERSION_CHECK"] == "1"
+def test_installer_env_is_built_from_scratch(tmp_path):
+    """Only PATH, network plumbing (proxy, CA bundle) and TMPDIR come from the caller; HOME is the
+    agent's private dir and pip/uv read no configuration file and no inherited PIP_*/UV_* variable."""
+    home = tmp_path / "home"
+    env = venv_mod._build_env(home, {
+        "PATH": "/bin", "HOME": "/root", "XDG_CONFIG_HOME": "/root/.config", "LANG": "de_DE.UTF-8",
+        "PIP_INDEX_URL": "x", "PIP_FIND_LINKS": "/host", "PIP_CONFIG_FILE": "/etc/host-pip.conf", "PIP_CERT": "/ca",
+        "UV_INDEX_URL": "y", "UV_FIND_LINKS": "/host", "UV_CACHE_DIR": "/c", "VIRTUAL_ENV": "/v", "PYTHONPATH": "/p",
+        "https_proxy": "http://proxy:3128", "SSL_CERT_FILE": "/ca.pem", "TMPDIR": "/scratch", "EDITOR": "vi"})
+    assert env["PATH"] == "/bin" and env["HOME"] == str(home) and env["LANG"] == "C.UTF-8"
+    assert env["XDG_CONFIG_HOME"].startswith(str(home)) and env["XDG_CACHE_HOME"].startswith(str(home))
+    assert env["PIP_CONFIG_FILE"] == os.devnull and env["UV_NO_CONFIG"] == "1"
+    assert env["https_proxy"] == "http://proxy:3128" and env["SSL_CERT_FILE"] == "/ca.pem" and env["TMPDIR"] == "/scratch"
+    assert not {"PIP_INDEX_URL", "PIP_FIND_LINKS", "PIP_CERT", "UV_INDEX_URL", "UV_FIND_LINKS", "UV_CACHE_DIR",
+                "VIRTUAL_ENV", "PYTHONPATH", "EDITOR"} & env.keys()
+    assert {k for k in env if k.startswith(("PIP_", "UV_"))} <= set(venv_mod._AGENT_SET)
+
+
+def _hostile_host(monkeypatch, tmp_path: Path, host_links: Path) -> None:
+    """A host whose own pip and uv configuration adds wheels (find-links) and an index to every build:
+    in the environment, in HOME (~/.pip, ~/.config) and in XDG_CONFIG_HOME."""
+    home, xdg = tmp_path / "host-home", tmp_path / "host-xdg"
+    pip_conf = f"[global]\nfind-links = {host_links}\nextra-index-url = http://127.0.0.1:9/simple\n"
+    uv_toml = f'find-links = ["{host_links}"]\nextra-index-url = ["http://127.0.0.1:9/simple"]\n'
+    for conf, text in [(home / ".pip" / "pip.conf", pip_conf), (home / ".config" / "pip" / "pip.conf", pip_conf),
+                       (xdg / "pip" / "pip.conf", pip_conf), (home / ".config" / "uv" / "uv.toml", uv_toml),
+                       (xdg / "uv" / "uv.toml", uv_toml)]:
+        conf.parent.mkdir(parents=True, exist_ok=True)
+        conf.write_text(text)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(xdg))
+    monkeypatch.setenv("PIP_FIND_LINKS", str(host_links))
+    monkeypatch.setenv("UV_FIND_LINKS", str(host_links))
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(home / ".pip" / "pip.conf"))
+    monkeypatch.setenv("UV_CONFIG_FILE", str(xdg / "uv" / "uv.toml"))
+
+
+@pytest.mark.parametrize("installer", ["pip", pytest.param("uv", marks=needs_uv)])
+def test_index_false_build_installs_the_locked_wheel_whatever_the_host_config(tmp_path, wheelhouse, monkeypatch,
+                                                                             installer):
+    """The host offers an impostor of the locked wheel (same name and version, other bytes): the build
+    installs exactly the wheel of the revision's find_links."""
+    host_links = tmp_path / "host-wheels"
+    host_links.mkdir()
+    wheelfactory.make_wheel(host_links, "tiny.lib", "1.0", {"tinylib": "def hello():\n    return 'the host'\n"})
+    _hostile_host(monkeypatch, tmp_path, host_links)
+    mgr = VenvManager(tmp_path / "root")
+    spec = _spec(tmp_path, "iso", [wheelfactory.lock_line(wheelhouse["lib"])], wheelhouse["dir"], installer=installer)
+    path = mgr.build(spec)
+    assert mgr.installed(path) == {"tiny-lib": "1.0"}
+    out = subprocess.run([path / "bin" / "python", "-c", "import tinylib; print(tinylib.hello())"],
+                         capture_output=True, text=True, check=True).stdout
+    assert out == "hi\n"                                 # the revision's wheel, not the host's
+    home = mgr.root / "venvs" / venv_mod.INSTALLER_HOME            # the installers' HOME: the agent's, private
+    assert home.is_dir() and home.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("installer", ["pip", pytest.param("uv", marks=needs_uv)])
+def test_index_false_build_fails_cleanly_when_only_the_host_has_the_wheel(tmp_path, wheelhouse, monkeypatch, installer):
+    """The revision's find_links lacks the locked wheel and the host's configuration holds it (the very
+    same bytes): the build fails, instead of depending on the host."""
+    host_links = tmp_path / "host-wheels"
+    host_links.mkdir()
+    shutil.copy(wheelhouse["lib"], host_links)
+    _hostile_host(monkeypatch, tmp_path, host_links)
+    empty = tmp_path / "revision-wheels"
+    empty.mkdir()
+    mgr = VenvManager(tmp_path / "root")
+    spec = _spec(tmp_path, "iso", [wheelfactory.lock_line(wheelhouse["lib"])], empty, installer=installer)
+    with pytest.raises(BuildError, match="pip install failed"):
+        mgr.build(spec)
+    assert mgr.list("iso") == [] and mgr.current("iso") is None

@@ -16,6 +16,7 @@ __all__ = [
     "InvalidState",
     "SourceError",
     "BuildError",
+    "InvalidVenvRef",
     "SupervisorError",
     "HealthCheckFailed",
     "ConfigError",
@@ -68,6 +69,12 @@ class SourceError(Temporary):
 
 class BuildError(AgentError):
     """Building or verifying a virtualenv failed; the previous venv stays in use."""
+
+
+class InvalidVenvRef(BuildError, Permanent, ValueError):
+    """An environment name or venv identity that cannot be a path component under the root (it could
+    leave it, or is not a content address). It comes from the revision or the plan, so a retry of the
+    same input cannot help: a person must fix the name."""
 
 
 class SupervisorError(AgentError):

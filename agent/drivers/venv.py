@@ -11,18 +11,25 @@ will live, and "done" is signalled by a marker written atomically after every ch
 without the marker is an interrupted build and is never used. Services follow the symlink, so the switch
 is one `os.replace`, and a rollback to a kept venv is a switch, not a rebuild.
 
-Every installer call is an argument list (no shell) with a scrubbed environment: the caller's PIP_*,
-UV_* and VIRTUAL_ENV must not redirect or break a build, only network plumbing (proxy, certificates,
-timeouts, cache) passes through. The host's pip/uv configuration files still apply, and the lock's
-hashes decide what may be installed whatever the index.
+Every installer call is an argument list (no shell) with an environment built from scratch, so a
+build depends on the revision only: PATH, a private HOME (`venvs/.installer-home`: caches, no user
+config), LANG, network plumbing (proxy, CA bundle, TMPDIR) and what the agent sets. No inherited PIP_*
+or UV_* variable, and no pip.conf or uv.toml is read (`PIP_CONFIG_FILE=/dev/null` and `--isolated`,
+`UV_NO_CONFIG=1`): a host's find-links or index cannot add or replace a wheel. The lock's hashes decide
+what may be installed whatever the index.
+
+A foreign entry where `envs/<name>` should be (a directory or file put there by hand) is renamed aside
+(`envs/.<name>.aside-<utc time>`, with a warning) when the link is switched: kept, never deleted.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 from collections.abc import Iterable, Sequence
@@ -31,11 +38,14 @@ from hashlib import sha256
 from pathlib import Path
 
 
-from agent.core.errors import BuildError
+from agent.core.errors import BuildError, ConfigError, InvalidVenvRef
 from agent.drivers.fsutil import atomic_write, fsync_dir
 from agent.core.lockfile import LockedRequirement, parse_lock, venv_identity
 
-__all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY"]
+__all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY",
+           "INSTALLER_HOME"]
+
+log = logging.getLogger(__name__)
 
 MARKER = ".gitops-agent.json"
 LOCK_COPY = ".gitops-agent.lock"  # the exact lock bytes the venv was built from
@@ -45,14 +55,24 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # the schema's identif
 _VERSION = re.compile(r"^3\.[0-9]{1,2}$")
 _TRASH_PREFIX = ".trash-"
 _HELD_PREFIX = ".held-"     # a drifted venv kept aside while it is repaired, until the new one is complete
+INSTALLER_HOME = ".installer-home"   # under venvs/: HOME of pip and uv (their caches), never the caller's
 _STDERR_TAIL_LINES = 25
 _STDERR_TAIL_CHARS = 3000
-# Caller variables that are plumbing, not policy: keep them so builds work behind proxies etc.
-_PASSTHROUGH = frozenset({
-    "PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_TRUSTED_HOST", "PIP_DEFAULT_TIMEOUT", "PIP_TIMEOUT",
-    "PIP_RETRIES", "PIP_CACHE_DIR", "PIP_NO_CACHE_DIR",
-    "UV_CACHE_DIR", "UV_NO_CACHE", "UV_NATIVE_TLS", "UV_HTTP_TIMEOUT", "UV_CONCURRENT_DOWNLOADS",
-})
+# Caller variables an installer gets: network plumbing only (how to reach an index, where temp files go).
+# None of them can choose a wheel: the lock's hashes do, from the revision's find_links or index.
+_PLUMBING = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
+             "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "TMPDIR")
+# What the agent itself sets for pip and uv (and nothing else of the PIP_*/UV_* kind reaches them).
+_AGENT_SET = {
+    "PIP_CONFIG_FILE": os.devnull,       # pip reads no pip.conf at all: global, user, site or env
+    "PIP_DISABLE_PIP_VERSION_CHECK": "1",
+    "PIP_NO_INPUT": "1",
+    "PIP_PROGRESS_BAR": "off",
+    "UV_NO_CONFIG": "1",                 # uv reads no uv.toml / pyproject.toml: user, system or project
+    "UV_NO_PROGRESS": "1",
+    "UV_PYTHON_DOWNLOADS": "never",      # the interpreter is the one resolve_python found, never a download
+}
+# Dropped from the environment of the interpreter probes (they install nothing, but must not be redirected).
 _DROPPED = ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONUSERBASE",
             "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
 
@@ -125,17 +145,29 @@ def _failure_detail(stdout: str, stderr: str) -> str:
     return "\n".join(part for part in parts if part)
 
 
-def _build_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for installer subprocesses: the caller's minus anything that redirects a build."""
-    env = {
-        key: value for key, value in (os.environ if base is None else base).items()
-        if key not in _DROPPED and (not key.startswith(("PIP_", "UV_")) or key in _PASSTHROUGH)
-    }
-    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
-    env["PIP_NO_INPUT"] = "1"
-    env["PIP_PROGRESS_BAR"] = "off"
-    env["UV_NO_PROGRESS"] = "1"
-    env["PYTHONNOUSERSITE"] = "1"  # a ~/.local package must not satisfy or break a check
+def _build_env(home: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for installer subprocesses, built from scratch: the same revision builds the same venv
+    on every host, whatever the host's pip/uv configuration (find-links, index, `user`, `target`...)."""
+    caller = os.environ if base is None else base
+    env = {key: caller[key] for key in _PLUMBING if key in caller}
+    env.update(_AGENT_SET)
+    env.update({
+        "PATH": caller.get("PATH") or os.defpath,
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "XDG_CACHE_HOME": str(home / ".cache"),
+        "LANG": "C.UTF-8",
+        "PYTHONNOUSERSITE": "1",  # a ~/.local package must not satisfy or break a check
+    })
+    return env
+
+
+def _probe_env() -> dict[str, str]:
+    """Environment of the interpreter and uv probes: the caller's (a pyenv shim needs its HOME), minus
+    what could redirect or break them."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in _DROPPED and not key.startswith(("PIP_", "UV_"))}
+    env["PYTHONNOUSERSITE"] = "1"
     return env
 
 
@@ -162,7 +194,7 @@ def _python_version(executable: str) -> tuple[str, str] | None:
     code = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys.executable)"
     try:
         proc = subprocess.run([executable, "-I", "-c", code], capture_output=True, text=True, timeout=30,
-                              stdin=subprocess.DEVNULL, env=_build_env())
+                              stdin=subprocess.DEVNULL, env=_probe_env())
     except (OSError, subprocess.TimeoutExpired):
         return None
     lines = proc.stdout.split()
@@ -219,7 +251,7 @@ def find_uv() -> str | None:
         return None
     try:
         ok = subprocess.run([found, "--version"], capture_output=True, timeout=30, stdin=subprocess.DEVNULL,
-                            env=_build_env()).returncode == 0
+                            env=_probe_env()).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         ok = False
     return found if ok else None
@@ -270,8 +302,9 @@ def _normalized(path: Path | str) -> Path:
 
 def _checked_name(name: str) -> str:
     """Environment names become path components: refuse anything that could leave the root."""
-    if not _NAME.match(name):
-        raise ValueError(f"bad environment name {name!r}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidVenvRef(f"bad environment name {name!r}: letters, digits, '_', '.', '-' (not first), "
+                             "at most 63")
     return name
 
 
@@ -282,7 +315,7 @@ class VenvManager:
     def __init__(self, root: Path, retention: int = 3, *, timeout_s: float = 900.0):
         self._installed: dict[Path, tuple[tuple[int, ...], dict[str, str]]] = {}   # path -> (site-packages mtimes, dists)
         if retention < 1:
-            raise ValueError("retention must be >= 1")
+            raise ConfigError(f"retention must be at least 1, not {retention}")
         self.root = _normalized(root)
         self.retention = retention
         self.timeout_s = timeout_s
@@ -294,8 +327,8 @@ class VenvManager:
 
     def path_for(self, name: str, identity: str) -> Path:
         """Where the venv for this (name, identity) lives: the path is its identity."""
-        if not _IDENTITY.match(identity):
-            raise ValueError(f"bad venv identity {identity!r}")
+        if not isinstance(identity, str) or not _IDENTITY.match(identity):
+            raise InvalidVenvRef(f"bad venv identity {identity!r}: 16 lowercase hex digits")
         return self._venvs / f"{_checked_name(name)}-{identity}"
 
     def link_for(self, name: str) -> Path:
@@ -415,6 +448,7 @@ class VenvManager:
             self._delete(leftover)
 
     def _build(self, spec: VenvSpec, *, recover: bool) -> Path:
+        _checked_name(spec.name)          # before any file is read: a bad name is the revision's fault
         try:
             lock_bytes = Path(spec.lockfile).read_bytes()
         except OSError as exc:
@@ -450,7 +484,7 @@ class VenvManager:
         uv = find_uv() if spec.installer == "uv" else None
         if spec.installer == "uv" and uv is None:
             raise BuildError(f"{spec.name}: installer 'uv' requested but no uv binary found")
-        env = _build_env()
+        env = _build_env(self._installer_home())
 
         def run(argv: Sequence[object], what: str) -> _Run:
             return _run(argv, env=env, cwd=self._venvs, timeout=self.timeout_s, what=f"{spec.name}: {what}")
@@ -469,8 +503,9 @@ class VenvManager:
             run([uv, "pip", "install", "--python", python, "--compile-bytecode", *common], "uv pip install")
             run([uv, "pip", "check", "--python", python], "uv pip check")
         else:
-            run([python, "-m", "pip", "install", *common], "pip install")
-            run([python, "-m", "pip", "check"], "pip check")
+            pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
+            run([*pip, "install", "--progress-bar", "off", *common], "pip install")
+            run([*pip, "check"], "pip check")
         expected = {r.name: r.version for r in locked}
         self._check_entry_points(path, python, set(expected), run)
         self._check_installed(path, expected, spec.name)
@@ -487,6 +522,12 @@ class VenvManager:
             "built_at": _utc_now(),
         }
         atomic_write(path / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n", mode=0o644)
+
+    def _installer_home(self) -> Path:
+        """The private HOME of pip and uv (their caches live there; no user config is ever read)."""
+        home = self._venvs / INSTALLER_HOME
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return home
 
     def _check_entry_points(self, path: Path, python: Path, names: set[str], run) -> None:
         """Import every console script of the locked dists inside the venv, without running them."""
@@ -512,7 +553,9 @@ class VenvManager:
         """Point `envs/<name>` at `path` atomically (temp symlink + rename); the target must be complete.
 
         The link is relative (`../venvs/...`) so it stays right if the whole root is seen through another
-        mount path; venvs themselves still may not move.
+        mount path; venvs themselves still may not move. Anything else found at the link's place (a
+        directory or file made by hand) is renamed aside first: a directory would make every switch fail,
+        and a file would be replaced silently.
         """
         path = _normalized(path)
         if path.parent != self._venvs or not path.name.startswith(f"{name}-"):
@@ -524,11 +567,35 @@ class VenvManager:
         tmp = link.parent / f".{name}.{os.getpid()}.{os.urandom(4).hex()}.tmp"
         os.symlink(os.path.relpath(path, link.parent), tmp)
         try:
+            self._set_aside_foreign(link)
             os.replace(tmp, link)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         fsync_dir(link.parent)
+
+    def _set_aside_foreign(self, link: Path) -> None:
+        """Rename a non-symlink at `link` to `.<name>.aside-<utc time>` next to it, and say so.
+
+        Kept, not deleted: it may be someone's work. The hidden name is no environment name (those never
+        start with '.'), so facts, watches and `remove_all` leave it alone.
+        """
+        try:
+            if stat.S_ISLNK(os.lstat(link).st_mode):
+                return
+        except FileNotFoundError:
+            return
+        from datetime import datetime, timezone   # lazy: only a hand-made mess needs a time stamp
+
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        aside = link.parent / f".{link.name}.aside-{stamp}"
+        while aside.exists() or aside.is_symlink():
+            aside = link.parent / f".{link.name}.aside-{stamp}-{os.urandom(2).hex()}"
+        kind = "directory" if link.is_dir() else "file"
+        os.rename(link, aside)
+        fsync_dir(link.parent)
+        log.warning("%s was a %s, not the agent's symlink: moved it to %s (kept; delete it when done)",
+                    link, kind, aside)
 
     def prune(self, name: str, keep: int | None = None, protect: Iterable[Path] = ()) -> list[Path]:
         """Delete old venvs of `name`: keep the newest `keep` complete ones, the current one and `protect`.
