@@ -19,6 +19,7 @@ from supervisor.options import ServerOptions, UnhosedConfigParser
 from agent.core.errors import Permanent
 from agent.core.render.supervisor import (
     ENV_KEY_RE,
+    MARKER_KEY,
     PROGRAM_NAME_RE,
     ProgramSpec,
     UnsafeValue,
@@ -60,7 +61,8 @@ def assert_round_trip(spec: ProgramSpec) -> None:
         assert options[key] == value
     assert proc.name == spec.name
     assert shlex.split(proc.command) == list(spec.command)
-    assert proc.environment == dict(spec.environment)
+    assert proc.environment == {**dict(spec.environment), MARKER_KEY: spec.name}
+    assert proc.umask == int(spec.umask, 8)
     assert proc.directory == spec.directory
     assert proc.startsecs == spec.startsecs >= 1
     assert proc.startretries == spec.startretries
@@ -69,6 +71,8 @@ def assert_round_trip(spec: ProgramSpec) -> None:
     for attr in ("stdout_logfile", "stderr_logfile"):
         if getattr(spec, attr) is not None:
             assert getattr(proc, attr) == getattr(spec, attr)
+            assert getattr(proc, f"{attr}_maxbytes") == spec.log_maxbytes
+            assert getattr(proc, f"{attr}_backups") == spec.log_backups
 
 
 # --- table: accepted -----------------------------------------------------------------------------
@@ -166,7 +170,8 @@ def test_exact_rendering_of_a_small_spec():
         "; managed by gitops-agent: edits are overwritten\n"
         "[program:svc]\n"
         "command=/bin/echo 'it'\\''s 5'%%\n"
-        'environment=K="a,b"\n'
+        'environment=GITOPS_AGENT_PROGRAM="svc",K="a,b"\n'
+        "umask=022\n"
         "autostart=true\n"
         "autorestart=unexpected\n"
         "startsecs=1\n"
@@ -176,6 +181,25 @@ def test_exact_rendering_of_a_small_spec():
         "killasgroup=true\n"
         "redirect_stderr=false\n"
     )
+
+
+def test_logs_rotate_by_default_and_limits_are_per_spec():
+    spec = ProgramSpec("svc", ("/bin/true",), stdout_logfile="/tmp/svc.out.log", stderr_logfile="/tmp/svc.err.log")
+    text = render_program(spec)
+    for stream in ("stdout", "stderr"):
+        assert f"{stream}_logfile_maxbytes=10MB\n{stream}_logfile_backups=3\n" in text
+    assert_round_trip(spec)
+    small = ProgramSpec("svc", ("/bin/true",), stdout_logfile="/tmp/o", log_maxbytes=12345, log_backups=0)
+    assert "stdout_logfile_maxbytes=12345\nstdout_logfile_backups=0\n" in render_program(small)
+    assert_round_trip(small)
+
+
+def test_every_program_carries_its_marker_and_a_user_cannot_set_it():
+    """The marker names the program in every process it starts (the driver finds daemonized ones by it)."""
+    _, _, proc = load(render_program(ProgramSpec("web", ("/bin/true",))))
+    assert proc.environment == {MARKER_KEY: "web"}
+    with pytest.raises(UnsafeValue, match=f"^environment.{MARKER_KEY}: reserved"):
+        render_program(ProgramSpec("web", ("/bin/true",), environment=((MARKER_KEY, "other"),)))
 
 
 # --- table: refused ------------------------------------------------------------------------------
@@ -212,6 +236,9 @@ REFUSED = [
     ({"environment": (("A", "%(here)s"),)}, "environment.A", "%(here)s"),
     ({"environment": (("A", 1),)}, "environment.A", "string"),
     ({"environment": [("A", "x")]}, "environment", "tuple"),
+    ({"umask": "22; x"}, "umask", "octal"),
+    ({"log_maxbytes": -1}, "log_maxbytes", ">= 0"),
+    ({"log_backups": True}, "log_backups", "integer"),
     ({"directory": "relative"}, "directory", "absolute"),
     ({"directory": "/x\n[program:evil]"}, "directory", "U+000A"),
     ({"directory": "/trailing "}, "directory", "whitespace"),
@@ -263,6 +290,14 @@ def test_supervisord_conf_parses_and_points_at_our_paths(tmp_path):
     [http] = section.server_configs
     assert http["file"] == f"{tmp_path}/s.sock" and http["chmod"] == 0o700
     assert "files=programs/*.conf\n" in text
+    assert section.minfds == 65536 and section.umask == 0o077
+
+
+def test_supervisord_conf_takes_the_minfds_it_is_given():
+    text = render_supervisord(socket_path="/r/s.sock", pid_path="/r/p", log_dir="/r/l", minfds=4096)
+    assert "minfds=4096\n" in text
+    with pytest.raises(UnsafeValue, match="minfds"):
+        render_supervisord(socket_path="/r/s.sock", pid_path="/r/p", log_dir="/r/l", minfds=0)
 
 
 @pytest.mark.parametrize("bad", ["/r/a\nb", "/r/a ;b", "relative", "/r/%(here)s"])

@@ -21,6 +21,12 @@ Encoding per field (the layers are undone in reverse order by supervisord):
   lexer strips those), containing `;`/`#` after whitespace (an inline comment), or `%(here)s`.
 - paths and `user`: written as-is after validation (absolute paths; `%` doubled in `directory`,
   refused in log file names because supervisord expands those twice).
+
+Every program also gets `GITOPS_AGENT_PROGRAM=<name>` in its environment (through the same quoting as
+user values; a user value for that key is refused). Every process the program starts inherits it,
+including ones that leave its process group or session (a daemonizing service), which is how the
+driver finds and stops those (`agent.drivers.supervisor.leftover_pids`). Logs rotate at
+`log_maxbytes` keeping `log_backups` files, so a chatty service cannot fill the disk.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ __all__ = [
     "PROGRAM_NAME_RE",
     "ENV_KEY_RE",
     "AUTORESTART_VALUES",
+    "MARKER_KEY",
+    "MINFDS",
 ]
 
 PROGRAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -46,6 +54,11 @@ ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # A POSIX-portable user name (optionally a trailing `$` as Samba uses) or a numeric uid.
 _USER_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
 AUTORESTART_VALUES = ("true", "false", "unexpected")
+# The environment variable that names a process's program, inherited by everything it starts.
+MARKER_KEY = "GITOPS_AGENT_PROGRAM"
+# File descriptors the embedded supervisord (and so every program) may open, capped by the hard limit.
+MINFDS = 65536
+_MB = 1024 * 1024
 
 # argv words made only of these need no quoting for shlex (and are harmless in the ini line).
 _BARE_WORD_RE = re.compile(r"[A-Za-z0-9@+=:,./_-]+")
@@ -84,6 +97,9 @@ class ProgramSpec:
     startretries: int = 3
     stopwaitsecs: int = 10
     autorestart: str = "unexpected"
+    log_maxbytes: int = 10 * _MB        # per log file; rotated beyond that
+    log_backups: int = 3                # rotated files kept (<log>.1 ... <log>.N)
+    umask: str = "022"                  # the programs' own (the embedded supervisord runs with 077)
 
 
 def render_program(spec: ProgramSpec) -> str:
@@ -102,9 +118,9 @@ def render_program(spec: ProgramSpec) -> str:
         lines.append(f"directory={_directory(spec.directory)}")
     if spec.user is not None:
         lines.append(f"user={_user(spec.user)}")
-    if spec.environment:
-        lines.append(f"environment={_environment(spec.environment)}")
+    lines.append(f"environment={_environment(spec.environment, marker=name)}")
     lines += [
+        f"umask={_umask(spec.umask)}",
         "autostart=true",
         f"autorestart={_autorestart(spec.autorestart)}",
         f"startsecs={_int('startsecs', spec.startsecs, minimum=1)}",
@@ -114,21 +130,33 @@ def render_program(spec: ProgramSpec) -> str:
         "killasgroup=true",
         "redirect_stderr=false",
     ]
-    if spec.stdout_logfile is not None:
-        lines.append(f"stdout_logfile={_logfile('stdout_logfile', spec.stdout_logfile)}")
-    if spec.stderr_logfile is not None:
-        lines.append(f"stderr_logfile={_logfile('stderr_logfile', spec.stderr_logfile)}")
+    maxbytes = _size("log_maxbytes", spec.log_maxbytes)
+    backups = _int("log_backups", spec.log_backups, minimum=0)
+    for stream in ("stdout", "stderr"):
+        path = getattr(spec, f"{stream}_logfile")
+        if path is not None:
+            lines += [
+                f"{stream}_logfile={_logfile(f'{stream}_logfile', path)}",
+                f"{stream}_logfile_maxbytes={maxbytes}",
+                f"{stream}_logfile_backups={backups}",
+            ]
     return "\n".join(lines) + "\n"
 
 
 def render_supervisord(
-    *, socket_path: str, pid_path: str, log_dir: str, include_glob: str = "programs/*.conf"
+    *, socket_path: str, pid_path: str, log_dir: str, include_glob: str = "programs/*.conf",
+    minfds: int = MINFDS,
 ) -> str:
     """Return the embedded supervisord's main config.
 
     Paths are validated like program values: a root path holding `%`, a newline or `" ;"` must not be
     able to change this file's meaning either. `include_glob` is relative to the config's directory
     (supervisord joins it with that directory and splits the option on whitespace).
+
+    `minfds`: supervisord raises its soft RLIMIT_NOFILE to this (its programs inherit it; the default
+    1024 is too few for a busy server). The caller caps it at the hard limit: above it, supervisord
+    refuses to start unless it runs as root. `umask=077`: supervisord creates the log files (and the
+    rotated ones) private, since a service's output can hold secrets; programs set their own umask.
     """
     sock = _path("unix_http_server.file", socket_path)
     pid = _path("supervisord.pidfile", pid_path)
@@ -148,6 +176,8 @@ def render_supervisord(
             "logfile_maxbytes=10MB",
             "logfile_backups=5",
             "loglevel=info",
+            f"minfds={_int('supervisord.minfds', minfds, minimum=1)}",
+            "umask=077",
             f"pidfile={pid}",
             f"childlogdir={logs}",
             "nodaemon=false",
@@ -204,16 +234,18 @@ def _quote_arg(arg: str) -> str:
     return "".join(parts) or "''"
 
 
-def _environment(pairs: object) -> str:
+def _environment(pairs: object, marker: str) -> str:
     if not isinstance(pairs, tuple):
         raise UnsafeValue("environment", "must be a tuple of (key, value) pairs")
-    seen: dict[str, str] = {}
+    seen: dict[str, str] = {MARKER_KEY: _env_value(f"environment.{MARKER_KEY}", marker)}
     for pair in pairs:
         if not (isinstance(pair, tuple) and len(pair) == 2):
             raise UnsafeValue("environment", f"{pair!r} is not a (key, value) pair")
         key, value = pair
         if not isinstance(key, str) or not ENV_KEY_RE.fullmatch(key):
             raise UnsafeValue("environment", f"key {key!r} must match {ENV_KEY_RE.pattern}")
+        if key == MARKER_KEY:
+            raise UnsafeValue(f"environment.{key}", "reserved: gitops-agent sets it to the program's name")
         if key in seen:
             raise UnsafeValue(f"environment.{key}", "key given twice")
         seen[key] = _env_value(f"environment.{key}", value)
@@ -274,6 +306,18 @@ def _autorestart(value: object) -> str:
         raise UnsafeValue("autorestart", f"{value!r} must be one of {', '.join(AUTORESTART_VALUES)}")
     assert isinstance(value, str)
     return value
+
+
+def _umask(value: object) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"0?[0-7]{3}", value):
+        raise UnsafeValue("umask", f"{value!r} must be an octal umask such as 022")
+    return value
+
+
+def _size(field: str, value: object) -> str:
+    """A byte count as supervisord reads it: `10MB` when it is whole megabytes, else plain bytes."""
+    n = _int(field, value, minimum=0)
+    return f"{n // _MB}MB" if n and n % _MB == 0 else str(n)
 
 
 def _int(field: str, value: object, *, minimum: int) -> int:
