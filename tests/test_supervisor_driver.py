@@ -23,6 +23,8 @@ from agent.drivers.supervisor import (
     EmbeddedSupervisor,
     SupervisorClient,
     connect,
+    daemonized,
+    leftover_pids,
     read_program_files,
     remove_program_file,
     write_program_file,
@@ -246,7 +248,8 @@ def test_spawn_error_is_clear_and_carries_the_stderr_tail(sup):
         client.start("crash")
     assert info.value.code == 50
     message = str(info.value)
-    assert message.startswith("crash could not be started: Exited too quickly")
+    # supervisord's spawnerr, or the driver's own words when it has none yet (both say it)
+    assert message.lower().startswith("crash could not be started: exited too quickly")
     assert "SPAWN_ERROR" in message and "boom: missing DATABASE_URL" in message
 
     ghost = ProgramSpec("ghost", ("/nonexistent/bin/app",))
@@ -329,3 +332,138 @@ def test_stop_stops_everything_it_ran(sup, tmp_path):
     assert all(pid_alive(p) for p in (*pids, grandchild, daemon))
     assert sup.stop() is True
     wait_for(lambda: not any(pid_alive(p) for p in (*pids, grandchild, daemon)), 5, "all gone")
+
+
+# --- daemonizing programs, limits, logs ------------------------------------------------------------
+
+DAEMONIZE = """
+import os, sys, time, pathlib
+if os.fork():
+    sys.exit(0)
+os.setsid()
+if os.fork():
+    os._exit(0)
+pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))
+while True: time.sleep(1)
+"""
+
+
+@pytest.fixture
+def escaped_pidfiles(tmp_path):
+    """Pid files of daemonized processes; whatever they name is killed after the test, pass or fail."""
+    files = [tmp_path / f"d{i}.pid" for i in range(2)]
+    yield files
+    for f in files:
+        try:
+            os.kill(int(f.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+
+def add_daemonizer(es: EmbeddedSupervisor, name: str, pidfile: Path) -> None:
+    """A program that double-forks into a new session and exits 0, as `--daemon` servers do."""
+    spec = ProgramSpec(name, (sys.executable, "-c", one_line(DAEMONIZE), str(pidfile)), stopwaitsecs=2, startretries=0)
+    write_program_file(es.include_dir, name, render_program(spec))
+
+
+def test_a_daemonized_program_is_named_and_its_escaped_process_stopped_on_removal(tmp_path, escaped_pidfiles):
+    """The escaped process is found by the program's marker (not by its process group or session), is
+    stopped when the program is removed, and the same program name under another root is left alone."""
+    roots = [EmbeddedSupervisor(tmp_path / "r1"), EmbeddedSupervisor(tmp_path / "r2")]
+    try:
+        clients = [es.ensure_running() for es in roots]
+        pidfiles = escaped_pidfiles
+        for es, client, pidfile in zip(roots, clients, pidfiles):
+            add_daemonizer(es, "daemon", pidfile)
+            client.update()
+        escaped = [int(wait_for(lambda f=f: f.exists() and f.read_text(), what="daemon pid")) for f in pidfiles]
+        info = wait_state(clients[0], "daemon", "FATAL")     # exited at once: supervisord gave up
+        assert leftover_pids(roots[0].socket_path, "daemon") == [escaped[0]]
+        assert os.getsid(escaped[0]) != info.get("pid")
+        why = daemonized(clients[0], "daemon")
+        assert why and "daemonized" in why and str(escaped[0]) in why and "foreground" in why
+        assert daemonized(clients[0], "nope", {"statename": "EXITED"}) is None
+
+        remove_program_file(roots[0].include_dir, "daemon")
+        assert clients[0].update(["daemon"]) == {"daemon": "removed"}
+        wait_for(lambda: not pid_alive(escaped[0]), 15, "the escaped process stopped")
+        assert pid_alive(escaped[1]), "another root's program of the same name was touched"
+    finally:
+        for es in roots:
+            _stop_hard(es)
+
+
+def test_down_stops_what_its_programs_daemonized(sup, escaped_pidfiles):
+    client = sup.ensure_running()
+    pidfile = escaped_pidfiles[0]
+    add_daemonizer(sup, "daemon", pidfile)
+    client.update()
+    escaped = int(wait_for(lambda: pidfile.exists() and pidfile.read_text(), what="daemon pid"))
+    assert sup.stop() is True
+    wait_for(lambda: not pid_alive(escaped), 15, "the escaped process stopped")
+
+
+def _limits(pid: int) -> tuple[int, int]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            soft, hard = line.split()[3:5]
+            return int(soft), int(hard)
+    raise AssertionError("no 'Max open files' in /proc/limits")
+
+
+def test_embedded_supervisord_raises_its_open_files_limit(sup):
+    """Started from an agent with the common soft limit of 1024, supervisord (and so every program)
+    still gets 65536 file descriptors, or the hard limit when that is lower."""
+    import resource
+
+    code = (
+        "import resource, sys; from pathlib import Path; from agent.drivers.supervisor import EmbeddedSupervisor;"
+        "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1];"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, hard), hard));"
+        "EmbeddedSupervisor(Path(sys.argv[1])).ensure_running()"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(sup.root)], capture_output=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    want = 65536 if hard == resource.RLIM_INFINITY else min(65536, hard)
+    assert _limits(sup.client().pid())[0] == want
+    add(sup, "plain")
+    sup.client().update()
+    assert _limits(wait_state(sup.client(), "plain", "RUNNING")["pid"])[0] == want
+
+
+def test_program_logs_are_private_rotated_and_removed_with_the_program(sup):
+    """Logs can hold secrets: 0600 from the start and after supervisord rotates them; they rotate at the
+    configured size; removing the program removes them, rotated backups included."""
+    client = sup.ensure_running()
+    out, err = sup.log_dir / "chatty.out.log", sup.log_dir / "chatty.err.log"
+    code = "import sys, time\nfor i in range(40): print('x' * 99, flush=True); time.sleep(0.01)\nwhile True: time.sleep(1)"
+    add(sup, "chatty", code, stdout_logfile=str(out), stderr_logfile=str(err), log_maxbytes=1024, log_backups=2)
+    assert out.stat().st_mode & 0o777 == 0o600 and err.stat().st_mode & 0o777 == 0o600
+    assert sup.log_dir.stat().st_mode & 0o777 in (0o750, 0o700)
+    client.update()
+    wait_state(client, "chatty", "RUNNING")
+    backups = [Path(f"{out}.1"), Path(f"{out}.2")]
+    wait_for(lambda: all(b.exists() for b in backups), 15, "rotated logs")
+    for path in (out, err, *backups):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert out.stat().st_size <= 1024 + 100
+    assert not Path(f"{out}.3").exists()
+
+    remove_program_file(sup.include_dir, "chatty")
+    client.update(["chatty"])
+    assert not [p.name for p in sup.log_dir.iterdir() if p.name.startswith("chatty.")]
+    assert (sup.log_dir / "supervisord.log").exists()
+
+
+def test_an_existing_world_readable_log_is_made_private(tmp_path):
+    include, logs = tmp_path / "programs", tmp_path / "logs"
+    logs.mkdir()
+    old = logs / "svc.out.log"
+    old.write_text("from an older version\n")
+    old.chmod(0o644)
+    spec = ProgramSpec("svc", ("/bin/true",), stdout_logfile=str(old), stderr_logfile=str(logs / "svc.err.log"))
+    write_program_file(include, "svc", render_program(spec))
+    assert old.stat().st_mode & 0o777 == 0o600 and old.read_text() == "from an older version\n"
+    remove_program_file(include, "svc", keep_logs=True)
+    assert old.exists()

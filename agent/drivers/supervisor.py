@@ -5,12 +5,22 @@ Side effects only; what to write comes from `agent.core.render.supervisor` (pure
 Why `update()` is done by hand: `supervisorctl update` is `reloadConfig` plus stop/remove/add per
 group, and doing those calls ourselves lets us restrict them to named programs and report exactly
 what changed. Untouched programs keep their pid.
+
+Daemonizing services: a program that forks into a new session escapes supervisord's process-group
+kill. Every rendered program carries `GITOPS_AGENT_PROGRAM=<name>` in its environment, which all its
+descendants inherit, and supervisord adds `SUPERVISOR_SERVER_URL` (its own socket); the two together
+name a program's processes on this host exactly, so stopping, replacing or removing a program also
+ends those (`stop_leftovers`), and `daemonized` says why such a program cannot be supervised. Why not
+cgroups: the agent usually cannot write them (systemd's `ProtectControlGroups=`, containers, no
+delegation), and with a shared supervisord it does not spawn the processes itself. A process that
+clears its environment escapes this; a cgroup would not.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -22,7 +32,7 @@ from typing import Any
 from agent.drivers import _xmlrpc
 from agent.core.errors import ConfigError, SupervisorError
 from agent.drivers.fsutil import atomic_write, fsync_dir
-from agent.core.render.supervisor import PROGRAM_NAME_RE, UnsafeValue, render_supervisord
+from agent.core.render.supervisor import MARKER_KEY, MINFDS, PROGRAM_NAME_RE, UnsafeValue, render_supervisord
 
 __all__ = [
     "SupervisorClient",
@@ -31,6 +41,9 @@ __all__ = [
     "write_program_file",
     "remove_program_file",
     "read_program_files",
+    "leftover_pids",
+    "stop_leftovers",
+    "daemonized",
     "FAULTS",
 ]
 
@@ -59,6 +72,9 @@ _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL on Linux
 _POLL = 0.02
 _STOP_POLL = 0.01
 _STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")   # supervisor.states.STOPPED_STATES
+_LOG_DIR_MODE = 0o750
+_LOG_MODE = 0o600               # a service's output can hold secrets
+_LEFTOVER_WAIT = 10.0           # seconds between SIGTERM and SIGKILL for a program's leftovers
 
 log = logging.getLogger("gitops_agent.supervisor")
 
@@ -144,6 +160,8 @@ class SupervisorClient:
                 raise SupervisorError(f"{group}: could not be stopped, not removing: {why}", _FAILED)
             unstoppable = {r.get("name") for r in failed}   # removeProcessGroup will say STILL_RUNNING
             self._wait_stopped(lambda info: info.get("group") == group and info.get("name") not in unstoppable, group)
+            if not unstoppable:
+                stop_leftovers(self.socket_path, group)   # what it daemonized would outlive it
             self._call("supervisor.removeProcessGroup", group)
         if change in ("changed", "added"):
             self._call("supervisor.addProcessGroup", group)
@@ -171,6 +189,7 @@ class SupervisorClient:
             return
         if wait:
             self._wait_stopped(lambda info: _namespec(info) == name, name)
+            stop_leftovers(self.socket_path, name)
 
     def _wait_stopped(self, selects, what: str) -> None:
         """Poll until the selected processes have stopped.
@@ -323,6 +342,7 @@ class EmbeddedSupervisor:
             if time.monotonic() >= deadline:
                 raise SupervisorError(f"supervisord pid {pid} still running after {timeout:g}s", None)
             time.sleep(_POLL)
+        self._stop_orphans()    # what its programs daemonized (out of their process groups) is left
         return True
 
     # -- helpers
@@ -331,7 +351,7 @@ class EmbeddedSupervisor:
         self.base_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.base_dir, 0o700)
         self.include_dir.mkdir(exist_ok=True)
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(mode=_LOG_DIR_MODE, parents=True, exist_ok=True)
         if len(os.fsencode(self.socket_path)) > _SOCKET_PATH_MAX:
             raise SupervisorError(
                 f"socket path {self.socket_path} is longer than {_SOCKET_PATH_MAX} bytes; "
@@ -346,6 +366,7 @@ class EmbeddedSupervisor:
                 pid_path=str(self.pid_path),
                 log_dir=str(self.log_dir),
                 include_glob=f"{self.include_dir.name}/*.conf",
+                minfds=_minfds(),
             )
         except UnsafeValue as err:
             raise ConfigError(f"agent root {self.root} cannot be used with supervisord: {err}") from err
@@ -436,6 +457,12 @@ class EmbeddedSupervisor:
             )
 
 
+def _minfds() -> int:
+    """MINFDS, capped by our hard RLIMIT_NOFILE: supervisord cannot go above it and would refuse to start."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    return MINFDS if hard == resource.RLIM_INFINITY else min(MINFDS, hard)
+
+
 def _pid_alive(pid: int) -> bool:
     """Alive and not a zombie (our daemon is reparented to a pid 1 that may not reap it at once)."""
     try:
@@ -513,6 +540,97 @@ def _tail(path: Path, nbytes: int = 2000) -> str:
         return "(no log)"
 
 
+# --- processes a program left behind -----------------------------------------------------------
+
+
+def leftover_pids(socket_path: str | Path, name: str) -> list[int]:
+    """Live processes of program `name` of the supervisord at `socket_path`, found by their environment.
+
+    A process belongs to the program when its environment holds `GITOPS_AGENT_PROGRAM=<name>` (from the
+    rendered config) and `SUPERVISOR_SERVER_URL=unix://<that socket>` (supervisord sets it; compared
+    with symlinks resolved, so /var/run and /run agree). Processes we may not read are not ours to
+    judge. Our own process is never listed.
+    """
+    marker = f"{MARKER_KEY}={name}".encode()
+    want = os.path.realpath(socket_path)
+    found = []
+    for pid, env in _environments():
+        if marker not in env or pid == os.getpid():
+            continue
+        urls = [e[len(b"SUPERVISOR_SERVER_URL=unix://"):] for e in env if e.startswith(b"SUPERVISOR_SERVER_URL=unix://")]
+        if any(os.path.realpath(os.fsdecode(u)) == want for u in urls) and _pid_alive(pid):
+            found.append(pid)
+    return sorted(found)
+
+
+def stop_leftovers(socket_path: str | Path, name: str, timeout: float = _LEFTOVER_WAIT) -> list[int]:
+    """SIGTERM every leftover process of `name` (and the process group it leads), SIGKILL what is still
+    there after `timeout` seconds; return the pids found. Call it once supervisord has stopped the program:
+    anything of the program still alive then has left its process group (a daemonizing service)."""
+    pids = leftover_pids(socket_path, name)
+    if not pids:
+        return []
+    log.warning("program %s left processes running outside its process group (%s): stopping them",
+                name, ", ".join(map(str, pids)))
+    for pid in pids:
+        _signal_tree(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(_STOP_POLL * 5)
+    for pid in pids:
+        if _pid_alive(pid):
+            _signal_tree(pid, signal.SIGKILL)
+    for pid in leftover_pids(socket_path, name):     # started by the ones we stopped, in the meantime
+        _signal_tree(pid, signal.SIGKILL)
+    return pids
+
+
+def daemonized(client: "SupervisorClient", name: str, info: dict | None = None) -> str | None:
+    """Why `name` cannot be supervised, if it daemonized: supervisord sees it exited (or failing to start)
+    while processes it started still run outside its process group. None when that is not the case.
+
+    For plan and outcome messages: without this, such a service looks like one that crashed, and a
+    restart starts a second copy next to the first.
+    """
+    if info is None:
+        info = client.process_info().get(name) or {}
+    if info.get("statename") not in ("EXITED", "BACKOFF", "FATAL"):
+        return None
+    pids = leftover_pids(client.socket_path, name)
+    if not pids:
+        return None
+    return (f"{name} daemonized: its command exited (status {info.get('exitstatus')}) but left process(es) "
+            f"{', '.join(map(str, pids))} running outside supervisord's control; it cannot be supervised: "
+            "run it in the foreground (its 'no daemon' / foreground option)")
+
+
+def _environments():
+    """(pid, environment entries) of every process whose environment we may read."""
+    try:
+        entries = [e.name for e in os.scandir("/proc") if e.name.isdigit()]
+    except OSError:
+        return
+    for name in entries:
+        try:
+            with open(f"/proc/{name}/environ", "rb") as fh:
+                yield int(name), fh.read().split(b"\0")
+        except OSError:
+            continue
+
+
+def _signal_tree(pid: int, sig: int) -> None:
+    """Signal `pid`, and its whole process group when it leads one (its children that cleared their
+    environment are still in it). Never our own group."""
+    try:
+        pgid = os.getpgid(pid)
+    except OSError:
+        return
+    if pgid == pid and pgid != os.getpgrp():
+        _signal_group(pgid, sig)
+    else:
+        _signal(pid, sig)
+
+
 # --- program files --------------------------------------------------------------------------------
 
 
@@ -524,21 +642,84 @@ def write_program_file(include_dir: Path, name: str, text: str) -> None:
     Why validate here: one unparsable include file makes every later `reloadConfig` fail (fault 92)
     for every program. The temp file is a dotfile ending in `.tmp`, outside the `*.conf` glob, so a
     concurrent reload never sees a half-written file.
+
+    Its log files' directory is created (0750) first: supervisord refuses a program whose log
+    directory is missing (a fresh root with a shared supervisord has none). The log files are
+    created 0600 before supervisord first opens them: it appends and keeps the mode, so a shared
+    supervisord with a permissive umask does not make a service's output readable to others.
     """
     _check_name(name)
+    logs = _log_paths(text)
+    for path in logs:
+        path.parent.mkdir(mode=_LOG_DIR_MODE, parents=True, exist_ok=True)
     _validate_program_text(include_dir, name, text)
+    for path in logs:
+        _private_log(path)
     Path(include_dir).mkdir(parents=True, exist_ok=True)
     atomic_write(Path(include_dir) / f"{name}.conf", text, 0o600)
 
 
-def remove_program_file(include_dir: Path, name: str) -> None:
-    """Remove <name>.conf; a missing file is fine (the wish is already met)."""
+def remove_program_file(include_dir: Path, name: str, keep_logs: bool = False) -> None:
+    """Remove <name>.conf and (unless `keep_logs`) the log files it names, rotated ones included.
+    A missing file is fine (the wish is already met)."""
     _check_name(name)
+    path = Path(include_dir) / f"{name}.conf"
     try:
-        (Path(include_dir) / f"{name}.conf").unlink()
+        text = path.read_text(encoding="utf-8")
+        path.unlink()
     except FileNotFoundError:
         return
     fsync_dir(Path(include_dir))
+    if not keep_logs:
+        for log_path in _log_paths(text):
+            _remove_log(log_path)
+
+
+def _log_paths(text: str) -> list[Path]:
+    """The absolute stdout/stderr log files a program file names (not AUTO/NONE/syslog)."""
+    from supervisor.options import UnhosedConfigParser
+
+    parser = UnhosedConfigParser()
+    try:
+        parser.read_string(text)
+    except Exception:  # noqa: BLE001 - an unparsable text names no files; validation says why
+        return []
+    paths = []
+    for section in parser.sections():
+        for key in ("stdout_logfile", "stderr_logfile"):
+            value = parser.get(section, key, fallback="").strip()
+            if value.startswith("/") and "%" not in value:
+                paths.append(Path(value))
+    return paths
+
+
+def _private_log(path: Path) -> None:
+    """Create `path` 0600 if missing; make an existing one of ours 0600 (earlier versions left it 0644)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, _LOG_MODE)
+    except FileExistsError:
+        st = path.lstat()
+        if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+            os.chmod(path, _LOG_MODE, follow_symlinks=False)
+        return
+    os.close(fd)
+
+
+def _remove_log(path: Path) -> None:
+    """Remove a log file and its rotated backups (<file>.1, <file>.2, ...)."""
+    try:
+        backups = [p for p in path.parent.glob(f"{_glob_escape(path.name)}.*") if p.suffix[1:].isdigit()]
+    except OSError:
+        backups = []
+    for p in (path, *backups):
+        try:
+            p.unlink()
+        except FileNotFoundError:
+            pass
+
+
+def _glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
 def read_program_files(include_dir: Path) -> dict[str, str]:

@@ -1,5 +1,11 @@
 """Gather a host's facts (`agent.core.facts`): asks the venv manager and supervisord, once each, and
 reads the program include dir. Nothing here decides anything.
+
+Which programs are the agent's: those whose file is in its include dir, and (once that file is gone)
+those whose running config logs into its logs dir, as every program it writes does. A shared
+supervisord runs others too -- the agent itself among them (deploy/supervisor/) -- and reports
+their unapplied edits in the same `reloadConfig` answer; those are not facts about the agent's host
+state, and a program listed here that is not wished for gets removed.
 """
 
 from __future__ import annotations
@@ -9,7 +15,7 @@ from typing import Protocol
 
 from agent.core.facts import Facts, ProgramFact, VenvFact
 
-__all__ = ["collect", "read_verified"]
+__all__ = ["collect", "read_verified", "owned_pending"]
 
 
 def read_verified(directory: Path) -> dict[str, str]:
@@ -50,10 +56,30 @@ def _venv_facts(venvs: _Venvs, envs_dir: Path) -> dict[str, VenvFact]:
     return out
 
 
+def owned_pending(pending: dict[str, str], program_files: dict[str, str], info: dict[str, dict],
+                  logs_dir: Path) -> dict[str, str]:
+    """The part of reloadConfig's pending changes that concerns programs the agent wrote.
+
+    Added or changed: its file is in our include dir. Removed (its file is gone, so the include dir no
+    longer says): supervisord's running config logs it into our logs dir.
+    """
+    logs = str(Path(logs_dir)) + "/"
+
+    def ours(name: str, change: str) -> bool:
+        if change != "removed":
+            return name in program_files
+        p = info.get(name, {})
+        return any(str(p.get(k) or "").startswith(logs) for k in ("stdout_logfile", "stderr_logfile"))
+
+    return {name: change for name, change in pending.items() if ours(name, change)}
+
+
 def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client, lb=None,
-            verified: dict[str, str] | None = None, reload_config=None) -> Facts:
+            verified: dict[str, str] | None = None, reload_config=None, logs_dir: Path | None = None) -> Facts:
     """Gather facts. `client` is a connected SupervisorClient, or None when supervisord is not running;
-    `lb` a load-balancer driver whose `facts()` reads what it really serves (None: no traffic managed)."""
+    `lb` a load-balancer driver whose `facts()` reads what it really serves (None: no traffic managed).
+    `logs_dir`: the root's logs dir (`Layout.logs`; default: next to `envs_dir`), which tells the agent's
+    removed-but-still-loaded programs from others (`owned_pending`)."""
     programs: dict[str, ProgramFact] = {}
     supervisor = "stopped"
     info: dict[str, dict] = {}
@@ -65,6 +91,8 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             info = client.process_info()
             added, changed, removed = (reload_config or client.reload_config)()
             pending = {**{n: "added" for n in added}, **{n: "changed" for n in changed}, **{n: "removed" for n in removed}}
+            pending = owned_pending(pending, program_files, info,
+                                    Path(logs_dir) if logs_dir is not None else Path(envs_dir).parent / "logs")
             supervisor = "running"
         except SupervisorError as exc:
             supervisor = f"unreachable: {exc}"
