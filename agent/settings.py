@@ -1,7 +1,13 @@
-"""The agent's own configuration: CLI flags > GITOPS_AGENT_* environment > --config YAML > defaults."""
+"""The agent's own configuration: CLI flags > GITOPS_AGENT_* environment > --config YAML > defaults.
+
+Every setting has one name (the field) and may be spelled like its command-line option in the config
+file (`health-wait`) and the environment (GITOPS_AGENT_HEALTH_WAIT). Values are checked once, here, for
+type and range, and an error names the flag, variable or file the bad value came from.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass, fields, replace
@@ -43,47 +49,126 @@ class Settings:
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
 
-    def check(self) -> "Settings":
-        if self.mode not in ("enforce", "warn"):
-            raise ConfigError(f"mode must be enforce or warn, not {self.mode!r}")
-        if self.lb not in ("haproxy", "nginx"):
-            raise ConfigError(f"lb must be haproxy or nginx, not {self.lb!r}")
-        if self.installer not in ("pip", "uv"):
-            raise ConfigError(f"installer must be pip or uv, not {self.installer!r}")
-        if self.supervisor != "embedded" and not self.supervisor.startswith("unix://"):
-            raise ConfigError(f"supervisor must be 'embedded' or unix:///path/to.sock, not {self.supervisor!r}")
-        if self.splay < 0:
-            raise ConfigError(f"splay must be 0 or more seconds, not {self.splay:g}")
-        if self.retention < 1:
-            raise ConfigError("retention must be at least 1")
-        if self.path and (os.path.isabs(self.path) or ".." in Path(self.path).parts):
-            raise ConfigError(f"path {self.path!r} must be a relative subdirectory of the repo")
+    def check(self, sources: Mapping[str, str] | None = None) -> "Settings":
+        """Raise one ConfigError naming every bad value (and where it came from, given `sources`)."""
+        problems = _problems(self)
+        if problems:
+            sources = sources or {}
+            lines = [f"{_origin(name, sources.get(name))}: {text}" for name, text in problems]
+            raise ConfigError(lines[0] if len(lines) == 1 else "invalid settings:\n  " + "\n  ".join(lines))
         return self
 
 
 _TYPES = {f.name: f.type for f in fields(Settings)}
+# Settings whose command-line option is not the field's name: the option's name works as a key in the
+# config file and as GITOPS_AGENT_<NAME> too (GITOPS_AGENT_HEALTH_WAIT), as the CLI help promises.
+_OPTION = {"health_wait_s": "health_wait", "poll_interval_s": "poll_interval"}
+_ALIAS = {option: name for name, option in _OPTION.items()}
+# Allowed ranges of the numeric settings: (low, low allowed?, high, unit). A value outside is refused
+# at start, not met later as a gate that always fails (health wait 0) or a loop that spins (poll 0).
+_RANGES: dict[str, tuple[float, bool, float, str]] = {
+    "retention": (1, True, 100, "venvs"),
+    "health_wait_s": (0, False, 3600, "seconds"),
+    "poll_interval_s": (1, True, 86400, "seconds"),
+    "splay": (0, True, 86400, "seconds"),
+}
+_CHOICES = {
+    "mode": ("enforce", "warn"),
+    "lb": ("haproxy", "nginx"),
+    "installer": ("pip", "uv"),
+    "log_format": ("text", "json"),
+    "log_level": ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+}
+_KIND_WORDS = {"int": "a whole number", "float": "a number", "bool": "a yes/no value", "Path": "a path"}
 
 
-def _coerce(name: str, value: Any) -> Any:
+def _range_text(low: float, low_ok: bool, high: float, unit: str) -> str:
+    return f"{'at least' if low_ok else 'more than'} {low:g} and at most {high:g} {unit}"
+
+
+def _problems(s: Settings) -> list[tuple[str, str]]:
+    """(setting, what is wrong) for every bad value: all of them, not just the first."""
+    found: list[tuple[str, str]] = []
+    for name, (low, low_ok, high, unit) in _RANGES.items():
+        value = getattr(s, name)
+        inside = math.isfinite(value) and (value >= low if low_ok else value > low) and value <= high
+        if not inside:
+            found.append((name, f"{value:g} is out of range: it must be {_range_text(low, low_ok, high, unit)}"))
+    for name, allowed in _CHOICES.items():
+        value = getattr(s, name)
+        if (value.upper() if name == "log_level" else value) not in allowed:
+            found.append((name, f"must be {' or '.join(allowed)}, not {value!r}"))
+    if s.supervisor != "embedded" and not s.supervisor.startswith("unix://"):
+        found.append(("supervisor", f"must be 'embedded' or unix:///path/to.sock, not {s.supervisor!r}"))
+    if s.path and (os.path.isabs(s.path) or ".." in Path(s.path).parts):
+        found.append(("path", f"{s.path!r} must be a relative subdirectory of the repo"))
+    _host, sep, port = s.listen.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        found.append(("listen", f"must be HOST:PORT with a port from 1 to 65535, not {s.listen!r}"))
+    return found
+
+
+def _origin(name: str, source: str | None) -> str:
+    """How a person finds the value: the flag, the variable or the config file it came from."""
+    if source is None or source == "flag":
+        return "--" + _OPTION.get(name, name).replace("_", "-")
+    return source
+
+
+def _coerce(name: str, value: Any, source: str) -> Any:
+    """A value of the setting's type, from a flag, a variable (always text) or YAML (any type)."""
     kind = _TYPES[name]
-    try:
-        if kind == "Path":
-            return Path(value).expanduser()
-        if kind == "bool":
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off", ""):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if kind == "int":
-            return int(value)
-        if kind == "float":
-            return float(value)
-        return str(value) if value is not None else None
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: {value!r} is not a valid {kind}") from None
+    base = kind.replace(" | None", "")
+    if value is None and kind != base:
+        return None
+    converted = _converted(base, value)
+    if converted is None:
+        hint = {"bool": " (true/false, yes/no, on/off, 1/0)"}.get(base, "")
+        if base in ("str", "Path") and isinstance(value, (int, float, bool)):
+            hint = f" but YAML read it as {type(value).__name__}: quote it"   # ref: 1.10 would be 1.1
+        raise ConfigError(f"{_origin(name, source)}: {value!r} is not {_KIND_WORDS.get(base, 'a string')}{hint}")
+    return converted
+
+
+def _converted(base: str, value: Any) -> Any:
+    """`value` as a `base` ("int", "float", "bool", "Path", "str"), or None if it is not one."""
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+        word = value.strip().lower() if isinstance(value, str) else None
+        return True if word in ("1", "true", "yes", "on") else False if word in ("0", "false", "no", "off", "") else None
+    if base in ("int", "float"):
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            return None
+        try:
+            number = float(value)
+        except ValueError:
+            return None
+        if base == "float":
+            return number
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                return None
+        return int(number) if number.is_integer() else None
+    if not isinstance(value, str):
+        return None
+    return Path(value).expanduser() if base == "Path" else value
+
+
+def _canonical_keys(items: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """Keys as field names ('health-wait' -> health_wait_s); two spellings of one setting are an error."""
+    out: dict[str, Any] = {}
+    spelled: dict[str, str] = {}
+    for key, value in items.items():
+        name = str(key).replace("-", "_")
+        name = _ALIAS.get(name, name)
+        if name in spelled:
+            raise ConfigError(f"{where}: {spelled[name]!r} and {key!r} both set {name}: keep one")
+        spelled[name] = str(key)
+        out[name] = value
+    return out
 
 
 def _from_file(path: Path) -> dict[str, Any]:
@@ -94,25 +179,38 @@ def _from_file(path: Path) -> dict[str, Any]:
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read config file {path}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must be a mapping")
-    unknown = sorted(set(k.replace("-", "_") for k in data) - set(_TYPES))
+        raise ConfigError(f"config file {path} must be a mapping of setting: value")
+    values = _canonical_keys(data, f"config file {path}")
+    unknown = sorted(set(values) - set(_TYPES))
     if unknown:
-        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return {k.replace("-", "_"): v for k, v in data.items()}
+        known = ", ".join(sorted(_OPTION.get(n, n) for n in _TYPES))
+        raise ConfigError(f"config file {path}: unknown setting(s) {', '.join(unknown)} (known: {known})")
+    return values
 
 
 def build_settings(cli: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> Settings:
-    """Merge the sources; a value None in `cli` means "not given"."""
+    """Merge the sources, highest first: flags > GITOPS_AGENT_* > --config file > defaults.
+
+    A value None in `cli` means "not given". Errors name the flag, variable or file a bad value came from.
+    """
     merged: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     config = cli.get("config") or environ.get(ENV_PREFIX + "CONFIG")
     if config:
-        merged.update(_from_file(Path(config)))
+        for name, value in _from_file(Path(config)).items():
+            merged[name], sources[name] = value, f"{name} in config file {config}"
+    from_env: dict[str, str] = {}
     for name in _TYPES:
-        if ENV_PREFIX + name.upper() in environ:
-            merged[name] = environ[ENV_PREFIX + name.upper()]
+        for key in {ENV_PREFIX + name.upper(), ENV_PREFIX + _OPTION.get(name, name).upper()}:
+            if key in environ:
+                if name in from_env:
+                    raise ConfigError(f"{from_env[name]} and {key} both set {name}: keep one")
+                from_env[name] = key
+                merged[name], sources[name] = environ[key], key
     for name, value in cli.items():
         if name in _TYPES and value is not None:
-            merged[name] = value
-    values = {k: _coerce(k, v) for k, v in merged.items()}
+            merged[name], sources[name] = value, "flag"
+    values = {k: _coerce(k, v, sources[k]) for k, v in merged.items()}
     settings = replace(Settings(), **values)
-    return replace(settings, root=Path(os.path.abspath(settings.root))).check()
+    settings = replace(settings, root=Path(os.path.abspath(settings.root)))
+    return settings.check(sources)
