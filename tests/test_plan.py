@@ -149,9 +149,20 @@ def test_interrupted_build_is_named_in_the_reason():
 def test_no_health_check_means_no_gate():
     s = svc(health=False)
     plan = make_plan(desired(svcs=(s,)), Facts("running"), OPTS)
-    assert "check_health" not in [a.kind for a in plan.actions]
-    assert "await_running" not in [a.kind for a in plan.actions]
-    assert not next(a for a in plan.actions if a.kind == "update_program").gated   # waits for RUNNING itself
+    kinds = [a.kind for a in plan.actions]
+    assert "check_health" not in kinds
+    assert kinds[-1] == "await_running"          # its start is confirmed last, overlapping the others' windows
+    assert not next(a for a in plan.actions if a.kind == "update_program").gated
+
+
+def test_many_ungated_services_start_together_and_are_confirmed_after():
+    """Issue 12 item 9: 150 services without health checks applied ~1.1 s each in turn (each start
+    waited out its startsecs). Every start comes before the first confirmation now."""
+    svcs = tuple(svc(name=f"w{i}", health=False) for i in range(20))
+    kinds = [a.kind for a in make_plan(desired(svcs=svcs), Facts("running"), OPTS).actions]
+    last_start = max(i for i, k in enumerate(kinds) if k == "update_program")
+    first_wait = min(i for i, k in enumerate(kinds) if k == "await_running")
+    assert last_start < first_wait and kinds.count("await_running") == 20
 
 
 def test_await_running_comes_after_traffic_and_before_removals():

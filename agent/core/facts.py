@@ -6,7 +6,29 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict, dataclass, field
 
-__all__ = ["VenvFact", "ProgramFact", "Facts", "text_digest"]
+from agent.core._enum import StrEnum
+
+__all__ = ["ProcessState", "VenvFact", "ProgramFact", "Facts", "text_digest"]
+
+
+class ProcessState(StrEnum):
+    """supervisord's process states (its `statename`), listed once; the groups below are what the agent
+    decides with."""
+
+    STOPPED = "STOPPED"
+    STARTING = "STARTING"
+    RUNNING = "RUNNING"
+    BACKOFF = "BACKOFF"
+    STOPPING = "STOPPING"
+    EXITED = "EXITED"
+    FATAL = "FATAL"
+    UNKNOWN = "UNKNOWN"
+
+
+DOWN_STATES = frozenset({ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL, ProcessState.BACKOFF})
+"""Not running and not about to: a program in one of these will not turn healthy by waiting."""
+STARTABLE_STATES = frozenset({ProcessState.STOPPED, ProcessState.EXITED, ProcessState.FATAL})
+"""Stopped for good: `startProcess` is what brings it back (BACKOFF is supervisord still retrying)."""
 
 
 def text_digest(text: str) -> str:

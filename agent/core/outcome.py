@@ -7,21 +7,12 @@ them once here (`resource_states`) is what keeps `status` and `/metrics` from di
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 from typing import Iterable
 
+from agent.core._enum import StrEnum as _StrEnum
+
 __all__ = ["Verdict", "Outcome", "ReconcileResult", "Retry", "ResourceState", "resource_states", "verdict_for"]
-
-
-class _StrEnum(str, enum.Enum):
-    """A str whose str() is its value (Python 3.10 has no enum.StrEnum): JSON, log lines and metric
-    labels read the plain word, and code compares members, not text."""
-
-    def __str__(self) -> str:
-        return self.value
-
-    __format__ = str.__format__
 
 
 class Verdict(_StrEnum):

@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from agent.core.facts import ProcessState
+
 __all__ = ["ChaosMonkey", "fires"]
 
 log = logging.getLogger("gitops_agent.chaos")
@@ -76,7 +78,7 @@ class ChaosMonkey:
         except Exception as exc:  # noqa: BLE001 (chaos must never break the daemon)
             log.warning("chaos: cannot read supervisord: %s", exc)
             return
-        names = sorted(s.name for s in app.services if info.get(s.name, {}).get("statename") == "RUNNING"
+        names = sorted(s.name for s in app.services if info.get(s.name, {}).get("statename") == ProcessState.RUNNING
                        and not any(k.program == s.name for k in self.pending))
         if not names:
             return
@@ -100,7 +102,7 @@ class ChaosMonkey:
             return
         for k in list(self.pending):
             p = info.get(k.program, {})
-            if p.get("statename") == "RUNNING" and int(p.get("pid") or 0) not in (0, k.pid):
+            if p.get("statename") == ProcessState.RUNNING and int(p.get("pid") or 0) not in (0, k.pid):
                 self.pending.remove(k)
                 seconds = now - k.at
                 log.warning("chaos: %s back (pid %s) after %.2fs", k.program, p.get("pid"), seconds)

@@ -15,7 +15,7 @@ from typing import Callable
 from agent.drivers.supervisor import remove_program_file, write_program_file
 from agent.drivers.venv import VenvManager, VenvSpec
 from agent.core.errors import AgentError, HealthCheckFailed, SupervisorError
-from agent.core.facts import text_digest
+from agent.core.facts import DOWN_STATES, STARTABLE_STATES, ProcessState, text_digest
 from agent.core.outcome import Outcome, Verdict, verdict_for
 from agent.drivers.fsutil import atomic_write
 from agent.core.layout import Layout
@@ -68,7 +68,7 @@ def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
     while True:
         info = client.process_info().get(name)
         state = info.get("statename") if info else None
-        if state == "RUNNING":
+        if state == ProcessState.RUNNING:
             return
         _raise_if_dead(client, name, info)
         if drivers.clock() > deadline:
@@ -77,17 +77,15 @@ def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
 
 
 def _started(drivers: Drivers, action: UpdateProgram | StartProgram | RestartProgram) -> str:
-    """Ungated: wait for RUNNING here. Gated: its health check decides, and AwaitRunning (planned
-    last) confirms startsecs, so a restart is not held up a whole startsecs before it gets traffic."""
-    if action.gated:
-        return ", starting (health gate next)"
-    _wait_running(drivers, action.name, action.startsecs)
-    return ", running"
+    """Nothing waits here: a gated start's health check decides when it gets traffic, and every start's
+    AwaitRunning (planned last) confirms startsecs, so the windows of many services overlap instead of
+    adding up (a program that dies at once fails there, with its stderr)."""
+    return ", starting (health gate next)" if action.gated else ", starting"
 
 
 def _raise_if_dead(client, name: str, info: dict | None) -> None:
     state = info.get("statename") if info else None
-    if state in ("FATAL", "EXITED", "STOPPED", "BACKOFF") and info is not None:
+    if state in DOWN_STATES and info is not None:
         tail = client.read_log_tail(name)
         raise SupervisorError(f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
                               + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
@@ -210,7 +208,7 @@ def _rollback(key: str, done: list[Action], drivers: Drivers) -> tuple[bool, str
 
 def _start_if_stopped(drivers: Drivers, name: str) -> bool:
     info = drivers.client().process_info().get(name) or {}
-    if info.get("statename") in ("STOPPED", "EXITED", "FATAL"):
+    if info.get("statename") in STARTABLE_STATES:
         drivers.client().start(name, wait=False)
         return True
     return False

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from agent.core.facts import ProcessState
 from agent.core.outcome import ReconcileResult, ResourceState, Verdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -215,7 +216,7 @@ class Recorder:
 
     def _observe_services(self, result) -> None:
         """service_up from the facts (read before apply), corrected by what this apply did to each program."""
-        up = {name: p.state == "RUNNING" for name, p in result.facts.programs.items()}
+        up = {name: p.state == ProcessState.RUNNING for name, p in result.facts.programs.items()}
         for o in result.outcomes:
             kind, name = resource_of(o.action.key)
             if kind == "program" and o.ok:
