@@ -288,3 +288,17 @@ def test_an_app_file_with_the_wrong_name_is_not_silently_skipped(tmp_path):
     root = tree(tmp_path, {"apps/other/app.yml": OTHER2})
     text = messages(root)
     assert "apps/other/app.yml: is not read: an app is defined by apps/<app>/app.yaml (rename it to app.yaml)" in text
+
+
+def test_a_fleet_without_hosts_refuses_every_host(tmp_path):
+    root = tree(tmp_path, {"fleet.yaml": "apiVersion: gitops-agent/v1\nkind: Fleet\n"})
+    with pytest.raises(InvalidState, match="host 'h1' is not defined in fleet.yaml.*; no host is defined"):
+        load_desired(root, "h1")
+
+
+def test_a_typo_in_one_host_entry_does_not_hide_a_clash_on_another(tmp_path):
+    root = two_apps(tmp_path, APP, OTHER)              # both on h1 (web), both on port 8101
+    (root / "fleet.yaml").write_text(FLEET_LABELS + "  h2: {grups: [db]}\n")
+    text = messages(root)
+    assert "hosts.h2.grups: unknown field 'grups' (did you mean 'groups'?)" in text, text
+    assert "port 8101 is also defined in apps/demo/app.yaml (both run on host h1)" in text, text

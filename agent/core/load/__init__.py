@@ -46,7 +46,8 @@ def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> De
     """
     result = _validated(root, opts)
     problems = list(result.problems)
-    if host not in result.hosts and result.fleet is not None:
+    listed = result.fleet.data.get("hosts") if result.fleet is not None and isinstance(result.fleet.data, dict) else None
+    if result.fleet is not None and host not in result.hosts and not (isinstance(listed, dict) and host in listed):
         problems.append(_unknown_host(host, result))
     if problems:
         raise InvalidState(problems)
@@ -74,8 +75,7 @@ def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> De
 def _unknown_host(host: str, result: Validated) -> Problem:
     """A host fleet.yaml does not list gets nothing from this revision, rather than an empty desired state
     that would tear it down (a typo or a renamed entry must not empty a host: DESIGN §3d)."""
-    line = result.fleet.line(("hosts",)) if "hosts" in (result.fleet.data or {}) else None
-    return Problem(FLEET_FILE, line, "hosts",
+    return Problem(FLEET_FILE, result.fleet.line(("hosts",)), "hosts",
                    f"host {host!r} is not defined in {FLEET_FILE}, so this revision is not applied to it (a host "
                    f"the fleet does not list is never emptied){defined(host, result.hosts, 'host')}; add it under "
                    f"hosts: (or run the agent with the --host name it has there)")

@@ -19,7 +19,7 @@ from agent.core.load.overrides import describe_override, override_paths_ok, with
 from agent.core.load.problems import Collector
 from agent.core.load.read import RawTree
 from agent.core.load.salvage import salvage
-from agent.core.load.schema import schema_problems
+from agent.core.load.schema import schema_errors, schema_problems
 from agent.core.load.selectors import Host, hosts_of, selects
 from agent.core.model import App
 
@@ -74,6 +74,17 @@ class Variants:
         return dataclasses.replace(app, overrides=tuple(describe_override(i, entries[i]) for i in key))
 
 
+def _sound_hosts(fleet: Located | None) -> dict[str, Host]:
+    """The host entries of an invalid fleet.yaml that are valid themselves, so the apps on them are still
+    checked against each other (a typo in one host entry must not hide a port clash on the others)."""
+    entries = fleet.data.get("hosts") if fleet is not None and isinstance(fleet.data, dict) else None
+    if not isinstance(entries, dict):
+        return {}
+    sound = {name: spec for name, spec in entries.items()
+             if not schema_errors({"apiVersion": "gitops-agent/v1", "kind": "Fleet", "hosts": {name: spec}}, "fleet")}
+    return hosts_of({"hosts": sound})
+
+
 def _locator(doc: Located):
     return lambda path: (doc.file, doc.line(path))
 
@@ -84,7 +95,7 @@ def validate(tree: RawTree, opts: LoadOptions) -> Validated:
     fleet = tree.fleet
     fleet_ok = fleet is not None and schema_problems(fleet, "fleet", out)
     defaults = (fleet.data.get("defaults") or {}) if fleet_ok else {}
-    hosts = hosts_of(fleet.data) if fleet_ok else {}
+    hosts = hosts_of(fleet.data) if fleet_ok else _sound_hosts(fleet)
     variants = Variants(tree, defaults, opts, out)
     apps: list[tuple[Located, App]] = []
     partial: list[tuple[Located, App]] = []     # the sound part of invalid apps: checked, never loaded
