@@ -195,6 +195,16 @@ def test_a_config_that_never_passed_its_gate_is_gated_again():
     assert kinds(make_plan(desired(), stale, OPTS)) == [("check_health", "program:web")]
 
 
+def test_a_service_that_exited_after_its_gate_is_drift_and_gated_again():
+    """Issue 12 item 4: a program supervisord restarted after its gate (a crash loop past startsecs
+    looks RUNNING most of the time) is not converged: the new process must pass the gate itself."""
+    assert make_plan(desired(), converged_facts(gated_pid=42), OPTS).converged      # the same process
+    assert make_plan(desired(), converged_facts(gated_pid=None), OPTS).converged    # gated by an older agent
+    plan = make_plan(desired(), converged_facts(gated_pid=41), OPTS)
+    assert kinds(plan) == [("check_health", "program:web")]
+    assert "exited after its health gate (pid 41, now 42" in plan.actions[0].reason
+
+
 def test_a_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
     """Blue-green with a restart of green in the same revision: green's await_running comes before
     configure_traffic (a program that dies right after its gate never gets the users); blue, which

@@ -193,3 +193,30 @@ def test_plan_status_and_facts_leave_the_root_byte_for_byte_unchanged(state_repo
     # the root still follows its own repo: the other repo's commit never reaches it
     assert run_agent("once", *common).returncode == 0
     assert served_version(port) == "1.1.0"
+
+
+def test_a_service_that_dies_after_its_gate_is_drift_until_its_new_process_passes(state_repo, agent_root):
+    import signal
+
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit()
+    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    assert run_agent("once", *common).returncode == 0
+    assert run_agent("plan", *common).returncode == 0
+    facts = json.loads(run_agent("facts", "--json", *common).stdout)["programs"]["demo-web"]
+    assert facts["gated_pid"] == facts["pid"]
+
+    os.kill(facts["pid"], signal.SIGKILL)          # supervisord restarts it: RUNNING again, another process
+    from daemon_helpers import wait_until
+
+    def restarted():
+        p = json.loads(run_agent("facts", "--json", *common).stdout)["programs"]["demo-web"]
+        return p["state"] == "RUNNING" and p["pid"] not in (None, facts["pid"]) and served_version(port)
+
+    wait_until(restarted, 60, "supervisord restarting demo-web")
+    plan = run_agent("plan", *common)
+    assert plan.returncode == 2 and "exited after its health gate" in plan.stdout, plan.stdout + plan.stderr
+    once = run_agent("once", *common)
+    assert once.returncode == 0 and "check_health" in once.stdout, once.stdout + once.stderr
+    assert run_agent("plan", *common).returncode == 0

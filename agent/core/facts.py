@@ -53,6 +53,7 @@ class ProgramFact:
     pending: str | None = None                # file on disk not yet applied: added / changed / removed
     spawnerr: str = ""
     verified: str | None = None               # sha256 of the config whose health gate last passed
+    gated_pid: int | None = None              # the pid that passed it: another pid now means it exited since
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,9 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
             reason = f"gate the (re)start on {svc.health.url}"
         elif fact is not None and fact.verified != text_digest(text):
             reason = f"this config never passed its health gate (an interrupted apply?): check {svc.health.url}"
+        elif fact is not None and fact.gated_pid and fact.pid and fact.pid != fact.gated_pid:
+            reason = (f"it exited after its health gate (pid {fact.gated_pid}, now {fact.pid}: a crash or a crash "
+                      f"loop): check {svc.health.url} again")
         else:
             reason = ""
         if reason:

@@ -106,10 +106,12 @@ def _check_health(drivers: Drivers, action: CheckHealth) -> str:
     raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
 
-def _record_verified(layout: Layout, name: str) -> None:
-    """Remember which config passed its gate, so a crash between start and gate never skips the gate."""
-    text = (layout.programs / f"{name}.conf").read_text()
-    atomic_write(layout.verified / name, text_digest(text) + "\n", mode=0o644)
+def _record_verified(drivers: Drivers, name: str) -> None:
+    """Remember which config passed its gate, so a crash between start and gate never skips the gate,
+    and which process passed it, so one that exits afterwards (supervisord restarts it) is drift."""
+    text = (drivers.layout.programs / f"{name}.conf").read_text()
+    pid = (drivers.client().process_info().get(name) or {}).get("pid") or 0
+    atomic_write(drivers.layout.verified / name, f"{text_digest(text)} {pid}\n", mode=0o644)
 
 
 def _spec(env) -> VenvSpec:
@@ -153,7 +155,7 @@ def _run(action: Action, drivers: Drivers) -> _Done:
         return _Done("restarted" + _started(drivers, action))
     if isinstance(action, CheckHealth):
         seen = _check_health(drivers, action)
-        _record_verified(drivers.layout, action.name)
+        _record_verified(drivers, action.name)
         return _Done(seen)
     if isinstance(action, AwaitRunning):
         _wait_running(drivers, action.name, action.startsecs)

@@ -19,7 +19,8 @@ __all__ = ["collect", "read_verified", "owned_pending"]
 
 
 def read_verified(directory: Path) -> dict[str, str]:
-    """name -> digest of the program config that last passed its health gate."""
+    """name -> "digest pid": the program config that last passed its health gate, and the process that
+    passed it (older agents wrote the digest alone)."""
     try:
         return {p.name: p.read_text().strip() for p in Path(directory).iterdir() if not p.name.startswith(".")}
     except FileNotFoundError:
@@ -100,6 +101,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
         if name not in program_files and name not in pending:
             continue   # a program supervisord runs that the agent does not manage (external supervisord)
         p = info.get(name, {})
+        digest, _, gated_pid = ((verified or {}).get(name) or "").partition(" ")
         programs[name] = ProgramFact(
             name=name,
             file_text=program_files.get(name),
@@ -107,7 +109,8 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             pid=p.get("pid") or None,
             pending=pending.get(name),
             spawnerr=p.get("spawnerr", "") or "",
-            verified=(verified or {}).get(name),
+            verified=digest or None,
+            gated_pid=int(gated_pid) if gated_pid.isdigit() else None,
         )
     traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
     return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)
