@@ -302,3 +302,24 @@ def test_a_typo_in_one_host_entry_does_not_hide_a_clash_on_another(tmp_path):
     text = messages(root)
     assert "hosts.h2.grups: unknown field 'grups' (did you mean 'groups'?)" in text, text
     assert "port 8101 is also defined in apps/demo/app.yaml (both run on host h1)" in text, text
+
+
+# -- item 1: read is the only step that touches files ------------------------------------------------------
+
+def test_validate_works_on_the_read_snapshot_alone(tmp_path):
+    import shutil
+
+    from agent.core.load import LoadOptions
+    from agent.core.load.read import read_tree
+    from agent.core.load.validate import validate
+
+    app = APP + "overrides:\n  - hosts: {names: [h1]}\n    set: {environments.blue.lockfile: other.lock}\n"
+    root = tree(tmp_path, {"apps/demo/app.yaml": app})
+    (root / "apps/demo/other.lock").write_text((root / "apps/demo/blue.lock").read_text())
+    raw = read_tree(root, LoadOptions())
+    assert {k[2] for k in raw.refs} == {"blue.lock", "other.lock", "../../wheelhouse"}   # overrides' paths too
+    shutil.rmtree(root)                                  # nothing left to read: validate must not need it
+    result = validate(raw, LoadOptions())
+    assert result.problems == () and [a.name for _, a in result.apps] == ["demo"]
+    variant = result.variants.of(result.apps[0][0], result.apps[0][1], result.hosts["h1"])
+    assert variant.environments[0].lockfile.name == "other.lock"
