@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from agent.drivers._procfs import children, listening_pids, master_pid
-from agent.drivers.haproxy import HAProxyDriver, HAProxyRuntime, LBError
+from agent.drivers.haproxy import PROGRAM_NAME, HAProxyDriver, HAProxyRuntime, LBError
 from agent.drivers.nginx import NginxDriver
 from agent.drivers.supervisor import EmbeddedSupervisor, write_program_file
 from agent.core.render.lb import ABSplit, Backend, Frontend
@@ -297,6 +297,73 @@ def test_haproxy_reload_returns_with_only_the_new_worker_accepting(backends, lb_
         assert not listening_pids(before), round_
         assert listening_pids(children(master) - before), "no new worker listens"
         assert get(port)[1] == want, round_
+
+
+
+@needs_haproxy
+def test_haproxy_reload_reaches_a_master_that_is_starting_or_re_executing(backends, lb_root):
+    """HAProxy's master drops a SIGUSR2 that comes while it starts or re-executes after a reload: it has
+    SIGUSR2 blocked, then sets it to SIG_IGN (which discards a pending one) before its loop catches it,
+    and its new worker answers the stats socket ~20-600 ms before that. Measured: 8 of 8 SIGUSR2 sent the
+    moment the first worker answered were lost (no "Reloading HAProxy" in its log)."""
+    port = free_port()
+    driver = HAProxyDriver(lb_root, haproxy_bin=HAPROXY)
+    wish = frontend(backends, f"127.0.0.1:{port}", 1, 1)
+    start(driver, lb_root, wish)
+    client = EmbeddedSupervisor(lb_root).client()
+
+    def wait_reloads(n: int) -> None:
+        deadline = time.monotonic() + 20
+        while (log := client.read_log_tail(PROGRAM_NAME, 20000)).count("Reloading HAProxy") < n:
+            assert time.monotonic() < deadline, f"reload {n} was lost: {log}"
+            time.sleep(0.01)
+
+    driver._reload()   # its worker answers, but the master may still be starting
+    wait_reloads(1)
+    driver._reload()   # the master is re-executing (it logged "Reloading HAProxy" ~1 s ago at most)
+    wait_reloads(2)
+    driver.wait_live(wish)
+    assert get(port)[0] == 200
+
+
+STARTING_MASTER = """
+import signal, sys, time
+# Like HAProxy's master while it starts or re-executes: SIGUSR2 blocked, then set to SIG_IGN (which
+# discards a pending one), then caught and unblocked once its loop runs.
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR2})
+print("starting", flush=True)
+time.sleep(float(sys.argv[1]))
+signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+got = []
+signal.signal(signal.SIGUSR2, lambda *_: got.append(1))
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR2})
+deadline = time.monotonic() + 3
+while not got and time.monotonic() < deadline:
+    time.sleep(0.01)
+print("reloaded" if got else "lost", flush=True)
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("starts_for, fails", [(0.5, False), (30, True)])
+def test_reload_waits_until_the_master_catches_sigusr2(tmp_path, starts_for, fails):
+    """`_reload` against a real process standing in for a master that is still starting."""
+    proc = subprocess.Popen([sys.executable, "-c", STARTING_MASTER, str(starts_for), "haproxy"],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "starting"
+        driver = HAProxyDriver(tmp_path, haproxy_bin="haproxy", live_timeout=2.0)
+        driver.lb_dir.mkdir()
+        driver.pid_path.write_text(f"{proc.pid}\n")
+        if fails:
+            with pytest.raises(LBError, match=rf"master {proc.pid} .*SIGUSR2"):
+                driver._reload()
+        else:
+            driver._reload()
+            assert proc.stdout.readline().strip() == "reloaded"
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 LISTENER = """

@@ -5,6 +5,11 @@ accepting (measured: HAProxy 2.6 old workers kept their listening socket ~1.4 ms
 answered `show info`, in 3 of 20 reloads). A request in that window is served with the old config, so a
 driver that calls a reload done must also wait for the old workers to let go of their listeners.
 Linux-only; without /proc every answer is "nothing", and the drivers then skip that wait.
+
+Why signal dispositions: HAProxy's master (-W) discards a SIGUSR2 that arrives while it starts or
+re-executes after a reload (it has SIGUSR2 blocked, then sets it to SIG_IGN, which drops a pending
+one, and only catches it once its loop runs), and its new worker answers the stats socket before that.
+So a reload is sent only once /proc says the master catches SIGUSR2 and does not block it.
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-__all__ = ["master_pid", "children", "listening_inodes", "holds_listener", "listening_pids", "wait_retired"]
+__all__ = ["master_pid", "children", "listening_inodes", "holds_listener", "listening_pids", "wait_retired", "catches_signal",
+           "wait_catches_signal"]
 
 
 def master_pid(pid_path: Path, program: bytes) -> int | None:
@@ -98,3 +104,31 @@ def wait_retired(old: set[int], accepting: Callable[[Iterable[int]], list[int]],
         if not still or time.monotonic() >= deadline:
             return still
         time.sleep(poll)
+
+
+def catches_signal(pid: int, signum: int) -> bool | None:
+    """True when process `pid` has a handler for `signum` and does not block it (a signal sent now
+    reaches that handler); False while it ignores, blocks or leaves it at the default action; None
+    when /proc cannot tell (no /proc, or no such process)."""
+    masks = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in ("SigBlk", "SigCgt"):
+                masks[key] = int(value, 16)
+    except (OSError, ValueError):
+        return None
+    if len(masks) != 2:
+        return None
+    bit = 1 << (signum - 1)
+    return bool(masks["SigCgt"] & bit) and not masks["SigBlk"] & bit
+
+
+def wait_catches_signal(pid: int, signum: int, *, timeout: float, poll: float) -> bool:
+    """Poll until `catches_signal(pid, signum)` is not False; False if it still is at `timeout`."""
+    deadline = time.monotonic() + timeout
+    while catches_signal(pid, signum) is False:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(poll)
+    return True

@@ -5,11 +5,12 @@ Why two paths (DESIGN §7): `set weight backend/server N` on the stats socket ap
 change of weights only goes through the runtime API, and the same weights are also written to the
 config file, because runtime weights are lost on reload or restart. A change of anything else (a
 frontend, a backend, a listen address, the A/B split) is written to the config (checked first with
-`haproxy -c`), then the master is told to reload (SIGUSR2) and the driver waits until the running
-worker reports the new topology hash (`show env GITOPS_AGENT_TOPOLOGY`, set by the renderer) and the
-old workers have closed their listeners (the new worker answers ~1 ms before they are soft-stopped): a
-reload that cannot take effect (a port in use) leaves the old worker running, which we report as
-LBError, restoring the previous file so that file and live process agree again.
+`haproxy -c`), then the master is told to reload (SIGUSR2, sent once /proc says the master catches it:
+it drops one that comes while it starts or re-executes after a previous reload) and the driver waits
+until the running worker reports the new topology hash (`show env GITOPS_AGENT_TOPOLOGY`, set by the
+renderer) and the old workers have closed their listeners (the new worker answers ~1 ms before they
+are soft-stopped): a reload that cannot take effect (a port in use) leaves the old worker running,
+which we report as LBError, restoring the previous file so that file and live process agree again.
 
 Side effects only; the text comes from `agent.core.render.lb` (pure).
 """
@@ -26,7 +27,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.drivers._procfs import children, listening_inodes, listening_pids, master_pid, wait_retired
+from agent.drivers._procfs import (children, listening_inodes, listening_pids, master_pid,
+                                   wait_catches_signal, wait_retired)
 from agent.core.errors import AgentError
 from agent.drivers.fsutil import atomic_write
 from agent.core.render.lb import TOPOLOGY_ENV, Frontend, haproxy_topology, render_haproxy, validate
@@ -46,6 +48,7 @@ PROGRAM_NAME = "gitops-lb-haproxy"
 _SOCKET_PATH_MAX = 107
 _POLL = 0.02
 _RETIRE_POLL = 0.001  # the window is ~1.4 ms; a /proc scan costs well under that
+_SIGNAL_POLL = 0.005  # the master catches SIGUSR2 20-800 ms after its worker answers
 _STATES = {"ready", "drain", "maint"}
 # srv_admin_state bits (include/haproxy/server-t.h): FMAINT 0x01, IMAINT 0x02, CMAINT 0x04, FDRAIN 0x08,
 # IDRAIN 0x10, RMAINT 0x20, HMAINT 0x40.
@@ -344,13 +347,27 @@ class HAProxyDriver:
         return True
 
     def _reload(self) -> None:
+        """SIGUSR2 to the master (or the `reload` callable), once the master catches SIGUSR2.
+
+        The master drops a SIGUSR2 that comes while it starts or re-executes after a reload (SIGUSR2
+        blocked, then set to SIG_IGN, which discards a pending one), and its new worker answers the
+        stats socket 20-600 ms before its loop catches SIGUSR2: sent the moment the worker answered,
+        8 of 8 were lost. /proc/<master>/status (SigCgt, SigBlk) says when it is ready.
+        """
+        pid = master_pid(self.pid_path, b"haproxy")
+        if pid is None and self.reload is None:
+            raise LBError(f"no running HAProxy master found through {self.pid_path}")
+        if pid is not None and not wait_catches_signal(pid, signal.SIGUSR2, timeout=self.live_timeout,
+                                                       poll=_SIGNAL_POLL):
+            raise LBError(f"HAProxy master {pid} does not catch SIGUSR2 after {self.live_timeout:g}s (still "
+                          "starting or re-executing after a reload); a reload sent now would be lost")
         if self.reload is not None:
             self.reload()
             return
-        pid = master_pid(self.pid_path, b"haproxy")
-        if pid is None:
-            raise LBError(f"no running HAProxy master found through {self.pid_path}")
-        os.kill(pid, signal.SIGUSR2)
+        try:
+            os.kill(pid, signal.SIGUSR2)
+        except ProcessLookupError as err:
+            raise LBError(f"HAProxy master {pid} exited before it could be reloaded") from err
 
     def _log_hint(self) -> str:
         return f" (see the {PROGRAM_NAME} program's stderr log for HAProxy's reason)"
