@@ -323,3 +323,10 @@ def test_validate_works_on_the_read_snapshot_alone(tmp_path):
     assert result.problems == () and [a.name for _, a in result.apps] == ["demo"]
     variant = result.variants.of(result.apps[0][0], result.apps[0][1], result.hosts["h1"])
     assert variant.environments[0].lockfile.name == "other.lock"
+
+
+def test_an_override_of_an_undefined_service_lists_the_defined_ones(tmp_path):
+    app = APP + "overrides:\n  - hosts: {names: [h1]}\n    set: {services.demo-wbe.port: 9000}\n"
+    text = messages(tree(tmp_path, {"apps/demo/app.yaml": app}))
+    assert ("'services.demo-wbe' is not defined in this app (or an index is out of range): overrides change an "
+            "app's environments and services, never add them (did you mean 'demo-web'?); defined: demo-web") in text, text

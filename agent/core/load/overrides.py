@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from agent.core.load._yaml import Located
+from agent.core.load.hints import defined
 from agent.core.load.problems import Collector
 from agent.core.load.schema import app_schema
 from agent.core.load.selectors import describe_selector
@@ -109,8 +110,10 @@ def override_paths_ok(doc: Located, out: Collector) -> bool:
                 out.add(doc, where, f"{path!r} is not a field of an App (see schemas/app.schema.json)")
                 ok = False
             elif locate(copy.deepcopy(doc.data), parts, create=True) is None:
+                names = doc.data.get(parts[0]) if parts[0] in _NAMED and len(parts) > 1 else None
+                hint = defined(parts[1], names, parts[0][:-1]) if isinstance(names, dict) and parts[1] not in names else ""
                 out.add(doc, where, f"{'.'.join(parts[:2])!r} is not defined in this app (or an index is out of "
-                                    "range): overrides change an app's environments and services, never add them")
+                                    f"range): overrides change an app's environments and services, never add them{hint}")
                 ok = False
     return ok
 
