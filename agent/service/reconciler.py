@@ -354,7 +354,7 @@ class Reconciler:
                          len(canary.steps), canary_percent(canary, progress), progress.reason)
             rollouts[app.name] = asdict(progress)
             apps.append(replace(app, traffic=with_canary(app.traffic, canary_percent(canary, progress))))
-        return DesiredState.of(desired.host, tuple(apps), desired.known_host, desired.notes), rollouts
+        return desired.with_apps(tuple(apps)), rollouts
 
     def _refusal(self, rev: Revision, status: Status) -> str | None:
         """Why this revision must not be applied even before reading it: signature, history rewrite."""
