@@ -139,6 +139,14 @@ def test_once_leaves_programs_it_did_not_write_alone(state_repo, agent_root, sha
     again = agent("once", state_repo, agent_root, shared)
     assert again.returncode == 0 and "result: converged" in again.stdout, again.stdout
 
+    # Files gone but groups still loaded (supervisord: "removed"): ours is a fact (the agent removed its
+    # file and stopped before updating), the unrelated one is not.
+    (shared.conf_d / "unrelated.conf").unlink()
+    (agent_root / "supervisor" / "programs" / "demo-web.conf").unlink()
+    facts = json.loads(run_agent("facts", "--json", "--root", str(agent_root), "--supervisor", shared.url).stdout)
+    assert facts["programs"]["demo-web"]["pending"] == "removed"
+    assert "unrelated" not in facts["programs"] and "gitops-agent" not in facts["programs"]
+
 
 def test_a_fresh_root_gets_its_logs_dir_and_private_log_files(state_repo, agent_root, shared):
     """Nothing under the root yet and nobody else creates <root>/logs (no embedded supervisord): the
