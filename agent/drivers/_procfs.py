@@ -1,4 +1,5 @@
-"""What /proc says about a load balancer's processes: its master, its workers, who still accepts.
+"""What /proc says about processes: a load balancer's master and workers, who still accepts, and
+which process tree holds a port's listener.
 
 Why: after a reload, the new worker answers its control socket a moment before the old workers stop
 accepting (measured: HAProxy 2.6 old workers kept their listening socket ~1.4 ms after the new worker
@@ -10,17 +11,38 @@ Why signal dispositions: HAProxy's master (-W) discards a SIGUSR2 that arrives w
 re-executes after a reload (it has SIGUSR2 blocked, then sets it to SIG_IGN, which drops a pending
 one, and only catches it once its loop runs), and its new worker answers the stats socket before that.
 So a reload is sent only once /proc says the master catches SIGUSR2 and does not block it.
+
+Why listener ownership: a health check that connects to a port only proves that *someone* answers
+there. A service that binds late (or never) to a port another process already serves passed its gate
+on the other process's answer; `holds_listener` says whether the service's own process tree listens.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["master_pid", "children", "listening_inodes", "holds_listener", "listening_pids", "wait_retired", "catches_signal",
-           "wait_catches_signal"]
+__all__ = [
+    "master_pid",
+    "children",
+    "process_tree",
+    "Listener",
+    "listeners",
+    "listening_inodes",
+    "listening_pids",
+    "listener_pids",
+    "holds_listener",
+    "wait_retired",
+    "catches_signal",
+    "wait_catches_signal",
+]
+
+_IP = ipaddress.IPv4Address | ipaddress.IPv6Address
+_TCP_LISTEN = "0A"
 
 
 def master_pid(pid_path: Path, program: bytes) -> int | None:
@@ -37,24 +59,72 @@ def master_pid(pid_path: Path, program: bytes) -> int | None:
     return pid if program in cmdline else None
 
 
-def children(parent: int | None) -> set[int]:
-    """Pids whose parent is `parent` (empty without /proc or parent)."""
-    if parent is None:
-        return set()
-    out = set()
+def _parents() -> dict[int, int]:
+    """pid -> parent pid of every process (empty without /proc): one scan serves every question."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        if len(fields) > 1 and fields[1] == str(parent):
-            out.add(int(stat.parent.name))
+        if len(fields) > 1:
+            out[int(stat.parent.name)] = int(fields[1])
     return out
 
 
-def listening_inodes() -> set[str]:
-    """Socket inodes of every TCP socket in LISTEN state (IPv4 and IPv6)."""
-    out: set[str] = set()
+def children(parent: int | None) -> set[int]:
+    """Pids whose parent is `parent` (empty without /proc or parent)."""
+    if parent is None:
+        return set()
+    return {pid for pid, ppid in _parents().items() if ppid == parent}
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and all its descendants (a process that daemonized away from `root` is not among them)."""
+    kids: dict[int, list[int]] = {}
+    for pid, ppid in _parents().items():
+        kids.setdefault(ppid, []).append(pid)
+    out, todo = {root}, [root]
+    while todo:
+        for kid in kids.get(todo.pop(), ()):
+            if kid not in out:
+                out.add(kid)
+                todo.append(kid)
+    return out
+
+
+@dataclass(frozen=True)
+class Listener:
+    """A TCP socket in LISTEN state, as /proc/net/tcp{,6} lists it."""
+
+    inode: str
+    ip: _IP
+    port: int
+
+    def accepts(self, host: _IP | None) -> bool:
+        """Whether a connection to `host`:port reaches this socket (None: any host).
+
+        A wildcard IPv6 socket (`::`) counts for IPv4 too: Linux's default (net.ipv6.bindv6only=0) is
+        dual-stack, and /proc does not show a socket's IPV6_V6ONLY.
+        """
+        if host is None or self.ip == host or self.ip.is_unspecified and self.ip.version == host.version:
+            return True
+        if self.ip.version == 6 and host.version == 4:
+            return self.ip == ipaddress.IPv6Address("::") or self.ip.ipv4_mapped == host
+        if self.ip.version == 4 and host.version == 6:
+            return host.ipv4_mapped is not None and (self.ip == host.ipv4_mapped or self.ip.is_unspecified)
+        return False
+
+
+def _address(hexaddr: str) -> _IP:
+    """/proc/net/tcp{,6} `local_address` IP: 32-bit words in host (little-endian) byte order."""
+    raw = b"".join(bytes.fromhex(hexaddr[i:i + 8])[::-1] for i in range(0, len(hexaddr), 8))
+    return ipaddress.ip_address(raw)
+
+
+def listeners() -> list[Listener]:
+    """Every TCP socket in LISTEN state (IPv4 and IPv6); empty without /proc."""
+    out: list[Listener] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
@@ -62,13 +132,19 @@ def listening_inodes() -> set[str]:
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[3] == "0A":  # TCP_LISTEN
-                out.add(fields[9])
+            if len(fields) > 9 and fields[3] == _TCP_LISTEN:
+                addr, _, port = fields[1].rpartition(":")
+                out.append(Listener(inode=fields[9], ip=_address(addr), port=int(port, 16)))
     return out
 
 
-def holds_listener(pid: int, listening: set[str]) -> bool:
-    """True while process `pid` has a file descriptor on one of the `listening` socket inodes."""
+def listening_inodes() -> set[str]:
+    """Socket inodes of every TCP socket in LISTEN state (IPv4 and IPv6)."""
+    return {sock.inode for sock in listeners()}
+
+
+def _holds_any(pid: int, inodes: set[str]) -> bool:
+    """True while process `pid` has a file descriptor on one of the socket `inodes`."""
     fd_dir = f"/proc/{pid}/fd"
     try:
         fds = os.listdir(fd_dir)
@@ -79,7 +155,7 @@ def holds_listener(pid: int, listening: set[str]) -> bool:
             target = os.readlink(f"{fd_dir}/{fd}")
         except OSError:
             continue
-        if target.startswith("socket:[") and target[8:-1] in listening:
+        if target.startswith("socket:[") and target[8:-1] in inodes:
             return True
     return False
 
@@ -92,7 +168,26 @@ def listening_pids(pids: Iterable[int], listening: set[str] | None = None) -> li
     """
     if listening is None:
         listening = listening_inodes()
-    return sorted(pid for pid in pids if holds_listener(pid, listening))
+    return sorted(pid for pid in pids if _holds_any(pid, listening))
+
+
+def listener_pids(port: int, host: str | None = "127.0.0.1", among: Iterable[int] | None = None) -> set[int]:
+    """Pids holding a LISTEN socket that a connection to `host`:`port` reaches: bound to `host`
+    itself, to a wildcard (0.0.0.0, ::) or to `host` IPv4-mapped. `host` is an IP literal (None: any
+    address); `among` limits the search to those pids (default: every process /proc lets us read)."""
+    want = None if host is None else ipaddress.ip_address(host)
+    inodes = {sock.inode for sock in listeners() if sock.port == port and sock.accepts(want)}
+    if not inodes:
+        return set()
+    if among is None:
+        among = (int(p.name) for p in Path("/proc").glob("[0-9]*"))
+    return {pid for pid in among if _holds_any(pid, inodes)}
+
+
+def holds_listener(root_pid: int, port: int, host: str | None = "127.0.0.1") -> bool:
+    """True when `root_pid` or one of its descendants holds a LISTEN socket that a connection to
+    `host`:`port` reaches: the service itself answers, not some other process on that port."""
+    return bool(listener_pids(port, host, among=process_tree(root_pid)))
 
 
 def wait_retired(old: set[int], accepting: Callable[[Iterable[int]], list[int]], *, timeout: float,
