@@ -342,7 +342,7 @@ class EmbeddedSupervisor:
             if time.monotonic() >= deadline:
                 raise SupervisorError(f"supervisord pid {pid} still running after {timeout:g}s", None)
             time.sleep(_POLL)
-        self._stop_orphans()    # what its programs daemonized (out of their process groups) is left
+        self._stop_orphans("programs daemonized out of their process groups")
         return True
 
     # -- helpers
@@ -402,7 +402,8 @@ class EmbeddedSupervisor:
             except FileNotFoundError:
                 pass
 
-    def _stop_orphans(self, timeout: float = 10.0) -> list[int]:
+    def _stop_orphans(self, why: str = "supervisord of this root is gone but left programs running",
+                      timeout: float = 10.0) -> list[int]:
         """Stop the programs a dead supervisord of this root left running; return their process groups.
 
         A supervisord killed with SIGKILL (or by the OOM killer) cannot stop its children: each runs in
@@ -416,8 +417,7 @@ class EmbeddedSupervisor:
         groups = _orphan_groups(b"SUPERVISOR_SERVER_URL=unix://" + os.fsencode(self.socket_path))
         if not groups:
             return []
-        log.warning("supervisord of %s is gone but left programs running (process groups %s): stopping them",
-                    self.root, ", ".join(map(str, groups)))
+        log.warning("%s: %s (process groups %s): stopping them", self.root, why, ", ".join(map(str, groups)))
         for pgid in groups:
             _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
