@@ -81,7 +81,7 @@ def assert_renders_exactly(svc: Service, env: Environment) -> None:
     venv = LAYOUT.venv(env.name, env.identity)
     assert section == f"program:{svc.name}" and proc.name == svc.name
     assert shlex.split(proc.command) == [str(venv / "bin" / svc.command[0]), *svc.command[1:]]
-    assert (proc.environment or {}) == dict(svc.env)
+    assert proc.environment == {**dict(svc.env), "GITOPS_AGENT_PROGRAM": svc.name}   # + the agent's marker
     assert options.get("user") == svc.user
     assert proc.directory == str(venv)
     assert (proc.startsecs, proc.stopwaitsecs) == (svc.startsecs, svc.stopwaitsecs)
