@@ -12,8 +12,8 @@ import sys
 
 import pytest
 
-from agent.drivers._procfs import (Listener, catches_signal, children, holds_listener, listener_pids, listeners,
-                                   process_tree)
+from agent.drivers._procfs import (Listener, catches_signal, children, holds_listener, holds_url_listener,
+                                   listener_pids, listeners, process_tree)
 from conftest import free_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -88,11 +88,13 @@ def test_another_process_answering_the_port_does_not_count(spawn):
     assert not holds_listener(service, elsewhere)
     assert holds_listener(other, taken) and not holds_listener(other, elsewhere)
     assert listener_pids(taken) == {other} and listener_pids(elsewhere) == {unrelated}
+    assert not holds_url_listener(service, f"http://127.0.0.1:{taken}/healthz")
+    assert holds_url_listener(other, f"http://localhost:{taken}/healthz")
 
 
 @pytest.mark.parametrize("bind, reached", [
-    ("127.0.0.1", {"127.0.0.1": True, "::1": False, None: True}),
-    ("::1", {"127.0.0.1": False, "::1": True, None: True}),
+    ("127.0.0.1", {"127.0.0.1": True, "::1": False, "localhost": True, None: True}),
+    ("::1", {"127.0.0.1": False, "[::1]": True, "localhost": True, None: True}),
     ("::ffff:127.0.0.1", {"127.0.0.1": True, "::1": False, None: True}),   # IPv4-mapped, in /proc/net/tcp6
 ])
 def test_ipv4_and_ipv6_listeners(spawn, bind, reached):
@@ -117,6 +119,16 @@ def test_wildcard_binds_reach_every_address_of_their_family(bound, host, want):
     """Table-driven (wildcard listeners would expose the test host beyond 127.0.0.1)."""
     sock = Listener("1", ipaddress.ip_address(bound), 80)
     assert sock.accepts(None if host is None else ipaddress.ip_address(host)) is want
+
+
+def test_a_host_name_is_refused_not_looked_up(spawn):
+    root, _, port = spawn(0, "127.0.0.1")
+    with pytest.raises(ValueError):
+        holds_listener(root, port, "example.org")
+    with pytest.raises(ValueError):
+        holds_url_listener(root, f"tcp://127.0.0.1:{port}")
+    assert holds_url_listener(root, f"http://127.0.0.1:{port}")
+    assert not holds_url_listener(root, "http://[::1]/")    # port 80
 
 
 def test_a_process_that_is_gone_holds_nothing(spawn):

@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 __all__ = [
     "master_pid",
@@ -36,6 +37,7 @@ __all__ = [
     "listening_pids",
     "listener_pids",
     "holds_listener",
+    "holds_url_listener",
     "wait_retired",
     "catches_signal",
     "wait_catches_signal",
@@ -171,12 +173,23 @@ def listening_pids(pids: Iterable[int], listening: set[str] | None = None) -> li
     return sorted(pid for pid in pids if _holds_any(pid, listening))
 
 
+def _hosts(host: str | None) -> tuple[_IP | None, ...]:
+    """The addresses a connection to `host` may go to: an IP literal (brackets allowed, as in a URL),
+    `localhost` (127.0.0.1 or ::1, as the health-check schema and the conflicts check read it), or
+    None for any. Raises ValueError for anything else (no name lookups here)."""
+    if host is None:
+        return (None,)
+    if host.lower() == "localhost":
+        return ipaddress.ip_address("127.0.0.1"), ipaddress.ip_address("::1")
+    return (ipaddress.ip_address(host.removeprefix("[").removesuffix("]")),)
+
+
 def listener_pids(port: int, host: str | None = "127.0.0.1", among: Iterable[int] | None = None) -> set[int]:
     """Pids holding a LISTEN socket that a connection to `host`:`port` reaches: bound to `host`
-    itself, to a wildcard (0.0.0.0, ::) or to `host` IPv4-mapped. `host` is an IP literal (None: any
-    address); `among` limits the search to those pids (default: every process /proc lets us read)."""
-    want = None if host is None else ipaddress.ip_address(host)
-    inodes = {sock.inode for sock in listeners() if sock.port == port and sock.accepts(want)}
+    itself, to a wildcard (0.0.0.0, ::) or to `host` IPv4-mapped. `host`: see `_hosts`; `among`
+    limits the search to those pids (default: every process /proc lets us read)."""
+    wants = _hosts(host)
+    inodes = {sock.inode for sock in listeners() if sock.port == port and any(map(sock.accepts, wants))}
     if not inodes:
         return set()
     if among is None:
@@ -186,8 +199,18 @@ def listener_pids(port: int, host: str | None = "127.0.0.1", among: Iterable[int
 
 def holds_listener(root_pid: int, port: int, host: str | None = "127.0.0.1") -> bool:
     """True when `root_pid` or one of its descendants holds a LISTEN socket that a connection to
-    `host`:`port` reaches: the service itself answers, not some other process on that port."""
+    `host`:`port` reaches: the service itself answers, not some other process on that port.
+    `host`: an IP literal, `localhost` or None (see `_hosts`)."""
     return bool(listener_pids(port, host, among=process_tree(root_pid)))
+
+
+def holds_url_listener(root_pid: int, url: str) -> bool:
+    """`holds_listener` for the host and port of an http(s) health-check URL (80/443 by default)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"not an http(s) URL with a host: {url!r}")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return holds_listener(root_pid, port, parts.hostname)
 
 
 def wait_retired(old: set[int], accepting: Callable[[Iterable[int]], list[int]], *, timeout: float,
