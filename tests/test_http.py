@@ -197,3 +197,23 @@ def test_an_ipv6_listen_address_binds_ipv6():
         assert get(srv.address, "/healthz")[::2] == (200, b"ok\n")
     finally:
         srv.stop()
+
+
+def test_connections_over_the_cap_are_closed_and_served_again_once_some_end(request):
+    server = serve(request, max_connections=3, request_timeout_s=GUARD_S * 4)
+    held = [socket.create_connection(server.address, timeout=GUARD_S) for _ in range(3)]
+    try:
+        with socket.create_connection(server.address, timeout=GUARD_S) as extra:
+            assert closed_by_server(extra) == b""
+        held.pop().close()
+        deadline = time.monotonic() + GUARD_S
+        while True:     # the server sees the close on its next loop turn: until then a connect is refused
+            try:
+                assert get(server.address, "/healthz")[::2] == (200, b"ok\n")
+                break
+            except (ConnectionResetError, IndexError, ValueError):
+                assert time.monotonic() < deadline, "no answer after a held connection closed"
+                time.sleep(0.05)
+    finally:
+        for s in held:
+            s.close()

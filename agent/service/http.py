@@ -120,6 +120,8 @@ class HttpServer:
         self._done: deque[tuple[_Conn, bytes]] = deque()    # answers from the workers, for the loop to send
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._stopping = False
+        self._accept_paused_until: float | None = None     # after an accept error such as EMFILE
+        self._full = False                                  # at max_connections (logged once per episode)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
 
     @property
@@ -154,6 +156,9 @@ class HttpServer:
                         self._write(key.data)
                 self._take_answers()
                 self._expire()
+                if self._accept_paused_until is not None and time.monotonic() >= self._accept_paused_until:
+                    self._accept_paused_until = None
+                    self._sel.register(self._listener, selectors.EVENT_READ)
         except Exception:  # noqa: BLE001 (logged: the agent keeps reconciling without its endpoints)
             log.exception("the HTTP server loop failed; /metrics, /healthz and /readyz stop answering")
         finally:
@@ -161,6 +166,8 @@ class HttpServer:
 
     def _timeout(self) -> float | None:
         deadline = min((c.deadline for c in self._conns.values()), default=float("inf"))
+        if self._accept_paused_until is not None:
+            deadline = min(deadline, self._accept_paused_until)
         return None if deadline == float("inf") else max(0.0, deadline - time.monotonic())
 
     def _accept(self) -> None:
@@ -169,13 +176,20 @@ class HttpServer:
                 sock, addr = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:   # e.g. EMFILE: leave the rest in the backlog until a connection closes
-                log.warning("accept failed: %s", exc)
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:   # e.g. EMFILE: the listener stays readable; pause rather than spin
+                log.warning("accept failed (%s): new connections wait in the backlog for 0.5 s", exc)
+                self._sel.unregister(self._listener)
+                self._accept_paused_until = time.monotonic() + 0.5
                 return
             if len(self._conns) >= self.max_connections:
-                log.warning("%d connections open: closing a new one from %s", len(self._conns), addr[0])
+                if not self._full:
+                    log.warning("%d connections open: closing new ones until some end", len(self._conns))
+                self._full = True
                 sock.close()
                 continue
+            self._full = False
             sock.setblocking(False)
             conn = _Conn(sock, str(addr[0]), time.monotonic() + self.request_timeout_s)
             self._conns[sock.fileno()] = conn
