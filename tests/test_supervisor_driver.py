@@ -343,7 +343,8 @@ if os.fork():
 os.setsid()
 if os.fork():
     os._exit(0)
-pathlib.Path(sys.argv[1]).write_text(str(os.getpid()))
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.getpid()}\\n")
 while True: time.sleep(1)
 """
 
@@ -354,10 +355,18 @@ def escaped_pidfiles(tmp_path):
     files = [tmp_path / f"d{i}.pid" for i in range(2)]
     yield files
     for f in files:
-        try:
-            os.kill(int(f.read_text()), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+        for pid in _pids(f):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+def _pids(pidfile: Path) -> list[int]:
+    try:
+        return [int(line) for line in pidfile.read_text().split()]
+    except FileNotFoundError:
+        return []
 
 
 def add_daemonizer(es: EmbeddedSupervisor, name: str, pidfile: Path) -> None:
@@ -391,6 +400,23 @@ def test_a_daemonized_program_is_named_and_its_escaped_process_stopped_on_remova
     finally:
         for es in roots:
             _stop_hard(es)
+
+
+def test_start_says_daemonized_and_stop_ends_the_escaped_processes(sup, escaped_pidfiles):
+    """supervisord sees the program as FATAL (not running), yet its daemons run: a start names the cause,
+    and a stop (a restart's first half) ends them all instead of leaving one more copy per start."""
+    client = sup.ensure_running()
+    pidfile = escaped_pidfiles[0]
+    add_daemonizer(sup, "daemon", pidfile)
+    client.update()
+    wait_for(lambda: _pids(pidfile), what="daemon pid")
+    wait_state(client, "daemon", "FATAL")
+    with pytest.raises(SupervisorError, match="daemonized.*foreground"):
+        client.start("daemon")
+    escaped = wait_for(lambda: len(_pids(pidfile)) >= 2 and _pids(pidfile), what="a second daemon")
+    assert all(pid_alive(p) for p in escaped)
+    client.stop("daemon")
+    assert not [p for p in escaped if pid_alive(p)]
 
 
 def test_down_stops_what_its_programs_daemonized(sup, escaped_pidfiles):

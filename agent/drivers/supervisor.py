@@ -180,15 +180,18 @@ class SupervisorClient:
             raise
 
     def stop(self, name: str, wait: bool = True) -> None:
-        """Stop `name`; with wait, block until it is gone (up to `stopwaitsecs`). Not running is fine."""
+        """Stop `name`; with wait, block until it is gone (up to `stopwaitsecs`), and also stop what it
+        daemonized (`stop_leftovers`; also when supervisord says it was not running: a program that
+        daemonized shows as EXITED or FATAL). Not running is fine."""
         try:
             self._call("supervisor.stopProcess", name, False)
         except SupervisorError as err:
             if err.code != _NOT_RUNNING:
                 raise
-            return
+        else:
+            if wait:
+                self._wait_stopped(lambda info: _namespec(info) == name, name)
         if wait:
-            self._wait_stopped(lambda info: _namespec(info) == name, name)
             stop_leftovers(self.socket_path, name)
 
     def _wait_stopped(self, selects, what: str) -> None:
@@ -225,6 +228,9 @@ class SupervisorClient:
         except SupervisorError:
             info, tail = {}, ""
         reason = str(info.get("spawnerr") or "exited too quickly").rstrip(".")
+        why = daemonized(self, name, info) if info else None
+        if why:
+            reason = f"{reason}; {why}"
         fault_name = FAULTS.get(err.code or 0, ("UNKNOWN", ""))[0]
         message = f"{name} could not be started: {reason} [startProcess: fault {err.code} {fault_name}]"
         if tail:
@@ -582,6 +588,9 @@ def stop_leftovers(socket_path: str | Path, name: str, timeout: float = _LEFTOVE
             _signal_tree(pid, signal.SIGKILL)
     for pid in leftover_pids(socket_path, name):     # started by the ones we stopped, in the meantime
         _signal_tree(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout            # SIGKILL cannot be refused; the kernel takes a moment
+    while leftover_pids(socket_path, name) and time.monotonic() < deadline:
+        time.sleep(_STOP_POLL * 5)
     return pids
 
 
