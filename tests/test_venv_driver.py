@@ -236,11 +236,6 @@ def _pip_into(venv: Path, *args: str) -> None:
                    check=True, capture_output=True)
 
 
-def _leftovers(venvs: Path) -> list[str]:
-    """Held or trashed venvs left in venvs/ (the installers' private HOME belongs there)."""
-    return [p.name for p in venvs.iterdir() if p.name.startswith(".") and p.name != venv_mod.INSTALLER_HOME]
-
-
 def test_repair_keeps_the_drifted_venv_until_the_new_one_is_complete(mgr, root, wheelhouse, tmp_path):
     spec = _spec(root, "fix", [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["lib"])],
                  wheelhouse["dir"], lock_name="fix.lock")
@@ -257,12 +252,12 @@ def test_repair_keeps_the_drifted_venv_until_the_new_one_is_complete(mgr, root, 
     assert mgr.current("fix") == path and (path / MARKER).is_file()
     assert mgr.installed(path) == drifted                      # the venv the service ran from, back as it was
     assert _serve_and_get(path / "bin" / "demoapp-server") == "demoapp 1.0.0\n"
-    assert not _leftovers(path.parent)
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
 
     assert mgr.repair(spec) == path
     assert mgr.installed(path) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
     assert mgr.current("fix") == path
-    assert not _leftovers(path.parent)
+    assert not [p.name for p in path.parent.iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize("new_completed", [False, True])
@@ -539,6 +534,20 @@ def test_installer_env_is_built_from_scratch(tmp_path):
     assert {k for k in env if k.startswith(("PIP_", "UV_"))} <= set(venv_mod._AGENT_SET)
 
 
+def test_pip_network_settings_are_handed_over_as_options_never_as_variables(tmp_path):
+    """deploy/README.md tells users behind a TLS-intercepting proxy to set PIP_CERT: pip's --isolated
+    ignores PIP_*, so the agent passes it (and proxy, timeout, retries) as options; uv gets the standard
+    variables. Nothing that picks wheels (find-links, index) is carried over."""
+    caller = {"PATH": "/bin", "PIP_CERT": "/ca.pem", "PIP_PROXY": "http://proxy:3128", "PIP_DEFAULT_TIMEOUT": "60",
+              "PIP_RETRIES": "2", "PIP_FIND_LINKS": "/host", "PIP_INDEX_URL": "http://host/simple", "PIP_NO_INDEX": "0"}
+    assert venv_mod._pip_network_options(caller) == ["--cert", "/ca.pem", "--proxy", "http://proxy:3128",
+                                                     "--timeout", "60", "--retries", "2"]
+    env = venv_mod._build_env(tmp_path, caller)
+    assert env["SSL_CERT_FILE"] == "/ca.pem" and env["HTTPS_PROXY"] == "http://proxy:3128"
+    assert venv_mod._build_env(tmp_path, {**caller, "SSL_CERT_FILE": "/own.pem"})["SSL_CERT_FILE"] == "/own.pem"
+    assert venv_mod._pip_network_options({"PATH": "/bin"}) == []
+
+
 def _hostile_host(monkeypatch, tmp_path: Path, host_links: Path) -> None:
     """A host whose own pip and uv configuration adds wheels (find-links) and an index to every build:
     in the environment, in HOME (~/.pip, ~/.config) and in XDG_CONFIG_HOME."""
@@ -574,7 +583,7 @@ def test_index_false_build_installs_the_locked_wheel_whatever_the_host_config(tm
     out = subprocess.run([path / "bin" / "python", "-c", "import tinylib; print(tinylib.hello())"],
                          capture_output=True, text=True, check=True).stdout
     assert out == "hi\n"                                 # the revision's wheel, not the host's
-    home = mgr.root / "venvs" / venv_mod.INSTALLER_HOME            # the installers' HOME: the agent's, private
+    home = mgr.root / venv_mod.INSTALLER_HOME                      # the installers' HOME: the agent's, private
     assert home.is_dir() and home.stat().st_mode & 0o777 == 0o700
 
 

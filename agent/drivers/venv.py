@@ -12,10 +12,11 @@ without the marker is an interrupted build and is never used. Services follow th
 is one `os.replace`, and a rollback to a kept venv is a switch, not a rebuild.
 
 Every installer call is an argument list (no shell) with an environment built from scratch, so a
-build depends on the revision only: PATH, a private HOME (`venvs/.installer-home`: caches, no user
-config), LANG, network plumbing (proxy, CA bundle, TMPDIR) and what the agent sets. No inherited PIP_*
+build depends on the revision only: PATH, a private HOME (`<root>/installer-home`: their caches, no
+user config), LANG, network plumbing (proxy, CA bundle, TMPDIR) and what the agent sets. No inherited PIP_*
 or UV_* variable, and no pip.conf or uv.toml is read (`PIP_CONFIG_FILE=/dev/null` and `--isolated`,
-`UV_NO_CONFIG=1`): a host's find-links or index cannot add or replace a wheel. The lock's hashes decide
+`UV_NO_CONFIG=1`): a host's find-links or index cannot add or replace a wheel. The caller's network
+settings for pip (PIP_CERT, PIP_PROXY, timeouts) are handed over as options. The lock's hashes decide
 what may be installed whatever the index.
 
 A foreign entry where `envs/<name>` should be (a directory or file put there by hand) is renamed aside
@@ -55,13 +56,18 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")  # the schema's identif
 _VERSION = re.compile(r"^3\.[0-9]{1,2}$")
 _TRASH_PREFIX = ".trash-"
 _HELD_PREFIX = ".held-"     # a drifted venv kept aside while it is repaired, until the new one is complete
-INSTALLER_HOME = ".installer-home"   # under venvs/: HOME of pip and uv (their caches), never the caller's
+INSTALLER_HOME = "installer-home"    # under the root: HOME of pip and uv (their caches), never the caller's
 _STDERR_TAIL_LINES = 25
 _STDERR_TAIL_CHARS = 3000
 # Caller variables an installer gets: network plumbing only (how to reach an index, where temp files go).
 # None of them can choose a wheel: the lock's hashes do, from the revision's find_links or index.
 _PLUMBING = ("http_proxy", "https_proxy", "no_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY",
-             "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "TMPDIR")
+             "ALL_PROXY", "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "TMPDIR")
+# The caller's pip network settings (documented for TLS-intercepting proxies: deploy/README.md) are no
+# variables of the installers: the agent hands them over as pip's own options (`--isolated` ignores
+# PIP_*), and uv gets the CA bundle and proxy through the standard variables when those are unset.
+_PIP_NETWORK = {"PIP_CERT": "--cert", "PIP_CLIENT_CERT": "--client-cert", "PIP_PROXY": "--proxy",
+                "PIP_DEFAULT_TIMEOUT": "--timeout", "PIP_TIMEOUT": "--timeout", "PIP_RETRIES": "--retries"}
 # What the agent itself sets for pip and uv (and nothing else of the PIP_*/UV_* kind reaches them).
 _AGENT_SET = {
     "PIP_CONFIG_FILE": os.devnull,       # pip reads no pip.conf at all: global, user, site or env
@@ -150,6 +156,10 @@ def _build_env(home: Path, base: dict[str, str] | None = None) -> dict[str, str]
     on every host, whatever the host's pip/uv configuration (find-links, index, `user`, `target`...)."""
     caller = os.environ if base is None else base
     env = {key: caller[key] for key in _PLUMBING if key in caller}
+    if caller.get("PIP_CERT"):
+        env.setdefault("SSL_CERT_FILE", caller["PIP_CERT"])     # uv's name for the CA bundle
+    if caller.get("PIP_PROXY"):
+        env.setdefault("HTTPS_PROXY", caller["PIP_PROXY"])
     env.update(_AGENT_SET)
     env.update({
         "PATH": caller.get("PATH") or os.defpath,
@@ -160,6 +170,16 @@ def _build_env(home: Path, base: dict[str, str] | None = None) -> dict[str, str]
         "PYTHONNOUSERSITE": "1",  # a ~/.local package must not satisfy or break a check
     })
     return env
+
+
+def _pip_network_options(base: dict[str, str] | None = None) -> list[str]:
+    """The caller's PIP_CERT, PIP_PROXY, timeouts... as pip options: how to reach an index, never which wheel."""
+    caller = os.environ if base is None else base
+    options: dict[str, str] = {}
+    for key, option in _PIP_NETWORK.items():
+        if caller.get(key):
+            options.setdefault(option, caller[key])
+    return [a for option, value in options.items() for a in (option, value)]
 
 
 def _probe_env() -> dict[str, str]:
@@ -504,7 +524,7 @@ class VenvManager:
             run([uv, "pip", "check", "--python", python], "uv pip check")
         else:
             pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
-            run([*pip, "install", "--progress-bar", "off", *common], "pip install")
+            run([*pip, "install", "--progress-bar", "off", *_pip_network_options(), *common], "pip install")
             run([*pip, "check"], "pip check")
         expected = {r.name: r.version for r in locked}
         self._check_entry_points(path, python, set(expected), run)
@@ -525,7 +545,7 @@ class VenvManager:
 
     def _installer_home(self) -> Path:
         """The private HOME of pip and uv (their caches live there; no user config is ever read)."""
-        home = self._venvs / INSTALLER_HOME
+        home = self.root / INSTALLER_HOME
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
         return home
 
