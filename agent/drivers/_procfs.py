@@ -197,14 +197,18 @@ def listener_pids(port: int, host: str | None = "127.0.0.1", among: Iterable[int
     return {pid for pid in among if _holds_any(pid, inodes)}
 
 
-def holds_listener(root_pid: int, port: int, host: str | None = "127.0.0.1") -> bool:
+def holds_listener(root_pid: int, port: int, host: str | None = "127.0.0.1") -> bool | None:
     """True when `root_pid` or one of its descendants holds a LISTEN socket that a connection to
-    `host`:`port` reaches: the service itself answers, not some other process on that port.
+    `host`:`port` reaches: the service itself answers, not some other process on that port. None when
+    /proc cannot tell (no /proc/net/tcp): a caller then skips the check rather than fail on it.
     `host`: an IP literal, `localhost` or None (see `_hosts`)."""
+    if not os.path.exists("/proc/net/tcp"):
+        _hosts(host)     # the same ValueError for a bad host, with or without /proc
+        return None
     return bool(listener_pids(port, host, among=process_tree(root_pid)))
 
 
-def holds_url_listener(root_pid: int, url: str) -> bool:
+def holds_url_listener(root_pid: int, url: str) -> bool | None:
     """`holds_listener` for the host and port of an http(s) health-check URL (80/443 by default)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
