@@ -217,3 +217,20 @@ def test_connections_over_the_cap_are_closed_and_served_again_once_some_end(requ
     finally:
         for s in held:
             s.close()
+
+
+def test_a_client_that_does_not_take_its_answer_is_closed(request):
+    big = b"x" * (32 << 20)         # more than the socket buffers hold
+    srv = HttpServer({("GET", "/big"): lambda r: Response(200, big)}, "127.0.0.1:0", write_timeout_s=1.0).start()
+    request.addfinalizer(srv.stop)
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.settimeout(GUARD_S)
+        s.connect(srv.address)
+        s.sendall(b"GET /big HTTP/1.1\r\n\r\n")
+        deadline = time.monotonic() + GUARD_S      # not reading, until the server has given up on us
+        while srv._conns and time.monotonic() < deadline:
+            time.sleep(0.05)
+        got = closed_by_server(s)
+    assert got is not None and len(got) < len(big)
+    assert get(srv.address, "/big")[0] == 200       # and it still serves a client that reads
