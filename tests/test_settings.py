@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings as hyp_settings, strategies as st
 
 from agent.cli import _parser, main
 from agent.core.errors import ConfigError
@@ -166,3 +167,19 @@ def test_the_cli_refuses_health_wait_0_before_doing_anything(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "--health-wait: 0 is out of range: it must be more than 0 and at most 3600 seconds" in err
     assert "Traceback" not in err and not root.exists()   # refused at start: nothing written under --root
+
+
+# ----- precedence as a property: any subset of sources, the highest given one wins -----
+
+_layer = st.one_of(st.none(), st.integers(1, 100))
+
+
+@hyp_settings(max_examples=60, deadline=None)
+@given(file_value=_layer, env_value=_layer, flag_value=_layer)
+def test_the_highest_source_given_wins(tmp_path_factory, file_value, env_value, flag_value):
+    tmp = tmp_path_factory.mktemp("prop")
+    flags = ["--retention", str(flag_value)] if flag_value is not None else []
+    env = {ENV_PREFIX + "RETENTION": str(env_value)} if env_value is not None else {}
+    config = f"retention: {file_value}\n" if file_value is not None else None
+    expected = next((v for v in (flag_value, env_value, file_value) if v is not None), 3)
+    assert settings(tmp, *flags, env=env, config=config).retention == expected
