@@ -288,6 +288,12 @@ def test_removed_app_is_pruned_and_retention_keeps_n(state_repo, agent_root):
 
     git(state_repo.path, "rm", "-r", "-q", "apps/demo")
     state_repo.commit("remove app")
+    # the host's last app: held until fleet.yaml says the host is decommissioned (DESIGN 3d)
+    held = once(state_repo, agent_root, expect=1)
+    assert "decommission: true" in held.stderr and get(f"http://127.0.0.1:{port}/") == "demoapp 4.0.0\n"
+    fleet = (state_repo.path / "fleet.yaml").read_text()
+    state_repo.write("fleet.yaml", fleet.replace("h1: {groups: [web]}", "h1: {groups: [web], decommission: true}"))
+    state_repo.commit("decommission h1")
     out = once(state_repo, agent_root).stdout
     assert "remove_program demo-web" in out and "remove_environment demo" in out
     assert not (agent_root / "supervisor/programs/demo-web.conf").exists()

@@ -220,3 +220,37 @@ def test_a_service_that_dies_after_its_gate_is_drift_until_its_new_process_passe
     once = run_agent("once", *common)
     assert once.returncode == 0 and "check_health" in once.stdout, once.stdout + once.stderr
     assert run_agent("plan", *common).returncode == 0
+
+
+def test_the_health_gate_needs_the_services_own_listener(state_repo, agent_root, tmp_path):
+    """Issue 12 item 4: another process already answers the service's port, and the service binds only
+    after 2.5 s (past startsecs). The old gate passed on the other process's answer, then the service
+    crash-looped behind a 'converged' report. Now the gate waits for the service's own listener, which
+    never comes (it dies on the taken port, and supervisord restarts it), and fails saying why."""
+    import subprocess
+    import sys
+
+    from conftest import stop_process
+    from daemon_helpers import wait_until
+
+    port = free_port()
+    foreign = subprocess.Popen([sys.executable, "-c", (
+        "import http.server as h\n"
+        "class H(h.BaseHTTPRequestHandler):\n"
+        "    def do_GET(self):\n"
+        "        self.send_response(200); self.end_headers(); self.wfile.write(b'impostor 9.9.9\\n')\n"
+        "    def log_message(self, *a): pass\n"
+        f"h.HTTPServer(('127.0.0.1', {port}), H).serve_forever()\n")])
+    try:
+        wait_until(lambda: served_version(port) == "9.9.9", 30, "the foreign server")
+        state_repo.app(services={"demo-web": {"port": port}})
+        text = (state_repo.path / "apps/demo/app.yaml").read_text()
+        state_repo.write("apps/demo/app.yaml", text.replace(f'"{port}"]', f'"{port}", --bind-delay, "2.5"]'))
+        state_repo.commit()
+        result = Reconciler(settings(state_repo, agent_root)).reconcile()
+        assert result.result is ReconcileResult.FAILED, [o.to_json() for o in result.outcomes]
+        gate = next(o for o in result.outcomes if o.action.kind == "check_health")
+        assert gate.failed and "another process answers there" in gate.message, gate.message
+        assert _status(agent_root)["resources"]["program:demo-web"]["state"] == "failed"
+    finally:
+        stop_process(foreign)

@@ -113,6 +113,7 @@ import argparse
 import signal
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 NAME = {name!r}
@@ -168,8 +169,10 @@ def main(argv=None):
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--healthz-status", type=int, default=200, help="answer /healthz with this status")
+    parser.add_argument("--bind-delay", type=float, default=0.0, help="seconds to wait before binding the port")
     args = parser.parse_args(argv)
     Handler.healthz_status = args.healthz_status
+    time.sleep(args.bind_delay)
     server = Server((args.host, args.port), Handler)
 
     def stop(signum, frame):  # serve_forever must be stopped from another thread

@@ -17,6 +17,7 @@ from agent.drivers.venv import VenvManager, VenvSpec
 from agent.core.errors import AgentError, HealthCheckFailed, SupervisorError
 from agent.core.facts import DOWN_STATES, STARTABLE_STATES, ProcessState, text_digest
 from agent.core.outcome import Outcome, Verdict, verdict_for
+from agent.drivers._procfs import holds_url_listener
 from agent.drivers.fsutil import atomic_write
 from agent.core.layout import Layout
 from agent.core.plan import (
@@ -92,16 +93,23 @@ def _raise_if_dead(client, name: str, info: dict | None) -> None:
 
 
 def _check_health(drivers: Drivers, action: CheckHealth) -> str:
+    """Healthy means the URL answers 2xx **from the service's own process** (or a descendant): another
+    process that already answers on that port must not pass the gate of a service that has not bound yet
+    (it would fail to bind and crash later, after being reported healthy)."""
     deadline = drivers.clock() + drivers.health_wait_s
     seen = ""
     probes = 0
     while drivers.clock() < deadline:
         ok, seen = http_healthy(action.url, action.timeout_s)
+        client = drivers.client()
+        info = client.process_info().get(action.name)
         if ok:
-            return seen
+            pid = (info or {}).get("pid") or 0
+            if pid and holds_url_listener(pid, action.url) is not False:     # None: no /proc to tell
+                return seen
+            seen = f"{seen}, but not from {action.name} (pid {pid}): another process answers there"
         probes += 1
-        client = drivers.client()      # a crashed program will not turn healthy: say why, at once
-        _raise_if_dead(client, action.name, client.process_info().get(action.name))
+        _raise_if_dead(client, action.name, info)     # a crashed program will not turn healthy: say why, at once
         drivers.sleep(0.01 if probes < 10 else 0.05 if probes < 30 else 0.2)
     raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
