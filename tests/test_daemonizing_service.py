@@ -73,6 +73,7 @@ def test_a_daemonizing_service_is_rolled_back_with_the_daemon_it_forked(state_re
     proc = run_agent("once", "--repo", state_repo.url, "--host", "h1", "--root", str(agent_root))
     assert proc.returncode == 1, f"{proc.stdout}\n{proc.stderr}"
     assert "rolled back forker" in proc.stdout + proc.stderr
+    assert "daemonized" in proc.stdout and "cannot be supervised" in proc.stdout, proc.stdout
     forked = _pids(pidfile)
     assert forked, "the service never daemonized"
     deadline = time.monotonic() + 30

@@ -54,6 +54,7 @@ class ProgramFact:
     spawnerr: str = ""
     verified: str | None = None               # sha256 of the config whose health gate last passed
     gated_pid: int | None = None              # the pid that passed it: another pid now means it exited since
+    daemonized: str = ""                      # why it cannot be supervised (it forked away and exited), if so
 
 
 @dataclass(frozen=True)

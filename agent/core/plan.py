@@ -261,7 +261,7 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
             "supervisord has not loaded this program" if not loaded else f"supervisord has unapplied changes ({fact.pending})")
         yield UpdateProgram(key, why, needs, name=name, startsecs=startsecs, gated=gated)
     elif fact.state not in HEALTHY_STATES:
-        yield StartProgram(key, f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
+        yield StartProgram(key, fact.daemonized or f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
                            needs, name=name, startsecs=startsecs, gated=gated)
     elif restart_reason:
         yield RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs, gated=gated)

@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from agent.drivers.supervisor import remove_program_file, write_program_file
+from agent.drivers.supervisor import daemonized, remove_program_file, write_program_file
 from agent.drivers.venv import VenvManager, VenvSpec
 from agent.core.errors import AgentError, HealthCheckFailed, SupervisorError
 from agent.core.facts import DOWN_STATES, STARTABLE_STATES, ProcessState, text_digest
@@ -88,8 +88,8 @@ def _raise_if_dead(client, name: str, info: dict | None) -> None:
     state = info.get("statename") if info else None
     if state in DOWN_STATES and info is not None:
         tail = client.read_log_tail(name)
-        raise SupervisorError(f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
-                              + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
+        why = daemonized(client, name, info) or f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
+        raise SupervisorError(why + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
 
 
 def _check_health(drivers: Drivers, action: CheckHealth) -> str:

@@ -13,7 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Protocol
 
-from agent.core.facts import Facts, ProgramFact, VenvFact
+from agent.core.facts import DOWN_STATES, Facts, ProgramFact, VenvFact
+from agent.drivers.supervisor import daemonized
 
 __all__ = ["collect", "read_verified", "owned_pending"]
 
@@ -111,6 +112,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             spawnerr=p.get("spawnerr", "") or "",
             verified=digest or None,
             gated_pid=int(gated_pid) if gated_pid.isdigit() else None,
+            daemonized=(daemonized(client, name, p) or "") if p.get("statename") in DOWN_STATES else "",
         )
     traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
     return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)
