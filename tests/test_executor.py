@@ -21,6 +21,7 @@ from agent.service.executor import Drivers, apply_plan
 from agent.service.reconciler import Reconciler
 from agent.settings import Settings
 from conftest import free_port, served_version
+from daemon_helpers import wait_until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -52,6 +53,11 @@ def _processes(root: Path) -> dict[str, dict]:
     from agent.drivers.supervisor_handle import SupervisorHandle
 
     return SupervisorHandle("embedded", layout).ensure().process_info()
+
+
+def _serves(port: int, version: str) -> None:
+    """`version` answers on `port` (polled with a bound: a restarted process may still be binding)."""
+    wait_until(lambda: served_version(port) == version, 30, f"version {version} on port {port}")
 
 
 def _cmdline(pid: int) -> list[str]:
@@ -103,8 +109,8 @@ def test_a_changed_service_failing_its_gate_is_back_on_its_previous_config_venv_
     assert info["statename"] == "RUNNING" and info["pid"]
     argv = _cmdline(info["pid"])
     assert argv[1].startswith(old_venv + "/bin/") and "--healthz-status" not in argv, argv
+    _serves(port, "1.0.0")
     assert holds_url_listener(info["pid"], f"http://127.0.0.1:{port}/") is not False
-    assert served_version(port) == "1.0.0"
 
 
 def test_a_new_service_failing_its_gate_is_uninstalled_and_its_neighbour_keeps_running(state_repo, agent_root):
@@ -128,8 +134,37 @@ def test_a_new_service_failing_its_gate_is_uninstalled_and_its_neighbour_keeps_r
     assert "demo-new" not in running
     assert served_version(new_port) is None
     assert running["demo-web"]["pid"] == before and running["demo-web"]["statename"] == "RUNNING"
-    assert served_version(port) == "1.0.0"
+    _serves(port, "1.0.0")
     assert not any(o.failed for o in result.outcomes if o.action.key != "program:demo-new"), _outcomes(result)
+
+
+def test_a_failure_over_a_hand_edited_config_keeps_the_new_one_as_nobody_vouches_for_the_old(state_repo, agent_root):
+    """A program file edited by hand and not yet applied by supervisord is no known-good config: a failed
+    gate after it is reported (FAILED_TEMPORARY, retried), not 'rolled back' to a config that never ran."""
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit("1.0.0")
+    assert reconcile(state_repo, agent_root).result is ReconcileResult.APPLIED
+    program = agent_root / "supervisor" / "programs" / "demo-web.conf"
+    edited = program.read_text().replace("startsecs=1\n", "startsecs=2\n")
+    assert edited != program.read_text()
+    program.write_text(edited)
+
+    state_repo.app(services={"demo-web": {"port": port}}, version="1.1.0")
+    _with_command_args(state_repo, "demo", "demo-web", port, "--healthz-status", "500")
+    state_repo.commit("1.1.0, unhealthy")
+    result = reconcile(state_repo, agent_root, health_wait_s=FAILING_GATE_WAIT_S)
+
+    assert result.result is ReconcileResult.FAILED, _outcomes(result)
+    write = _of(result, "write_program", "program:demo-web")
+    assert write.action.previous is None and write.action.existed
+    gate = _of(result, "check_health", "program:demo-web")
+    assert gate.verdict is Verdict.FAILED_TEMPORARY, _outcomes(result)
+    assert gate.message.endswith("(no known-good config to roll back to)"), gate.message
+    assert program.read_text() == write.action.text                 # the desired file stays, the edit is gone
+    info = _processes(agent_root)["demo-web"]
+    assert "--healthz-status" in _cmdline(info["pid"])
+    _serves(port, "1.1.0")
 
 
 # --- blocked, unexpected and permanent failures ---------------------------------------------------------------
@@ -191,7 +226,7 @@ def test_an_unexpected_exception_is_a_temporary_failure_and_independent_actions_
     assert {o.action.kind for o in good} >= {"build_venv", "switch_venv", "write_program", "check_health"}
     assert all(o.verdict is Verdict.APPLIED for o in good), _outcomes(result)
     assert _processes(agent_root)["good-web"]["statename"] == "RUNNING"
-    assert served_version(good_port) == "1.0.0"
+    _serves(good_port, "1.0.0")
 
 
 def test_a_permanent_error_is_failed_permanent_and_blocks_only_what_needs_it(tmp_path):

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from agent.core.model import App, Canary, DesiredState, Service, Traffic
@@ -174,10 +174,22 @@ def test_with_canary_gives_the_canary_its_percent_and_the_stable_side_the_rest_b
     assert all(w >= 0 for w in shares.values())
     assert rest - len(shares) < sum(shares.values()) <= rest       # floor rounding loses < 1 per service
     assert (sum(shares.values()) > 0) == (rest > 0)                # the stable side is never starved
-    for x in shares:                                               # a heavier stable service never gets less
-        for y in shares:
-            if stable[x] > stable[y] and sum(stable.values()):
-                assert shares[x] >= shares[y]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "rollout.py:73-74: when every floored stable share is 0, the whole rest goes to the alphabetically first "
+    "stable service whatever its weight: stable a:0 (drained) b:3 c:3 at 99% gives a the 1% and b, c nothing; "
+    "a:1 b:2 gives the lighter a everything"))
+@example(stable={"a": 0, "b": 3, "c": 3}, canary_weight=1, percent=99)
+@settings(max_examples=300, deadline=None)
+@given(stable=st.dictionaries(_NAMES, st.integers(0, 256), min_size=1, max_size=5),
+       canary_weight=st.integers(0, 256), percent=st.integers(0, 100))
+def test_with_canary_never_favours_a_lighter_stable_service(stable, canary_weight, percent):
+    got = dict(with_canary(_canary_traffic({**stable, "green": canary_weight}), percent).weights)
+    for x in stable:
+        for y in stable:
+            if stable[x] > stable[y]:
+                assert got[x] >= got[y], (x, y, got)
 
 
 @settings(max_examples=200, deadline=None)
