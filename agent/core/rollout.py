@@ -44,13 +44,14 @@ def canary_step(canary: Canary, progress: CanaryProgress | None, canary_id: str,
         return progress
     probes = progress.probes + (probe[0] if probe else 0)
     errors = progress.errors + (probe[1] if probe else 0)
+    step = min(progress.step, len(canary.steps) - 1)   # progress recorded under longer steps
     if probes and errors / probes > canary.max_error_rate:
         return replace(progress, probes=probes, errors=errors, state="failed",
-                       reason=f"step {progress.step + 1} ({canary.steps[progress.step]}%): error rate "
+                       reason=f"step {step + 1} ({canary.steps[step]}%): error rate "
                               f"{errors}/{probes} above {canary.max_error_rate:g}; aborted to 0%")
     if probes and now - progress.since >= canary.pause_s:
-        if progress.step + 1 < len(canary.steps):
-            return CanaryProgress(canary_id, progress.step + 1, now)
+        if step + 1 < len(canary.steps):
+            return CanaryProgress(canary_id, step + 1, now)
         return replace(progress, probes=probes, errors=errors, state="complete", reason="all steps passed")
     return replace(progress, probes=probes, errors=errors)
 
@@ -64,17 +65,21 @@ def canary_percent(canary: Canary, progress: CanaryProgress) -> int:
 
 
 def with_canary(traffic: Traffic, percent: int) -> Traffic:
-    """The traffic block with the canary at `percent`; the stable services share the rest by their weights."""
+    """The traffic block with the canary at `percent`; the stable services share the rest by their weights
+    (largest remainder: the shares add up to exactly the rest, a heavier service never gets less than a
+    lighter one, and a service weighted 0 gets nothing while another has weight)."""
     canary = traffic.canary.service
     others = {n: w for n, w in traffic.weights if n != canary}
+    if not others:
+        return replace(traffic, weights=((canary, percent),))
+    if not sum(others.values()):
+        others = {n: 1 for n in others}      # all drained: share evenly rather than send the rest nowhere
     total = sum(others.values())
     rest = 100 - percent
-    if total:
-        shares = {n: rest * w // total for n, w in others.items()}
-    else:
-        shares = {n: rest // len(others) for n in others}
-    if rest and not any(shares.values()):   # rounding must never starve the stable side entirely
-        shares[next(iter(sorted(others)))] = rest
+    shares = {n: rest * w // total for n, w in others.items()}
+    by_remainder = sorted(others, key=lambda n: (-(rest * others[n] % total), -others[n], n))
+    for name in by_remainder[:rest - sum(shares.values())]:
+        shares[name] += 1
     weights = {**shares, canary: percent}
     return replace(traffic, weights=tuple(sorted(weights.items())))
 
