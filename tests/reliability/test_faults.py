@@ -416,7 +416,13 @@ def test_disk_full_during_build_switches_nothing(state_repo, tmpfs, leave):
     venvs = sorted(os.listdir(root / "venvs"))
     state_repo.lock("apps/demo/demo.lock", "2.0.0")
     new = state_repo.commit("2.0.0")
-    assert run_agent("plan", *agent_args(state_repo.url, root)).returncode == 2   # fetched and checked out
+    assert run_agent("plan", *agent_args(state_repo.url, root)).returncode == 2
+    # fetch and check out the new commit into the root first (plan is read-only: it fetches aside), so the
+    # full disk hits the build, not the fetch
+    from agent.drivers.git import GitSource
+
+    with GitSource(state_repo.url, "main", root / "source") as source:
+        source.checkout(source.resolve())
     filler = _fill(tmpfs, leave=leave)
 
     proc = once(state_repo.url, root, expect=1)
