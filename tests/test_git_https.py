@@ -11,57 +11,24 @@ import os
 import ssl
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from conftest import free_port, run_agent
+from git_http import BACKEND, GitCGIHandler
 
 TOKEN = "s3cr3t-t0ken-value"
-BACKEND = "/usr/lib/git-core/git-http-backend"
 
 
-class _GitHTTP(BaseHTTPRequestHandler):
-    """Smart HTTP via git's own CGI program; requires basic auth user:TOKEN."""
+class _GitHTTP(GitCGIHandler):
+    """Smart HTTP that requires basic auth user:TOKEN."""
 
-    project_root = ""
+    remote_user = "agent"
 
-    def _serve(self) -> None:
-        auth = self.headers.get("Authorization", "")
-        if auth != "Basic " + base64.b64encode(f"agent:{TOKEN}".encode()).decode():
-            self.send_response(401)
-            self.send_header("WWW-Authenticate", 'Basic realm="git"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        path, _, query = self.path.partition("?")
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        env = {**os.environ, "GIT_PROJECT_ROOT": self.project_root, "GIT_HTTP_EXPORT_ALL": "1",
-               "REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query,
-               "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
-               "REMOTE_USER": "agent", "GIT_PROTOCOL": self.headers.get("Git-Protocol", "")}
-        out = subprocess.run([BACKEND], input=body, capture_output=True, env=env, timeout=30).stdout
-        head, _, payload = out.partition(b"\r\n\r\n")
-        status = 200
-        headers = []
-        for line in head.decode().split("\r\n"):
-            key, _, value = line.partition(":")
-            if key.lower() == "status":
-                status = int(value.strip().split()[0])
-            elif key:
-                headers.append((key, value.strip()))
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = _serve
-
-    def log_message(self, *args) -> None:
-        pass
+    def authorized(self) -> bool:
+        return self.headers.get("Authorization", "") == "Basic " + base64.b64encode(f"agent:{TOKEN}".encode()).decode()
 
 
 @pytest.fixture

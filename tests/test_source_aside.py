@@ -15,50 +15,20 @@ import os
 import stat
 import subprocess
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from agent.drivers.git import GitSource, is_ancestor
 from conftest import free_port, git
+from git_http import BACKEND, GitCGIHandler
 
-BACKEND = "/usr/lib/git-core/git-http-backend"
 SECRET = "s3cr3t-pw"
 
 
-class _GitCGI(BaseHTTPRequestHandler):
-    """Smart HTTP through git's own CGI program (no auth challenge: git never sends the URL's password)."""
-
-    project_root = ""
-
-    def _serve(self) -> None:
-        path, _, query = self.path.partition("?")
-        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        env = {**os.environ, "GIT_PROJECT_ROOT": self.project_root, "GIT_HTTP_EXPORT_ALL": "1",
-               "REQUEST_METHOD": self.command, "PATH_INFO": path, "QUERY_STRING": query,
-               "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
-               "GIT_PROTOCOL": self.headers.get("Git-Protocol", "")}
-        out = subprocess.run([BACKEND], input=body, capture_output=True, env=env, timeout=60).stdout
-        head, _, payload = out.partition(b"\r\n\r\n")
-        status, headers = 200, []
-        for line in head.decode().split("\r\n"):
-            key, _, value = line.partition(":")
-            if key.lower() == "status":
-                status = int(value.strip().split()[0])
-            elif key:
-                headers.append((key, value.strip()))
-        self.send_response(status)
-        for key, value in headers:
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    do_GET = do_POST = _serve
-
-    def log_message(self, *args) -> None:
-        pass
+class _GitCGI(GitCGIHandler):
+    """Smart HTTP with no auth challenge: git never sends the URL's password."""
 
 
 class Served:
