@@ -43,6 +43,11 @@ class _BuggyVenvs(VenvManager):
         raise KeyError("a driver bug")
 
 
+def cli_args(repo, root) -> list[str]:
+    """The agent options every CLI call of these tests passes."""
+    return ["--repo", repo.url, "--host", "h1", "--root", str(root), "--health-wait", "15"]
+
+
 def _status(root) -> dict:
     return json.loads((root / "state" / "status.json").read_text())
 
@@ -104,7 +109,7 @@ def test_a_corrupt_status_and_cache_never_wedge_once_plan_or_status(state_repo, 
     port = free_port()
     state_repo.app(services={"demo-web": {"port": port}})
     state_repo.commit()
-    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    common = cli_args(state_repo, agent_root)
     assert run_agent("once", *common).returncode == 0
     status_file = agent_root / "state" / "status.json"
     for pickle in (agent_root / "state" / "desired").glob("*.pickle"):
@@ -128,7 +133,7 @@ def test_a_revision_that_would_empty_the_host_is_held_unless_decommissioned(stat
     port = free_port()
     state_repo.app(services={"demo-web": {"port": port}})
     state_repo.commit()
-    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    common = cli_args(state_repo, agent_root)
     assert run_agent("once", *common).returncode == 0
 
     # the app's selector no longer matches h1 (a typo): nothing would run here
@@ -170,7 +175,7 @@ def test_plan_status_and_facts_leave_the_root_byte_for_byte_unchanged(state_repo
     port = free_port()
     state_repo.app(services={"demo-web": {"port": port}})
     state_repo.commit()
-    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    common = cli_args(state_repo, agent_root)
     assert run_agent("once", *common).returncode == 0
     # a new commit the root has not fetched, and another repo: plan must fetch aside, never into the root
     state_repo.lock("apps/demo/demo.lock", "1.1.0")
@@ -201,7 +206,7 @@ def test_a_service_that_dies_after_its_gate_is_drift_until_its_new_process_passe
     port = free_port()
     state_repo.app(services={"demo-web": {"port": port}})
     state_repo.commit()
-    common = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    common = cli_args(state_repo, agent_root)
     assert run_agent("once", *common).returncode == 0
     assert run_agent("plan", *common).returncode == 0
     facts = json.loads(run_agent("facts", "--json", *common).stdout)["programs"]["demo-web"]
