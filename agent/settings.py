@@ -69,7 +69,7 @@ _ALIAS = {option: name for name, option in _OPTION.items()}
 _RANGES: dict[str, tuple[float, bool, float, str]] = {
     "retention": (1, True, 100, "venvs"),
     "health_wait_s": (0, False, 3600, "seconds"),
-    "poll_interval_s": (1, True, 86400, "seconds"),
+    "poll_interval_s": (0, False, 86400, "seconds"),
     "splay": (0, True, 86400, "seconds"),
 }
 _CHOICES = {

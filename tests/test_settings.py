@@ -140,7 +140,7 @@ def test_daemon_numbers_are_checked_too(tmp_path):
     def run_settings(*flags: str, env: dict[str, str] | None = None) -> Settings:
         return build_settings(vars(_parser().parse_args(["run", *flags])), env or {})
 
-    with pytest.raises(ConfigError, match=r"--poll-interval: 0 is out of range: it must be at least 1 and at most 86400"):
+    with pytest.raises(ConfigError, match=r"--poll-interval: 0 is out of range: it must be more than 0 and at most 86400"):
         run_settings("--poll-interval", "0")
     with pytest.raises(ConfigError, match=r"--splay: -1 is out of range"):
         run_settings("--splay", "-1")
