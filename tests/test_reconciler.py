@@ -259,3 +259,16 @@ def test_the_health_gate_needs_the_services_own_listener(state_repo, agent_root,
         assert _status(agent_root)["resources"]["program:demo-web"]["state"] == "failed"
     finally:
         stop_process(foreign)
+
+
+def test_an_invalid_revision_is_printed_once_with_file_line_and_the_fix(state_repo, agent_root):
+    state_repo.app()
+    text = (state_repo.path / "apps/demo/app.yaml").read_text()
+    state_repo.write("apps/demo/app.yaml", text.replace("environment: demo", "environment: dmeo"))
+    state_repo.commit("typo")
+    for command in ("once", "plan"):
+        proc = run_agent(command, *cli_args(state_repo, agent_root))
+        assert proc.returncode == 1, proc.stdout + proc.stderr
+        problem = [line for line in proc.stderr.splitlines() if "apps/demo/app.yaml:" in line]
+        assert len(problem) == 1, proc.stderr                   # was printed by the log and by the CLI
+        assert "did you mean 'demo'" in problem[0], problem
