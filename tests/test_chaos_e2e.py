@@ -16,7 +16,7 @@ from daemon_helpers import start_daemon, wait_until
 
 pytestmark = pytest.mark.timeout(180)
 
-RUN_S = 15.0
+RUN_S = 20.0
 LOSS_BUDGET = 0.005
 
 
