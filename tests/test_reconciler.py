@@ -48,6 +48,16 @@ def cli_args(repo, root) -> list[str]:
     return ["--repo", repo.url, "--host", "h1", "--root", str(root), "--health-wait", "15"]
 
 
+def _converged(repo, root) -> tuple[int, list[str]]:
+    """One demo service on a free port, applied by a real `once`: (its port, the CLI options)."""
+    port = free_port()
+    repo.app(services={"demo-web": {"port": port}})
+    repo.commit()
+    common = cli_args(repo, root)
+    assert run_agent("once", *common).returncode == 0
+    return port, common
+
+
 def _status(root) -> dict:
     return json.loads((root / "state" / "status.json").read_text())
 
@@ -106,11 +116,7 @@ def test_a_failed_health_gate_is_rolled_back_and_says_so(state_repo, agent_root)
 
 
 def test_a_corrupt_status_and_cache_never_wedge_once_plan_or_status(state_repo, agent_root):
-    port = free_port()
-    state_repo.app(services={"demo-web": {"port": port}})
-    state_repo.commit()
-    common = cli_args(state_repo, agent_root)
-    assert run_agent("once", *common).returncode == 0
+    port, common = _converged(state_repo, agent_root)
     status_file = agent_root / "state" / "status.json"
     for pickle in (agent_root / "state" / "desired").glob("*.pickle"):
         pickle.write_bytes(b"\x80\x04garbage")
@@ -130,11 +136,7 @@ def test_a_corrupt_status_and_cache_never_wedge_once_plan_or_status(state_repo, 
 
 
 def test_a_revision_that_would_empty_the_host_is_held_unless_decommissioned(state_repo, agent_root):
-    port = free_port()
-    state_repo.app(services={"demo-web": {"port": port}})
-    state_repo.commit()
-    common = cli_args(state_repo, agent_root)
-    assert run_agent("once", *common).returncode == 0
+    port, common = _converged(state_repo, agent_root)
 
     # the app's selector no longer matches h1 (a typo): nothing would run here
     text = (state_repo.path / "apps/demo/app.yaml").read_text()
@@ -172,11 +174,7 @@ def _snapshot(root) -> dict:
 
 
 def test_plan_status_and_facts_leave_the_root_byte_for_byte_unchanged(state_repo, agent_root, tmp_path):
-    port = free_port()
-    state_repo.app(services={"demo-web": {"port": port}})
-    state_repo.commit()
-    common = cli_args(state_repo, agent_root)
-    assert run_agent("once", *common).returncode == 0
+    port, common = _converged(state_repo, agent_root)
     # a new commit the root has not fetched, and another repo: plan must fetch aside, never into the root
     state_repo.lock("apps/demo/demo.lock", "1.1.0")
     state_repo.commit("1.1.0")
@@ -203,11 +201,7 @@ def test_plan_status_and_facts_leave_the_root_byte_for_byte_unchanged(state_repo
 def test_a_service_that_dies_after_its_gate_is_drift_until_its_new_process_passes(state_repo, agent_root):
     import signal
 
-    port = free_port()
-    state_repo.app(services={"demo-web": {"port": port}})
-    state_repo.commit()
-    common = cli_args(state_repo, agent_root)
-    assert run_agent("once", *common).returncode == 0
+    port, common = _converged(state_repo, agent_root)
     assert run_agent("plan", *common).returncode == 0
     facts = json.loads(run_agent("facts", "--json", *common).stdout)["programs"]["demo-web"]
     assert facts["gated_pid"] == facts["pid"]
