@@ -8,6 +8,7 @@ at spawn time. No process is started.
 from __future__ import annotations
 
 import io
+import os
 import shlex
 import unicodedata
 
@@ -23,6 +24,7 @@ from agent.core.render.supervisor import (
     PROGRAM_NAME_RE,
     ProgramSpec,
     UnsafeValue,
+    process_logfile,
     render_program,
     render_supervisord,
 )
@@ -39,40 +41,59 @@ _ALWAYS = {
 }
 
 
-def load(text: str):
-    """What supervisord makes of a program file: (ini sections, options, the one ProcessConfig)."""
+def load_all(text: str):
+    """What supervisord makes of a program file: (ini sections, options, its group, its ProcessConfigs)."""
     parser = UnhosedConfigParser()
     parser.read_string(text)
     sections = parser.sections()
     options = {k: parser.get(s, k) for s in sections for k in parser.options(s)}
     server = ServerOptions()
     server.here = "/srv/here"  # the [include] section makes supervisord rewrite %(here)s
-    groups = server.read_config(io.StringIO(_MAIN + text)).process_group_configs
-    processes = [p for g in groups for p in g.process_configs]
+    [group] = server.read_config(io.StringIO(_MAIN + text)).process_group_configs
+    return sections, options, group, list(group.process_configs)
+
+
+def load(text: str):
+    """(ini sections, options, the one ProcessConfig) of a single-process program file."""
+    sections, options, _group, processes = load_all(text)
     assert len(processes) == 1, processes
     return sections, options, processes[0]
 
 
 def assert_round_trip(spec: ProgramSpec) -> None:
     text = render_program(spec)
-    sections, options, proc = load(text)
+    sections, options, group, procs = load_all(text)
     assert sections == [f"program:{spec.name}"]
     for key, value in _ALWAYS.items():
         assert options[key] == value
-    assert proc.name == spec.name
-    assert shlex.split(proc.command) == list(spec.command)
-    assert proc.environment == {**dict(spec.environment), MARKER_KEY: spec.name}
-    assert proc.umask == int(spec.umask, 8)
-    assert proc.directory == spec.directory
-    assert proc.startsecs == spec.startsecs >= 1
-    assert proc.startretries == spec.startretries
-    assert proc.stopwaitsecs == spec.stopwaitsecs
-    assert proc.stopasgroup and proc.killasgroup and not proc.redirect_stderr and proc.autostart
+    assert group.name == spec.name
+    assert group.priority == (999 if spec.priority is None else spec.priority)
+    assert len(procs) == spec.numprocs
+    if spec.numprocs == 1:
+        assert [p.name for p in procs] == [spec.name]
+    else:
+        assert sorted(p.name for p in procs) == sorted(f"{spec.name}-{i}" for i in range(spec.numprocs))
+    for proc in procs:
+        num = int(proc.name.rpartition("-")[2]) if spec.numprocs > 1 else None
+        assert proc.priority == (999 if spec.priority is None else spec.priority)
+        assert shlex.split(proc.command) == list(spec.command)
+        assert proc.environment == {**dict(spec.environment), MARKER_KEY: spec.name}
+        assert proc.umask == int(spec.umask, 8)
+        assert proc.directory == spec.directory
+        assert proc.startsecs == spec.startsecs >= 1
+        assert proc.startretries == spec.startretries
+        assert proc.stopwaitsecs == spec.stopwaitsecs
+        assert proc.stopasgroup and proc.killasgroup and not proc.redirect_stderr and proc.autostart
+        for attr in ("stdout_logfile", "stderr_logfile"):
+            path = getattr(spec, attr)
+            if path is not None:
+                want = path if num is None else process_logfile(path, spec.name, num)
+                assert getattr(proc, attr) == want
+                assert getattr(proc, f"{attr}_maxbytes") == spec.log_maxbytes
+                assert getattr(proc, f"{attr}_backups") == spec.log_backups
     for attr in ("stdout_logfile", "stderr_logfile"):
         if getattr(spec, attr) is not None:
-            assert getattr(proc, attr) == getattr(spec, attr)
-            assert getattr(proc, f"{attr}_maxbytes") == spec.log_maxbytes
-            assert getattr(proc, f"{attr}_backups") == spec.log_backups
+            assert len({getattr(p, attr) for p in procs}) == len(procs), "processes would share a log file"
 
 
 # --- table: accepted -----------------------------------------------------------------------------
@@ -194,6 +215,79 @@ def test_logs_rotate_by_default_and_limits_are_per_spec():
     assert_round_trip(small)
 
 
+def test_exact_rendering_of_a_multi_process_spec_with_a_priority():
+    spec = ProgramSpec("worker", ("/bin/sleep", "9"), numprocs=3, priority=20,
+                       stdout_logfile="/tmp/worker.out.log", stderr_logfile="/tmp/worker.err.log")
+    assert render_program(spec) == (
+        "; managed by gitops-agent: edits are overwritten\n"
+        "[program:worker]\n"
+        "command=/bin/sleep 9\n"
+        "process_name=%(program_name)s-%(process_num)d\n"
+        "numprocs=3\n"
+        'environment=GITOPS_AGENT_PROGRAM="worker"\n'
+        "umask=022\n"
+        "autostart=true\n"
+        "priority=20\n"
+        "autorestart=unexpected\n"
+        "startsecs=1\n"
+        "startretries=3\n"
+        "stopwaitsecs=10\n"
+        "stopasgroup=true\n"
+        "killasgroup=true\n"
+        "redirect_stderr=false\n"
+        "stdout_logfile=/tmp/worker-%(process_num)d.out.log\n"
+        "stdout_logfile_maxbytes=10MB\n"
+        "stdout_logfile_backups=3\n"
+        "stderr_logfile=/tmp/worker-%(process_num)d.err.log\n"
+        "stderr_logfile_maxbytes=10MB\n"
+        "stderr_logfile_backups=3\n"
+    )
+    assert_round_trip(spec)
+    _, _, group, procs = load_all(render_program(spec))
+    assert group.priority == 20 and [p.priority for p in procs] == [20, 20, 20]   # boot order is by group
+    assert [p.stdout_logfile for p in procs] == [f"/tmp/worker-{i}.out.log" for i in range(3)]
+
+
+def test_numprocs_1_and_no_priority_add_nothing():
+    """Program files already on hosts must not change (a change would restart every service)."""
+    base = ProgramSpec("svc", ("/bin/true",), stdout_logfile="/l/svc.out.log")
+    text = render_program(base)
+    assert render_program(ProgramSpec("svc", ("/bin/true",), stdout_logfile="/l/svc.out.log", numprocs=1)) == text
+    assert "numprocs" not in text and "process_name" not in text and "priority" not in text
+    assert "stdout_logfile=/l/svc.out.log\n" in text
+    with_priority = render_program(ProgramSpec("svc", ("/bin/true",), stdout_logfile="/l/svc.out.log", priority=5))
+    assert with_priority.replace("priority=5\n", "") == text
+
+
+@pytest.mark.parametrize(("path", "name", "want"), [
+    ("/tmp/web.out.log", "web", "/tmp/web-{}.out.log"),
+    ("/tmp/web.blue.out.log", "web.blue", "/tmp/web.blue-{}.out.log"),     # a name with a dot
+    ("/tmp/web.blue.out.log", "web", "/tmp/web-{}.blue.out.log"),
+    ("/tmp/web", "web", "/tmp/web-{}"),
+    ("/tmp/other.log", "web", "/tmp/other-{}.log"),
+    ("/tmp/plain", "web", "/tmp/plain-{}"),
+    ("/no.such.dir/web2.log", "web", "/no.such.dir/web2-{}.log"),
+    ("/tmp/50%.log", "web", "/tmp/50%-{}.log"),
+])
+def test_per_process_log_files(path, name, want):
+    spec = ProgramSpec(name, ("/bin/true",), numprocs=2, stdout_logfile=path, stderr_logfile=path + ".err")
+    for i in range(2):
+        assert process_logfile(path, name, i) == want.format(i)
+    if os.path.isdir(os.path.dirname(path)):
+        assert_round_trip(spec)
+    else:
+        with pytest.raises(ValueError, match="directory"):     # supervisord checks the directory exists
+            load_all(render_program(spec))
+
+
+@pytest.mark.parametrize("path", ["/tmp/100%", "/tmp/%%", "/tmp/%(ENV_HOME)s", "/tmp/%(process_num)d",
+                                  "/tmp/%s%d", "/tmp/a%", "/tmp/%(program_name)s.log"])
+@pytest.mark.parametrize("numprocs", [1, 3])
+def test_percent_in_log_file_names_survives_both_expansions(path, numprocs):
+    """A literal % in a log file name is written %%%% (supervisord expands it twice) and comes back."""
+    assert_round_trip(ProgramSpec("app", ("/bin/true",), stdout_logfile=path, numprocs=numprocs))
+
+
 def test_every_program_carries_its_marker_and_a_user_cannot_set_it():
     """The marker names the program in every process it starts (the driver finds daemonized ones by it)."""
     _, _, proc = load(render_program(ProgramSpec("web", ("/bin/true",))))
@@ -248,7 +342,16 @@ REFUSED = [
     ({"user": "a b"}, "user", "user name"),
     ({"user": ""}, "user", "user name"),
     ({"stdout_logfile": "AUTO"}, "stdout_logfile", "absolute"),
-    ({"stdout_logfile": "/tmp/a%b"}, "stdout_logfile", "'%'"),
+    ({"stdout_logfile": "/tmp/%(here)s"}, "stdout_logfile", "%(here)s"),
+    ({"stdout_logfile": "/tmp/a ;b"}, "stdout_logfile", "comment"),
+    ({"stdout_logfile": "/tmp/a\n[program:evil]"}, "stdout_logfile", "U+000A"),
+    ({"numprocs": 0}, "numprocs", "1..64"),
+    ({"numprocs": 65}, "numprocs", "1..64"),
+    ({"numprocs": True}, "numprocs", "integer"),
+    ({"numprocs": "2"}, "numprocs", "integer"),
+    ({"priority": 0}, "priority", "1..999"),
+    ({"priority": 1000}, "priority", "1..999"),
+    ({"priority": 5.0}, "priority", "integer"),
     ({"stderr_logfile": "/tmp/x\r"}, "stderr_logfile", "U+000D"),
     ({"startsecs": 0}, "startsecs", "retries"),
     ({"startsecs": True}, "startsecs", "integer"),
@@ -326,6 +429,8 @@ argvs = st.tuples(st.sampled_from(["/bin/echo", "/x y/%(here)s"]) | texts.map("/
 )
 environments = st.dictionaries(env_keys, texts, max_size=4).map(lambda d: tuple(d.items()))
 logfiles = st.none() | texts.filter(lambda t: "/" not in t).map("/tmp/".__add__)
+numprocs = st.sampled_from([1, 1, 2, 3, 64])
+priorities = st.none() | st.integers(1, 999)
 specs = st.builds(
     ProgramSpec,
     name=names,
@@ -339,6 +444,8 @@ specs = st.builds(
     startretries=st.integers(0, 3),
     stopwaitsecs=st.integers(0, 3),
     autorestart=st.sampled_from(["true", "false", "unexpected"]),
+    numprocs=numprocs,
+    priority=priorities,
 )
 PROPERTY = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -387,6 +494,34 @@ def test_any_paths_refuse_or_round_trip(directory, stdout, stderr):
 @given(specs)
 def test_any_spec_refuses_or_round_trips(spec):
     refuses_or_round_trips(spec)
+
+
+@PROPERTY
+@given(names, logfiles, logfiles, st.integers(1, 4))
+@example("app", "/tmp/%(here)s", None, 2)
+@example("app", "/tmp/%%%%(process_num)d", "/tmp/x%", 2)
+@example("app", "/tmp/\n[program:evil]\ncommand=/bin/sh", None, 2)
+@example("a.b", "/tmp/a.b.%(ENV_HOME)s", "/tmp/a.b", 3)
+def test_any_log_file_names_refuse_or_round_trip(name, stdout, stderr, n):
+    """Whatever the name, paths and process count: refused, or every process logs exactly where asked."""
+    if stdout is not None and n > 1 and stdout.startswith("/tmp/x"):
+        stdout = f"/tmp/{name}." + stdout[len("/tmp/x"):]    # also the `NAME.` prefix case
+    refuses_or_round_trips(ProgramSpec(name, ("/bin/true",), stdout_logfile=stdout, stderr_logfile=stderr, numprocs=n))
+
+
+@PROPERTY
+@given(texts.filter(lambda t: "/" not in t), st.integers(1, 3))
+def test_log_file_names_are_refused_only_for_the_documented_reasons(base, n):
+    """Printable names without `%(here)s`, edge whitespace or an inline comment are always accepted."""
+    path = "/tmp/" + base
+    ok = (base.isprintable() and base == base.strip() and "%(here)s" not in path
+          and not any(c in ";#" and base[i - 1].isspace() for i, c in enumerate(base) if i)
+          and not (n > 1 and "%(here)s" in process_logfile(path, "app", 0)))
+    spec = ProgramSpec("app", ("/bin/true",), stdout_logfile=path, numprocs=n)
+    if ok:
+        assert_round_trip(spec)
+    else:
+        refuses_or_round_trips(spec)
 
 
 def _representable_env_value(v: str) -> bool:

@@ -19,8 +19,19 @@ Encoding per field (the layers are undone in reverse order by supervisord):
 - `environment`: each value goes inside `"..."` (or `'...'` when it holds `"`); `%` becomes `%%`.
   Refused: a value holding both quote characters, starting or ending with a quote character (the
   lexer strips those), containing `;`/`#` after whitespace (an inline comment), or `%(here)s`.
-- paths and `user`: written as-is after validation (absolute paths; `%` doubled in `directory`,
-  refused in log file names because supervisord expands those twice).
+- paths and `user`: written as-is after validation (absolute paths; `%` doubled in `directory`).
+- log file names: supervisord `%`-expands them twice (`saneget`, then again in
+  `_processes_from_section`), so a literal `%` is written `%%%%`; the only `%(...)` left bare is the
+  `%(process_num)d` the renderer itself inserts for a multi-process program, which both expansions
+  know (the first one sees it because supervisord's per-process expansions share one dict).
+
+`numprocs` > 1 (DESIGN §3a `processes: N`) adds `numprocs=N` and `process_name=%(program_name)s-
+%(process_num)d` (processes `NAME:NAME-0`, `NAME:NAME-1`...; the group keeps the program's name) and
+gives each process its own log files: `-%(process_num)d` goes into the file name right after the
+program's name when the name starts it (`web.out.log` -> `web-%(process_num)d.out.log`), else before
+the file name's first dot (or at its end). `priority` (DESIGN §3a `depends_on`): supervisord starts
+lower priorities first at boot and stops in reverse. Neither line is written when unset, so a
+numprocs=1 program without a priority renders byte for byte as before.
 
 Every program also gets `GITOPS_AGENT_PROGRAM=<name>` in its environment (through the same quoting as
 user values; a user value for that key is refused). Every process the program starts inherits it,
@@ -47,6 +58,9 @@ __all__ = [
     "AUTORESTART_VALUES",
     "MARKER_KEY",
     "MINFDS",
+    "MAX_NUMPROCS",
+    "PROCESS_NUM",
+    "process_logfile",
 ]
 
 PROGRAM_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -58,6 +72,11 @@ AUTORESTART_VALUES = ("true", "false", "unexpected")
 MARKER_KEY = "GITOPS_AGENT_PROGRAM"
 # File descriptors the embedded supervisord (and so every program) may open, capped by the hard limit.
 MINFDS = 65536
+MAX_NUMPROCS = 64                   # DESIGN §3a: processes 1..64
+_MAX_PRIORITY = 999                 # supervisord's default priority; ours are 1..999
+# The per-process part of a multi-process program's log file names (expanded by supervisord).
+PROCESS_NUM = "%(process_num)d"
+_PROCESS_NAME = "%(program_name)s-" + PROCESS_NUM
 _MB = 1024 * 1024
 
 # argv words made only of these need no quoting for shlex (and are harmless in the ini line).
@@ -84,7 +103,12 @@ class UnsafeValue(Permanent, ValueError):
 
 @dataclass(frozen=True)
 class ProgramSpec:
-    """One supervisord program, as the planner wants it; one program per group."""
+    """One supervisord program, as the planner wants it; one program per group.
+
+    `numprocs` > 1 runs that many copies (`NAME:NAME-0`...), each with its own log files derived from
+    `stdout_logfile`/`stderr_logfile` (see `process_logfile`). `priority`: boot start order (lower
+    first), None for supervisord's default (999).
+    """
 
     name: str
     command: tuple[str, ...]
@@ -100,6 +124,8 @@ class ProgramSpec:
     log_maxbytes: int = 10 * _MB        # per log file; rotated beyond that
     log_backups: int = 3                # rotated files kept (<log>.1 ... <log>.N)
     umask: str = "022"                  # the programs' own (the embedded supervisord runs with 077)
+    numprocs: int = 1                   # 1..64
+    priority: int | None = None         # 1..999
 
 
 def render_program(spec: ProgramSpec) -> str:
@@ -109,11 +135,14 @@ def render_program(spec: ProgramSpec) -> str:
     compare file text to detect change.
     """
     name = _program_name(spec.name)
+    numprocs = _int("numprocs", spec.numprocs, minimum=1, maximum=MAX_NUMPROCS)
     lines = [
         "; managed by gitops-agent: edits are overwritten",
         f"[program:{name}]",
         f"command={_command(spec.command)}",
     ]
+    if numprocs > 1:
+        lines += [f"process_name={_PROCESS_NAME}", f"numprocs={numprocs}"]
     if spec.directory is not None:
         lines.append(f"directory={_directory(spec.directory)}")
     if spec.user is not None:
@@ -122,6 +151,10 @@ def render_program(spec: ProgramSpec) -> str:
     lines += [
         f"umask={_umask(spec.umask)}",
         "autostart=true",
+    ]
+    if spec.priority is not None:
+        lines.append(f"priority={_int('priority', spec.priority, minimum=1, maximum=_MAX_PRIORITY)}")
+    lines += [
         f"autorestart={_autorestart(spec.autorestart)}",
         f"startsecs={_int('startsecs', spec.startsecs, minimum=1)}",
         f"startretries={_int('startretries', spec.startretries, minimum=0)}",
@@ -136,7 +169,7 @@ def render_program(spec: ProgramSpec) -> str:
         path = getattr(spec, f"{stream}_logfile")
         if path is not None:
             lines += [
-                f"{stream}_logfile={_logfile(f'{stream}_logfile', path)}",
+                f"{stream}_logfile={_program_logfile(f'{stream}_logfile', path, name, numprocs)}",
                 f"{stream}_logfile_maxbytes={maxbytes}",
                 f"{stream}_logfile_backups={backups}",
             ]
@@ -287,12 +320,45 @@ def _path(field: str, path: object) -> str:
 
 
 def _logfile(field: str, path: object) -> str:
-    """Log file names are %-expanded twice by supervisord, so `%` is refused rather than escaped."""
+    """supervisord's own log file: expanded once like other paths, but `%` is refused (as it always was:
+    the name is built from the root, and keeping it plain keeps the main config byte-identical)."""
     _check_text(field, path)
     assert isinstance(path, str)
     if "%" in path:
-        raise UnsafeValue(field, "'%' is not allowed in log file names (supervisord expands them twice)")
+        raise UnsafeValue(field, "'%' is not allowed in supervisord's log file name")
     return _path(field, path)
+
+
+def _program_logfile(field: str, path: object, name: str, numprocs: int) -> str:
+    """A program's log file: every literal `%` becomes `%%%%` (supervisord expands the value twice);
+    with numprocs > 1 the bare `PROCESS_NUM` goes into the file name (`process_logfile`)."""
+    _check_text(field, path)
+    assert isinstance(path, str)
+    if not path.startswith("/"):
+        raise UnsafeValue(field, f"{path!r} must be an absolute path")
+    head, tail = _split_logfile(path, name) if numprocs > 1 else (path, "")
+    rendered = head.replace("%", "%%%%")
+    if numprocs > 1:
+        rendered += "-" + PROCESS_NUM + tail.replace("%", "%%%%")
+    return _ini_safe(field, rendered)
+
+
+def _split_logfile(path: str, name: str) -> tuple[str, str]:
+    """Where `-N` goes in a per-process log file name: after the program's name when the file name
+    starts with it (`web.out.log`, also for names with dots), else before the file name's first dot."""
+    directory, _, base = path.rpartition("/")
+    if base == name or base.startswith(name + "."):
+        cut = len(name)
+    else:
+        cut = base.find(".") if "." in base else len(base)
+    return f"{directory}/{base[:cut]}", base[cut:]
+
+
+def process_logfile(path: str, name: str, process_num: int) -> str:
+    """The log file process `process_num` of multi-process program `name` writes, for the log file
+    `path` of its spec: `process_logfile("/l/web.out.log", "web", 1) == "/l/web-1.out.log"`."""
+    head, tail = _split_logfile(path, name)
+    return f"{head}-{process_num}{tail}"
 
 
 def _user(user: object) -> str:
@@ -320,10 +386,13 @@ def _size(field: str, value: object) -> str:
     return f"{n // _MB}MB" if n and n % _MB == 0 else str(n)
 
 
-def _int(field: str, value: object, *, minimum: int) -> int:
+def _int(field: str, value: object, *, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         why = " (startsecs=0 means supervisord never counts retries)" if field == "startsecs" else ""
-        raise UnsafeValue(field, f"{value!r} must be an integer >= {minimum}{why}")
+        bound = f">= {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+        raise UnsafeValue(field, f"{value!r} must be an integer {bound}{why}")
+    if maximum is not None and value > maximum:
+        raise UnsafeValue(field, f"{value!r} must be an integer in {minimum}..{maximum}")
     return value
 
 
