@@ -30,8 +30,10 @@ HERE = Path(__file__).resolve().parent
 SOURCE_DATE_EPOCH = "1704067200"  # 2024-01-01T00:00:00Z
 _VERSION = re.compile(r"^\d+(\.\d+){1,3}([ab]\d+|rc\d+)?(\.post\d+)?(\.dev\d+)?$")  # plain PEP 440 releases
 _IGNORED = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info", "build", "dist")
-# pip settings that would add or replace where setuptools comes from: never inherited
+# No PIP_*/UV_* setting is inherited (find-links, extra indexes or constraints could add or replace
+# where setuptools comes from), except these, which only say how to reach the index.
 _DROPPED_PREFIXES = ("PIP_", "UV_")
+_KEPT = frozenset({"PIP_CERT", "PIP_CLIENT_CERT", "PIP_PROXY", "PIP_DEFAULT_TIMEOUT", "PIP_TIMEOUT", "PIP_RETRIES"})
 
 
 class BuildError(RuntimeError):
@@ -43,7 +45,7 @@ def sha256_of(path: Path) -> str:
 
 
 def _build_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(_DROPPED_PREFIXES)}
+    env = {k: v for k, v in os.environ.items() if k in _KEPT or not k.startswith(_DROPPED_PREFIXES)}
     env.update(PIP_CONFIG_FILE=os.devnull, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INPUT="1",
                PIP_PROGRESS_BAR="off", SOURCE_DATE_EPOCH=os.environ.get("SOURCE_DATE_EPOCH", SOURCE_DATE_EPOCH),
                PYTHONDONTWRITEBYTECODE="1")
