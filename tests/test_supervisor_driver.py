@@ -493,3 +493,18 @@ def test_an_existing_world_readable_log_is_made_private(tmp_path):
     assert old.stat().st_mode & 0o777 == 0o600 and old.read_text() == "from an older version\n"
     remove_program_file(include, "svc", keep_logs=True)
     assert old.exists()
+
+
+def test_a_percent_in_a_log_file_name_is_the_file_supervisord_writes(sup):
+    """supervisord expands log file names twice; the driver pre-creates (0600) and removes the same file."""
+    client = sup.ensure_running()
+    out = sup.log_dir / "50% %(ENV_HOME)s.out.log"
+    code = "import time\nprint('to the odd name', flush=True)\nwhile True: time.sleep(1)"
+    add(sup, "pct", code, stdout_logfile=str(out))
+    assert out.stat().st_mode & 0o777 == 0o600
+    client.update(["pct"])
+    assert wait_state(client, "pct", "RUNNING")["stdout_logfile"] == str(out)
+    wait_for(lambda: "to the odd name" in out.read_text(), what="output in the log")
+    remove_program_file(sup.include_dir, "pct")
+    client.update(["pct"])
+    assert not out.exists()

@@ -14,12 +14,20 @@ ends those (`stop_leftovers`), and `daemonized` says why such a program cannot b
 cgroups: the agent usually cannot write them (systemd's `ProtectControlGroups=`, containers, no
 delegation), and with a shared supervisord it does not spawn the processes itself. A process that
 clears its environment escapes this; a cgroup would not.
+
+Multi-process programs (`numprocs` > 1): supervisord names their processes `NAME:NAME-0`...; the group
+keeps the program's name, and every call here that takes a program name takes it too: `process_info`
+adds one aggregated entry under `NAME`, `start`/`stop`/`read_log_tail` act on every process of the
+group, and leftovers are found by the program's marker (the whole group) or, for one process, also by
+the `SUPERVISOR_PROCESS_NAME` supervisord sets. So the planner keeps talking about the program by name.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import platform
+import re
 import resource
 import signal
 import subprocess
@@ -44,6 +52,7 @@ __all__ = [
     "leftover_pids",
     "stop_leftovers",
     "daemonized",
+    "aggregate_info",
     "FAULTS",
 ]
 
@@ -66,12 +75,16 @@ FAULTS: dict[int, tuple[str, str]] = {
     91: ("STILL_RUNNING", "the program group still has running processes"),
     92: ("CANT_REREAD", "an include file is unparsable"),
 }
-_ALREADY_STARTED, _NOT_RUNNING, _NO_FILE, _FAILED = 60, 70, 20, 30
+_BAD_NAME, _ALREADY_STARTED, _NOT_RUNNING, _NO_FILE, _FAILED, _SUCCESS = 10, 60, 70, 20, 30, 80
 _SPAWN_FAULTS = (40, 50)
 _SOCKET_PATH_MAX = 107  # sun_path is 108 bytes including the NUL on Linux
 _POLL = 0.02
 _STOP_POLL = 0.01
 _STOPPED_STATES = ("STOPPED", "EXITED", "FATAL", "UNKNOWN")   # supervisor.states.STOPPED_STATES
+# A group's state is RUNNING when all its processes are, else the worst of theirs, worst first.
+_WORST_FIRST = ("UNKNOWN", "FATAL", "BACKOFF", "EXITED", "STOPPED", "STOPPING", "STARTING")
+_DIED_STATES = ("EXITED", "BACKOFF", "FATAL")                  # its command is gone, not by our stop
+_MAX_NUMPROCS_SWEEP = 64        # process numbers whose logs are removed with a program (DESIGN: 1..64)
 _LOG_DIR_MODE = 0o750
 _LOG_MODE = 0o600               # a service's output can hold secrets
 _LEFTOVER_WAIT = 10.0           # seconds between SIGTERM and SIGKILL for a program's leftovers
@@ -104,12 +117,35 @@ class SupervisorClient:
         return int(self._call("supervisor.getPID"))
 
     def process_info(self) -> dict[str, dict]:
-        """name -> getAllProcessInfo entry (statename, pid, exitstatus, spawnerr, description...)."""
-        infos = self._call("supervisor.getAllProcessInfo")
-        return {_namespec(info): info for info in infos}
+        """name -> getAllProcessInfo entry (statename, pid, exitstatus, spawnerr, description...).
+
+        A multi-process program's processes are there by namespec (`NAME:NAME-0`...), and the program
+        itself by `NAME` with one aggregated entry (`aggregate_info`), so a caller that knows the
+        program's name reads its state as for any other program.
+        """
+        return _with_groups(self._call("supervisor.getAllProcessInfo"))
 
     def read_log_tail(self, name: str, nbytes: int = 2000) -> str:
-        """The last `nbytes` of `name`'s stderr log, or "" when it has none; for error messages."""
+        """The last `nbytes` of `name`'s stderr log, or "" when it has none; for error messages.
+
+        For a multi-process program: the tail of each process that has output, each under a
+        `[NAME:NAME-N]` line, the processes that are down last (callers keep the end of the text).
+        """
+        try:
+            return self._stderr_tail(name, nbytes)
+        except SupervisorError as err:
+            members = self._members(name, err)
+        alive = [m for m in members if m.get("statename") not in _DIED_STATES]
+        down = [m for m in members if m.get("statename") in _DIED_STATES]
+        parts = []
+        for member in alive + down:
+            spec = _namespec(member)
+            text = self._stderr_tail(spec, nbytes).strip("\n")
+            if text:
+                parts.append(f"[{spec}]\n{text}\n")
+        return "".join(parts)
+
+    def _stderr_tail(self, name: str, nbytes: int) -> str:
         try:
             text, _offset, _overflow = self._call("supervisor.tailProcessStderrLog", name, 0, nbytes)
         except SupervisorError as err:
@@ -117,6 +153,16 @@ class SupervisorClient:
                 return ""
             raise
         return str(text)
+
+    def _members(self, name: str, err: SupervisorError) -> list[dict]:
+        """The processes of multi-process program `name`, in process order, when `err` (from a call
+        that named it as a process) says supervisord has no process of that name; else raise `err`."""
+        if err.code != _BAD_NAME or ":" in name:
+            raise err
+        members = [i for i in self._call("supervisor.getAllProcessInfo") if i.get("group") == name]
+        if not members:
+            raise err
+        return sorted(members, key=lambda i: _natural(str(i.get("name"))))
 
     # -- config
 
@@ -169,7 +215,10 @@ class SupervisorClient:
     # -- processes
 
     def start(self, name: str, wait: bool = True) -> None:
-        """Start `name`; with wait, block until it has been up `startsecs`. Already started is fine."""
+        """Start `name`; with wait, block until it has been up `startsecs`. Already started is fine.
+
+        A multi-process program is started as a group (`startProcessGroup`: each process not yet
+        running); any process that fails to start makes this raise, as for a single process."""
         try:
             self._call("supervisor.startProcess", name, wait)
         except SupervisorError as err:
@@ -177,22 +226,53 @@ class SupervisorClient:
                 return
             if err.code in _SPAWN_FAULTS:
                 raise self._spawn_error(name, err) from None
-            raise
+            if err.code != _BAD_NAME or ":" in name:
+                raise
+            self._members(name, err)
+            results = self._call("supervisor.startProcessGroup", name, wait)
+            failed = [r for r in results if r.get("status") not in (_SUCCESS, _ALREADY_STARTED)]
+            if failed:
+                raise self._group_error(name, "startProcessGroup", failed) from None
 
     def stop(self, name: str, wait: bool = True) -> None:
         """Stop `name`; with wait, block until it is gone (up to `stopwaitsecs`), and also stop what it
         daemonized (`stop_leftovers`; also when supervisord says it was not running: a program that
-        daemonized shows as EXITED or FATAL). Not running is fine."""
+        daemonized shows as EXITED or FATAL). Not running is fine. A multi-process program is stopped
+        as a group (`stopProcessGroup`); a process that could not be stopped makes this raise."""
         try:
             self._call("supervisor.stopProcess", name, False)
         except SupervisorError as err:
             if err.code != _NOT_RUNNING:
-                raise
+                self._members(name, err)         # raises `err` unless `name` is a multi-process program
+                self._stop_group(name, wait)
+                return
         else:
             if wait:
                 self._wait_stopped(lambda info: _namespec(info) == name, name)
         if wait:
             stop_leftovers(self.socket_path, name)
+
+    def _stop_group(self, name: str, wait: bool) -> None:
+        results = self._call("supervisor.stopProcessGroup", name, False)
+        failed = [r for r in results if r.get("status") not in (_SUCCESS, _NOT_RUNNING)]
+        stuck = {r.get("name") for r in failed}
+        if wait:
+            self._wait_stopped(lambda info: info.get("group") == name and info.get("name") not in stuck, name)
+        if failed:
+            raise self._group_error(name, "stopProcessGroup", failed)
+        if wait:
+            stop_leftovers(self.socket_path, name)
+
+    def _group_error(self, name: str, method: str, failed: list[dict]) -> SupervisorError:
+        """A group call's per-process failures as one error: the spawn error (reason, stderr tail) when
+        a process could not be started, else each process's fault."""
+        code = int(failed[0].get("status") or _FAILED)
+        if code in _SPAWN_FAULTS:
+            return self._spawn_error(name, SupervisorError("", code), call=method)
+        why = "; ".join(f"{name}:{r.get('name')}: {FAULTS.get(int(r.get('status') or 0), ('', 'failed'))[1]}"
+                        f" ({r.get('description')})" for r in failed)
+        fault_name = FAULTS.get(code, ("UNKNOWN", ""))[0]
+        return SupervisorError(f"{why} [{method}: fault {code} {fault_name}]", code)
 
     def _wait_stopped(self, selects, what: str) -> None:
         """Poll until the selected processes have stopped.
@@ -220,7 +300,7 @@ class SupervisorClient:
         """Ask supervisord to stop every program and exit (returns at once)."""
         self._call("supervisor.shutdown")
 
-    def _spawn_error(self, name: str, err: SupervisorError) -> SupervisorError:
+    def _spawn_error(self, name: str, err: SupervisorError, call: str = "startProcess") -> SupervisorError:
         """A start failure with what a person needs: supervisord's reason and the stderr tail."""
         try:
             info = self.process_info().get(name, {})
@@ -232,7 +312,7 @@ class SupervisorClient:
         if why:
             reason = f"{reason}; {why}"
         fault_name = FAULTS.get(err.code or 0, ("UNKNOWN", ""))[0]
-        message = f"{name} could not be started: {reason} [startProcess: fault {err.code} {fault_name}]"
+        message = f"{name} could not be started: {reason} [{call}: fault {err.code} {fault_name}]"
         if tail:
             message += f"\nstderr tail:\n{tail}"
         return SupervisorError(message, err.code)
@@ -263,6 +343,60 @@ def _fault_error(method: str, args: tuple, fault: _xmlrpc.Fault) -> SupervisorEr
 def _namespec(info: dict) -> str:
     group, name = info.get("group"), info.get("name")
     return str(name) if group == name else f"{group}:{name}"
+
+
+def _natural(name: str) -> list:
+    """Sort key: `web-2` before `web-10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def _with_groups(infos: list[dict]) -> dict[str, dict]:
+    """getAllProcessInfo by namespec, plus one `aggregate_info` entry per multi-process group."""
+    out = {_namespec(info): info for info in infos}
+    groups: dict[str, list[dict]] = {}
+    for info in infos:
+        if info.get("group") != info.get("name"):
+            groups.setdefault(str(info.get("group")), []).append(info)
+    for group, members in groups.items():
+        out.setdefault(group, aggregate_info(group, members))
+    return out
+
+
+def aggregate_info(group: str, members: list[dict]) -> dict:
+    """One process-info entry for a multi-process program, shaped like a single process's.
+
+    statename: RUNNING only if every process is RUNNING, else the worst of theirs (FATAL > BACKOFF >
+    EXITED > STOPPED > STOPPING > STARTING), with that process's `state` and `exitstatus`; pid: the
+    first process's, 0 if any process has none (is down); spawnerr and description: each process's,
+    joined and labelled; the log file fields of the first process; `members`: the namespecs, in
+    process order.
+    """
+    members = sorted(members, key=lambda i: _natural(str(i.get("name"))))
+    states = [str(m.get("statename")) for m in members]
+    if all(s == "RUNNING" for s in states):
+        worst = members[0]
+    else:
+        rank = {s: i for i, s in enumerate(_WORST_FIRST)}
+        worst = min((m for m in members if m.get("statename") != "RUNNING"),
+                    key=lambda m: rank.get(str(m.get("statename")), -1))
+    first = members[0]
+
+    def joined(key: str) -> str:
+        return "; ".join(f"{m.get('name')}: {m.get(key)}" for m in members if m.get(key))
+
+    info = dict(first)
+    info.update(
+        name=group,
+        group=group,
+        statename=worst.get("statename"),
+        state=worst.get("state"),
+        exitstatus=worst.get("exitstatus"),
+        pid=first.get("pid") if all(m.get("pid") for m in members) else 0,
+        spawnerr=joined("spawnerr"),
+        description=joined("description"),
+        members=[_namespec(m) for m in members],
+    )
+    return info
 
 
 def connect(url: str) -> SupervisorClient:
@@ -555,13 +689,18 @@ def leftover_pids(socket_path: str | Path, name: str) -> list[int]:
     A process belongs to the program when its environment holds `GITOPS_AGENT_PROGRAM=<name>` (from the
     rendered config) and `SUPERVISOR_SERVER_URL=unix://<that socket>` (supervisord sets it; compared
     with symlinks resolved, so /var/run and /run agree). Processes we may not read are not ours to
-    judge. Our own process is never listed.
+    judge. Our own process is never listed. `name` may also name one process of a multi-process
+    program (`NAME:NAME-1`): then only those that also hold `SUPERVISOR_PROCESS_NAME=NAME-1`.
     """
-    marker = f"{MARKER_KEY}={name}".encode()
+    program, _, process = name.partition(":")
+    marker = f"{MARKER_KEY}={program}".encode()
+    process_marker = f"SUPERVISOR_PROCESS_NAME={process}".encode() if process else None
     want = os.path.realpath(socket_path)
     found = []
     for pid, env in _environments():
         if marker not in env or pid == os.getpid():
+            continue
+        if process_marker is not None and process_marker not in env:
             continue
         urls = [e[len(b"SUPERVISOR_SERVER_URL=unix://"):] for e in env if e.startswith(b"SUPERVISOR_SERVER_URL=unix://")]
         if any(os.path.realpath(os.fsdecode(u)) == want for u in urls) and _pid_alive(pid):
@@ -600,12 +739,20 @@ def daemonized(client: "SupervisorClient", name: str, info: dict | None = None) 
 
     For plan and outcome messages: without this, such a service looks like one that crashed, and a
     restart starts a second copy next to the first.
+
+    For a multi-process program: the leftovers of its processes that are down (the running ones'
+    processes carry the same program marker and are not leftovers).
     """
     if info is None:
         info = client.process_info().get(name) or {}
-    if info.get("statename") not in ("EXITED", "BACKOFF", "FATAL"):
+    if info.get("statename") not in _DIED_STATES:
         return None
-    pids = leftover_pids(client.socket_path, name)
+    if info.get("members"):
+        every = client.process_info()
+        down = [m for m in info["members"] if (every.get(m) or {}).get("statename") in _DIED_STATES]
+        pids = sorted({p for m in down for p in leftover_pids(client.socket_path, m)})
+    else:
+        pids = leftover_pids(client.socket_path, name)
     if not pids:
         return None
     return (f"{name} daemonized: its command exited (status {info.get('exitstatus')}) but left process(es) "
@@ -653,8 +800,8 @@ def write_program_file(include_dir: Path, name: str, text: str) -> None:
     concurrent reload never sees a half-written file.
 
     Its log files' directory is created (0750) first: supervisord refuses a program whose log
-    directory is missing (a fresh root with a shared supervisord has none). The log files are
-    created 0600 before supervisord first opens them: it appends and keeps the mode, so a shared
+    directory is missing (a fresh root with a shared supervisord has none). The log files (one per
+    process of a multi-process program) are created 0600 before supervisord first opens them: it appends and keeps the mode, so a shared
     supervisord with a permissive umask does not make a service's output readable to others.
     """
     _check_name(name)
@@ -680,12 +827,19 @@ def remove_program_file(include_dir: Path, name: str, keep_logs: bool = False) -
         return
     fsync_dir(Path(include_dir))
     if not keep_logs:
-        for log_path in _log_paths(text):
+        for log_path in _log_paths(text, every_process_num=True):
             _remove_log(log_path)
 
 
-def _log_paths(text: str) -> list[Path]:
-    """The absolute stdout/stderr log files a program file names (not AUTO/NONE/syslog)."""
+def _log_paths(text: str, every_process_num: bool = False) -> list[Path]:
+    """The absolute stdout/stderr log files a program file names (not AUTO/NONE/syslog), one per process.
+
+    Expanded as supervisord does (twice, with `program_name`, `group_name`, `process_num`,
+    `numprocs`, `host_node_name`): a multi-process program logs to one file per process, and a
+    literal `%` is written `%%%%`. A value using other names (`here`, `ENV_*`) is skipped: we cannot
+    be sure which file it means. `every_process_num`: the files of process numbers up to 64 too (to
+    remove a program's logs, including those of processes a smaller `numprocs` no longer runs).
+    """
     from supervisor.options import UnhosedConfigParser
 
     parser = UnhosedConfigParser()
@@ -693,12 +847,26 @@ def _log_paths(text: str) -> list[Path]:
         parser.read_string(text)
     except Exception:  # noqa: BLE001 - an unparsable text names no files; validation says why
         return []
-    paths = []
+    paths: list[Path] = []
     for section in parser.sections():
+        program = section.partition(":")[2]
+        try:
+            numprocs = int(parser.get(section, "numprocs", fallback="1"))
+            start = int(parser.get(section, "numprocs_start", fallback="0"))
+        except ValueError:
+            continue
+        count = max(numprocs, _MAX_NUMPROCS_SWEEP) if every_process_num and numprocs > 1 else numprocs
         for key in ("stdout_logfile", "stderr_logfile"):
             value = parser.get(section, key, fallback="").strip()
-            if value.startswith("/") and "%" not in value:
-                paths.append(Path(value))
+            for num in range(start, start + count):
+                names = {"program_name": program, "group_name": program, "process_num": num,
+                         "numprocs": numprocs, "host_node_name": platform.node()}
+                try:
+                    path = value % names % names
+                except (KeyError, ValueError, TypeError):
+                    break
+                if path.startswith("/") and Path(path) not in paths:
+                    paths.append(Path(path))
     return paths
 
 
