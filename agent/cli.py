@@ -44,6 +44,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mode", choices=["enforce", "warn"], help="enforce (default): heal drift; warn: only report it")
     g.add_argument("--apply-commits", action="store_const", const=True, default=None,
                    help="in warn mode, still apply new commits")
+    g.add_argument("--age-identity", help="age identity file that decrypts the apps' secrets (several: separated by ':'); "
+                                          "keep it mode 0600")
     g.add_argument("--log-format", choices=["text", "json"])
     g.add_argument("--log-level")
 

@@ -8,13 +8,25 @@ import re
 import sys
 import time
 
-__all__ = ["setup_logging", "scrub"]
+__all__ = ["setup_logging", "scrub", "remember_secrets"]
 
 _CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+# Secret values this process has decrypted (DESIGN §3a): every log line, at any level, hides them. Process-wide
+# like logging itself, so a line from any module or library (a traceback too) is covered.
+_SECRETS: tuple[str, ...] = ()
+
+
+def remember_secrets(values) -> None:
+    """Add decrypted secret values to what log output hides (longest first: a value holding another is hidden whole)."""
+    global _SECRETS
+    _SECRETS = tuple(sorted(set(_SECRETS) | {v for v in values if v}, key=len, reverse=True))
 
 
 def scrub(text: str) -> str:
-    """Hide userinfo in URLs (https://user:token@host -> https://***@host)."""
+    """Hide userinfo in URLs (https://user:token@host -> https://***@host) and known secret values."""
+    for value in _SECRETS:
+        if value in text:
+            text = text.replace(value, "***")
     return _CRED.sub(r"\g<scheme>***@", text)
 
 

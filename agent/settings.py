@@ -44,10 +44,15 @@ class Settings:
     trusted_keys: str | None = None         # OpenPGP public keyring file (armored or binary)
     allowed_signers: str | None = None      # SSH allowed-signers file (gpg.ssh.allowedSignersFile)
     require_fast_forward: bool = False      # refuse a tracked ref whose history was rewritten
+    age_identity: str | None = None         # age identity file(s) (`:`-separated) that decrypt the apps' secrets
     allow_chaos: bool = False               # act on apps' `chaos:` blocks (otherwise they are ignored, with a note)
     splay: float = 0.0                      # the daemon's first poll waits a random 0..splay seconds
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
+
+    @property
+    def age_identities(self) -> tuple[Path, ...]:
+        return tuple(Path(p).expanduser() for p in (self.age_identity or "").split(os.pathsep) if p)
 
     def check(self, sources: Mapping[str, str] | None = None) -> "Settings":
         """Raise one ConfigError naming every bad value (and where it came from, given `sources`)."""
@@ -102,6 +107,9 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
         found.append(("supervisor", f"must be 'embedded' or unix:///path/to.sock, not {s.supervisor!r}"))
     if s.path and (os.path.isabs(s.path) or ".." in Path(s.path).parts):
         found.append(("path", f"{s.path!r} must be a relative subdirectory of the repo"))
+    for identity in s.age_identities:
+        if not identity.is_file():
+            found.append(("age_identity", f"{str(identity)!r} is not a file (an age identity file, e.g. made by age-keygen)"))
     _host, sep, port = s.listen.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         found.append(("listen", f"must be HOST:PORT with a port from 1 to 65535, not {s.listen!r}"))

@@ -63,6 +63,11 @@ class Facts:
     venvs: dict[str, VenvFact] = field(default_factory=dict)
     programs: dict[str, ProgramFact] = field(default_factory=dict)
     traffic: dict | None = None               # the load balancer's own view: running, topology/version, weights
+    files: dict[str, str] = field(default_factory=dict)   # path -> keyed digest of its content: apps' rendered
+                                                          # files and secret env files, and the launcher
+    links: dict[str, str] = field(default_factory=dict)   # apps' files/<name> -> where the symlink points
+    jobs: dict[str, str] = field(default_factory=dict)    # "app/job" -> inputs digest of its last successful run
+    data_dirs: frozenset[str] = frozenset()               # apps' data dirs that exist
 
     def to_json(self) -> dict:
         return {
@@ -70,4 +75,6 @@ class Facts:
             "venvs": {k: asdict(v) for k, v in sorted(self.venvs.items())},
             "programs": {k: asdict(v) for k, v in sorted(self.programs.items())},
             "traffic": self.traffic,
+            "files": dict(sorted(self.files.items())),
+            "jobs": dict(sorted(self.jobs.items())),
         }

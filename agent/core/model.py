@@ -7,17 +7,102 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Union
 
-__all__ = ["HealthCheck", "Environment", "Service", "Traffic", "Canary", "Gate", "Wave", "Rollout", "Chaos", "App",
+from agent.core._enum import StrEnum
+
+__all__ = ["HealthCheck", "SecretRef", "FileRef", "DataDir", "EnvValue", "SecretFile", "FileSpec", "JobRun", "Job",
+           "IndexCredentials", "Environment", "Service", "Traffic", "Canary", "Gate", "Wave", "Rollout", "Chaos", "App",
            "DesiredState"]
 
 
 @dataclass(frozen=True)
 class HealthCheck:
-    """An HTTP probe on the host's loopback; 2xx means healthy."""
+    """A probe of a (re)started service, exactly one kind: `url` (HTTP on the host's loopback, 2xx means
+    healthy), `tcp` (HOST:PORT accepts a connection) or `command` (argv run in the service's venv, exit 0)."""
 
-    url: str
+    url: str = ""
     timeout_s: float = 2.0
+    tcp: str = ""
+    command: tuple[str, ...] = ()
+
+    @property
+    def target(self) -> str:
+        """What is probed, for reasons and messages."""
+        return self.url or (f"tcp {self.tcp}" if self.tcp else "command " + " ".join(self.command))
+
+
+@dataclass(frozen=True)
+class SecretRef:
+    """An env value: one key of a declared secret (`{secret: NAME/KEY}`); its value is known only on a host
+    that can decrypt it, and only while applying."""
+
+    name: str
+    key: str
+
+    def __str__(self) -> str:
+        return f"{self.name}/{self.key}"
+
+
+@dataclass(frozen=True)
+class FileRef:
+    """An env value: the path of a rendered file of the app (`{file: NAME}`)."""
+
+    name: str
+
+
+@dataclass(frozen=True)
+class DataDir:
+    """An env value: the app's data dir (`{data_dir: true}`), kept across deploys and rollbacks."""
+
+
+EnvValue = Union[str, SecretRef, FileRef, DataDir]
+
+
+@dataclass(frozen=True)
+class SecretFile:
+    """An age-encrypted dotenv file of the app, as committed (ciphertext only)."""
+
+    name: str
+    display: str                        # its path in the state repo, for messages
+    ciphertext: bytes = field(repr=False, default=b"")
+
+
+@dataclass(frozen=True)
+class FileSpec:
+    """A file the agent writes for the app: a Jinja2 template rendered on the host, or a byte-for-byte copy."""
+
+    name: str
+    display: str                        # the template's or source's path in the state repo
+    template: str | None = None         # template text (rendered with host, app, services, secrets)
+    source: bytes | None = field(default=None, repr=False)
+    mode: int = 0o600
+    uses_secrets: bool = False
+
+
+class JobRun(StrEnum):
+    BEFORE = "before"                   # in the new venv, before the environment's services restart
+    AFTER = "after"                     # once the changed services are healthy and traffic has moved
+
+
+@dataclass(frozen=True)
+class Job:
+    """A release task (a migration): runs when its inputs change, never on a no-op reconcile."""
+
+    app: str
+    name: str
+    environment: str
+    command: tuple[str, ...]
+    env: tuple[tuple[str, EnvValue], ...] = ()
+    run: JobRun = JobRun.BEFORE
+    timeout_s: float = 300.0
+    user: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexCredentials:
+    username: str
+    password: SecretRef
 
 
 @dataclass(frozen=True)
@@ -34,6 +119,8 @@ class Environment:
     installer: str
     options: tuple[str, ...]
     identity: str
+    index_url: str | None = None        # a private index instead of PyPI (part of `options`, so of the identity)
+    index_credentials: IndexCredentials | None = None
 
 
 @dataclass(frozen=True)
@@ -45,11 +132,14 @@ class Service:
     environment: str
     command: tuple[str, ...]            # argv[0] is a console script name inside the venv's bin/
     port: int | None = None
-    env: tuple[tuple[str, str], ...] = ()
+    env: tuple[tuple[str, EnvValue], ...] = ()
     user: str | None = None
     startsecs: int = 1
     stopwaitsecs: int = 10
     health: HealthCheck | None = None
+    depends_on: tuple[str, ...] = ()    # services of the same app started (healthy) before this one
+    processes: int = 1                  # supervisord numprocs
+    priority: int | None = None         # supervisord's start order at boot, from depends_on (set by the loader)
 
 
 @dataclass(frozen=True)
@@ -122,6 +212,9 @@ class App:
     rollout: Rollout | None = None
     chaos: Chaos | None = None
     overrides: tuple[str, ...] = ()     # the overrides applied for this host, described
+    secrets: tuple[SecretFile, ...] = ()
+    files: tuple[FileSpec, ...] = ()
+    jobs: tuple[Job, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -136,17 +229,23 @@ class DesiredState:
     environments: dict[str, Environment] = field(default_factory=dict, compare=False)
     services: dict[str, Service] = field(default_factory=dict, compare=False)
     decommission: bool = False          # fleet.yaml says `decommission: true` for this host: emptying it is meant
+    groups: tuple[str, ...] = ()        # this host's groups and labels in fleet.yaml (templates see them)
+    labels: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def of(cls, host: str, apps: tuple[App, ...], known_host: bool = True, notes: tuple[str, ...] = (),
-           decommission: bool = False) -> "DesiredState":
+           decommission: bool = False, groups: tuple[str, ...] = (),
+           labels: tuple[tuple[str, str], ...] = ()) -> "DesiredState":
         envs = {e.name: e for a in apps for e in a.environments}
         svcs = {s.name: s for a in apps for s in a.services}
         return cls(host=host, apps=apps, known_host=known_host, notes=notes, environments=envs, services=svcs,
-                   decommission=decommission)
+                   decommission=decommission, groups=tuple(groups), labels=tuple(labels))
 
     def with_apps(self, apps: tuple[App, ...], notes: tuple[str, ...] | None = None) -> "DesiredState":
         """The same host and revision with other apps (staging, canaries): host, known_host and
         decommission are kept, which `of(...)` with positional arguments would drop."""
         return DesiredState.of(self.host, tuple(apps), self.known_host, self.notes if notes is None else tuple(notes),
-                               self.decommission)
+                               self.decommission, self.groups, self.labels)
+
+    def app_of(self, name: str) -> App | None:
+        return next((a for a in self.apps if a.name == name), None)

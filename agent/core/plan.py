@@ -7,20 +7,28 @@ failure never stops an independent one. An empty plan means converged.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator
+
+import os
+import re
 
 from agent.core.facts import Facts, ProcessState, ProgramFact, text_digest
 from agent.core.layout import Layout
-from agent.core.model import DesiredState, Environment, Service
+from agent.core.materials import INPUTS_PREFIX, NO_MATERIALS, Materials, inputs_line, service_env
+from agent.core.model import App, DataDir, DesiredState, Environment, JobRun, Service
 from agent.core.rollout import frontends_of
 from agent.core.render.supervisor import ProgramSpec, render_program
 
 __all__ = [
     "Action", "EnsureSupervisor", "BuildVenv", "SwitchVenv", "RepairVenv", "WriteProgram", "UpdateProgram",
     "StartProgram", "RestartProgram", "AwaitRunning", "CheckHealth", "RemoveProgram", "RemoveEnvironment", "PruneVenvs",
-    "ConfigureTraffic", "VerifyTraffic", "Plan", "PlanOptions", "make_plan", "render_service",
+    "ConfigureTraffic", "VerifyTraffic", "EnsureDataDir", "WriteFile", "WriteLauncher", "WriteSecretEnv", "RunJob",
+    "PruneFiles", "Plan", "PlanOptions", "make_plan", "render_service",
 ]
+
+# Action fields never shown (plan --json, status): file contents, which may hold secrets, and long texts.
+_PRIVATE_FIELDS = frozenset({"text", "previous", "data", "secret_env"})
 
 HEALTHY_STATES = frozenset({ProcessState.RUNNING, ProcessState.STARTING})
 
@@ -39,7 +47,7 @@ class Action:
         return f"{self.kind} {self.key.partition(':')[2] or self.key}"
 
     def to_json(self) -> dict:
-        data = {k: _jsonable(v) for k, v in asdict(self).items() if k not in ("text", "previous")}
+        data = {k: _jsonable(v) for k, v in asdict(self).items() if k not in _PRIVATE_FIELDS}
         if isinstance(data.get("env"), dict):   # the environment: what identifies it, not all of it
             data["env"] = {k: data["env"][k] for k in ("name", "identity", "python", "installer", "lockfile")}
         return {"action": self.kind, **data}
@@ -129,9 +137,15 @@ class AwaitRunning(Action):
 
 @dataclass(frozen=True)
 class CheckHealth(Action):
+    """Gate a (re)start: `url` answers 2xx, or `tcp` accepts, from the service's own process; or `command`
+    (absolute argv in its venv, run with its env) exits 0."""
     name: str = ""
     url: str = ""
     timeout_s: float = 2.0
+    tcp: str = ""
+    command: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
 @dataclass(frozen=True)
@@ -159,6 +173,69 @@ class ConfigureTraffic(Action):
 @dataclass(frozen=True)
 class VerifyTraffic(Action):
     frontends: tuple = ()
+
+
+@dataclass(frozen=True)
+class EnsureDataDir(Action):
+    """The app's data dir: created once, kept across deploys, rollbacks and the app's removal."""
+    app: str = ""
+    path: str = ""
+    owner: str | None = None
+
+
+@dataclass(frozen=True)
+class WriteFile(Action):
+    """Write one rendered file version (content-addressed, so programs still running on the previous one keep
+    it) and point files/<name> at it."""
+    app: str = ""
+    name: str = ""
+    path: str = ""
+    link: str = ""
+    digest: str = ""
+    mode: int = 0o600
+    owner: str | None = None
+    data: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class WriteLauncher(Action):
+    """The exec wrapper that reads a secret env file into a program's environment (agent.core.render.launcher)."""
+    path: str = ""
+    text: str = field(default="", repr=False)
+
+
+@dataclass(frozen=True)
+class WriteSecretEnv(Action):
+    """A service's secret values, as the 0600 env file its launcher reads (owned by the service's user)."""
+    name: str = ""
+    path: str = ""
+    owner: str | None = None
+    data: bytes = field(default=b"", repr=False)
+
+
+@dataclass(frozen=True)
+class RunJob(Action):
+    """Run a release job (a migration) to completion; on success its inputs digest is recorded, so it runs
+    again only when they change. `rollback`: the programs an `after` job's failure puts back."""
+    app: str = ""
+    name: str = ""
+    run: str = "before"
+    command: tuple[str, ...] = ()
+    cwd: str = ""
+    user: str | None = None
+    timeout_s: float = 300.0
+    inputs: str = ""
+    env: tuple[tuple[str, str], ...] = ()
+    secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    venv: str = ""
+    rollback: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PruneFiles(Action):
+    """Delete file versions and secret env files nothing uses any more (an app's data dir is never pruned)."""
+    app: str = ""
+    paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -191,25 +268,60 @@ class PlanOptions:
     lb: object | None = None            # agent.drivers.lb.LoadBalancer: only its pure methods are used here
 
 
-def render_service(svc: Service, env: Environment, layout: Layout) -> str:
+def render_service(svc: Service, env: Environment, layout: Layout, materials: Materials = NO_MATERIALS) -> str:
     """The program file for a service, pointing at its venv's content-addressed path.
 
     Naming the concrete venv (not the envs/<name> symlink) makes a venv change a config change,
-    so supervisord's own update semantics restart exactly the services whose venv moved.
+    so supervisord's own update semantics restart exactly the services whose venv moved. Files and the
+    secret env file are named by their content-addressed paths for the same reason: a changed file or
+    secret changes exactly the configs of the services that use it, and a rollback to the previous config
+    gets the previous file. Secret values never enter this text (the launcher reads them from a 0600 file).
     """
+    resolved = service_env(svc, materials)
     venv = layout.venv(env.name, env.identity)
+    command = (str(venv / "bin" / svc.command[0]), *svc.command[1:])
+    if resolved.secret_file is not None:
+        from agent.core.render.launcher import launched_command
+
+        command = launched_command(str(venv / "bin" / "python"), str(layout.launcher), str(resolved.secret_file),
+                                   command)
+    extra = {}
+    if svc.processes != 1:
+        extra["numprocs"] = svc.processes
+    if svc.priority is not None:
+        extra["priority"] = svc.priority
     spec = ProgramSpec(
         name=svc.name,
-        command=(str(venv / "bin" / svc.command[0]), *svc.command[1:]),
+        command=command,
         directory=str(venv),
-        environment=svc.env,
+        environment=resolved.plain,
         user=svc.user,
         stdout_logfile=str(layout.logs / f"{svc.name}.out.log"),
         stderr_logfile=str(layout.logs / f"{svc.name}.err.log"),
         startsecs=svc.startsecs,
         stopwaitsecs=svc.stopwaitsecs,
+        **extra,
     )
-    return f"; managed by gitops-agent: app {svc.app}, environment {env.name}\n" + render_program(spec)
+    return (f"; managed by gitops-agent: app {svc.app}, environment {env.name}\n" + inputs_line(resolved.inputs)
+            + render_program(spec))
+
+
+def _inputs_of(text: str | None) -> dict[str, str]:
+    """"kind name" -> digest, from a program file's inputs comment."""
+    for line in (text or "").splitlines():
+        if line.startswith(INPUTS_PREFIX):
+            items = (i.rpartition("=") for i in line[len(INPUTS_PREFIX):].split(", "))
+            return {name: d for name, _, d in items if name}
+    return {}
+
+
+def _changed_inputs(old: str | None, new: str) -> str:
+    """Why a service restarts when what changed is a file or secret it uses: "file settings.toml changed,
+    secret django/SECRET_KEY changed" (names only: never a value)."""
+    before, after = _inputs_of(old), _inputs_of(new)
+    parts = [f"{n} {'changed' if n in before else 'added'}" for n in sorted(after) if before.get(n) != after[n]]
+    parts += [f"{n} no longer used" for n in sorted(set(before) - set(after))]
+    return ", ".join(parts)
 
 
 def _venv_actions(env: Environment, facts: Facts) -> Iterator[Action]:
@@ -249,8 +361,11 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
     changed = False
     if old != text:
         why = "program file missing" if old is None else "program file differs from the desired config"
+        inputs = _changed_inputs(old, text) if old is not None else ""
         if venv_hint and old is not None and venv_hint[0] in old and venv_hint[1] not in old:
-            why = f"venv changed to {venv_hint[1]}"
+            why = f"venv changed to {venv_hint[1]}" + (f"; {inputs}" if inputs else "")
+        elif inputs:
+            why = inputs
         ran_old = fact is not None and fact.state is not None and fact.pending is None
         yield WriteProgram(key, why, needs, name=name, text=text, previous=old if ran_old else None,
                            existed=fact is not None and (fact.state is not None or old is not None))
@@ -268,11 +383,13 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
 
 
 def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, venv_repaired: bool,
-                     opts: PlanOptions, settle: list[Action]) -> Iterator[Action]:
-    """The service's program actions and health gate; its AwaitRunning goes to `settle` (end of plan)."""
+                     opts: PlanOptions, settle: list[Action], materials: Materials = NO_MATERIALS,
+                     extra_needs: tuple[str, ...] = ()) -> Iterator[Action]:
+    """The service's program actions and health gate; its AwaitRunning goes to `settle` (end of plan).
+    `extra_needs`: what else must not have failed first (its files, secret env, jobs, depends_on)."""
     key = f"program:{svc.name}"
-    needs = (f"venv:{env.name}", "supervisor")
-    text = render_service(svc, env, opts.layout)
+    needs = (f"venv:{env.name}", "supervisor", *extra_needs)
+    text = render_service(svc, env, opts.layout, materials)
     actions = list(_program_actions(
         svc.name, text, fact, needs, svc.startsecs,
         venv_hint=(str(opts.layout.venvs), f"{env.name}-{env.identity}"),
@@ -281,17 +398,18 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
     yield from actions
     started = any(isinstance(a, (UpdateProgram, StartProgram, RestartProgram)) for a in actions)
     if svc.health is not None:
+        target = svc.health.target
         if actions:
-            reason = f"gate the (re)start on {svc.health.url}"
+            reason = f"gate the (re)start on {target}"
         elif fact is not None and fact.verified != text_digest(text):
-            reason = f"this config never passed its health gate (an interrupted apply?): check {svc.health.url}"
+            reason = f"this config never passed its health gate (an interrupted apply?): check {target}"
         elif fact is not None and fact.gated_pid and fact.pid and fact.pid != fact.gated_pid:
             reason = (f"it exited after its health gate (pid {fact.gated_pid}, now {fact.pid}: a crash or a crash "
-                      f"loop): check {svc.health.url} again")
+                      f"loop): check {target} again")
         else:
             reason = ""
         if reason:
-            yield CheckHealth(key, reason, needs, name=svc.name, url=svc.health.url, timeout_s=svc.health.timeout_s)
+            yield _health_action(svc, env, key, reason, needs, opts, materials)
     if started:
         # Every (re)start is confirmed here, at the end, not where it was started: the startsecs windows of
         # all services overlap (150 ungated services took 174 s one after the other), and a gated one gets
@@ -299,6 +417,116 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
         why = "after its health gate: confirm" if svc.health is not None else "confirm"
         settle.append(AwaitRunning(key, f"{why} it stays up startsecs={svc.startsecs}", needs,
                                    name=svc.name, startsecs=svc.startsecs))
+
+
+def _health_action(svc: Service, env: Environment, key: str, reason: str, needs: tuple[str, ...], opts: PlanOptions,
+                   materials: Materials) -> CheckHealth:
+    health = svc.health
+    command: tuple[str, ...] = ()
+    plain: tuple[tuple[str, str], ...] = ()
+    secret: tuple[tuple[str, str], ...] = ()
+    if health.command:
+        venv = opts.layout.venv(env.name, env.identity)
+        command = (str(venv / "bin" / health.command[0]), *health.command[1:])
+        resolved = service_env(svc, materials)
+        plain, secret = resolved.plain, resolved.secret
+    return CheckHealth(key, reason, needs, name=svc.name, url=health.url, timeout_s=health.timeout_s, tcp=health.tcp,
+                       command=command, env=plain, secret_env=secret)
+
+
+def _uses_data_dir(app: App) -> bool:
+    return bool(app.jobs) or any(isinstance(v, DataDir) for s in app.services for _, v in s.env)
+
+
+def _owner(app: App) -> str | None:
+    """Who owns the app's data dir and files: the one `user:` its services and jobs run as, if they agree."""
+    users = {s.user for s in app.services} | {j.user for j in app.jobs}
+    return users.pop() if len(users) == 1 else None
+
+
+def _file_reason(name: str, link: str, on_disk: str | None, linked: str | None, want: str) -> str:
+    if on_disk is not None and on_disk != want:
+        return f"file {name} differs on disk (edited by hand?): rewrite it"
+    if on_disk is None:
+        return f"file {name} changed" if linked is not None else f"file {name} missing"
+    return f"{link} points elsewhere: re-point it"
+
+
+def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Materials) -> Iterator[Action]:
+    """The app's data dir, rendered files, launcher and secret env files, where they differ from the facts."""
+    layout, owner = opts.layout, _owner(app)
+    data = str(layout.data(app.name))
+    if _uses_data_dir(app) and data not in facts.data_dirs:
+        yield EnsureDataDir(f"data:{app.name}", "the app's data dir does not exist yet", app=app.name, path=data,
+                            owner=owner)
+    for spec in app.files:
+        rendered = materials.files.get((app.name, spec.name))
+        if rendered is None:
+            continue
+        want_link = os.path.relpath(rendered.path, rendered.link.parent)
+        on_disk, linked = facts.files.get(str(rendered.path)), facts.links.get(str(rendered.link))
+        if on_disk != rendered.digest or linked != want_link:
+            yield WriteFile(f"file:{app.name}/{spec.name}", _file_reason(spec.name, f"files/{spec.name}", on_disk,
+                                                                            linked, rendered.digest),
+                            app=app.name, name=spec.name, path=str(rendered.path), link=str(rendered.link),
+                            digest=rendered.digest, mode=rendered.mode, owner=owner, data=rendered.data)
+    secret_services = [(s, materials.services[s.name]) for s in app.services
+                       if s.name in materials.services and materials.services[s.name].secret_file is not None]
+    if not secret_services:
+        return
+    from agent.core.render.launcher import LAUNCHER_SOURCE, encode_env
+
+    if facts.files.get(str(layout.launcher)) != materials.digest(LAUNCHER_SOURCE.encode()):
+        yield WriteLauncher("launcher", "the secret env launcher is missing or differs", path=str(layout.launcher),
+                            text=LAUNCHER_SOURCE)
+    for svc, resolved in secret_services:
+        path = str(resolved.secret_file)
+        if facts.files.get(path) != resolved.secret_digest:
+            why = "secret env missing" if path not in facts.files else "secret env differs on disk: rewrite it"
+            yield WriteSecretEnv(f"secretenv:{svc.name}", f"{why} for {svc.name}", name=svc.name, path=path,
+                                 owner=svc.user, data=encode_env(dict(resolved.secret)))
+
+
+def _job_action(job, app: App, desired: DesiredState, facts: Facts, opts: PlanOptions, materials: Materials,
+                rollback: tuple[str, ...] = ()) -> RunJob | None:
+    inputs = materials.job_inputs.get((app.name, job.name))
+    if inputs is None or facts.jobs.get(f"{app.name}/{job.name}") == inputs:
+        return None
+    env = desired.environments[job.environment]
+    resolved = materials.jobs[(app.name, job.name)]
+    venv = opts.layout.venv(env.name, env.identity)
+    last = facts.jobs.get(f"{app.name}/{job.name}")
+    why = "never ran on this host" if last is None else "its inputs changed (venv, command, env, files or secrets)"
+    needs = (f"venv:{env.name}", f"data:{app.name}", *resolved.needs)
+    return RunJob(f"job:{app.name}/{job.name}", f"{why}: run {job.run} the services of {env.name}",
+                  tuple(dict.fromkeys(needs)), app=app.name, name=job.name, run=str(job.run),
+                  command=(str(venv / "bin" / job.command[0]), *job.command[1:]), cwd=str(opts.layout.data(app.name)),
+                  user=job.user, timeout_s=job.timeout_s, inputs=inputs, env=resolved.plain, secret_env=resolved.secret,
+                  venv=str(venv), rollback=rollback)
+
+
+def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materials: Materials) -> Iterator[Action]:
+    """File versions and secret env files that neither the desired state nor any program file on disk uses
+    (a program still running an older config keeps its files until it is replaced), and files/<name> links
+    of files no longer declared. Data dirs are never touched."""
+    apps_dir = str(opts.layout.apps) + os.sep
+    wanted = {str(r.path) for r in materials.files.values()}
+    wanted |= {str(e.secret_file) for e in materials.services.values() if e.secret_file is not None}
+    links = {str(r.link) for r in materials.files.values()}
+    texts = "\n".join(p.file_text or "" for p in facts.programs.values())
+    by_app: dict[str, list[str]] = {}
+    for path in sorted(facts.files):
+        if path.startswith(apps_dir) and path not in wanted and path not in texts:
+            by_app.setdefault(path[len(apps_dir):].split(os.sep, 1)[0], []).append(path)
+    for path in sorted(facts.links):
+        if path.startswith(apps_dir) and path not in links:
+            by_app.setdefault(path[len(apps_dir):].split(os.sep, 1)[0], []).append(path)
+    for app, paths in sorted(by_app.items()):
+        users = tuple(f"program:{s.name}" for s in desired.services.values() if s.app == app)
+        gone = desired.app_of(app) is None
+        yield PruneFiles(f"files:{app}", "the app is no longer on this host: delete its files and secrets (its data "
+                                         "dir is kept)" if gone else "no longer used by any program or job",
+                         users, app=app, paths=tuple(paths))
 
 
 def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:
@@ -336,8 +564,10 @@ def _prune(desired: str, complete: tuple[str, ...], incomplete: tuple[str, ...],
     return tuple(dict.fromkeys(drop))
 
 
-def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
-    """The ordered actions that take `facts` to `desired`: venvs, programs, health, removals, pruning."""
+def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials: Materials = NO_MATERIALS) -> Plan:
+    """The ordered actions that take `facts` to `desired`: venvs, files and secrets, `before` jobs, programs in
+    dependency order, health, traffic, `after` jobs, removals, pruning. `materials`: the apps' rendered files
+    and resolved env on this host (`agent.core.materials`), needed by apps that use secrets, files or jobs."""
     actions: list[Action] = []
     notes = list(desired.notes)
     if not desired.known_host:
@@ -350,15 +580,39 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
             notes.append(f"supervisord is {facts.supervisor}")
 
     repaired: set[str] = set()
+    switches: list[Action] = []
     for env in desired.environments.values():
         for action in _venv_actions(env, facts):
-            actions.append(action)
+            (switches if isinstance(action, SwitchVenv) else actions).append(action)
             if isinstance(action, RepairVenv):
                 repaired.add(env.name)
+    for app in desired.apps:
+        actions.extend(a for a in _material_actions(app, facts, opts, materials)
+                       if not (isinstance(a, WriteLauncher) and any(isinstance(b, WriteLauncher) for b in actions)))
+    # `before` jobs run in the new venv after it is built and before anything of their environment switches:
+    # a failed migration leaves the environment's services on their old venv and config, still serving.
+    before: dict[str, list[str]] = {}
+    for app in desired.apps:
+        for job in app.jobs:
+            if job.run is JobRun.BEFORE:
+                action = _job_action(job, app, desired, facts, opts, materials)
+                if action is not None:
+                    actions.append(action)
+                    before.setdefault(job.environment, []).append(action.key)
+    actions.extend(replace(a, needs=a.needs + tuple(before.get(a.key.partition(":")[2], ()))) for a in switches)
     settle: list[Action] = []
+    planned = {a.key for a in actions}
     for svc in desired.services.values():
         env = desired.environments[svc.environment]
-        actions.extend(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts, settle))
+        resolved = service_env(svc, materials)
+        extra = [*resolved.needs, *before.get(env.name, ()), *(f"program:{d}" for d in svc.depends_on)]
+        if resolved.secret_file is not None:
+            extra += [f"secretenv:{svc.name}", "launcher"]
+        extra = [k for k in dict.fromkeys(extra) if k in planned or k.startswith("program:")]
+        svc_actions = list(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts,
+                                            settle, materials, tuple(extra)))
+        actions.extend(svc_actions)
+        planned.update(a.key for a in svc_actions)
     traffic = list(_traffic_actions(desired, facts, opts))
     # A backend that gains traffic must have held its startsecs first: if it died right after its
     # health gate, the switch would send users to a program about to be rolled back. The others'
@@ -367,11 +621,22 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
     actions.extend(a for a in settle if a.key in gaining)
     actions.extend(traffic)
     actions.extend(a for a in settle if a.key not in gaining)
+    # `after` jobs: once the changed services are healthy and traffic has moved; a failure puts those back.
+    started = {a.key for a in actions if isinstance(a, (UpdateProgram, StartProgram, RestartProgram))}
+    for app in desired.apps:
+        for job in app.jobs:
+            if job.run is JobRun.AFTER:
+                users = tuple(f"program:{s.name}" for s in app.services if s.environment == job.environment)
+                action = _job_action(job, app, desired, facts, opts, materials,
+                                     rollback=tuple(k for k in users if k in started))
+                if action is not None:
+                    actions.append(replace(action, needs=action.needs + tuple(k for k in users if k in planned)))
 
     keep = set(desired.services)
     if opts.lb is not None and opts.lb.managed and frontends_of(desired):
         keep.add(opts.lb.program_name)
-    for name in sorted(set(facts.programs) - keep):
+    # Stopped in reverse start order: a service before those it depends on (supervisord priority, highest first).
+    for name in sorted(set(facts.programs) - keep, key=lambda n: (-_priority(facts.programs[n].file_text), n)):
         actions.append(RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))
     removed_programs = tuple(f"program:{n}" for n in sorted(set(facts.programs) - keep))
     for name in sorted(set(facts.venvs) - set(desired.environments)):
@@ -385,4 +650,13 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Plan:
             users = tuple(f"program:{s.name}" for s in desired.services.values() if s.environment == env.name)
             actions.append(PruneVenvs(f"venv:{env.name}", f"keep the newest {opts.retention} venvs",
                                       (f"venv:{env.name}",) + users, name=env.name, identities=drop))
+    actions.extend(_prune_files(desired, facts, opts, materials))
     return Plan(tuple(actions), tuple(notes))
+
+
+_PRIORITY_RE = re.compile(r"^priority=([0-9]+)$", re.M)
+
+
+def _priority(text: str | None) -> int:
+    found = _PRIORITY_RE.search(text or "")
+    return int(found.group(1)) if found else 999

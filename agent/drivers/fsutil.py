@@ -6,10 +6,12 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write", "fsync_dir"]
+__all__ = ["atomic_write", "fsync_dir", "chown_to"]
 
 
-def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes | str, mode: int = 0o600, owner: str | None = None) -> None:
+    """`owner`: a user name that gets the file (when the agent runs as root; else the agent owns it), set
+    before the rename, so the file is never readable by anyone but its final owner."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if isinstance(data, str):
@@ -21,6 +23,8 @@ def atomic_write(path: Path, data: bytes | str, mode: int = 0o600) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, mode)
+        if owner is not None:
+            chown_to(tmp, owner)
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -38,3 +42,14 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def chown_to(path: Path | str, user: str) -> None:
+    """Give `path` to `user` (and its primary group) when running as root; otherwise a no-op, since only root
+    may give files away (and then supervisord cannot switch users either)."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    os.chown(path, entry.pw_uid, entry.pw_gid)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
+
+from agent.drivers import appfiles
 
 from agent.drivers.supervisor import daemonized, remove_program_file, write_program_file
 from agent.drivers.venv import VenvManager, VenvSpec
@@ -20,9 +23,11 @@ from agent.core.outcome import Outcome, Verdict, verdict_for
 from agent.drivers._procfs import holds_url_listener
 from agent.drivers.fsutil import atomic_write
 from agent.core.layout import Layout
+from agent.core.materials import NO_MATERIALS, Materials
 from agent.core.plan import (
-    Action, AwaitRunning, BuildVenv, CheckHealth, ConfigureTraffic, EnsureSupervisor, VerifyTraffic, Plan, PruneVenvs, RemoveEnvironment, RemoveProgram,
-    RepairVenv, RestartProgram, StartProgram, SwitchVenv, UpdateProgram, WriteProgram,
+    Action, AwaitRunning, BuildVenv, CheckHealth, ConfigureTraffic, EnsureDataDir, EnsureSupervisor, VerifyTraffic, Plan,
+    PruneFiles, PruneVenvs, RemoveEnvironment, RemoveProgram, RepairVenv, RestartProgram, RunJob, StartProgram, SwitchVenv,
+    UpdateProgram, WriteFile, WriteLauncher, WriteProgram, WriteSecretEnv,
 )
 
 __all__ = ["Outcome", "Drivers", "apply_plan", "http_healthy"]
@@ -42,6 +47,7 @@ class Drivers:
     start_wait_s: float = 60.0
     clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
+    materials: Materials = NO_MATERIALS     # this apply's rendered files and resolved secrets (in memory only)
 
     def client(self):
         return self.supervisor.ensure()
@@ -92,26 +98,75 @@ def _raise_if_dead(client, name: str, info: dict | None) -> None:
         raise SupervisorError(why + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
 
 
+def tcp_healthy(address: str, timeout_s: float) -> tuple[bool, str]:
+    """One probe: does HOST:PORT accept a connection."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+        return True, "accepts connections"
+    except OSError as exc:
+        return False, str(exc.strerror or exc)
+
+
+def command_healthy(command: tuple[str, ...], env: dict[str, str], timeout_s: float) -> tuple[bool, str]:
+    """One probe: the health command (in the service's venv, with its env) exits 0."""
+    import os
+    import subprocess
+
+    try:
+        done = subprocess.run(list(command), env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+                              capture_output=True, timeout=timeout_s, start_new_session=True)
+    except subprocess.TimeoutExpired:
+        return False, f"timed out after {timeout_s:g}s"
+    except OSError as exc:
+        return False, f"cannot run {command[0]}: {exc.strerror or exc}"
+    if done.returncode == 0:
+        return True, "exit 0"
+    tail = (done.stderr or done.stdout).decode("utf-8", "replace").strip()[-300:]
+    return False, f"exit {done.returncode}" + (f": {tail}" if tail else "")
+
+
+def _probe(action: CheckHealth) -> tuple[bool, str]:
+    if action.tcp:
+        return tcp_healthy(action.tcp, action.timeout_s)
+    if action.command:
+        return command_healthy(action.command, {**dict(action.env), **dict(action.secret_env)}, action.timeout_s)
+    return http_healthy(action.url, action.timeout_s)
+
+
+def _own_listener(pid: int, action: CheckHealth) -> bool | None:
+    """Whether the service's process holds the probed listener (None: cannot tell; a command probe has none)."""
+    if action.tcp:
+        return holds_url_listener(pid, f"http://{action.tcp}")
+    if action.command:
+        return None
+    return holds_url_listener(pid, action.url)
+
+
 def _check_health(drivers: Drivers, action: CheckHealth) -> str:
-    """Healthy means the URL answers 2xx **from the service's own process** (or a descendant): another
-    process that already answers on that port must not pass the gate of a service that has not bound yet
-    (it would fail to bind and crash later, after being reported healthy)."""
+    """Healthy means the URL answers 2xx (or the TCP address accepts) **from the service's own process** (or a
+    descendant): another process that already answers on that port must not pass the gate of a service that
+    has not bound yet (it would fail to bind and crash later, after being reported healthy). A health command
+    must exit 0 while the service runs."""
     deadline = drivers.clock() + drivers.health_wait_s
     seen = ""
     probes = 0
+    target = action.url or action.tcp or " ".join(action.command[:1])
     while drivers.clock() < deadline:
-        ok, seen = http_healthy(action.url, action.timeout_s)
+        ok, seen = _probe(action)
         client = drivers.client()
         info = client.process_info().get(action.name)
         if ok:
             pid = (info or {}).get("pid") or 0
-            if pid and holds_url_listener(pid, action.url) is not False:     # None: no /proc to tell
+            if pid and _own_listener(pid, action) is not False:     # None: no /proc to tell
                 return seen
             seen = f"{seen}, but not from {action.name} (pid {pid}): another process answers there"
         probes += 1
         _raise_if_dead(client, action.name, info)     # a crashed program will not turn healthy: say why, at once
         drivers.sleep(0.01 if probes < 10 else 0.05 if probes < 30 else 0.2)
-    raise HealthCheckFailed(f"{action.name}: {action.url} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
+    raise HealthCheckFailed(f"{action.name}: {target} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
 
 def _record_verified(drivers: Drivers, name: str) -> None:
@@ -122,9 +177,26 @@ def _record_verified(drivers: Drivers, name: str) -> None:
     atomic_write(drivers.layout.verified / name, f"{text_digest(text)} {pid}\n", mode=0o644)
 
 
-def _spec(env) -> VenvSpec:
+def _spec(env, materials: Materials = NO_MATERIALS) -> VenvSpec:
+    index = {}
+    if env.index_url:
+        index = {"index_url": env.index_url}
+        if env.index_credentials is not None:
+            index.update(index_username=env.index_credentials.username,
+                         index_password=materials.index_passwords.get(env.name))
     return VenvSpec(name=env.name, python=env.python, lockfile=env.lockfile, find_links=env.find_links,
-                    installer=env.installer, options=env.options, identity=env.identity)
+                    installer=env.installer, options=tuple(o for o in env.options if not o.startswith("--index-url=")),
+                    identity=env.identity, **index)
+
+
+def _run_job(drivers: Drivers, action: RunJob) -> str:
+    from agent.drivers.jobs import run_job
+
+    env = {**dict(action.env), **dict(action.secret_env), "VIRTUAL_ENV": action.venv}
+    done = run_job(f"{action.app}/{action.name}", action.command, cwd=Path(action.cwd), env=env,
+                   logs=drivers.layout.logs, timeout_s=action.timeout_s, user=action.user)
+    atomic_write(drivers.layout.jobs / action.app / action.name, action.inputs + "\n", mode=0o644)
+    return f"job {action.name} succeeded in {done.seconds:.1f}s"
 
 
 @dataclass(frozen=True)
@@ -139,9 +211,26 @@ def _run(action: Action, drivers: Drivers) -> _Done:
         drivers.supervisor.ensure()
         return _Done("supervisord running")
     if isinstance(action, BuildVenv):
-        return _Done(f"built {venvs.build(_spec(action.env))}")
+        return _Done(f"built {venvs.build(_spec(action.env, drivers.materials))}")
     if isinstance(action, RepairVenv):
-        return _Done(f"rebuilt {venvs.repair(_spec(action.env))}")
+        return _Done(f"rebuilt {venvs.repair(_spec(action.env, drivers.materials))}")
+    if isinstance(action, EnsureDataDir):
+        appfiles.ensure_dir(Path(action.path), action.owner)
+        return _Done(f"created {action.path}")
+    if isinstance(action, WriteFile):
+        appfiles.write_version(Path(action.path), Path(action.link), action.data, action.mode, action.owner)
+        return _Done(f"wrote {action.name} ({action.digest}, mode {action.mode:04o})")
+    if isinstance(action, WriteLauncher):
+        atomic_write(Path(action.path), action.text, mode=0o755)
+        return _Done("written")
+    if isinstance(action, WriteSecretEnv):
+        appfiles.write_private(Path(action.path), action.data, action.owner)
+        return _Done("written (mode 0600)")
+    if isinstance(action, RunJob):
+        return _Done(_run_job(drivers, action))
+    if isinstance(action, PruneFiles):
+        gone = appfiles.prune(action.paths, layout.apps)
+        return _Done(f"deleted {len(gone)} file(s)")
     if isinstance(action, SwitchVenv):
         venvs.switch(action.name, layout.venv(action.name, action.identity))
         return _Done(f"envs/{action.name} -> {action.identity}")
@@ -251,24 +340,34 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
             outcomes.append(_failure(action, exc, done, drivers, drivers.clock() - start))
             continue
         done.append(action)
-        outcomes.append(Outcome(action, done_.verdict, done_.message, drivers.clock() - start))
-        log.info("%s: %s (reason: %s)", action.describe(), done_.message, action.reason, extra=_fields(action, "ok"))
+        message = drivers.materials.redact(done_.message)
+        outcomes.append(Outcome(action, done_.verdict, message, drivers.clock() - start))
+        log.info("%s: %s (reason: %s)", action.describe(), message, action.reason, extra=_fields(action, "ok"))
     return tuple(outcomes)
 
 
 def _failure(action: Action, exc: Exception, done: list[Action], drivers: Drivers, seconds: float) -> Outcome:
+    """The failed action's outcome, after rolling back what it leaves half-done: a program's previous config,
+    or, for a failed `after` job, every program of its environment this apply restarted. Secret values in
+    the message (a job's or a program's stderr) are replaced by ***."""
     if not isinstance(exc, (AgentError, OSError)):
         log.error("%s raised an unexpected %s (a bug: please report it)", action.describe(), type(exc).__name__,
                   exc_info=exc)
     message = f"{type(exc).__name__}: {exc}"
     rolled = False
-    if action.key.startswith("program:"):
+    keys = action.rollback if isinstance(action, RunJob) else (action.key,) if action.key.startswith("program:") else ()
+    undone = []
+    for key in keys:
         try:
-            rolled, undo = _rollback(action.key, done, drivers)
+            back, undo = _rollback(key, done, drivers)
+            rolled = rolled or back
         except Exception as rb_exc:  # noqa: BLE001 - reported in the outcome; the apply goes on
             undo = f"rollback failed too: {type(rb_exc).__name__}: {rb_exc}"
         if undo:
-            message += f" ({undo})"
+            undone.append(undo)
+    if undone:
+        message += f" ({'; '.join(undone)})"
+    message = drivers.materials.redact(message)
     log.error("%s failed: %s (reason: %s)", action.describe(), message, action.reason,
               extra=_fields(action, "failed"))
     return Outcome(action, verdict_for(exc, rolled), message, seconds)

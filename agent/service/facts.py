@@ -16,7 +16,7 @@ from typing import Protocol
 from agent.core.facts import DOWN_STATES, Facts, ProgramFact, VenvFact
 from agent.drivers.supervisor import daemonized
 
-__all__ = ["collect", "read_verified", "owned_pending"]
+__all__ = ["collect", "read_verified", "owned_pending", "app_file_facts"]
 
 
 def read_verified(directory: Path) -> dict[str, str]:
@@ -116,3 +116,49 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
         )
     traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
     return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)
+
+
+def app_file_facts(layout, key: bytes) -> dict:
+    """What the agent wrote for apps (DESIGN §3a), as Facts fields: every rendered file version and secret env
+    file with the keyed digest of its content (a hand edit shows as another digest), the files/<name>
+    symlinks, the existing data dirs, the launcher, and each job's last successful inputs digest."""
+    from agent.core.materials import digest
+
+    files: dict[str, str] = {}
+    links: dict[str, str] = {}
+    data_dirs: set[str] = set()
+
+    def read(path: Path) -> None:
+        try:
+            files[str(path)] = digest(key, path.read_bytes())
+        except OSError:
+            files[str(path)] = "unreadable"
+
+    for app_dir in _subdirs(layout.apps):
+        if (app_dir / "data").is_dir():
+            data_dirs.add(str(app_dir / "data"))
+        for version in _subdirs(app_dir / "files" / ".v"):
+            for path in _entries(version):
+                read(path)
+        for path in _entries(app_dir / "files"):
+            if path.is_symlink():
+                links[str(path)] = str(Path(path.readlink()))
+        for path in _entries(app_dir / "env"):
+            if path.name.endswith(".env"):
+                read(path)
+    if layout.launcher.is_file():
+        read(layout.launcher)
+    jobs = {f"{app.name}/{job.name}": job.read_text().strip()
+            for app in _subdirs(layout.jobs) for job in _entries(app) if job.is_file()}
+    return {"files": files, "links": links, "data_dirs": frozenset(data_dirs), "jobs": jobs}
+
+
+def _entries(directory: Path) -> list[Path]:
+    try:
+        return sorted(p for p in Path(directory).iterdir() if not p.name.startswith("."))
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _subdirs(directory: Path) -> list[Path]:
+    return [p for p in _entries(directory) if p.is_dir() and not p.is_symlink()]

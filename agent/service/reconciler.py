@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable
 from agent.core.errors import AgentError, InvalidState, Permanent
 from agent.core.facts import Facts
 from agent.core.layout import Layout
+from agent.core.materials import NO_MATERIALS, Materials
 from agent.core.model import DesiredState
 from agent.core.outcome import Outcome, ReconcileResult, Retry, Verdict, resource_states
 from agent.core.plan import Plan, PlanOptions, make_plan, render_service
@@ -28,7 +29,7 @@ from agent.drivers.supervisor import read_program_files
 from agent.drivers.supervisor_handle import SupervisorHandle
 from agent.drivers.venv import VenvManager
 from agent.service.desired_cache import DesiredCache
-from agent.service.facts import collect, read_verified
+from agent.service.facts import app_file_facts, collect, read_verified
 from agent.service.store import RevisionRecord, Status, load_status, save_status
 from agent.settings import Settings
 
@@ -141,6 +142,8 @@ class Reconciler:
         self._clean_files: int | None = None     # program files that supervisord had fully applied
         self.stager = None                       # staged waves, created for the first app that has them
         self.last_desired: DesiredState | None = None
+        self._secrets: dict[tuple, dict[str, str]] = {}     # decrypted secrets (memory only), see `materials`
+        self._key: bytes | None = None
 
     def close(self) -> None:
         self.world.close()
@@ -199,7 +202,10 @@ class Reconciler:
         reload = None
         if client is not None:
             reload = lambda: self._reload_config(client, files)  # noqa: E731
-        return collect(self.venvs, self.layout.envs, files, client, self.lb, read_verified(self.layout.verified), reload)
+        facts = collect(self.venvs, self.layout.envs, files, client, self.lb, read_verified(self.layout.verified), reload)
+        if self.layout.apps.is_dir() or self.layout.jobs.is_dir():
+            facts = replace(facts, **app_file_facts(self.layout, self._inputs_key()))
+        return facts
 
     def _reload_config(self, client, files: dict[str, str]):
         """supervisord's view of pending changes; skipped when the program files are exactly those of the
@@ -242,8 +248,11 @@ class Reconciler:
             invalid = self._emptying(rev, desired, facts)
             if invalid is not None:
                 desired, desired_from = self._last_good(rev, status, invalid)
-        desired, rollouts = self._rollouts(desired, facts, status)
-        plan = make_plan(desired, facts, self.plan_opts)
+        materials = self._materials_step(rev, desired, desired_from, invalid)
+        desired, rollouts = self._rollouts(desired, facts, status, materials)
+        plan = make_plan(desired, facts, self.plan_opts, materials)
+        if not self.read_only:
+            self.drivers.materials = materials
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
                     rollouts=rollouts,
@@ -263,11 +272,14 @@ class Reconciler:
 
     def _load_step(self, rev: Revision, status: Status) -> tuple[DesiredState, str, str | None]:
         """(desired state, the revision it came from, why `rev` is invalid). An invalid revision keeps the
-        last good one desired, so its drift is still healed."""
+        last good one desired, so its drift is still healed. A secret this host cannot decrypt, or a template
+        that fails with this host's values, makes the revision invalid here like a schema error."""
         try:
             invalid = self._refusal(rev, status)
             if invalid is None:
-                return self.desired_at(rev), rev.sha, None
+                desired = self.desired_at(rev)
+                self.materials(desired)
+                return desired, rev.sha, None
         except InvalidState as exc:
             invalid = f"revision {rev.sha[:12]} is invalid:\n{exc}"
         except AgentError as exc:
@@ -286,6 +298,73 @@ class Reconciler:
             raise _Stop(Result(ReconcileResult.INVALID, rev,
                                error=f"{invalid}\n(and the last good revision cannot be loaded: {exc2})")) from None
         return desired, last.sha
+
+    def _materials_step(self, rev: Revision, desired: DesiredState, desired_from: str | None,
+                        invalid: str | None) -> Materials:
+        try:
+            return self.materials(desired)
+        except InvalidState as exc:
+            why = f"revision {desired_from[:12] if desired_from else rev.sha[:12]} cannot be applied on this host:\n{exc}"
+            raise _Stop(Result(ReconcileResult.INVALID, rev, error=f"{invalid}\n{why}" if invalid else why,
+                               desired_from=desired_from)) from None
+
+    def materials(self, desired: DesiredState) -> Materials:
+        """Decrypt the apps' secrets with this host's age identities, render their files and resolve env values
+        (agent.core.materials). In memory only; decrypted secrets are cached per ciphertext and identity, so a
+        no-op reconcile does not run `age` again."""
+        from agent.core.materials import materialize
+        from agent.logs import remember_secrets
+
+        if not any(a.secrets or a.files or a.jobs or any(not isinstance(v, str) for s in a.services for _, v in s.env)
+                   for a in desired.apps):
+            return NO_MATERIALS
+        secrets = {app.name: {sf.name: self._decrypted(sf) for sf in app.secrets} for app in desired.apps if app.secrets}
+        materials = materialize(desired, self.layout, secrets, self._inputs_key())
+        remember_secrets(materials.secret_values)
+        return materials
+
+    def _decrypted(self, secret) -> dict[str, str]:
+        from agent.core.errors import Problem
+
+        identities = self.settings.age_identities
+        stamp = tuple((str(p), p.stat().st_mtime_ns) if p.exists() else (str(p), 0) for p in identities)
+        key = (hashlib.sha256(secret.ciphertext).hexdigest(), stamp)
+        if key not in self._secrets:
+            from agent.core.dotenv import DotenvProblem, parse_dotenv
+            from agent.drivers.age import AgeMissing, SecretUndecryptable, decrypt
+
+            if not identities:
+                raise InvalidState([Problem(secret.display, None, "", "cannot be decrypted: this agent has no age "
+                                            "identity (start it with --age-identity FILE or GITOPS_AGENT_AGE_IDENTITY)")])
+            try:
+                self._secrets[key] = parse_dotenv(decrypt(secret.ciphertext, identities, secret.display), secret.display)
+            except AgeMissing as exc:
+                raise InvalidState([Problem(secret.display, None, "", str(exc))]) from None
+            except SecretUndecryptable as exc:
+                raise InvalidState([Problem(secret.display, None, "", f"cannot be decrypted on this host: {exc.reason}")]) from None
+            except DotenvProblem as exc:
+                raise InvalidState([Problem(secret.display, exc.line, "",
+                                            f"decrypted, but not a dotenv file: {exc.message}")]) from None
+        return self._secrets[key]
+
+    def _inputs_key(self) -> bytes:
+        """The host's key for input digests, made once (0600). A read-only world that has none uses a throwaway
+        one (every file then reads as changed: plan says so, nothing is written)."""
+        if self._key is not None:
+            return self._key
+        path = self.layout.inputs_key
+        try:
+            self._key = path.read_bytes()
+        except FileNotFoundError:
+            import os
+
+            key = os.urandom(32)
+            if not self.read_only:
+                from agent.drivers.fsutil import atomic_write
+
+                atomic_write(path, key, mode=0o600)
+            self._key = key
+        return self._key
 
     def _facts_step(self, rev: Revision, desired_from: str | None) -> Facts:
         try:
@@ -328,7 +407,8 @@ class Reconciler:
             return Result(ReconcileResult.DRIFT, outcomes=outcomes, drift=drift, **base)
         return Result(ReconcileResult.CONVERGED if plan.converged else ReconcileResult.APPLIED, outcomes=outcomes, **base)
 
-    def _rollouts(self, desired: DesiredState, facts: Facts, status: Status) -> tuple[DesiredState, dict]:
+    def _rollouts(self, desired: DesiredState, facts: Facts, status: Status,
+                  materials: Materials = NO_MATERIALS) -> tuple[DesiredState, dict]:
         """Walk each automatic canary one step (pure decision in rollout.py) on fresh probe evidence, and
         return the desired state with the weights the canary may have now."""
         rollouts = dict(status.rollouts)
@@ -340,13 +420,13 @@ class Reconciler:
                 rollouts.pop(app.name, None)
                 continue
             svc = desired.services[canary.service]
-            text = render_service(svc, desired.environments[svc.environment], self.layout)
+            text = render_service(svc, desired.environments[svc.environment], self.layout, materials)
             canary_id = hashlib.sha256(text.encode()).hexdigest()[:16]
             previous = CanaryProgress(**rollouts[app.name]) if app.name in rollouts else None
             fact = facts.programs.get(svc.name)
             probe = None
-            if (not self.read_only and previous and previous.id == canary_id and previous.state == "progressing" and svc.health
-                    and fact is not None and fact.file_text == text and fact.state is not None):
+            if (not self.read_only and previous and previous.id == canary_id and previous.state == "progressing"
+                    and svc.health and svc.health.url and fact is not None and fact.file_text == text and fact.state is not None):
                 probe = _probe(svc.health.url, svc.health.timeout_s, canary.probes)
             progress = canary_step(canary, previous, canary_id, time.time(), probe)
             if previous is None or (progress.state, progress.step) != (previous.state, previous.step):
@@ -430,10 +510,17 @@ def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:
 
 def _mode_of(action, desired: DesiredState, default: str) -> str:
     kind, _, name = action.key.partition(":")
-    owner = desired.services.get(name) if kind == "program" else desired.environments.get(name) if kind == "venv" else None
-    if owner is None:
-        return default
-    return next((a.mode for a in desired.apps if a.name == owner.app and a.mode), default)
+    if kind in ("program", "secretenv"):
+        owner = desired.services.get(name)
+        app = owner.app if owner else None
+    elif kind == "venv":
+        owner = desired.environments.get(name)
+        app = owner.app if owner else None
+    elif kind in ("file", "job", "data", "files"):
+        app = name.partition("/")[0]
+    else:
+        app = None
+    return next((a.mode for a in desired.apps if a.name == app and a.mode), default)
 
 
 def _problem(field: str, message: str):

@@ -69,7 +69,8 @@ def load_desired(root: Path, host: str, opts: LoadOptions = LoadOptions()) -> De
             notes.append(f"app {app.name}: chaos block ignored (this agent does not allow chaos: --allow-chaos)")
             app = dataclasses.replace(app, chaos=None)
         mine.append(app)
-    return DesiredState.of(host, tuple(mine), known_host=True, notes=tuple(notes), decommission=me.decommission)
+    return DesiredState.of(host, tuple(mine), known_host=True, notes=tuple(notes), decommission=me.decommission,
+                           groups=tuple(sorted(me.groups)), labels=tuple(sorted(me.labels.items())))
 
 
 def _unknown_host(host: str, result: Validated) -> Problem:

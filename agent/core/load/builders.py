@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from dataclasses import replace
 
 from agent.core.load._yaml import Located
 from agent.core.load.conflicts import bind_of_listen, own_conflicts
@@ -17,11 +18,16 @@ from agent.core.load.problems import Collector
 from agent.core.load.read import RawTree
 from agent.core.load.salvage import Salvaged
 from agent.core.lockfile import parse_lock, venv_identity
-from agent.core.model import App, Canary, Chaos, Environment, Gate, HealthCheck, Rollout, Service, Traffic, Wave
+from agent.core.load.read import SECRET, SOURCE, TEMPLATE
+from agent.core.model import (
+    App, Canary, Chaos, DataDir, EnvValue, Environment, FileRef, FileSpec, Gate, HealthCheck, IndexCredentials, Job,
+    JobRun, Rollout, SecretFile, SecretRef, Service, Traffic, Wave,
+)
 from agent.core.errors import InvalidState
 from agent.core.render.supervisor import ProgramSpec, UnsafeValue, render_program
 
-__all__ = ["build_app", "environments", "services", "traffic", "rollout", "chaos", "duration_s"]
+__all__ = ["build_app", "environments", "services", "traffic", "rollout", "chaos", "duration_s", "env_value",
+           "secrets", "files", "jobs"]
 
 
 def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptions, out: Collector,
@@ -40,9 +46,14 @@ def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptio
             if svc.port in ports:
                 out.add(doc, ("services", svc.name, "port"), f"port {svc.port} is also used by service {ports[svc.port]!r}")
             ports[svc.port] = svc.name
+    app_secrets, app_files = secrets(doc, tree, out), files(doc, tree, out)
+    app_jobs = jobs(doc, env_names, opts, out)
+    svcs = _ordered(doc, svcs, svc_names, out)
     app = App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(svcs),
               traffic(doc, {s.name: s for s in svcs if not salvaged or s.name not in salvaged.damaged_services},
-                      svc_names, out), rollout=rollout(doc, out), chaos=chaos(doc))
+                      svc_names, out), rollout=rollout(doc, out), chaos=chaos(doc),
+              secrets=app_secrets, files=app_files, jobs=app_jobs)
+    _check_references(doc, app, out, salvaged)
     out.extend(own_conflicts(app, lambda path: (doc.file, doc.line(path))))
     return app
 
@@ -71,12 +82,20 @@ def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOp
         python = spec.get("python") or fleet_defaults.get("python") or opts.default_python
         installer = spec.get("installer") or fleet_defaults.get("installer") or opts.default_installer
         options = () if spec.get("index", True) else ("--no-index",)
+        index_url = spec.get("index_url")
+        if index_url:
+            options += (f"--index-url={index_url}",)     # part of the venv's identity (credentials are not)
+        creds = spec.get("index_credentials")
+        if creds and not index_url:
+            out.add(doc, here + ("index_credentials",), "index_credentials need index_url (the index they are for)")
         envs.append(Environment(
             app=app, name=name, python=python, lockfile=lock.path,
             lock_sha256=hashlib.sha256(lock.data).hexdigest(),
             requirements=tuple(sorted((r.name, r.version) for r in reqs)),
             find_links=tuple(links), installer=installer, options=options,
             identity=venv_identity(python, lock.data, installer, options),
+            index_url=index_url,
+            index_credentials=IndexCredentials(creds["username"], env_value(creds["password"])) if creds else None,
         ))
     return envs
 
@@ -98,13 +117,176 @@ def services(doc: Located, env_names: frozenset[str], opts: LoadOptions, out: Co
             out.add(doc, here + unsafe[0], unsafe[1])
             continue
         health = spec.get("health")
+        processes = spec.get("processes", 1)
+        if processes > 1 and spec.get("port") is not None:
+            out.add(doc, here + ("processes",), f"processes: {processes} cannot share port {spec['port']}: a service "
+                                                "with several processes has no port (put a load balancer's backends "
+                                                "in separate services instead)")
+            continue
         result.append(Service(
             app=app, name=name, environment=spec["environment"], command=tuple(spec["command"]),
-            port=spec.get("port"), env=tuple(sorted((spec.get("env") or {}).items())), user=spec.get("user"),
+            port=spec.get("port"), env=env_pairs(spec.get("env")), user=spec.get("user"),
             startsecs=spec.get("startsecs", 1), stopwaitsecs=spec.get("stopwaitsecs", 10),
-            health=HealthCheck(health["http"], float(health.get("timeout_s", 2.0))) if health else None,
+            health=_health(health) if health else None,
+            depends_on=tuple(spec.get("depends_on") or ()), processes=processes,
         ))
     return result
+
+
+def _health(spec: dict) -> HealthCheck:
+    return HealthCheck(url=spec.get("http", ""), timeout_s=float(spec.get("timeout_s", 2.0)), tcp=spec.get("tcp", ""),
+                       command=tuple(spec.get("command") or ()))
+
+
+def env_value(value: object) -> EnvValue:
+    """A schema-valid env value as a model value: a literal, or a reference resolved on the host."""
+    if isinstance(value, str):
+        return value
+    if "secret" in value:
+        name, _, key = value["secret"].partition("/")
+        return SecretRef(name, key)
+    if "file" in value:
+        return FileRef(value["file"])
+    return DataDir()
+
+
+def env_pairs(spec: dict | None) -> tuple[tuple[str, EnvValue], ...]:
+    return tuple(sorted((k, env_value(v)) for k, v in (spec or {}).items()))
+
+
+def secrets(doc: Located, tree: RawTree, out: Collector) -> tuple[SecretFile, ...]:
+    found = []
+    for name, rel in (doc.data.get("secrets") or {}).items():
+        ref = tree.file(doc, SECRET, rel)
+        if ref.problem is not None:
+            out.add(doc, ("secrets", name), ref.problem)
+            continue
+        if not _looks_like_age(ref.data):
+            out.add(doc, ("secrets", name), f"{ref.display} is not an age-encrypted file (it must start with "
+                                            "'age-encryption.org/v1' or be armored): encrypt it with "
+                                            "`age -a -r <host recipient> -o FILE.age FILE`; never commit plaintext")
+            continue
+        found.append(SecretFile(name, ref.display, ref.data))
+    return tuple(found)
+
+
+def _looks_like_age(data: bytes) -> bool:
+    head = data.lstrip()[:64]
+    return head.startswith(b"age-encryption.org/v1") or head.startswith(b"-----BEGIN AGE ENCRYPTED FILE-----")
+
+
+def files(doc: Located, tree: RawTree, out: Collector) -> tuple[FileSpec, ...]:
+    found = []
+    for name, spec in (doc.data.get("files") or {}).items():
+        here = ("files", name)
+        kind = TEMPLATE if "template" in spec else SOURCE
+        ref = tree.file(doc, kind, spec[kind])
+        if ref.problem is not None:
+            out.add(doc, here + (kind,), ref.problem)
+            continue
+        mode = int(spec.get("mode", "600"), 8)
+        if kind == SOURCE:
+            found.append(FileSpec(name, ref.display, source=ref.data, mode=mode))
+            continue
+        try:
+            text = ref.data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            out.file(ref.display, f"a template must be UTF-8 text (byte {exc.start} is not)")
+            continue
+        uses = _uses_secrets(text)
+        if uses and mode & 0o077:
+            out.add(doc, here + ("mode",), f"mode {mode:04o} would let others read the secrets template "
+                                           f"{ref.display} renders: use 0600 (or 0400)")
+            continue
+        found.append(FileSpec(name, ref.display, template=text, mode=mode, uses_secrets=uses))
+    return tuple(found)
+
+
+def _uses_secrets(text: str) -> bool:
+    """Whether a template reads `secrets` (it then may hold plaintext: mode 0600). A template that does not
+    parse counts as using them; its syntax error is reported by the template check."""
+    from jinja2 import Environment, TemplateSyntaxError, meta
+
+    try:
+        return "secrets" in meta.find_undeclared_variables(Environment().parse(text))
+    except TemplateSyntaxError:
+        return True
+
+
+def jobs(doc: Located, env_names: frozenset[str], opts: LoadOptions, out: Collector) -> tuple[Job, ...]:
+    app = doc.data["name"]
+    found = []
+    for name, spec in (doc.data.get("jobs") or {}).items():
+        here = ("jobs", name)
+        if spec["environment"] not in env_names:
+            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app"
+                                                  + defined(spec["environment"], env_names, "environment"))
+            continue
+        if spec.get("user") == "root" and not opts.allow_root:
+            out.add(doc, here + ("user",), "jobs may not run as root unless the agent's config allows it (--allow-root-services)")
+            continue
+        found.append(Job(app, name, spec["environment"], tuple(spec["command"]), env_pairs(spec.get("env")),
+                         JobRun(spec.get("run", "before")), float(spec.get("timeout_s", 300)), spec.get("user")))
+    return tuple(found)
+
+
+def _env_refs(app: App):
+    """(field path, env value) of every reference an app's env values and index credentials make."""
+    for svc in app.services:
+        for key, value in svc.env:
+            yield ("services", svc.name, "env", key), value
+    for job in app.jobs:
+        for key, value in job.env:
+            yield ("jobs", job.name, "env", key), value
+    for env in app.environments:
+        if env.index_credentials is not None:
+            yield ("environments", env.name, "index_credentials", "password"), env.index_credentials.password
+
+
+def _check_references(doc: Located, app: App, out: Collector, salvaged: Salvaged | None) -> None:
+    """Every {secret: NAME/KEY} names a declared secret and every {file: NAME} a declared file (the keys of a
+    secret are checked where it can be decrypted: on the host)."""
+    secret_names = frozenset(doc.data.get("secrets") or {})
+    file_names = frozenset(doc.data.get("files") or {})
+    for path, value in _env_refs(app):
+        if isinstance(value, SecretRef) and value.name not in secret_names:
+            out.add(doc, path, f"secret {value.name!r} is not declared under secrets:" + defined(value.name, secret_names, "secret"))
+        elif isinstance(value, FileRef) and value.name not in file_names:
+            out.add(doc, path, f"file {value.name!r} is not declared under files:" + defined(value.name, file_names, "file"))
+
+
+def _ordered(doc: Located, svcs: list[Service], declared: frozenset[str], out: Collector) -> list[Service]:
+    """Services in dependency order (a service after those it depends_on), with supervisord priorities so its
+    own start at boot follows the same order; an unknown name or a cycle is a problem."""
+    by_name = {s.name: s for s in svcs}
+    for svc in svcs:
+        for dep in svc.depends_on:
+            if dep == svc.name:
+                out.add(doc, ("services", svc.name, "depends_on"), "a service cannot depend on itself")
+            elif dep not in declared:
+                out.add(doc, ("services", svc.name, "depends_on"),
+                        f"depends on {dep!r}, which is not a service of this app" + defined(dep, declared, "service"))
+    depth: dict[str, int] = {}
+    visiting: list[str] = []
+
+    def walk(name: str) -> int:
+        if name in depth:
+            return depth[name]
+        if name in visiting:
+            cycle = visiting[visiting.index(name):] + [name]
+            out.add(doc, ("services", name, "depends_on"), "depends_on makes a cycle: " + " -> ".join(cycle))
+            return 0
+        visiting.append(name)
+        deps = [d for d in by_name[name].depends_on if d in by_name and d != name]
+        depth[name] = 1 + max((walk(d) for d in deps), default=-1)
+        visiting.pop()
+        return depth[name]
+
+    for svc in svcs:
+        walk(svc.name)
+    related = {s.name for s in svcs if s.depends_on} | {d for s in svcs for d in s.depends_on}
+    ordered = sorted(svcs, key=lambda s: depth.get(s.name, 0))     # stable: file order within a depth
+    return [replace(s, priority=100 + 10 * depth.get(s.name, 0)) if s.name in related else s for s in ordered]
 
 
 def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
@@ -115,7 +297,8 @@ def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
     whitespace, `%(here)s`; Unicode line separators). Refusing them here makes the revision invalid
     as a whole, instead of a planner error after the revision was accepted.
     """
-    command, env, user = spec["command"], spec.get("env") or {}, spec.get("user")
+    command, user = spec["command"], spec.get("user")
+    env = {k: v for k, v in (spec.get("env") or {}).items() if isinstance(v, str)}   # references: paths, or the launcher
     try:
         render_program(ProgramSpec(name="check", command=("/venv/bin/" + command[0], *command[1:]),
                                    environment=tuple(env.items()), user=user))

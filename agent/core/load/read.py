@@ -1,7 +1,7 @@
 """Step one of loading: the only module that touches files.
 
-It reads fleet.yaml, every apps/*/app.yaml (YAML -> data with the line of every key) and every lockfile
-and find_links directory those documents name, in their base form or through an override, with each
+It reads fleet.yaml, every apps/*/app.yaml (YAML -> data with the line of every key) and every lockfile,
+find_links directory, secret, template and source file those documents name, in their base form or through an override, with each
 path checked to stay inside the checkout boundary (symlinks resolved). What it cannot read becomes a
 problem, never an exception; the validate step then works on this snapshot alone.
 """
@@ -22,6 +22,9 @@ from agent.core.load.problems import Collector
 __all__ = ["Ref", "RawTree", "read_tree", "rel_to"]
 
 LOCKFILE, DIRECTORY = "lockfile", "find_links"
+SECRET, TEMPLATE, SOURCE = "secret", "template", "source"
+MAX_FILE_BYTES = 1024 * 1024      # a secret, template or source file: config, not data
+_WHAT = {LOCKFILE: "lockfile", SECRET: "secret file", TEMPLATE: "template", SOURCE: "source file"}
 
 
 @dataclass(frozen=True)
@@ -29,7 +32,7 @@ class Ref:
     """A path named in a document, as found on disk: resolved inside the boundary, or why not."""
 
     path: Path | None = None
-    data: bytes | None = None            # a lockfile's bytes
+    data: bytes | None = field(default=None, repr=False)     # a file's bytes (lockfile, secret, template...)
     display: str = ""                    # the path relative to the state dir, for problems inside the file
     problem: str | None = None
 
@@ -49,6 +52,10 @@ class RawTree:
 
     def directory(self, doc: Located, rel: str) -> Ref:
         return self.refs[(doc.file, DIRECTORY, rel)]
+
+    def file(self, doc: Located, kind: str, rel: str) -> Ref:
+        """A secret, template or source file the document names."""
+        return self.refs[(doc.file, kind, rel)]
 
 
 def rel_to(path: Path, root: Path) -> str:
@@ -144,12 +151,15 @@ def _ref(kind: str, rel: str, boundary: Path, app_dir: Path, root: Path) -> Ref:
         if not resolved.is_dir():
             return Ref(problem=f"find_links directory {rel!r} does not exist")
         return Ref(resolved, display=display)
+    what = _WHAT[kind]
     if not resolved.is_file():
-        return Ref(problem=f"lockfile {rel!r} does not exist")
+        return Ref(problem=f"{what} {rel!r} does not exist")
     try:
+        if kind != LOCKFILE and resolved.stat().st_size > MAX_FILE_BYTES:
+            return Ref(problem=f"{what} {rel!r} is larger than {MAX_FILE_BYTES // 1024} KiB")
         return Ref(resolved, resolved.read_bytes(), display)
     except OSError as exc:
-        return Ref(problem=f"lockfile {rel!r} cannot be read: {exc.strerror or exc}")
+        return Ref(problem=f"{what} {rel!r} cannot be read: {exc.strerror or exc}")
 
 
 def _named_paths(doc: Located) -> Iterator[tuple[str, str]]:
@@ -160,6 +170,7 @@ def _named_paths(doc: Located) -> Iterator[tuple[str, str]]:
     """
     data = doc.data if isinstance(doc.data, dict) else {}
     yield from _env_paths(data.get("environments"))
+    yield from _app_file_paths(data)
     overrides = data.get("overrides")
     for entry in overrides if isinstance(overrides, list) else []:
         sets = entry.get("set") if isinstance(entry, dict) else None
@@ -167,12 +178,24 @@ def _named_paths(doc: Located) -> Iterator[tuple[str, str]]:
             if not isinstance(path, str) or not path:
                 continue
             parts = split_path(data, path)
-            if parts[0] != "environments":
-                continue
             nested: Any = value
-            for part in reversed(parts[1:]):
+            for part in reversed(parts):
                 nested = {part: nested}
-            yield from _env_paths(nested)
+            yield from _env_paths(nested.get("environments"))
+            yield from _app_file_paths(nested)
+
+
+def _app_file_paths(data: dict) -> Iterator[tuple[str, str]]:
+    """Secrets, templates and sources (their base form, or as an override sets them)."""
+    secrets = data.get("secrets")
+    for rel in secrets.values() if isinstance(secrets, dict) else ():
+        if isinstance(rel, str):
+            yield SECRET, rel
+    files = data.get("files")
+    for spec in files.values() if isinstance(files, dict) else ():
+        for kind in (TEMPLATE, SOURCE):
+            if isinstance(spec, dict) and isinstance(spec.get(kind), str):
+                yield kind, spec[kind]
 
 
 def _env_paths(envs: Any) -> Iterator[tuple[str, str]]:

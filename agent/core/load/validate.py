@@ -21,9 +21,14 @@ from agent.core.load.read import RawTree
 from agent.core.load.salvage import salvage
 from agent.core.load.schema import schema_errors, schema_problems
 from agent.core.load.selectors import Host, hosts_of, selects
+from agent.core.materials import template_problems
 from agent.core.model import App
 
 __all__ = ["Validated", "Variants", "validate"]
+
+# Templates are rendered for at most this many of the hosts an app runs on (host names, groups and labels may
+# steer them); each host renders them again, with its real secrets, before anything is written.
+_TEMPLATE_HOSTS = 50
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,11 @@ def validate(tree: RawTree, opts: LoadOptions) -> Validated:
             apps.append((doc, app))
         elif saved.hosts_intact:
             partial.append((work, app))
+    for doc, app in apps:
+        if any(f.template is not None for f in app.files):
+            mine = [h for h in hosts.values() if selects(doc.data.get("hosts"), h)][:_TEMPLATE_HOSTS]
+            out.extend(template_problems(app, [(h.name, tuple(sorted(h.groups)), h.labels) for h in mine] or
+                                         [("HOST", (), {})], f"/ROOT/apps/{app.name}/data"))
     if hosts:
         for host in hosts.values():
             mine = [(d, variants.of(d, a, host)) for d, a in apps if selects(d.data.get("hosts"), host)]
