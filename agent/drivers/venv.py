@@ -19,12 +19,22 @@ or UV_* variable, and no pip.conf or uv.toml is read (`PIP_CONFIG_FILE=/dev/null
 settings for pip (PIP_CERT, PIP_PROXY, timeouts) are handed over as options. The lock's hashes decide
 what may be installed whatever the index.
 
+A private index (`VenvSpec.index_url`) replaces PyPI for pip and uv (find_links still apply). Its
+credentials reach the installer through its environment only, for the install step only: pip reads
+`--index-url ${GITOPS_AGENT_INDEX_URL}` from an options file (pip expands `${VAR}` in requirements files,
+and `--isolated` makes it ignore PIP_INDEX_URL), uv gets a named default index with
+UV_INDEX_GITOPS_AGENT_USERNAME/PASSWORD. Never argv, the marker, a log line or an error message: every
+text the build raises goes through a redaction of the password and of any URL's userinfo. A failed
+install is followed by one request to the index with the same credentials, so "the index refused the
+credentials" (pip only logs a 401/403 at debug level) is told apart from other failures.
+
 A foreign entry where `envs/<name>` should be (a directory or file put there by hand) is renamed aside
 (`envs/.<name>.aside-<utc time>`, with a warning) when the link is switched: kept, never deleted.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
@@ -33,18 +43,18 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from urllib.parse import quote, quote_plus, urlsplit
 
-
-from agent.core.errors import BuildError, ConfigError, InvalidVenvRef
+from agent.core.errors import BuildError, ConfigError, InvalidVenvRef, Permanent
 from agent.drivers.fsutil import atomic_write, fsync_dir
 from agent.core.lockfile import LockedRequirement, parse_lock, venv_identity
 
 __all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY",
-           "INSTALLER_HOME"]
+           "INSTALLER_HOME", "IndexAuthFailed", "InvalidIndexUrl", "REDACTED"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +88,16 @@ _AGENT_SET = {
     "UV_NO_PROGRESS": "1",
     "UV_PYTHON_DOWNLOADS": "never",      # the interpreter is the one resolve_python found, never a download
 }
+# A private index. pip: an options file `-r`-included after the lock, whose `${VAR}` pip expands from the
+# install step's environment (the URL with percent-encoded userinfo). uv: a named default index, so its
+# credentials go in UV_INDEX_<NAME>_USERNAME/PASSWORD as they are, not in a URL.
+_PIP_INDEX_VAR = "GITOPS_AGENT_INDEX_URL"
+_PIP_INDEX_OPTIONS = "pip-index-options.txt"     # under the installer home; holds no secret, only the ${VAR}
+_UV_INDEX_NAME = "gitops-agent"
+_UV_INDEX_VAR = "UV_INDEX_GITOPS_AGENT"          # uv's spelling of the name: upper case, '-' -> '_'
+REDACTED = "***"
+_USERINFO = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^\s/?#@]+@")
+_INDEX_PROBE_TIMEOUT_S = 30.0
 # Dropped from the environment of the interpreter probes (they install nothing, but must not be redirected).
 _DROPPED = ("VIRTUAL_ENV", "CONDA_PREFIX", "PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONUSERBASE",
             "PYTHONNOUSERSITE", "__PYVENV_LAUNCHER__")
@@ -105,9 +125,24 @@ print(json.dumps({"checked": checked, "failed": failed}))
 """
 
 
+class IndexAuthFailed(BuildError, Permanent):
+    """The private index refused the build's credentials (HTTP 401/403): a person must fix the secret or
+    the index's permissions; the same input fails the same way. The message names the index URL, never
+    the credentials."""
+
+
+class InvalidIndexUrl(BuildError, Permanent, ValueError):
+    """`index_url` is not an http(s) URL, or carries credentials itself (they belong in the secret: a URL
+    is logged, shown and kept in plain text)."""
+
+
 @dataclass(frozen=True)
 class VenvSpec:
-    """What to build: one environment of one app, as planned from the state repo."""
+    """What to build: one environment of one app, as planned from the state repo.
+
+    `index_url` (an http(s) PEP 503 index, no credentials in it) replaces PyPI; `index_username` and
+    `index_password` are sent to it. They are not part of the identity: the lock's hashes decide the
+    content, wherever the wheels come from."""
 
     name: str
     python: str
@@ -116,6 +151,9 @@ class VenvSpec:
     installer: str = "pip"
     options: tuple[str, ...] = ()
     identity: str = ""
+    index_url: str | None = None
+    index_username: str | None = None
+    index_password: str | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -138,6 +176,119 @@ class _Run:
     returncode: int
     stdout: str
     stderr: str
+
+
+@dataclass(frozen=True)
+class _Index:
+    """A private index with its credentials, and what each installer needs to use it."""
+
+    url: str
+    username: str | None
+    password: str | None = field(repr=False)
+
+    @property
+    def has_credentials(self) -> bool:
+        return self.username is not None or self.password is not None
+
+    def url_with_userinfo(self) -> str:
+        """The URL with percent-encoded `user:password@` (pip decodes it): '%', '@', ':', '/' stay data."""
+        if not self.has_credentials:
+            return self.url
+        parts = urlsplit(self.url)
+        userinfo = quote(self.username or "", safe="")
+        if self.password is not None:
+            userinfo += ":" + quote(self.password, safe="")
+        return parts._replace(netloc=f"{userinfo}@{parts.netloc}").geturl()
+
+    def install_env(self, installer: str) -> dict[str, str]:
+        """Variables only the install step gets (not `pip check`, not the entry point imports)."""
+        if installer == "pip":
+            return {_PIP_INDEX_VAR: self.url_with_userinfo()}
+        env = {"UV_DEFAULT_INDEX": f"{_UV_INDEX_NAME}={self.url}"}
+        if self.has_credentials:
+            env[f"{_UV_INDEX_VAR}_USERNAME"] = self.username or ""
+        if self.password is not None:
+            env[f"{_UV_INDEX_VAR}_PASSWORD"] = self.password
+        return env
+
+
+def _index_of(spec: VenvSpec) -> _Index | None:
+    """The spec's private index, checked: http(s), a host, no userinfo, nothing pip or uv would split."""
+    if spec.index_url is None:
+        return None
+    url = spec.index_url
+    try:
+        parts = urlsplit(url)
+        parts.port            # noqa: B018 - raises ValueError on a bad port
+    except ValueError as exc:
+        raise InvalidIndexUrl(f"{spec.name}: index_url {_redact_userinfo(url)!r} is no URL: {exc}") from None
+    if parts.username is not None or parts.password is not None or "@" in parts.netloc:
+        raise InvalidIndexUrl(f"{spec.name}: index_url {_redact_userinfo(url)!r} carries credentials: "
+                              "give them as index credentials (from a secret), not in the URL")
+    if parts.scheme not in ("http", "https") or not parts.hostname or re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise InvalidIndexUrl(f"{spec.name}: index_url {url!r} is not an http(s) URL with a host")
+    return _Index(url, spec.index_username, spec.index_password)
+
+
+def _redact_userinfo(text: str) -> str:
+    return _USERINFO.sub(lambda m: f"{m.group(1)}{REDACTED}@", text)
+
+
+def _redactor(spec: VenvSpec) -> Callable[[str], str]:
+    """Text -> text with the index password (as typed, percent-encoded, base64 in a Basic header) and
+    any URL's userinfo replaced by `***`: for everything a build raises or logs."""
+    secrets: set[str] = set()
+    if spec.index_password:
+        password = spec.index_password
+        secrets |= {password, quote(password, safe=""), quote(password), quote_plus(password),
+                    quote(password, safe="").lower()}
+        basic = f"{spec.index_username or ''}:{password}"
+        secrets.add(base64.b64encode(basic.encode("utf-8", "replace")).decode("ascii"))
+    ordered = sorted(secrets, key=len, reverse=True)   # longest first: no half-replaced secret survives
+
+    def redact(text: str) -> str:
+        for secret in ordered:
+            text = text.replace(secret, REDACTED)
+        return _redact_userinfo(text)
+
+    return redact
+
+
+def _index_refusal(index: _Index, package: str, base: dict[str, str] | None = None) -> str | None:
+    """Ask the index for the page the installer needed, with the same credentials: "401 Unauthorized" or
+    "403 Forbidden" if it refuses them, else None (it answers, or fails for another reason).
+
+    Why a request of our own: pip logs a refused index page only at debug level and then reports "no
+    matching distribution", which reads like a wrong lock. The credentials go in a Basic header that
+    urllib drops on redirects, and redirects are not followed (a refusal elsewhere proves nothing).
+    """
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    caller = os.environ if base is None else base
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    handlers: list[urllib.request.BaseHandler] = [NoRedirect()]
+    cafile = caller.get("PIP_CERT") or None
+    handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
+    if caller.get("PIP_PROXY"):
+        handlers.append(urllib.request.ProxyHandler({"http": caller["PIP_PROXY"], "https": caller["PIP_PROXY"]}))
+    request = urllib.request.Request(f"{index.url.rstrip('/')}/{package}/")
+    if index.has_credentials:
+        basic = f"{index.username or ''}:{index.password or ''}".encode("utf-8")
+        request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(basic).decode("ascii"))
+    try:
+        with urllib.request.build_opener(*handlers).open(request, timeout=_INDEX_PROBE_TIMEOUT_S):
+            return None
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"{exc.code} {exc.reason}" if exc.code in (401, 403) else None
+    except (OSError, ValueError, ssl.SSLError):
+        return None
 
 
 def _tail(text: str, lines: int = _STDERR_TAIL_LINES) -> str:
@@ -191,21 +342,23 @@ def _probe_env() -> dict[str, str]:
     return env
 
 
-def _run(argv: Sequence[str], *, env: dict[str, str], cwd: Path, timeout: float, what: str) -> _Run:
-    """Run one command; raise BuildError (with the stderr tail) if it cannot start, times out or fails."""
+def _run(argv: Sequence[str], *, env: dict[str, str], cwd: Path, timeout: float, what: str,
+         redact: Callable[[str], str] = lambda text: text) -> _Run:
+    """Run one command; raise BuildError (with the stderr tail, redacted) if it cannot start, times out or
+    fails."""
     argv = tuple(str(a) for a in argv)
     try:
         proc = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                               stdin=subprocess.DEVNULL, errors="replace")
     except FileNotFoundError as exc:
-        raise BuildError(f"{what}: cannot run {argv[0]}: {exc}") from exc
-    except subprocess.TimeoutExpired as exc:
+        raise BuildError(redact(f"{what}: cannot run {argv[0]}: {exc}")) from exc
+    except subprocess.TimeoutExpired as exc:   # not chained: it holds the unredacted output
         stderr = exc.stderr.decode("utf-8", "replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        raise BuildError(f"{what}: timed out after {timeout:g}s\n{_tail(stderr)}") from exc
+        raise BuildError(redact(f"{what}: timed out after {timeout:g}s\n{_tail(stderr)}")) from None
     result = _Run(argv, proc.returncode, proc.stdout, proc.stderr)
     if result.returncode != 0:
         detail = _failure_detail(result.stdout, result.stderr)
-        raise BuildError(f"{what} failed (exit {result.returncode}):\n{detail}")
+        raise BuildError(redact(f"{what} failed (exit {result.returncode}):\n{detail}"))
     return result
 
 
@@ -485,12 +638,13 @@ class VenvManager:
             return path
         if spec.installer not in ("pip", "uv"):
             raise BuildError(f"{spec.name}: unknown installer {spec.installer!r}")
+        index = _index_of(spec)
         self._building.add(path)
         try:
             if path.exists() or path.is_symlink():
                 self._delete(path)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._build_at(path, spec, identity, lock_bytes, locked)
+            self._build_at(path, spec, identity, lock_bytes, locked, index)
         except BaseException:
             self._delete(path)
             raise
@@ -499,15 +653,18 @@ class VenvManager:
         return path
 
     def _build_at(self, path: Path, spec: VenvSpec, identity: str, lock_bytes: bytes,
-                  locked: tuple[LockedRequirement, ...]) -> None:
+                  locked: tuple[LockedRequirement, ...], index: _Index | None) -> None:
         interpreter = resolve_python(spec.python)
         uv = find_uv() if spec.installer == "uv" else None
         if spec.installer == "uv" and uv is None:
             raise BuildError(f"{spec.name}: installer 'uv' requested but no uv binary found")
-        env = _build_env(self._installer_home())
+        redact = _redactor(spec)
+        home = self._installer_home()
+        env = _build_env(home)
 
-        def run(argv: Sequence[object], what: str) -> _Run:
-            return _run(argv, env=env, cwd=self._venvs, timeout=self.timeout_s, what=f"{spec.name}: {what}")
+        def run(argv: Sequence[object], what: str, extra_env: dict[str, str] | None = None) -> _Run:
+            return _run(argv, env={**env, **(extra_env or {})}, cwd=self._venvs, timeout=self.timeout_s,
+                        what=f"{spec.name}: {what}", redact=redact)
 
         if uv:
             run([uv, "venv", "--no-project", "--quiet", "--python", interpreter, path], "uv venv")
@@ -519,13 +676,32 @@ class VenvManager:
         links = [a for d in spec.find_links for a in ("--find-links", str(d))]
         common = ["--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", lock_copy, *links,
                   *spec.options]
+        index_env = index.install_env(spec.installer) if index else {}
+        if index and not uv:
+            options_file = home / _PIP_INDEX_OPTIONS
+            atomic_write(options_file, f"--index-url ${{{_PIP_INDEX_VAR}}}\n", mode=0o600)
+            common[common.index(lock_copy) + 1:common.index(lock_copy) + 1] = ["-r", options_file]
+        try:
+            if uv:
+                run([uv, "pip", "install", "--python", python, "--compile-bytecode", *common], "uv pip install",
+                    index_env)
+            else:
+                pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
+                run([*pip, "install", "--progress-bar", "off", *_pip_network_options(), *common], "pip install",
+                    index_env)
+        except BuildError as exc:
+            refusal = _index_refusal(index, sorted(r.name for r in locked)[0]) if index else None
+            if refusal is None:
+                raise
+            ask = ("refused the credentials" if index.has_credentials else
+                   "asks for credentials and none are configured")
+            raise IndexAuthFailed(redact(f"{spec.name}: authentication failed: the package index {index.url} "
+                                         f"{ask} (HTTP {refusal})\n{exc}")) from None
         if uv:
-            run([uv, "pip", "install", "--python", python, "--compile-bytecode", *common], "uv pip install")
             run([uv, "pip", "check", "--python", python], "uv pip check")
         else:
-            pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
-            run([*pip, "install", "--progress-bar", "off", *_pip_network_options(), *common], "pip install")
-            run([*pip, "check"], "pip check")
+            run([python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input", "check"],
+                "pip check")
         expected = {r.name: r.version for r in locked}
         self._check_entry_points(path, python, set(expected), run)
         self._check_installed(path, expected, spec.name)
