@@ -513,7 +513,9 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
     wanted = {str(r.path) for r in materials.files.values()}
     wanted |= {str(e.secret_file) for e in materials.services.values() if e.secret_file is not None}
     links = {str(r.link) for r in materials.files.values()}
-    texts = "\n".join(p.file_text or "" for p in facts.programs.values())
+    # What a kept program's current file names stays until it is replaced (a rollback in this apply returns to
+    # it); a program that leaves the host in this plan protects nothing.
+    texts = "\n".join(p.file_text or "" for n, p in facts.programs.items() if n in desired.services)
     by_app: dict[str, list[str]] = {}
     for path in sorted(facts.files):
         if path.startswith(apps_dir) and path not in wanted and path not in texts:
