@@ -16,18 +16,11 @@ import pytest
 from agent.core.errors import SupervisorError
 from agent.core.render.supervisor import ProgramSpec, render_program
 from agent.drivers.supervisor import aggregate_info, daemonized, leftover_pids, remove_program_file, write_program_file
-from test_supervisor_driver import (  # noqa: F401 - `sup` and `escaped_pidfiles` are fixtures
-    DAEMONIZE,
-    SLEEP,
-    _pids,
-    escaped_pidfiles,
-    one_line,
-    pid_alive,
-    states,
-    sup,
-    wait_for,
-    wait_state,
-)
+import test_supervisor_driver as driver_tests
+from test_supervisor_driver import DAEMONIZE, SLEEP, _pids, one_line, pid_alive, states, wait_for, wait_state
+
+sup = driver_tests.sup                              # fixtures: a real supervisord root, stopped after each test
+escaped_pidfiles = driver_tests.escaped_pidfiles
 
 pytestmark = pytest.mark.timeout(120)
 
