@@ -249,7 +249,9 @@ def _check_references(doc: Located, app: App, out: Collector, salvaged: Salvaged
     secret_names = frozenset(doc.data.get("secrets") or {})
     file_names = frozenset(doc.data.get("files") or {})
     for path, value in _env_refs(app):
-        if isinstance(value, SecretRef) and value.name not in secret_names:
+        if isinstance(value, SecretRef) and path[-1].startswith("SUPERVISOR_"):
+            out.add(doc, path, "SUPERVISOR_* names are supervisord's own: a secret cannot be passed under one")
+        elif isinstance(value, SecretRef) and value.name not in secret_names:
             out.add(doc, path, f"secret {value.name!r} is not declared under secrets:" + defined(value.name, secret_names, "secret"))
         elif isinstance(value, FileRef) and value.name not in file_names:
             out.add(doc, path, f"file {value.name!r} is not declared under files:" + defined(value.name, file_names, "file"))
@@ -298,7 +300,8 @@ def _unrenderable(spec: dict) -> tuple[tuple, str] | None:
     as a whole, instead of a planner error after the revision was accepted.
     """
     command, user = spec["command"], spec.get("user")
-    env = {k: v for k, v in (spec.get("env") or {}).items() if isinstance(v, str)}   # references: paths, or the launcher
+    # references are paths, or (secrets) go through the launcher: their keys must still be valid program env keys
+    env = {k: v if isinstance(v, str) else "reference" for k, v in (spec.get("env") or {}).items()}
     try:
         render_program(ProgramSpec(name="check", command=("/venv/bin/" + command[0], *command[1:]),
                                    environment=tuple(env.items()), user=user))
