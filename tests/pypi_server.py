@@ -24,7 +24,10 @@ from pathlib import Path
 import pytest
 from passlib.apache import HtpasswdFile
 
-from conftest import free_port, stop_process
+try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
+    from conftest import free_port, stop_process
+except ImportError:  # pragma: no cover - tests/ made a package
+    from tests.conftest import free_port, stop_process
 
 __all__ = ["PypiServer", "start_pypi_server", "pypi_server", "NASTY_PASSWORD_CHARS"]
 

@@ -30,10 +30,10 @@ from agent.drivers.venv import IndexAuthFailed, InvalidIndexUrl, VenvManager, Ve
 
 try:  # tests/ on sys.path (conftest, or pytest's rootdir-less import mode)
     import wheelfactory
-    from pypi_server import NASTY_PASSWORD_CHARS, PypiServer, pypi_server  # noqa: F401 - the fixture
+    from pypi_server import NASTY_PASSWORD_CHARS, PypiServer, pypi_server  # the fixture
 except ImportError:  # pragma: no cover - tests/ made a package
     from tests import wheelfactory
-    from tests.pypi_server import NASTY_PASSWORD_CHARS, PypiServer, pypi_server  # noqa: F401
+    from tests.pypi_server import NASTY_PASSWORD_CHARS, PypiServer, pypi_server  # noqa: F401 - the fixture
 
 UV = find_uv()
 PY = "%d.%d" % sys.version_info[:2]
@@ -70,21 +70,25 @@ def _forms(password: str) -> set[str]:
     return {password, quote(password, safe=""), quote(password), quote_plus(password)}
 
 
-def _cmdline(pid: int) -> list[str]:
+def _proc(pid: int) -> tuple[list[str], dict[str, str]]:
+    """(argv, environment) of a running process, as /proc shows them."""
     deadline = time.monotonic() + 10
     while True:
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+            environ = Path(f"/proc/{pid}/environ").read_bytes()
             state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
         except OSError:
-            return []
+            return [], {}
         if raw or state == "Z" or time.monotonic() > deadline:
-            return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a]
+            env = dict(item.decode("utf-8", "replace").partition("=")[::2] for item in environ.split(b"\0") if item)
+            return [a.decode("utf-8", "replace") for a in raw.split(b"\0") if a], env
         time.sleep(0.001)
 
 
 class ArgvSpy:
-    """Every child the driver starts, as the kernel shows it: /proc/<pid>/cmdline read just after exec.
+    """Every child the driver starts, as the kernel shows it: /proc/<pid>/cmdline (and environ) read just
+    after exec.
 
     subprocess.run looks Popen up in the subprocess module at call time, so patching it there sees each
     child; the read happens before `run` waits, while pip/uv are still busy with the network. Some
@@ -93,12 +97,15 @@ class ArgvSpy:
 
     def __init__(self) -> None:
         self.cmdlines: list[list[str]] = []
+        self.environs: list[dict[str, str]] = []
         spy = self
 
         class Popen(subprocess.Popen):
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
-                spy.cmdlines.append(_cmdline(self.pid))
+                argv, env = _proc(self.pid)
+                spy.cmdlines.append(argv)
+                spy.environs.append(env)
 
         self.popen = Popen
 
@@ -164,6 +171,10 @@ def test_builds_from_the_private_index(tmp_path, pypi_server, published, install
     assert out.strip() == "1.0"
     assert password not in repr(spec)
     _assert_nowhere(password, root, argv_spy, caplog)
+    # The credentials went through the install step's environment, and to no other child.
+    with_password = [argv for argv, env in zip(argv_spy.cmdlines, argv_spy.environs)
+                     if any(form in value for form in _forms(password) for value in env.values())]
+    assert with_password == argv_spy.installs()
 
 
 @pytest.mark.parametrize("installer", INSTALLERS)

@@ -240,8 +240,9 @@ def _redactor(spec: VenvSpec) -> Callable[[str], str]:
     secrets: set[str] = set()
     if spec.index_password:
         password = spec.index_password
-        secrets |= {password, quote(password, safe=""), quote(password), quote_plus(password),
-                    quote(password, safe="").lower()}
+        encoded = quote(password, safe="")
+        secrets |= {password, encoded, quote(password), quote_plus(password),
+                    re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), encoded)}
         basic = f"{spec.index_username or ''}:{password}"
         secrets.add(base64.b64encode(basic.encode("utf-8", "replace")).decode("ascii"))
     ordered = sorted(secrets, key=len, reverse=True)   # longest first: no half-replaced secret survives
@@ -272,16 +273,15 @@ def _index_refusal(index: _Index, package: str, base: dict[str, str] | None = No
         def redirect_request(self, *args, **kwargs):
             return None
 
-    handlers: list[urllib.request.BaseHandler] = [NoRedirect()]
-    cafile = caller.get("PIP_CERT") or None
-    handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=cafile)))
-    if caller.get("PIP_PROXY"):
-        handlers.append(urllib.request.ProxyHandler({"http": caller["PIP_PROXY"], "https": caller["PIP_PROXY"]}))
     request = urllib.request.Request(f"{index.url.rstrip('/')}/{package}/")
     if index.has_credentials:
-        basic = f"{index.username or ''}:{index.password or ''}".encode("utf-8")
+        basic = f"{index.username or ''}:{index.password or ''}".encode()
         request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(basic).decode("ascii"))
     try:
+        context = ssl.create_default_context(cafile=caller.get("PIP_CERT") or None)   # as pip's --cert
+        handlers: list[urllib.request.BaseHandler] = [NoRedirect(), urllib.request.HTTPSHandler(context=context)]
+        if caller.get("PIP_PROXY"):
+            handlers.append(urllib.request.ProxyHandler({"http": caller["PIP_PROXY"], "https": caller["PIP_PROXY"]}))
         with urllib.request.build_opener(*handlers).open(request, timeout=_INDEX_PROBE_TIMEOUT_S):
             return None
     except urllib.error.HTTPError as exc:
@@ -676,32 +676,28 @@ class VenvManager:
         links = [a for d in spec.find_links for a in ("--find-links", str(d))]
         common = ["--require-hashes", "--no-deps", "--only-binary", ":all:", "-r", lock_copy, *links,
                   *spec.options]
-        index_env = index.install_env(spec.installer) if index else {}
-        if index and not uv:
+        if index and not uv:     # pip: `--index-url ${VAR}` from a file, the URL itself from the environment
             options_file = home / _PIP_INDEX_OPTIONS
             atomic_write(options_file, f"--index-url ${{{_PIP_INDEX_VAR}}}\n", mode=0o600)
             common[common.index(lock_copy) + 1:common.index(lock_copy) + 1] = ["-r", options_file]
+        index_env = index.install_env(spec.installer) if index else {}
+        pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
         try:
             if uv:
                 run([uv, "pip", "install", "--python", python, "--compile-bytecode", *common], "uv pip install",
                     index_env)
             else:
-                pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
                 run([*pip, "install", "--progress-bar", "off", *_pip_network_options(), *common], "pip install",
                     index_env)
         except BuildError as exc:
-            refusal = _index_refusal(index, sorted(r.name for r in locked)[0]) if index else None
-            if refusal is None:
+            if index is None:
                 raise
-            ask = ("refused the credentials" if index.has_credentials else
-                   "asks for credentials and none are configured")
-            raise IndexAuthFailed(redact(f"{spec.name}: authentication failed: the package index {index.url} "
-                                         f"{ask} (HTTP {refusal})\n{exc}")) from None
+            self._raise_if_refused(spec, index, min(r.name for r in locked), str(exc), redact)
+            raise
         if uv:
             run([uv, "pip", "check", "--python", python], "uv pip check")
         else:
-            run([python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input", "check"],
-                "pip check")
+            run([*pip, "check"], "pip check")
         expected = {r.name: r.version for r in locked}
         self._check_entry_points(path, python, set(expected), run)
         self._check_installed(path, expected, spec.name)
@@ -718,6 +714,18 @@ class VenvManager:
             "built_at": _utc_now(),
         }
         atomic_write(path / MARKER, json.dumps(marker, indent=2, sort_keys=True) + "\n", mode=0o644)
+
+    @staticmethod
+    def _raise_if_refused(spec: VenvSpec, index: _Index, package: str, detail: str,
+                          redact: Callable[[str], str]) -> None:
+        """After a failed install: raise IndexAuthFailed if the index refuses the credentials (one request
+        of our own, see `_index_refusal`), so the error says so instead of "no matching distribution"."""
+        refusal = _index_refusal(index, package)
+        if refusal is None:
+            return
+        ask = "refused the credentials" if index.has_credentials else "asks for credentials and none are configured"
+        raise IndexAuthFailed(redact(f"{spec.name}: authentication failed: the package index {index.url} {ask} "
+                                     f"(HTTP {refusal})\n{detail}")) from None
 
     def _installer_home(self) -> Path:
         """The private HOME of pip and uv (their caches live there; no user config is ever read)."""
