@@ -6,10 +6,12 @@ isolation and a containers.conf without default ulimits, pip's CA bundle mounted
 `buildah run` to run commands in a working container of the image.
 
 Chroot isolation shares the host's network: the example's services would listen on the host's
-127.0.0.1:8101/8102, which a developer's own quickstart (or another test) may already use. The test
-therefore moves them to free ports in its copy of the example; everything else is the example as shipped.
+127.0.0.1:8100-8102 and 8200, which a developer's own quickstart (or another test) may already use. The
+test therefore moves them to free ports in its copy of the example; everything else is the example as
+shipped, the shop included: its secret is decrypted in the image by Debian's `age` with the demo key
+(the image makes that key readable by the agent's group), its venv comes from PyPI through pip.
 
-Slow (a cold run: debootstrap ~1-3 min, build ~1 min, once ~10-20 s); `.ci/run` runs it.
+Slow (a cold run: debootstrap ~1-3 min, build ~1-3 min, once ~1 min with the shop); `.ci/run` runs it.
 """
 
 from __future__ import annotations
@@ -37,24 +39,29 @@ MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CA_FALLBACK = "/etc/ssl/certs/ca-certificates.crt"
 
 # Runs inside the container as the image's user (gitops): the example as a git repo, one reconcile,
-# the service answering, plan converged, then down. Markers on stdout for the test to check.
+# the services answering (the shop healthy: migrated), plan converged, then down. Markers on stdout
+# for the test to check.
 INNER = r"""
 set -eu
-P1=$1 P2=$2
-cp -r /usr/share/gitops-agent/desired-state-example /tmp/state
+P0=$1 P1=$2 P2=$3 P3=$4
+EXAMPLE=/usr/share/gitops-agent/desired-state-example
+export GITOPS_AGENT_AGE_IDENTITY=$EXAMPLE/keys/demo-host.agekey
+cp -r $EXAMPLE /tmp/state
 cd /tmp/state
-sed -i "s/\b8101\b/$P1/g; s/\b8102\b/$P2/g" apps/mandelbrot/app.yaml
+sed -i "s/\b8100\b/$P0/g; s/\b8101\b/$P1/g; s/\b8102\b/$P2/g" apps/mandelbrot/app.yaml
+sed -i "s/\b8200\b/$P3/g" apps/shop/app.yaml
 git init -q -b main
 git add -A
 git -c user.email=ci@example.invalid -c user.name=ci commit -q -m "desired-state-example"
 trap 'gitops-agent down --root /tmp/root >/dev/null 2>&1 || true' EXIT
 gitops-agent once --repo file:///tmp/state --host localhost --root /tmp/root
 echo "ONCE-OK"
-python3 - "$P1" "$P2" <<'EOF'
+python3 - "$P1" "$P2" "$P3" <<'EOF'
 import json, sys, urllib.request
 for port in sys.argv[1:]:
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=5).read().decode()
     print("VERSION", port, json.loads(body)["version"])
+print("SHOP-HEALTHZ", urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[3]}/healthz", timeout=5).status)
 EOF
 gitops-agent plan --repo file:///tmp/state --host localhost --root /tmp/root
 echo "PLAN-CONVERGED"
@@ -196,16 +203,16 @@ def test_once_converges_the_example_in_the_image(podman_env, container, pip_cert
     assert "once" in out.stdout and "validate" in out.stdout
     assert run("id", "-un").stdout.strip() == "gitops"  # the image's non-root user
     assert run("python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])").stdout.strip() == "3.11"
-    for tool in ("git", "haproxy", "nginx", "supervisord", "tini"):
+    for tool in ("git", "haproxy", "nginx", "supervisord", "tini", "age"):
         run("sh", "-c", f"command -v {tool}")
 
     script = tmp_path / "inner.sh"
     script.write_text(INNER)
     marker = f"GITOPS_AGENT_CONTAINER_TEST={uuid.uuid4().hex}"
-    p1, p2 = _free_ports(2)
+    p0, p1, p2, p3 = _free_ports(4)
     start = time.monotonic()
     try:
-        out = run("sh", "/run/inner.sh", str(p1), str(p2), timeout=600,
+        out = run("sh", "/run/inner.sh", str(p0), str(p1), str(p2), str(p3), timeout=900,
                   volumes=[f"{script}:/run/inner.sh:ro", f"{pip_cert}:/run/host-ca.crt:ro"],
                   env=["PIP_CERT=/run/host-ca.crt", marker])
     finally:
@@ -217,6 +224,7 @@ def test_once_converges_the_example_in_the_image(podman_env, container, pip_cert
     timings["once in the container"] = time.monotonic() - start
     assert "ONCE-OK" in out.stdout, out.stdout + out.stderr
     assert f"VERSION {p1} 1.0.0" in out.stdout and f"VERSION {p2} 1.1.0" in out.stdout, out.stdout
+    assert f"VERSION {p3} 1.0.0" in out.stdout and "SHOP-HEALTHZ 200" in out.stdout, out.stdout
     assert "PLAN-CONVERGED" in out.stdout, out.stdout + out.stderr
     assert "DOWN-OK" in out.stdout and "embedded supervisord stopped" in out.stdout, out.stdout
     assert not leftovers, f"processes left running after down: {leftovers}"
