@@ -8,7 +8,7 @@ import re
 import sys
 import time
 
-__all__ = ["setup_logging", "scrub", "remember_secrets"]
+__all__ = ["setup_logging", "scrub", "remember_secrets", "MIN_SECRET_LENGTH"]
 
 _CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 # Secret values this process has decrypted (DESIGN §3a): every log line, at any level, hides them. Process-wide
@@ -16,10 +16,15 @@ _CRED = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
 _SECRETS: tuple[str, ...] = ()
 
 
+# Values shorter than this are not hidden: a dotenv's `DEBUG=1` or `PORT=5432` is no secret, and hiding every
+# "1" would make each line unreadable while its pattern of *** told the value. Real secrets are longer.
+MIN_SECRET_LENGTH = 6
+
+
 def remember_secrets(values) -> None:
     """Add decrypted secret values to what log output hides (longest first: a value holding another is hidden whole)."""
     global _SECRETS
-    _SECRETS = tuple(sorted(set(_SECRETS) | {v for v in values if v}, key=len, reverse=True))
+    _SECRETS = tuple(sorted(set(_SECRETS) | {v for v in values if len(v) >= MIN_SECRET_LENGTH}, key=len, reverse=True))
 
 
 def scrub(text: str) -> str:

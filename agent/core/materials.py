@@ -24,6 +24,8 @@ __all__ = ["Rendered", "ResolvedEnv", "Materials", "materialize", "template_cont
 
 INPUTS_PREFIX = "; inputs: "
 _DIGEST_CHARS = 20          # 80 bits of a keyed digest: names a content, reveals nothing of it
+# Secret values shorter than this are not replaced by *** in messages (agent.logs.MIN_SECRET_LENGTH says why).
+MIN_REDACTED = 6
 
 
 def digest(key: bytes, data: bytes) -> str:
@@ -145,7 +147,7 @@ def materialize(desired: DesiredState, layout: Layout, secrets: Mapping[str, Map
     values: set[str] = set()
     for app in desired.apps:
         app_secrets = secrets.get(app.name, {})
-        values.update(v for kv in app_secrets.values() for v in kv.values() if v)
+        values.update(v for kv in app_secrets.values() for v in kv.values() if len(v) >= MIN_REDACTED)
         data_dir = str(layout.data(app.name))
         context = template_context(desired.host, desired.groups, dict(desired.labels), app, data_dir,
                                    secrets_context(app_secrets))

@@ -69,6 +69,8 @@ class Recorder:
                                              buckets=C2C_BUCKETS, registry=r)
         self.actions = Counter(p + "actions", "Executed plan actions by kind and result", ["action", "result"], registry=r)
         self.rollbacks = Counter(p + "rollbacks", "Failed service changes rolled back", ["service"], registry=r)
+        self.job_runs = Counter(p + "job_runs", "Release jobs run, by app, job and result (succeeded / failed)",
+                                ["app", "job", "result"], registry=r)
         self.service_up = Gauge(p + "service_up", "1 while the service's program is RUNNING", ["service"], registry=r)
         self.traffic_weight = Gauge(p + "traffic_weight", "Load-balancer weight of a backend", ["frontend", "backend"],
                                     registry=r)
@@ -151,6 +153,9 @@ class Recorder:
             self.actions.labels(o.action.kind, o.result).inc()
             if o.verdict is Verdict.ROLLED_BACK:
                 self.rollbacks.labels(resource_of(o.action.key)[1]).inc()
+            if o.action.kind == "run_job" and o.verdict is not Verdict.SKIPPED_BLOCKED:
+                app, _, job = resource_of(o.action.key)[1].partition("/")
+                self.job_runs.labels(app, job, "succeeded" if o.ok else "failed").inc()
         if result.result in (ReconcileResult.CONVERGED, ReconcileResult.APPLIED) and result.revision is not None:
             sha = result.revision.sha
             if result.new_commit and sha != self._applied and result.revision.committed_at:
