@@ -87,7 +87,10 @@ class ChaosMonkey:
         if not names:
             return
         name = self.rng.choice(names)
-        pid = int(info[name].get("pid") or 0)
+        members = info[name].get("members")
+        if members:                  # a multi-process service (processes: N): kill one of its processes
+            name = self.rng.choice(sorted(members))
+        pid = int(info.get(name, {}).get("pid") or 0)
         try:
             client._call("supervisor.signalProcess", name, "KILL")
         except Exception as exc:  # noqa: BLE001
