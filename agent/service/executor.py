@@ -185,8 +185,7 @@ def _spec(env, materials: Materials = NO_MATERIALS) -> VenvSpec:
             index.update(index_username=env.index_credentials.username,
                          index_password=materials.index_passwords.get(env.name))
     return VenvSpec(name=env.name, python=env.python, lockfile=env.lockfile, find_links=env.find_links,
-                    installer=env.installer, options=tuple(o for o in env.options if not o.startswith("--index-url=")),
-                    identity=env.identity, **index)
+                    installer=env.installer, options=env.options, identity=env.identity, **index)
 
 
 def _run_job(drivers: Drivers, action: RunJob) -> str:

@@ -82,9 +82,8 @@ def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOp
         python = spec.get("python") or fleet_defaults.get("python") or opts.default_python
         installer = spec.get("installer") or fleet_defaults.get("installer") or opts.default_installer
         options = () if spec.get("index", True) else ("--no-index",)
+        # Not part of the venv's identity: the lock's hashes decide what is installed, whichever index serves it.
         index_url = spec.get("index_url")
-        if index_url:
-            options += (f"--index-url={index_url}",)     # part of the venv's identity (credentials are not)
         creds = spec.get("index_credentials")
         if creds and not index_url:
             out.add(doc, here + ("index_credentials",), "index_credentials need index_url (the index they are for)")
