@@ -2,11 +2,13 @@
 
 A demo repo holds tiny demoapp wheels (tests/wheelfactory.py: ~1 ms per wheel, stable hashes) with
 `installer: uv` apps; the example repo is desired-state-example committed into a temp repo, plus the
-ansible playbook that does the same work (section 3).
+ansible playbook that does the same work for its mandelbrot app (section 3). The example's shop has an
+age-encrypted secret: every run of the agent on it passes the demo identity (`example_args`).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import time
 from pathlib import Path
@@ -17,9 +19,14 @@ from harness import REPO, distinct_port, log, port_free
 from conftest import StateRepo
 from wheelfactory import lock_line
 
-__all__ = ["EXAMPLE", "HOST", "DemoRepo", "converge_in_process", "example_repo", "settings_for", "write_app"]
+__all__ = ["EXAMPLE", "EXAMPLE_PORTS", "HOST", "IDENTITY", "DemoRepo", "converge_in_process", "example_args",
+           "example_repo", "settings_for", "write_app"]
 
 EXAMPLE = REPO / "desired-state-example"
+IDENTITY = EXAMPLE / "keys" / "demo-host.agekey"     # the example's demo age key (decrypts apps/shop's secret)
+# The example's ports, by the file that names them: the mandelbrot frontend and colours, the shop.
+EXAMPLE_PORTS = {"lb": 8100, "blue": 8101, "green": 8102, "shop": 8200}
+_PORT_FILES = {"lb": "mandelbrot", "blue": "mandelbrot", "green": "mandelbrot", "shop": "shop"}
 HOST = "h1"                                  # the host daemon_helpers.Daemon runs as
 
 FLEET = f"""\
@@ -121,21 +128,26 @@ stderr_logfile={{ root }}/logs/{{ item.service }}.err.log
 """
 
 
+def example_args(repo: Path, root: Path) -> list[str]:
+    """The agent options that run `once`/`plan` on the example repo of `example_repo` as host localhost."""
+    return ["--repo", f"file://{repo}", "--path", EXAMPLE.name, "--host", "localhost", "--root", str(root),
+            "--age-identity", str(IDENTITY)]
+
+
 def example_repo(work: Path) -> tuple[Path, dict[str, int]]:
     """The bundled example committed into a temp repo (plus the generated playbook at the repo's top).
 
-    Its ports (8101/8102) are kept unless taken on this host, then moved to free ones (same work)."""
+    Its ports (EXAMPLE_PORTS) are kept unless taken on this host, then moved to free ones (same work)."""
     repo = StateRepo(work / "example-repo")
     shutil.copytree(EXAMPLE, repo.path / EXAMPLE.name)
-    app = repo.path / EXAMPLE.name / "apps" / "mandelbrot" / "app.yaml"
-    text = app.read_text()
-    ports = {}
-    for svc, port in (("blue", 8101), ("green", 8102)):
-        new = port if port_free(port) else distinct_port()
-        if new != port:
-            text = text.replace(str(port), str(new))
-        ports[svc] = new
-    app.write_text(text)
+    ports = {name: port if port_free(port) else distinct_port() for name, port in EXAMPLE_PORTS.items()}
+    for app in set(_PORT_FILES.values()):
+        path = repo.path / EXAMPLE.name / "apps" / app / "app.yaml"
+        text = path.read_text()
+        for name, port in ports.items():
+            if _PORT_FILES[name] == app and port != EXAMPLE_PORTS[name]:
+                text = re.sub(rf"\b{EXAMPLE_PORTS[name]}\b", str(port), text)
+        path.write_text(text)
     (repo.path / "playbook.yml").write_text(PLAYBOOK.replace("BLUE_PORT", str(ports["blue"]))
                                             .replace("GREEN_PORT", str(ports["green"])))
     (repo.path / "templates").mkdir()

@@ -27,6 +27,7 @@ from harness import BENCH, CLEANUP, agent_cmd, distinct_port
 from fixtures import (
     DemoRepo,
     converge_in_process,
+    example_args,
     example_repo,
     settings_for,
     write_app,
@@ -65,8 +66,7 @@ def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
 def profile_once(work: Path) -> None:
     repo, _ = example_repo(work)
     root = CLEANUP.root(work / "example-root")
-    args = ["once", "--repo", f"file://{repo}", "--path", "desired-state-example", "--host", "localhost",
-            "--root", str(root), "--installer", "uv"]
+    args = ["once", *example_args(repo, root), "--installer", "uv"]
     subprocess.run([*agent_cmd(), *args], check=True, capture_output=True)
     subprocess.run([*agent_cmd(), *args], check=True, capture_output=True)
     code = ("import sys; from pyinstrument import Profiler; p = Profiler(interval=0.0005); p.start(); "

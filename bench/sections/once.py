@@ -14,7 +14,7 @@ from harness import (
 )
 
 # isort: split
-from fixtures import EXAMPLE, example_repo
+from fixtures import EXAMPLE_PORTS, example_args, example_repo
 
 __all__ = ["SECTION", "WALL"]
 
@@ -22,8 +22,11 @@ WALL = "`once` no-op, whole process, example (wall)"
 
 HOW = """\
 2. desired-state-example committed into a temp git repo; `gitops-agent once --path
-   desired-state-example --host localhost` converges it (pip; uv in quick mode), then each timed
-   run is the console script as a fresh process, exit 0 and "result: converged" checked.
+   desired-state-example --host localhost --age-identity keys/demo-host.agekey` converges it (pip;
+   uv in quick mode), then each timed run is the console script as a fresh process, exit 0 and
+   "result: converged" checked. Both apps: mandelbrot (two venvs, HAProxy) and the shop (one venv,
+   its age secret decrypted by the `age` CLI, three templates rendered, a job's inputs compared,
+   shop-web and two shop-worker processes checked), so every no-op runs age once.
 """
 
 
@@ -32,10 +35,10 @@ def run(ctx: Context) -> None:
     runs = 5 if quick else 15
     repo, ports = example_repo(work)
     root = CLEANUP.root(work / "example-root")
-    base = [*agent_cmd(), "once", "--repo", f"file://{repo}", "--path", EXAMPLE.name, "--host", "localhost",
-            "--root", str(root)]
-    if ports != {"blue": 8101, "green": 8102}:
-        res.notes.append(f"The example's ports 8101/8102 were taken on this host: the bench's copy uses {ports}.")
+    base = [*agent_cmd(), "once", *example_args(repo, root)]
+    if ports != EXAMPLE_PORTS:
+        res.notes.append(f"Some of the example's ports {EXAMPLE_PORTS} were taken on this host: the bench's copy "
+                         f"uses {ports}.")
     first = base + (["--installer", "uv"] if quick else [])
     log("once: converging the example" + (" (uv: quick mode)" if quick else " (pip, the example's default)"))
     wall, _, proc = timed_proc(first, timeout=900)
