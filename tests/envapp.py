@@ -9,8 +9,8 @@ built by `wheelfactory.make_wheel` (pure python, reproducible, ~1 ms) carries fo
   cwd}, GET /read?var=NAME -> the bytes of the file whose path is $NAME (404 if unset). `--no-bind`: never
   listens (a service whose health gate cannot pass). Writes nothing to stdout/stderr but one start line
   without its environment, so supervisord's logs never hold a secret.
-- `envapp-job [--exit N] [--sleep S] [--stderr-var NAME] [--record FILE] [--tag T]`: appends one JSON line
-  {tag, pid, argv, env, cwd, time} to FILE (default `job-runs.jsonl` in its cwd, the app's data dir),
+- `envapp-job [--exit N] [--sleep S] [--stderr-var NAME] [--record FILE] [--tag T] [--get URL]`: appends one
+  JSON line {tag, pid, argv, env, cwd, time, version, got (the body of GET URL, or null)} to FILE (default `job-runs.jsonl` in its cwd, the app's data dir),
   created mode 0600 because it holds the env; then prints $NAME to stderr if asked, sleeps, exits N.
 - `envapp-worker [--record FILE]`: appends {process, pid, started_at} (0600) to FILE if given, then sleeps
   until SIGTERM (exit 0).
@@ -20,11 +20,16 @@ built by `wheelfactory.make_wheel` (pure python, reproducible, ~1 ms) carries fo
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from pathlib import Path
+
+import yaml
 
 from wheelfactory import lock_line, make_wheel
 
-__all__ = ["ENVAPP", "envapp_source", "make_envapp_wheel", "envapp_lock"]
+__all__ = ["ENVAPP", "envapp_source", "make_envapp_wheel", "envapp_lock", "web", "app_doc", "Site", "FLEET", "get", "env_of"]
 
 ENVAPP = "envapp"
 
@@ -146,9 +151,17 @@ def job(argv=None):
     p.add_argument("--stderr-var")
     p.add_argument("--record", default="job-runs.jsonl")
     p.add_argument("--tag", default="")
+    p.add_argument("--get", help="record the body of GET URL (None if nothing answers)")
     args = p.parse_args(argv)
+    got = None
+    if args.get:
+        try:
+            with urllib.request.urlopen(args.get, timeout=5) as resp:
+                got = resp.read().decode("utf-8", "replace")
+        except OSError:
+            pass
     _append_private(args.record, {{"tag": args.tag, "pid": os.getpid(), "argv": sys.argv, "env": dict(os.environ),
-                                   "cwd": os.getcwd(), "time": time.time(), "version": VERSION}})
+                                   "cwd": os.getcwd(), "time": time.time(), "version": VERSION, "got": got}})
     print("envapp-job " + args.tag + " ran", flush=True)
     if args.stderr_var:
         print("the value of " + args.stderr_var + " is <" + os.environ.get(args.stderr_var, "") + ">",
@@ -207,3 +220,134 @@ def make_envapp_wheel(dest_dir: Path, version: str = "1.0.0") -> Path:
 def envapp_lock(dest_dir: Path, version: str = "1.0.0") -> str:
     """One hashed lock line for envapp `version` (its wheel written to `dest_dir`)."""
     return lock_line(make_envapp_wheel(dest_dir, version)) + "\n"
+
+
+# --- a state repo of envapp apps and an agent root (for the §3a end-to-end tests) ---------------------
+
+FLEET = "apiVersion: gitops-agent/v1\nkind: Fleet\nhosts:\n  h1: {groups: [web]}\n"
+
+
+def web(port: int, *args: str, env: dict | None = None, health: object = "http", **extra) -> dict:
+    """An envapp-server service on `port` (health: "http", "tcp", a dict, or None)."""
+    spec: dict = {"environment": extra.pop("environment", "main"), "port": port,
+                  "command": ["envapp-server", "--port", str(port), *args]}
+    if env:
+        spec["env"] = env
+    if health == "http":
+        spec["health"] = {"http": f"http://127.0.0.1:{port}/healthz", "timeout_s": 1}
+    elif health == "tcp":
+        spec["health"] = {"tcp": f"127.0.0.1:{port}"}
+    elif isinstance(health, dict):
+        spec["health"] = health
+    spec.update(extra)
+    return spec
+
+
+def app_doc(name: str, services: dict, *, jobs: dict | None = None, files: dict | None = None,
+            secrets: dict | None = None, env: str = "main") -> dict:
+    """An App document with one uv environment `env` (environment names are host-wide: give each app its
+    own), locked by `<env>.lock`; services and jobs that name no other environment get `env`."""
+    doc: dict = {"apiVersion": "gitops-agent/v1", "kind": "App", "name": name, "hosts": {"groups": ["web"]},
+                 "environments": {env: {"lockfile": f"{env}.lock", "find_links": ["../../wheelhouse"],
+                                        "index": False, "installer": "uv"}}}
+    if secrets:
+        doc["secrets"] = secrets
+    if files:
+        doc["files"] = files
+    if jobs:
+        doc["jobs"] = {n: {**spec, "environment": env if spec.get("environment", "main") == "main"
+                           else spec["environment"]} for n, spec in jobs.items()}
+    doc["services"] = {n: {**spec, "environment": env if spec.get("environment", "main") == "main"
+                           else spec["environment"]} for n, spec in services.items()}
+    return doc
+
+
+class Site:
+    """A real git state repo (fleet: host h1) and an agent root; `stop()` stops its embedded supervisord."""
+
+    def __init__(self, base: Path, *, identity: Path | None = None):
+        from conftest import StateRepo
+
+        self.base = Path(base)
+        self.repo = StateRepo(self.base / "state")
+        self.root = self.base / "root"
+        self.identity = identity
+        self.repo.write("fleet.yaml", FLEET)
+
+    # state repo
+    def write(self, rel: str, text: str) -> Path:
+        path = self.repo.path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        return path
+
+    def lock(self, app: str, version: str, env: str = "main") -> None:
+        self.write(f"apps/{app}/{env}.lock", envapp_lock(self.repo.path / "wheelhouse", version))
+
+    def app(self, doc: dict, version: str | None = None) -> None:
+        """Write apps/<name>/app.yaml (and the locks of its environments at `version`, if given)."""
+        if version is not None:
+            for env in doc["environments"]:
+                self.lock(doc["name"], version, env)
+        self.write(f"apps/{doc['name']}/app.yaml", yaml.safe_dump(doc, sort_keys=False))
+
+    def commit(self, message: str = "change") -> str:
+        return self.repo.commit(message)
+
+    # the agent
+    def args(self, *extra: str) -> list[str]:
+        ident = ["--age-identity", str(self.identity)] if self.identity else []
+        return ["--repo", self.repo.url, "--host", "h1", "--root", str(self.root), "--health-wait", "20", *ident, *extra]
+
+    def agent(self, command: str, *extra: str, expect: int | None = 0, timeout: float = 300):
+        from conftest import run_agent
+
+        proc = run_agent(command, *self.args(*extra), timeout=timeout)
+        if expect is not None:
+            assert proc.returncode == expect, f"{command} exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def once(self, *extra: str, expect: int | None = 0):
+        return self.agent("once", *extra, expect=expect)
+
+    def plan(self, *extra: str, expect: int | None = 2):
+        return self.agent("plan", *extra, expect=expect)
+
+    def status(self) -> dict:
+        return json.loads((self.root / "state/status.json").read_text())
+
+    def programs(self) -> dict[str, dict]:
+        from agent.drivers.supervisor import EmbeddedSupervisor
+
+        return EmbeddedSupervisor(self.root).client(timeout=10).process_info()
+
+    def conf(self, program: str) -> str:
+        return (self.root / "supervisor/programs" / f"{program}.conf").read_text()
+
+    def data(self, app: str) -> Path:
+        return self.root / "apps" / app / "data"
+
+    def job_runs(self, app: str, record: str = "job-runs.jsonl") -> list[dict]:
+        path = self.data(app) / record
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def stop(self) -> None:
+        from agent.drivers.supervisor import EmbeddedSupervisor
+
+        EmbeddedSupervisor(self.root).stop()
+
+
+def get(port: int, path: str = "/", timeout: float = 5.0) -> str | None:
+    """The body of a 2xx answer from 127.0.0.1:`port`, or None if nothing answers well."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.read().decode("utf-8", "replace")
+    except (OSError, urllib.error.HTTPError):
+        return None
+
+
+def env_of(port: int) -> dict:
+    """What an envapp-server on `port` reports of itself (/env)."""
+    body = get(port, "/env")
+    assert body is not None, f"nothing answers /env on port {port}"
+    return json.loads(body)
