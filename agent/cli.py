@@ -251,6 +251,12 @@ def cmd_facts(args) -> int:
     facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
                     read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
                     read_verified(layout.verified))
+    if layout.inputs_key.is_file():      # digests keyed like the reconciler's (no key: nothing was written yet)
+        from dataclasses import replace
+
+        from agent.service.facts import app_file_facts
+
+        facts = replace(facts, **app_file_facts(layout, layout.inputs_key.read_bytes()))
     data = {"host": settings.host, "root": str(settings.root), **facts.to_json()}
     if args.json:
         print(json.dumps(data, indent=2))
@@ -264,6 +270,10 @@ def cmd_facts(args) -> int:
         for name, p in sorted(facts.programs.items()):
             print(f"program {name}: {p.state or 'not loaded'}" + (f" pid {p.pid}" if p.pid else "")
                   + (f" (pending {p.pending})" if p.pending else "") + ("" if p.file_text else " (no program file)"))
+        for path, digest in sorted(facts.files.items()):
+            print(f"file {path}: {digest}")
+        for job, inputs in sorted(facts.jobs.items()):
+            print(f"job {job}: last succeeded with inputs {inputs}")
         if facts.traffic is not None:
             t = facts.traffic
             print(f"load balancer {t.get('driver')}: {'running' if t.get('running') else 'not running'}"

@@ -444,9 +444,11 @@ def _owner(app: App) -> str | None:
     return users.pop() if len(users) == 1 else None
 
 
-def _file_reason(name: str, link: str, on_disk: str | None, linked: str | None, want: str) -> str:
+def _file_reason(name: str, link: str, on_disk: str | None, linked: str | None, want: str, want_link: str) -> str:
     if on_disk is not None and on_disk != want:
         return f"file {name} differs on disk (edited by hand?): rewrite it"
+    if on_disk is None and linked == want_link:
+        return f"file {name} missing on disk (deleted by hand?): write it again"
     if on_disk is None:
         return f"file {name} changed" if linked is not None else f"file {name} missing"
     return f"{link} points elsewhere: re-point it"
@@ -467,7 +469,7 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
         on_disk, linked = facts.files.get(str(rendered.path)), facts.links.get(str(rendered.link))
         if on_disk != rendered.digest or linked != want_link:
             yield WriteFile(f"file:{app.name}/{spec.name}", _file_reason(spec.name, f"files/{spec.name}", on_disk,
-                                                                            linked, rendered.digest),
+                                                                            linked, rendered.digest, want_link),
                             app=app.name, name=spec.name, path=str(rendered.path), link=str(rendered.link),
                             digest=rendered.digest, mode=rendered.mode, owner=owner, data=rendered.data)
     secret_services = [(s, materials.services[s.name]) for s in app.services
@@ -513,9 +515,11 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
     wanted = {str(r.path) for r in materials.files.values()}
     wanted |= {str(e.secret_file) for e in materials.services.values() if e.secret_file is not None}
     links = {str(r.link) for r in materials.files.values()}
-    # What a kept program's current file names stays until it is replaced (a rollback in this apply returns to
-    # it); a program that leaves the host in this plan protects nothing.
-    texts = "\n".join(p.file_text or "" for n, p in facts.programs.items() if n in desired.services)
+    # What the desired program files name is kept. What a kept program's current file names is pruned in the
+    # same apply: the prune needs every program of the app, so when one fails (and is rolled back to its
+    # current file) nothing is pruned. A program that leaves the host protects nothing.
+    texts = "\n".join(render_service(s, desired.environments[s.environment], opts.layout, materials)
+                      for s in desired.services.values())
     by_app: dict[str, list[str]] = {}
     for path in sorted(facts.files):
         if path.startswith(apps_dir) and path not in wanted and path not in texts:
