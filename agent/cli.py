@@ -49,7 +49,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from agent import __version__
+
     parser = argparse.ArgumentParser(prog="gitops-agent", description="Converge this host to a Git repository of declarative state.")
+    parser.add_argument("--version", action="version", version=f"gitops-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     once = sub.add_parser("once", help="one reconcile, then exit (0 converged/applied, 1 error)")
