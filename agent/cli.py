@@ -51,7 +51,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from agent import __version__
+
     parser = argparse.ArgumentParser(prog="gitops-agent", description="Converge this host to a Git repository of declarative state.")
+    parser.add_argument("--version", action="version", version=f"gitops-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     once = sub.add_parser("once", help="one reconcile, then exit (0 converged/applied, 1 error)")
@@ -88,6 +91,29 @@ def _parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="stop the embedded supervisord and everything it runs (state on disk kept)")
     _common(down)
+
+    boot = sub.add_parser("bootstrap", conflict_handler="resolve",
+                          help="install the agent on a host over SSH and start it as a service (docs/bootstrap.md)")
+    boot.add_argument("target", metavar="ssh://USER@HOST[:PORT]")
+    boot.add_argument("--identity", help="SSH private key (otherwise ssh's defaults: agent, ~/.ssh/config)")
+    boot.add_argument("--ssh-config", help="ssh_config file to use instead of ~/.ssh/config (ssh -F)")
+    boot.add_argument("--accept-new-host-key", action="store_true",
+                      help="trust the host's key if known_hosts has none yet (a changed key is always refused)")
+    boot.add_argument("--wheel", help="install the agent from this wheel, copied over (default: gitops-agent==THIS "
+                                      "VERSION from the target's index)")
+    boot.add_argument("--index-url", help="with no --wheel: the index the target installs from (and its dependencies)")
+    boot.add_argument("--init", choices=["auto", "systemd", "supervisord"],
+                      help="the service that keeps `run` going (auto: systemd where it runs and we are root)")
+    boot.add_argument("--prefix", help="the agent's venvs, settings and service files on the target "
+                                       "(default /opt/gitops-agent)")
+    boot.add_argument("--wait", dest="wait_s", type=float, help="seconds to wait for /healthz (default 180)")
+    _common(boot)
+    boot.add_argument("--config", help="a local YAML file of agent settings written to the target (flags win)")
+    boot.add_argument("--listen", help="the agent's HOST:PORT on the target (default 127.0.0.1:9400)")
+    boot.add_argument("--poll-interval", dest="poll_interval_s", type=float)
+    boot.add_argument("--splay", type=float)
+    boot.add_argument("--age-identity", help="age identity file, copied to the target with mode 0600")
+    boot.add_argument("--webhook-secret-file", help="webhook secret file, copied to the target with mode 0600")
     return parser
 
 
@@ -304,8 +330,20 @@ def cmd_down(args) -> int:
     return EXIT_OK
 
 
+def cmd_bootstrap(args) -> int:
+    from agent.service.bootstrap import bootstrap, options_from_args
+
+    result = bootstrap(options_from_args(vars(args)))
+    if result.changed:
+        print(f"done: gitops-agent {result.version} runs on {args.target} ({result.init}); "
+              f"{len(result.changes)} change(s)")
+    else:
+        print(f"no change: gitops-agent {result.version} is installed and running on {args.target} ({result.init})")
+    return EXIT_OK
+
+
 COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "status": cmd_status,
-            "facts": cmd_facts, "down": cmd_down, "run": cmd_run}
+            "facts": cmd_facts, "down": cmd_down, "run": cmd_run, "bootstrap": cmd_bootstrap}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from agent import __version__
 from agent.core.facts import ProcessState
 from agent.core.outcome import ReconcileResult, ResourceState, Verdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -81,6 +82,8 @@ class Recorder:
         self.chaos_events = Counter(p + "chaos_events", "Induced failures by app and kind", ["app", "kind"], registry=r)
         self.chaos_recovery = Histogram(p + "chaos_recovery_seconds", "From a chaos kill to the program RUNNING again",
                                         buckets=DURATION_BUCKETS, registry=r)
+        self.build_info = Gauge(p + "build_info", "The running agent's version (value 1)", ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
         self._gates: set[tuple[str, str, str]] = set()
         self._due: set[str] = set()
         for result in RESULTS:
