@@ -21,6 +21,7 @@ from agent.core.layout import Layout
 from agent.core.model import DesiredState
 from agent.core.outcome import Outcome, ReconcileResult, Retry, Verdict, resource_states
 from agent.core.plan import Plan, PlanOptions, make_plan, render_service
+from agent.core.status_view import recorded
 from agent.core.rollout import CanaryProgress, canary_percent, canary_step, with_canary
 from agent.drivers.git import GitSource, Revision, is_ancestor
 from agent.drivers.lb import LoadBalancer
@@ -64,6 +65,7 @@ class Result:
     retry: Retry = Retry.POLL           # decided by the failure's error type, never by its text
     source_failed: bool = False         # the state repo could not be fetched or resolved
     finished_at: float = 0.0            # wall time the reconcile ended (set by `reconcile`)
+    desired: DesiredState | None = None  # the desired state the plan was made against (the status page's apps)
 
     @cached_property
     def resources(self) -> dict[str, dict]:
@@ -246,7 +248,7 @@ class Reconciler:
         plan = make_plan(desired, facts, self.plan_opts)
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
-                    rollouts=rollouts,
+                    rollouts=rollouts, desired=desired,
                     frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
         if not apply:
             outcome = (ReconcileResult.INVALID if invalid
@@ -396,10 +398,14 @@ class Reconciler:
             status.last_error, status.last_error_at = result.error, now
         elif succeeded:
             status.last_error = None
+        view = recorded(status.to_json(), result, now)     # apps, live split, drift since, events
         if result.plan is not None:
-            status.resources = result.resources
+            status.resources = view["resources"]
         if result.rollouts is not None:
             status.rollouts = result.rollouts
+        status.apps = view.get("apps", status.apps)
+        status.traffic = view.get("traffic", status.traffic)
+        status.events = view["events"]
         try:
             save_status(self.layout.status_file, status)
         except OSError as exc:
