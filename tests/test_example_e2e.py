@@ -40,3 +40,20 @@ def test_agent_converges_the_bundled_example(tmp_path, agent_root):
     assert plan.returncode == 0 and "No changes" in plan.stdout
     status = json.loads(run_agent("status", "--json", "--root", str(agent_root)).stdout)
     assert status["applied"]["sha"] == sha
+    # the status report of the example: its app, both colours and the 90/10 split
+    (app,) = status["apps"]
+    assert app["name"] == "mandelbrot" and [s["name"] for s in app["services"]] == ["mandelbrot-blue", "mandelbrot-green"]
+    assert {b["backend"]: b["percent"] for b in app["frontend"]["split"]} == {"mandelbrot-blue": 90.0, "mandelbrot-green": 10.0}
+
+    # the quickstart's last line, "open http://127.0.0.1:8100/": the renderer's own page, from either colour,
+    # with the image that colour rendered inline
+    seen = set()
+    for _ in range(40):
+        with urllib.request.urlopen("http://127.0.0.1:8100/?width=48&height=32&max_iter=40", timeout=30) as resp:
+            page = resp.read().decode()
+        version = page.split('data-version="', 1)[1].split('"', 1)[0]
+        assert 'src="data:image/png;base64,' in page and f"mandelbrot {version}" in page
+        seen.add(version)
+        if seen == {"1.0.0", "1.1.0"}:
+            break
+    assert "1.0.0" in seen, seen
