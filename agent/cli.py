@@ -30,6 +30,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lb", choices=["haproxy", "nginx"], help="load balancer for traffic: (default haproxy)")
     g.add_argument("--lb-config", help="drive a system load balancer: the config file it reads (the agent owns it)")
     g.add_argument("--lb-reload", help="with --lb-config: the command that reloads or starts it")
+    g.add_argument("--lb-metrics", help="HOST:PORT where HAProxy serves its Prometheus exporter on /metrics "
+                                        "(default 127.0.0.1:8405; off: none)")
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
@@ -254,7 +256,8 @@ def cmd_facts(args) -> int:
     layout = Layout(settings.root)
     handle = SupervisorHandle(settings.supervisor, layout)
     facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
-                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
+                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload,
+                                 metrics=settings.lb_metrics_address),
                     read_verified(layout.verified))
     data = {"host": settings.host, "root": str(settings.root), **facts.to_json()}
     if args.json:

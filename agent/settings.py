@@ -34,6 +34,7 @@ class Settings:
     lb: str = "haproxy"                     # the load balancer for `traffic:`: haproxy | nginx (run under supervisord)
     lb_config: str | None = None            # drive a system LB instead: the config file it reads ...
     lb_reload: str | None = None            # ... and the command that reloads (or starts) it
+    lb_metrics: str = "127.0.0.1:8405"      # HAProxy's Prometheus exporter (HOST:PORT, or "off"); DESIGN §5
     allow_root_services: bool = False
     health_wait_s: float = 30.0             # how long a (re)started service may take to become healthy
     listen: str = "127.0.0.1:9400"
@@ -48,6 +49,11 @@ class Settings:
     splay: float = 0.0                      # the daemon's first poll waits a random 0..splay seconds
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
+
+    @property
+    def lb_metrics_address(self) -> str | None:
+        """--lb-metrics, "off" as None."""
+        return None if self.lb_metrics == "off" else self.lb_metrics
 
     def check(self, sources: Mapping[str, str] | None = None) -> "Settings":
         """Raise one ConfigError naming every bad value (and where it came from, given `sources`)."""
@@ -105,6 +111,10 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
     _host, sep, port = s.listen.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         found.append(("listen", f"must be HOST:PORT with a port from 1 to 65535, not {s.listen!r}"))
+    if s.lb_metrics != "off":
+        _host, sep, port = s.lb_metrics.rpartition(":")
+        if not sep or not _host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            found.append(("lb_metrics", f"must be HOST:PORT with a port from 1 to 65535, or off, not {s.lb_metrics!r}"))
     return found
 
 
