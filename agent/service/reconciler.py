@@ -350,7 +350,8 @@ class Reconciler:
             if (not self.read_only and previous and previous.id == canary_id and previous.state == "progressing" and svc.health
                     and fact is not None and fact.file_text == text and fact.state is not None):
                 probe = _probe(svc.health.url, svc.health.timeout_s, canary.probes)
-            progress = canary_step(canary, previous, canary_id, time.time(), probe)
+            analysis = _analyse(canary.analysis) if probe is not None and canary.analysis is not None else None
+            progress = canary_step(canary, previous, canary_id, time.time(), probe, analysis)
             if previous is None or (progress.state, progress.step) != (previous.state, previous.step):
                 log.info("canary %s: %s step %d/%d (%d%%) %s", app.name, progress.state, progress.step + 1,
                          len(canary.steps), canary_percent(canary, progress), progress.reason)
@@ -432,6 +433,14 @@ def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:
 
     errors = sum(0 if http_healthy(url, timeout_s)[0] else 1 for _ in range(count))
     return count, errors
+
+
+def _analyse(gate) -> tuple[str, str]:
+    """The canary's Prometheus analysis now: (pass|fail|pause, why), by the wave gates' rules."""
+    from agent.core.waves import gate_verdict
+    from agent.drivers.prometheus import instant_query
+
+    return gate_verdict(gate, instant_query(gate.prometheus, gate.query, gate.timeout_s))
 
 
 def _mode_of(action, desired: DesiredState, default: str) -> str:
