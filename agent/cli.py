@@ -32,6 +32,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lb-reload", help="with --lb-config: the command that reloads or starts it")
     g.add_argument("--lb-metrics", help="HOST:PORT where HAProxy serves its Prometheus exporter on /metrics "
                                         "(default 127.0.0.1:8405; off: none)")
+    g.add_argument("--supervisor-web", help="serve the embedded supervisord's web UI on HOST:PORT (or PORT, on "
+                                            "127.0.0.1); user gitops-agent, password in <root>/supervisor/web-password")
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")

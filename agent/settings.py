@@ -35,6 +35,7 @@ class Settings:
     lb_config: str | None = None            # drive a system LB instead: the config file it reads ...
     lb_reload: str | None = None            # ... and the command that reloads (or starts) it
     lb_metrics: str = "127.0.0.1:8405"      # HAProxy's Prometheus exporter (HOST:PORT, or "off"); DESIGN §5
+    supervisor_web: str | None = None       # the embedded supervisord's web UI: HOST:PORT (or PORT: on 127.0.0.1)
     allow_root_services: bool = False
     health_wait_s: float = 30.0             # how long a (re)started service may take to become healthy
     listen: str = "127.0.0.1:9400"
@@ -49,6 +50,13 @@ class Settings:
     splay: float = 0.0                      # the daemon's first poll waits a random 0..splay seconds
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
+
+    @property
+    def supervisor_web_address(self) -> str | None:
+        """--supervisor-web as HOST:PORT, loopback when only a port is given."""
+        if not self.supervisor_web:
+            return None
+        return self.supervisor_web if ":" in self.supervisor_web else f"127.0.0.1:{self.supervisor_web}"
 
     @property
     def lb_metrics_address(self) -> str | None:
@@ -111,6 +119,12 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
     _host, sep, port = s.listen.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         found.append(("listen", f"must be HOST:PORT with a port from 1 to 65535, not {s.listen!r}"))
+    if s.supervisor_web:
+        _host, _sep, port = s.supervisor_web.rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            found.append(("supervisor_web", f"must be HOST:PORT or PORT (on 127.0.0.1), not {s.supervisor_web!r}"))
+        elif s.supervisor != "embedded":
+            found.append(("supervisor_web", "is for the embedded supervisord: an existing one has its own config"))
     if s.lb_metrics != "off":
         _host, sep, port = s.lb_metrics.rpartition(":")
         if not sep or not _host or not port.isdigit() or not 1 <= int(port) <= 65535:
