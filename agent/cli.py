@@ -30,6 +30,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lb", choices=["haproxy", "nginx"], help="load balancer for traffic: (default haproxy)")
     g.add_argument("--lb-config", help="drive a system load balancer: the config file it reads (the agent owns it)")
     g.add_argument("--lb-reload", help="with --lb-config: the command that reloads or starts it")
+    g.add_argument("--lb-metrics", help="HOST:PORT where HAProxy serves its Prometheus exporter on /metrics "
+                                        "(default 127.0.0.1:8405; off: none)")
+    g.add_argument("--supervisor-web", help="serve the embedded supervisord's web UI on HOST:PORT (or PORT, on "
+                                            "127.0.0.1); user gitops-agent, password in <root>/supervisor/web-password")
     g.add_argument("--allow-root-services", action="store_const", const=True, default=None,
                    help="allow services with user: root")
     g.add_argument("--health-wait", dest="health_wait_s", type=float, help="seconds a restarted service may take to turn healthy")
@@ -228,33 +232,40 @@ def _work_tree(path: Path) -> Path | None:
 
 
 def cmd_status(args) -> int:
+    """The documented status (docs/status-page.md): the same report the status page and /api/status show."""
     settings = _settings(args)
     from agent.core.layout import Layout
-    from agent.service.store import load_status
+    from agent.core.status_view import human_age
+    from agent.service.status_page import read_report
 
-    status = load_status(Layout(settings.root).status_file)
+    r = read_report(Layout(settings.root))
     if args.json:
-        print(json.dumps(status.to_json(), indent=2))
+        print(json.dumps(r, indent=2))
         return EXIT_OK
-    if status.applied is None and status.attempted is None:
+    if r["applied"] is None and r["attempted"] is None:
         print(f"no reconcile recorded under {settings.root}")
         return EXIT_OK
-    ap = status.applied
-    print(f"host:      {status.host}")
-    print(f"applied:   {ap.sha} ({ap.summary}) at {_ts(ap.at)}" if ap else "applied:   none")
-    at = status.attempted
-    if at and (ap is None or at.sha != ap.sha):
-        print(f"attempted: {at.sha} ({at.summary}) at {_ts(at.at)}")
-    print(f"result:    {status.result} at {_ts(status.last_reconcile_at)}")
-    if status.resources:
+    ap, at = r["applied"], r["attempted"]
+    print(f"host:      {r['host']}")
+    print(f"applied:   {ap['sha']} ({ap['subject']}) at {_ts(ap['applied_at'])}" if ap else "applied:   none")
+    if at and (ap is None or at["sha"] != ap["sha"]):
+        print(f"attempted: {at['sha']} ({at['subject']}) at {_ts(at['applied_at'])}")
+    print(f"result:    {r['result']} at {_ts(r['last_reconcile_at'])}")
+    if r["resources"]:
         print("resources:")
-        for key, res in status.resources.items():
-            print(f"  {key:<40} {res['state']:<8} {res.get('message', '')}")
-    for app, r in sorted(status.rollouts.items()):
-        print(f"canary {app}: {r['state']} at step {r['step'] + 1} since {_ts(r['since'])}"
-              + (f" ({r['errors']}/{r['probes']} probes failed)" if r.get("probes") else "") + (f": {r['reason']}" if r.get("reason") else ""))
-    if status.last_error:
-        print(f"last error ({_ts(status.last_error_at)}):\n  " + status.last_error.replace("\n", "\n  "))
+        for key, res in r["resources"].items():
+            since = f" (drifted for {human_age(res['drift_age_s'])})" if res["drift_since"] else ""
+            print(f"  {key:<40} {res['state']:<8} {res['message']}{since}")
+    for app in r["apps"]:
+        fe = app["frontend"]
+        if fe:
+            split = ", ".join(f"{b['backend']} {b['percent']:g}%" for b in fe["split"])
+            print(f"frontend {app['name']}: http://{fe['listen']}/ ({fe['strategy']}): {split}")
+    for app, p in sorted(r["rollouts"].items()):
+        print(f"canary {app}: {p['state']} at step {p['step'] + 1} since {_ts(p['since'])}"
+              + (f" ({p['errors']}/{p['probes']} probes failed)" if p.get("probes") else "") + (f": {p['reason']}" if p.get("reason") else ""))
+    if r["last_error"]:
+        print(f"last error ({_ts(r['last_error_at'])}):\n  " + r["last_error"].replace("\n", "\n  "))
     return EXIT_OK
 
 
@@ -275,7 +286,8 @@ def cmd_facts(args) -> int:
     layout = Layout(settings.root)
     handle = SupervisorHandle(settings.supervisor, layout)
     facts = collect(VenvManager(layout.root, settings.retention), layout.envs,
-                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
+                    read_program_files(layout.programs), handle.running_client(), LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload,
+                                 metrics=settings.lb_metrics_address),
                     read_verified(layout.verified))
     if layout.inputs_key.is_file():      # digests keyed like the reconciler's (no key: nothing was written yet)
         from dataclasses import replace

@@ -45,9 +45,10 @@ def world(settings: Settings, read_only: bool = False):
     return World(
         layout=layout,
         source=source,
-        supervisor=SupervisorHandle(settings.supervisor, layout),
+        supervisor=SupervisorHandle(settings.supervisor, layout, web=settings.supervisor_web_address),
         venvs=VenvManager(layout.root, retention=settings.retention),
-        lb=LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload),
+        lb=LoadBalancer(settings.lb, layout.root, config=settings.lb_config, reload=settings.lb_reload,
+                        metrics=settings.lb_metrics_address),
         desired_cache=DesiredCache(layout.state / "desired", read_only=read_only),
         verifier=verifier,
         scratch=scratch,

@@ -34,6 +34,8 @@ class Settings:
     lb: str = "haproxy"                     # the load balancer for `traffic:`: haproxy | nginx (run under supervisord)
     lb_config: str | None = None            # drive a system LB instead: the config file it reads ...
     lb_reload: str | None = None            # ... and the command that reloads (or starts) it
+    lb_metrics: str = "127.0.0.1:8405"      # HAProxy's Prometheus exporter (HOST:PORT, or "off"); DESIGN §5
+    supervisor_web: str | None = None       # the embedded supervisord's web UI: HOST:PORT (or PORT: on 127.0.0.1)
     allow_root_services: bool = False
     health_wait_s: float = 30.0             # how long a (re)started service may take to become healthy
     listen: str = "127.0.0.1:9400"
@@ -53,6 +55,18 @@ class Settings:
     @property
     def age_identities(self) -> tuple[Path, ...]:
         return tuple(Path(p).expanduser() for p in (self.age_identity or "").split(os.pathsep) if p)
+
+    @property
+    def supervisor_web_address(self) -> str | None:
+        """--supervisor-web as HOST:PORT, loopback when only a port is given."""
+        if not self.supervisor_web:
+            return None
+        return self.supervisor_web if ":" in self.supervisor_web else f"127.0.0.1:{self.supervisor_web}"
+
+    @property
+    def lb_metrics_address(self) -> str | None:
+        """--lb-metrics, "off" as None."""
+        return None if self.lb_metrics == "off" else self.lb_metrics
 
     def check(self, sources: Mapping[str, str] | None = None) -> "Settings":
         """Raise one ConfigError naming every bad value (and where it came from, given `sources`)."""
@@ -113,6 +127,16 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
     _host, sep, port = s.listen.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
         found.append(("listen", f"must be HOST:PORT with a port from 1 to 65535, not {s.listen!r}"))
+    if s.supervisor_web:
+        _host, _sep, port = s.supervisor_web.rpartition(":")
+        if not port.isdigit() or not 1 <= int(port) <= 65535:
+            found.append(("supervisor_web", f"must be HOST:PORT or PORT (on 127.0.0.1), not {s.supervisor_web!r}"))
+        elif s.supervisor != "embedded":
+            found.append(("supervisor_web", "is for the embedded supervisord: an existing one has its own config"))
+    if s.lb_metrics != "off":
+        _host, sep, port = s.lb_metrics.rpartition(":")
+        if not sep or not _host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            found.append(("lb_metrics", f"must be HOST:PORT with a port from 1 to 65535, or off, not {s.lb_metrics!r}"))
     return found
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -17,6 +18,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from wheelfactory import lock_line, make_http_app_wheel  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# HAProxy's exporter (--lb-metrics) defaults to the fixed 127.0.0.1:8405: one agent per host is fine, but a
+# test with several agents (a fleet) would have their HAProxys fight for it. Off for the suite; the tests of
+# the exporter pass a free port.
+os.environ.setdefault("GITOPS_AGENT_LB_METRICS", "off")
 
 
 def free_port() -> int:

@@ -52,6 +52,10 @@ def _series_names() -> set[str]:
 
 
 SERIES = _series_names()
+# plus HAProxy's own exporter (--lb-metrics) for the A/B and canary row, checked against a real HAProxy there
+from test_lb_metrics import RELIED_ON as HAPROXY_SERIES  # noqa: E402
+
+SERIES |= HAPROXY_SERIES
 
 _KEYWORDS = {"and", "or", "unless", "bool", "offset", "by", "without", "on", "ignoring", "group_left",
              "group_right", "inf", "nan"}

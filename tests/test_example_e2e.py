@@ -108,3 +108,20 @@ def test_agent_converges_the_bundled_example(tmp_path, agent_root):
     for key, value in decrypt_dotenv(EXAMPLE / "apps" / "shop" / "django.env.age", IDENTITY).items():
         for out in (proc.stdout, proc.stderr, again.stdout, again.stderr, plan.stdout, text):
             assert value not in out, f"the value of {key} (a secret) is in the agent's output"
+    # the status report of the example: its app, both colours and the 90/10 split
+    app = {a["name"]: a for a in status["apps"]}["mandelbrot"]
+    assert app["name"] == "mandelbrot" and [s["name"] for s in app["services"]] == ["mandelbrot-blue", "mandelbrot-green"]
+    assert {b["backend"]: b["percent"] for b in app["frontend"]["split"]} == {"mandelbrot-blue": 90.0, "mandelbrot-green": 10.0}
+
+    # the quickstart's last line, "open http://127.0.0.1:8100/": the renderer's own page, from either colour,
+    # with the image that colour rendered inline
+    seen = set()
+    for _ in range(40):
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['lb']}/?width=48&height=32&max_iter=40", timeout=30) as resp:
+            page = resp.read().decode()
+        version = page.split('data-version="', 1)[1].split('"', 1)[0]
+        assert 'src="data:image/png;base64,' in page and f"mandelbrot {version}" in page
+        seen.add(version)
+        if seen == {"1.0.0", "1.1.0"}:
+            break
+    assert "1.0.0" in seen, seen

@@ -6,8 +6,11 @@ and the PNGs are checked here by decoding them with zlib alone.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
 import os
+import re
 import signal
 import socket
 import struct
@@ -236,3 +239,29 @@ def test_server_stops_cleanly_on_sigterm(request):
     assert proc.wait(timeout=10) == 0
     log = proc.stderr.read()
     assert b"received SIGTERM" in log and b"stopped" in log
+
+
+def test_server_page_shows_its_own_image_version_and_links(server):
+    status, headers, body = _get(server + "/")
+    assert status == 200 and headers["Content-Type"].startswith("text/html")
+    assert "default-src 'none'" in headers["Content-Security-Policy"]
+    page = body.decode()
+    assert f'data-version="{mandelbrot.__version__}"' in page and f'data-palette="{mandelbrot.PALETTE}"' in page
+    png = base64.b64decode(re.search(r'src="data:image/png;base64,([^"]+)"', page).group(1))
+    assert decode_png(png)[:2] == (320, 240)
+    links = re.findall(r'href="/\?([^"]+)"', page)
+    assert any("zoom=2.0" in html.unescape(q) for q in links)                 # zoom in
+    other = next(p for p in sorted(palette.PALETTES) if p != mandelbrot.PALETTE)
+    assert any(f"palette={other}" in html.unescape(q) for q in links)
+    assert any("width=640&height=480" in html.unescape(q) for q in links)
+
+
+def test_server_page_and_render_take_a_palette(server):
+    other = next(p for p in sorted(palette.PALETTES) if p != mandelbrot.PALETTE)
+    status, _, body = _get(f"{server}/?width=40&height=30&palette={other}")
+    assert status == 200 and f'data-palette="{other}"' in body.decode() and 'width="40" height="30"' in body.decode()
+    status, _, body = _get(f"{server}/render?width=16&height=12&max_iter=30&palette={other}")
+    assert status == 200
+    assert decode_png(body)[2] == palette.to_rgb(simple.render(Params(16, 12, max_iter=30)), other, 30)
+    status, _, body = _get(f"{server}/?palette=neon")
+    assert status == 400 and "palette" in json.loads(body)["details"][0]

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from agent.core.model import App, Canary, DesiredState, Service, Traffic
+from agent.core.model import App, Canary, DesiredState, Gate, Service, Traffic
 from agent.core.render.lb import ABSplit, Backend, Frontend
 from agent.core.rollout import (
     CanaryProgress, canary_percent, canary_step, effective_weights, frontends_of, with_canary,
@@ -270,3 +270,37 @@ def test_frontends_of_one_frontend_per_app_with_traffic_on_the_services_loopback
 
 def test_frontends_of_a_host_without_traffic_is_empty():
     assert frontends_of(DesiredState.of("h1", (App("quiet", None, (), (_svc("q", 7001),)),))) == ()
+
+
+# --- canary.analysis: a Prometheus query per step ---------------------------------------------------------
+
+ANALYSED = replace(CANARY, analysis=Gate("http://prom:9090", "ratio", "<=", 0.05, "pause"))
+PASS, FAIL, PAUSE = ("pass", "1 sample(s) <= 0.05"), ("fail", "1/1 sample(s) not <= 0.05 (e.g. 1)"), \
+    ("pause", "no data (on_no_data: pause)")
+
+ANALYSIS_CASES = [
+    # (previous, now, probe, analysis verdict) -> (state, step)
+    pytest.param(_at(0), T0 + 30, (10, 0), PASS, ("progressing", 1), id="pass-and-pause-over-advances"),
+    pytest.param(_at(0), T0 + 5, (10, 0), PASS, ("progressing", 0), id="pass-before-pause-holds"),
+    pytest.param(_at(1), T0 + 5, (10, 0), FAIL, ("failed", 1), id="fail-aborts-at-once-with-healthy-probes"),
+    pytest.param(_at(0), T0 + 999, (10, 0), PAUSE, ("progressing", 0), id="no-data-pause-holds-however-long"),
+    pytest.param(_at(0), T0 + 999, (10, 0), None, ("progressing", 0), id="not-run-holds"),
+    pytest.param(_at(3), T0 + 30, (10, 0), PASS, ("complete", 3), id="last-step-promotes-on-pass"),
+    pytest.param(_at(3), T0 + 30, (10, 0), FAIL, ("failed", 3), id="last-step-aborts-on-fail"),
+    pytest.param(_at(1), T0 + 30, (10, 5), PASS, ("failed", 1), id="probes-still-abort-on-a-pass"),
+]
+
+
+@pytest.mark.parametrize("previous, now, probe, verdict, expected", ANALYSIS_CASES)
+def test_canary_step_with_analysis(previous, now, probe, verdict, expected):
+    got = canary_step(ANALYSED, previous, ID, now, probe, verdict)
+    assert (got.state, got.step) == expected
+    if verdict is not None:
+        assert got.analysis == f"{verdict[0]}: {verdict[1]}"
+    if got.state == "failed" and verdict == FAIL:
+        assert "analysis failed" in got.reason and "aborted to 0%" in got.reason
+        assert canary_percent(ANALYSED, got) == 0
+
+
+def test_a_canary_without_analysis_ignores_a_verdict_it_did_not_ask_for():
+    assert canary_step(CANARY, _at(0), ID, T0 + 30, (10, 0), PAUSE).step == 1

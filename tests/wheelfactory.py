@@ -126,6 +126,7 @@ class Handler(BaseHTTPRequestHandler):
     # request would wait ~40 ms for the body.
     disable_nagle_algorithm = True
     healthz_status = 200
+    root_status = 200
 
     def _send(self, status, body, head=False):
         data = body.encode()
@@ -143,7 +144,7 @@ class Handler(BaseHTTPRequestHandler):
             status = self.healthz_status
             self._send(status, "ok\\n" if status == 200 else "unhealthy\\n", head)
         elif path == "/":
-            self._send(200, f"{{NAME}} {{VERSION}}\\n", head)
+            self._send(self.root_status, f"{{NAME}} {{VERSION}}\\n", head)
         elif path == "/version":
             self._send(200, f"{{VERSION}}\\n", head)
         else:
@@ -169,9 +170,11 @@ def main(argv=None):
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--healthz-status", type=int, default=200, help="answer /healthz with this status")
+    parser.add_argument("--root-status", type=int, default=200, help="answer / with this status (a bad release)")
     parser.add_argument("--bind-delay", type=float, default=0.0, help="seconds to wait before binding the port")
     args = parser.parse_args(argv)
     Handler.healthz_status = args.healthz_status
+    Handler.root_status = args.root_status
     time.sleep(args.bind_delay)
     server = Server((args.host, args.port), Handler)
 

@@ -164,6 +164,7 @@ class Canary:
     pause_s: float = 30.0
     max_error_rate: float = 0.05
     probes: int = 10                    # probes of the canary's health URL per reconcile
+    analysis: "Gate | None" = None      # a Prometheus query per step (op "<=", threshold = `max`)
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ Strategies (app.yaml `traffic.strategy`):
               running, so switching back is one weight change.
 - canary:     without `canary:`, the weights as written are the current split (a person moves them
               commit by commit); with `canary:`, the agent walks the steps itself (`canary_step`):
-              each step lasts at least `pause_s` and needs probe evidence under `max_error_rate`;
-              a failed gate aborts to 0% and stays failed until a commit changes the canary.
+              each step lasts at least `pause_s` and needs probe evidence under `max_error_rate`
+              (and, with `analysis:`, a passing Prometheus query); a failed gate aborts to 0% and
+              stays failed until a commit changes the canary.
 - ab:         sticky buckets: `ab.percent`% of clients (hash of a cookie + client address) go to
               `ab.variant`, the rest by weight to the others; a header override pins one variant.
 """
@@ -33,11 +34,16 @@ class CanaryProgress:
     errors: int = 0
     state: str = "progressing"  # progressing | complete | failed
     reason: str = ""
+    analysis: str = ""          # the last verdict of `canary.analysis` (pass|fail|pause: why), if it has one
 
 
 def canary_step(canary: Canary, progress: CanaryProgress | None, canary_id: str, now: float,
-                probe: tuple[int, int] | None) -> CanaryProgress:
-    """The next progress from the last one and this reconcile's probe (probes, errors), or None if none ran."""
+                probe: tuple[int, int] | None, analysis: tuple[str, str] | None = None) -> CanaryProgress:
+    """The next progress from the last one, this reconcile's probe (probes, errors) and the verdict of the
+    canary's Prometheus analysis (`agent.core.waves.gate_verdict`), each None if it did not run.
+
+    An analysis that fails aborts to 0% like a failed probe; one that pauses (no data, by the no_data
+    policy, or Prometheus not answering) holds the step; a canary with an analysis advances only on a pass."""
     if progress is None or progress.id != canary_id:
         return CanaryProgress(canary_id, 0, now)
     if progress.state != "progressing":
@@ -45,15 +51,22 @@ def canary_step(canary: Canary, progress: CanaryProgress | None, canary_id: str,
     probes = progress.probes + (probe[0] if probe else 0)
     errors = progress.errors + (probe[1] if probe else 0)
     step = min(progress.step, len(canary.steps) - 1)   # progress recorded under longer steps
+    verdict = f"{analysis[0]}: {analysis[1]}" if analysis else progress.analysis
     if probes and errors / probes > canary.max_error_rate:
-        return replace(progress, probes=probes, errors=errors, state="failed",
+        return replace(progress, probes=probes, errors=errors, state="failed", analysis=verdict,
                        reason=f"step {step + 1} ({canary.steps[step]}%): error rate "
                               f"{errors}/{probes} above {canary.max_error_rate:g}; aborted to 0%")
+    if analysis is not None and analysis[0] == "fail":
+        return replace(progress, probes=probes, errors=errors, state="failed", analysis=verdict,
+                       reason=f"step {step + 1} ({canary.steps[step]}%): analysis failed: {analysis[1]}; aborted to 0%")
+    if canary.analysis is not None and (analysis is None or analysis[0] != "pass"):
+        return replace(progress, probes=probes, errors=errors, analysis=verdict)     # held: no pass this time
     if probes and now - progress.since >= canary.pause_s:
         if step + 1 < len(canary.steps):
-            return CanaryProgress(canary_id, step + 1, now)
-        return replace(progress, probes=probes, errors=errors, state="complete", reason="all steps passed")
-    return replace(progress, probes=probes, errors=errors)
+            return CanaryProgress(canary_id, step + 1, now, analysis=verdict)
+        return replace(progress, probes=probes, errors=errors, state="complete", reason="all steps passed",
+                       analysis=verdict)
+    return replace(progress, probes=probes, errors=errors, analysis=verdict)
 
 
 def canary_percent(canary: Canary, progress: CanaryProgress) -> int:

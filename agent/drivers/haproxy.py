@@ -210,6 +210,7 @@ class HAProxyDriver:
     haproxy_bin: str = "haproxy"
     reload: Callable[[], None] | None = None
     live_timeout: float = 10.0
+    metrics: str | None = None          # HOST:PORT of HAProxy's Prometheus exporter (--lb-metrics), None: off
     lb_dir: Path = field(init=False)
     config_path: Path = field(init=False)
     socket_path: Path = field(init=False)
@@ -234,7 +235,12 @@ class HAProxyDriver:
                            directory=str(self.lb_dir), startsecs=1, stopwaitsecs=10, autorestart="true")
 
     def render(self, frontends: Iterable[Frontend]) -> str:
-        return render_haproxy(frontends, stats_socket=str(self.socket_path), pid_file=str(self.pid_path))
+        return render_haproxy(frontends, stats_socket=str(self.socket_path), pid_file=str(self.pid_path),
+                              metrics=self.metrics)
+
+    def topology(self, frontends: Iterable[Frontend]) -> str:
+        return haproxy_topology(frontends, stats_socket=str(self.socket_path), pid_file=str(self.pid_path),
+                                metrics=self.metrics)
 
     # -- apply
 
@@ -243,7 +249,7 @@ class HAProxyDriver:
         started = time.monotonic()
         frontends = validate(frontends)
         text = self.render(frontends)
-        want_topology = haproxy_topology(frontends, stats_socket=str(self.socket_path), pid_file=str(self.pid_path))
+        want_topology = self.topology(frontends)
         runtime = self.runtime
         try:
             live_topology = runtime.show_env(TOPOLOGY_ENV)
@@ -283,7 +289,7 @@ class HAProxyDriver:
     def wait_live(self, frontends: Iterable[Frontend], timeout: float | None = None) -> None:
         """Wait until the running worker has `frontends`' topology and weights, or raise LBError."""
         frontends = validate(frontends)
-        want = haproxy_topology(frontends, stats_socket=str(self.socket_path), pid_file=str(self.pid_path))
+        want = self.topology(frontends)
         deadline = time.monotonic() + (self.live_timeout if timeout is None else timeout)
         seen: str | None = None
         while True:

@@ -31,7 +31,7 @@ class LoadBalancer:
     _CONFIGS = {"haproxy": "lb/haproxy.cfg", "nginx": "lb/nginx/nginx.conf"}
 
     def __init__(self, kind: str, root: Path, binary: str | None = None, config: str | None = None,
-                 reload: str | None = None):
+                 reload: str | None = None, metrics: str | None = None):
         if kind not in LB_KINDS:
             raise ConfigError(f"lb must be one of {', '.join(LB_KINDS)}, not {kind!r}")
         if config is not None and not reload:
@@ -41,6 +41,7 @@ class LoadBalancer:
         self.managed = config is None
         self.config_path = Path(config) if config else self.root / self._CONFIGS[kind]
         self._reload_argv = shlex.split(reload) if reload else None
+        self.metrics = metrics if kind == "haproxy" else None   # nginx has no built-in Prometheus exporter
         self._driver = None
 
     @property
@@ -49,7 +50,8 @@ class LoadBalancer:
             if self.kind == "haproxy":
                 from agent.drivers.haproxy import PROGRAM_NAME, HAProxyDriver
 
-                driver = HAProxyDriver(self.root, haproxy_bin=self.binary or shutil.which("haproxy") or "haproxy")
+                driver = HAProxyDriver(self.root, haproxy_bin=self.binary or shutil.which("haproxy") or "haproxy",
+                                       metrics=self.metrics)
             else:
                 from agent.drivers.nginx import PROGRAM_NAME, NginxDriver
 
@@ -72,9 +74,7 @@ class LoadBalancer:
     def fingerprint(self, frontends: tuple[Frontend, ...]) -> str:
         """What must be live apart from weights: HAProxy's topology hash, nginx's config version."""
         if self.kind == "haproxy":
-            from agent.core.render.lb import haproxy_topology
-
-            return haproxy_topology(frontends, stats_socket=str(self.driver.socket_path), pid_file=str(self.driver.pid_path))
+            return self.driver.topology(frontends)
         return self.driver.version_of(frontends)
 
     def drift(self, frontends: tuple[Frontend, ...], facts: dict | None) -> str:

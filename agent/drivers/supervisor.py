@@ -40,7 +40,7 @@ from typing import Any
 from agent.drivers import _xmlrpc
 from agent.core.errors import ConfigError, SupervisorError
 from agent.drivers.fsutil import atomic_write, fsync_dir
-from agent.core.render.supervisor import MARKER_KEY, MINFDS, PROGRAM_NAME_RE, UnsafeValue, render_supervisord
+from agent.core.render.supervisor import MARKER_KEY, MINFDS, PROGRAM_NAME_RE, UnsafeValue, WebServer, render_supervisord
 
 __all__ = [
     "SupervisorClient",
@@ -417,8 +417,13 @@ class EmbeddedSupervisor:
     agent restarts, and the next agent finds it by its socket.
     """
 
-    def __init__(self, root: Path):
+    WEB_USER = "gitops-agent"
+
+    def __init__(self, root: Path, web: str | None = None):
+        """`web` ("HOST:PORT"): also serve supervisord's own web UI there (--supervisor-web), with the user
+        `gitops-agent` and a generated password kept in `web_password_path` (0600)."""
         self.root = Path(root).absolute()
+        self.web = web
         base = self.root / "supervisor"
         self.base_dir = base
         self.conf_path = base / "supervisord.conf"
@@ -427,6 +432,7 @@ class EmbeddedSupervisor:
         self.include_dir = base / "programs"
         self.log_dir = self.root / "logs"
         self.supervisord_log = self.log_dir / "supervisord.log"
+        self.web_password_path = base / "web-password"
 
     def __repr__(self) -> str:
         return f"EmbeddedSupervisor({str(self.root)!r})"
@@ -499,6 +505,30 @@ class EmbeddedSupervisor:
                 None,
             )
 
+    def web_password(self) -> str:
+        """The web UI's password: generated once (secrets.token_urlsafe), kept in a 0600 file, reused."""
+        import secrets
+
+        try:
+            password = self.web_password_path.read_text().strip()
+            if len(password) >= 16:
+                os.chmod(self.web_password_path, 0o600)
+                return password
+        except FileNotFoundError:
+            pass
+        password = secrets.token_urlsafe(24)
+        atomic_write(self.web_password_path, password + "\n", 0o600)
+        return password
+
+    def _web_server(self) -> WebServer | None:
+        if self.web is None:
+            return None
+        import hashlib
+
+        host, _, port = self.web.rpartition(":")
+        sha1 = hashlib.sha1(self.web_password().encode()).hexdigest()   # noqa: S324 (supervisord's {SHA} format)
+        return WebServer(host.strip("[]") or "127.0.0.1", int(port), self.WEB_USER, sha1)
+
     def _write_conf(self) -> None:
         try:
             text = render_supervisord(
@@ -507,11 +537,17 @@ class EmbeddedSupervisor:
                 log_dir=str(self.log_dir),
                 include_glob=f"{self.include_dir.name}/*.conf",
                 minfds=_minfds(),
+                web=self._web_server(),
             )
         except UnsafeValue as err:
             raise ConfigError(f"agent root {self.root} cannot be used with supervisord: {err}") from err
-        if _read_text(self.conf_path) != text:
+        old = _read_text(self.conf_path)
+        if old != text:
             atomic_write(self.conf_path, text, 0o600)
+            if old is not None and _web_section(old) != _web_section(text) and self._live_pid() is not None:
+                # supervisord reads [inet_http_server] only at start, and restarting it restarts every service
+                log.warning("the embedded supervisord's web UI (--supervisor-web) changes when it next starts "
+                            "(gitops-agent down, then once or run): it is not restarted under running services")
 
     def _answers(self, want_running: bool = False) -> bool:
         try:
@@ -939,3 +975,12 @@ def _read_text(path: Path) -> str | None:
         return path.read_text(encoding="utf-8")
     except OSError:
         return None
+
+
+def _web_section(conf: str) -> str:
+    """The [inet_http_server] section of a supervisord config ('' when there is none)."""
+    start = conf.find("[inet_http_server]")
+    if start < 0:
+        return ""
+    end = conf.find("\n[", start + 1)
+    return conf[start:end if end >= 0 else len(conf)]

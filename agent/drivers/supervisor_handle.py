@@ -11,8 +11,8 @@ __all__ = ["SupervisorHandle"]
 
 
 class SupervisorHandle:
-    def __init__(self, spec: str, layout: Layout):
-        self.embedded = EmbeddedSupervisor(layout.root) if spec == "embedded" else None
+    def __init__(self, spec: str, layout: Layout, web: str | None = None):
+        self.embedded = EmbeddedSupervisor(layout.root, web=web) if spec == "embedded" else None
         self.url = spec
         self._client: SupervisorClient | None = None
 

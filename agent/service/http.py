@@ -389,8 +389,11 @@ def metrics_routes(recorder, poll_interval_s: float) -> dict[tuple[str, str], Ha
 
 
 class MetricsServer(HttpServer):
-    """The agent's endpoints for `recorder` (agent.service.metrics.Recorder) on `listen`."""
+    """The agent's endpoints for `recorder` (agent.service.metrics.Recorder) on `listen`, plus `extra`
+    routes (the daemon's status page: agent.service.status_page)."""
 
-    def __init__(self, recorder, listen: str, poll_interval_s: float, **options):
-        super().__init__(metrics_routes(recorder, poll_interval_s), listen,
-                         not_found=b"not found: try /metrics, /healthz or /readyz\n", name="metrics-http", **options)
+    def __init__(self, recorder, listen: str, poll_interval_s: float,
+                 extra: Mapping[tuple[str, str], Handler] | None = None, **options):
+        hint = b"not found: try /, /api/status, " if extra else b"not found: try "
+        super().__init__({**metrics_routes(recorder, poll_interval_s), **(extra or {})}, listen,
+                         not_found=hint + b"/metrics, /healthz or /readyz\n", name="metrics-http", **options)

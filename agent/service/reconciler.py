@@ -22,6 +22,7 @@ from agent.core.materials import NO_MATERIALS, Materials
 from agent.core.model import DesiredState
 from agent.core.outcome import Outcome, ReconcileResult, Retry, Verdict, resource_states
 from agent.core.plan import Plan, PlanOptions, make_plan, render_service
+from agent.core.status_view import recorded
 from agent.core.rollout import CanaryProgress, canary_percent, canary_step, with_canary
 from agent.drivers.git import GitSource, Revision, is_ancestor
 from agent.drivers.lb import LoadBalancer
@@ -65,6 +66,7 @@ class Result:
     retry: Retry = Retry.POLL           # decided by the failure's error type, never by its text
     source_failed: bool = False         # the state repo could not be fetched or resolved
     finished_at: float = 0.0            # wall time the reconcile ended (set by `reconcile`)
+    desired: DesiredState | None = None  # the desired state the plan was made against (the status page's apps)
 
     @cached_property
     def resources(self) -> dict[str, dict]:
@@ -255,7 +257,7 @@ class Reconciler:
             self.drivers.materials = materials
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
-                    rollouts=rollouts,
+                    rollouts=rollouts, desired=desired,
                     frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
         if not apply:
             outcome = (ReconcileResult.INVALID if invalid
@@ -428,7 +430,8 @@ class Reconciler:
             if (not self.read_only and previous and previous.id == canary_id and previous.state == "progressing"
                     and svc.health and svc.health.url and fact is not None and fact.file_text == text and fact.state is not None):
                 probe = _probe(svc.health.url, svc.health.timeout_s, canary.probes)
-            progress = canary_step(canary, previous, canary_id, time.time(), probe)
+            analysis = _analyse(canary.analysis) if probe is not None and canary.analysis is not None else None
+            progress = canary_step(canary, previous, canary_id, time.time(), probe, analysis)
             if previous is None or (progress.state, progress.step) != (previous.state, previous.step):
                 log.info("canary %s: %s step %d/%d (%d%%) %s", app.name, progress.state, progress.step + 1,
                          len(canary.steps), canary_percent(canary, progress), progress.reason)
@@ -476,10 +479,14 @@ class Reconciler:
             status.last_error, status.last_error_at = result.error, now
         elif succeeded:
             status.last_error = None
+        view = recorded(status.to_json(), result, now)     # apps, live split, drift since, events
         if result.plan is not None:
-            status.resources = result.resources
+            status.resources = view["resources"]
         if result.rollouts is not None:
             status.rollouts = result.rollouts
+        status.apps = view.get("apps", status.apps)
+        status.traffic = view.get("traffic", status.traffic)
+        status.events = view["events"]
         try:
             save_status(self.layout.status_file, status)
         except OSError as exc:
@@ -506,6 +513,14 @@ def _probe(url: str, timeout_s: float, count: int) -> tuple[int, int]:
 
     errors = sum(0 if http_healthy(url, timeout_s)[0] else 1 for _ in range(count))
     return count, errors
+
+
+def _analyse(gate) -> tuple[str, str]:
+    """The canary's Prometheus analysis now: (pass|fail|pause, why), by the wave gates' rules."""
+    from agent.core.waves import gate_verdict
+    from agent.drivers.prometheus import instant_query
+
+    return gate_verdict(gate, instant_query(gate.prometheus, gate.query, gate.timeout_s))
 
 
 def _mode_of(action, desired: DesiredState, default: str) -> str:

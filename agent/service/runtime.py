@@ -257,7 +257,9 @@ def run_daemon(settings) -> int:
     applied = load_status(layout.status_file, set_aside=True).applied
     recorder.restore(applied.sha if applied else None)
     try:
-        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s)
+        from agent.service.status_page import status_routes
+
+        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s, extra=status_routes(layout))
     except OSError as exc:
         raise ConfigError(f"cannot listen on {settings.listen}: {exc}") from None
     splay = random.uniform(0.0, settings.splay) if settings.splay > 0 else 0.0
@@ -299,7 +301,7 @@ def run_daemon(settings) -> int:
     except OSError as exc:          # e.g. no inotify instances left: the poll still converges
         log.error("file watching unavailable (%s): drift is found by the %gs poll only", exc, settings.poll_interval_s)
     host, port = server.address
-    log.info("gitops-agent running: root %s, mode %s, poll %gs, metrics on http://%s:%d/metrics, watching %d dirs",
+    log.info("gitops-agent running: root %s, mode %s, poll %gs, status page and metrics on http://%s:%d/, watching %d dirs",
              settings.root, settings.mode, settings.poll_interval_s, host, port, len(watcher.specs))
     try:
         if settings.allow_chaos:

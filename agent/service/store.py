@@ -45,6 +45,9 @@ class Status:
     resources: dict[str, dict] = field(default_factory=dict)   # key -> {state, message, at}
     last_reconcile_at: float = 0.0
     rollouts: dict[str, dict] = field(default_factory=dict)   # app -> canary progress (survives restarts)
+    apps: dict[str, dict] = field(default_factory=dict)       # app -> services, environments, frontend (status page)
+    traffic: dict[str, dict] = field(default_factory=dict)    # frontend -> {backend: weight} the LB serves
+    events: list[dict] = field(default_factory=list)          # the last events, oldest first (agent.core.status_view)
 
     def to_json(self) -> dict:
         return {"version": VERSION, **asdict(self)}
@@ -90,11 +93,12 @@ def _parse(data: bytes) -> Status:
         status = Status(**fields)
     except TypeError as exc:
         raise CorruptStatus(f"unexpected shape: {exc}") from None
-    for name, kind in (("resources", dict), ("rollouts", dict)):
+    for name, kind in (("resources", dict), ("rollouts", dict), ("apps", dict), ("traffic", dict), ("events", list)):
         if not isinstance(getattr(status, name), kind):
             raise CorruptStatus(f"{name} is a {type(getattr(status, name)).__name__}, not an object")
-    if any(not isinstance(v, dict) for v in (*status.resources.values(), *status.rollouts.values())):
-        raise CorruptStatus("a resource or rollout entry is not an object")
+    if any(not isinstance(v, dict) for v in (*status.resources.values(), *status.rollouts.values(),
+                                             *status.apps.values(), *status.traffic.values(), *status.events)):
+        raise CorruptStatus("a resource, rollout, app, traffic or event entry is not an object")
     return status
 
 

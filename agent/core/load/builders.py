@@ -356,8 +356,12 @@ def traffic(doc: Located, svcs: dict[str, Service], declared: frozenset[str], ou
             out.add(doc, ("traffic", "canary", "service"), "the canary needs a health check: the gate probes it")
         if list(steps) != sorted(set(steps)) or steps[-1] != 100:
             out.add(doc, ("traffic", "canary", "steps"), "steps must increase and end at 100")
+        analysis = canary.get("analysis")
+        if analysis:   # "above max aborts": every sample must be <= max, the wave gates' verdict rules
+            analysis = Gate(analysis["prometheus"].rstrip("/"), analysis["query"], "<=", float(analysis["max"]),
+                            analysis.get("no_data", "pause"), float(analysis.get("timeout_s", 5.0)))
         canary = Canary(canary["service"], tuple(steps), float(canary.get("pause_s", 30)),
-                        float(canary.get("max_error_rate", 0.05)), int(canary.get("probes", 10)))
+                        float(canary.get("max_error_rate", 0.05)), int(canary.get("probes", 10)), analysis or None)
     if not canary and strategy != "ab" and not any(w > 0 for w in weights.values()):
         out.add(doc, ("traffic", "weights"), "at least one weight must be > 0 (else the frontend serves nothing)")
     return Traffic(spec["listen"], strategy, tuple(sorted(weights.items())),

@@ -18,7 +18,15 @@ def validator(kind: str):
 
     from jsonschema import Draft202012Validator
 
-    text = resources.files("agent.schemas").joinpath(f"{kind}.schema.json").read_text()
+    # A source checkout reads its own schemas/ (the package `agent.schemas` maps to it only when installed
+    # from this checkout: an editable install of another checkout would hand in that one's schemas).
+    from pathlib import Path
+
+    own = Path(__file__).resolve().parents[3] / "schemas" / f"{kind}.schema.json"
+    if own.is_file() and (own.parent.parent / "agent" / "__init__.py").is_file():
+        text = own.read_text()
+    else:
+        text = resources.files("agent.schemas").joinpath(f"{kind}.schema.json").read_text()
     return Draft202012Validator(json.loads(text))
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "VERSION_PATH",
     "TOPOLOGY_ENV",
     "NGINX_CONTROL_SOCKET",
+    "METRICS_FRONTEND",
 ]
 
 NAME_RE = PROGRAM_NAME_RE   # backends are services, i.e. supervisord programs; apps follow the same rule
@@ -200,13 +201,28 @@ def _check_ab(problems: list, field: str, ab: object, backends: dict[str, Backen
 # --- HAProxy --------------------------------------------------------------------------------------
 
 
-def haproxy_topology(frontends: Iterable[Frontend], *, stats_socket: str = "", pid_file: str | None = None) -> str:
+METRICS_FRONTEND = "gitops-agent:prometheus"   # ':' is not allowed in app names (NAME_RE): no clash
+
+
+def _check_metrics(frontends: tuple[Frontend, ...], metrics: str | None) -> None:
+    if metrics is None:
+        return
+    reason = _address_problem(metrics)
+    if not reason and any(fe.listen == metrics for fe in frontends):
+        reason = "is also the listen address of a frontend"
+    if reason:
+        raise InvalidLBConfig([("lb_metrics", f"{metrics!r} {reason}")])
+
+
+def haproxy_topology(frontends: Iterable[Frontend], *, stats_socket: str = "", pid_file: str | None = None,
+                     metrics: str | None = None) -> str:
     """Hash of everything in the HAProxy config except the weights (which the runtime API can set)."""
     frontends = validate(frontends)
     shape = {
         "revision": _RENDER_REVISION,
         "stats_socket": stats_socket,
         "pid_file": pid_file,
+        **({"metrics": metrics} if metrics is not None else {}),   # absent: the hash of configs before it
         "frontends": [
             {"name": fe.name, "listen": fe.listen, "backends": [[b.name, b.address] for b in fe.backends],
              "ab": None if fe.ab is None else [fe.ab.variant, fe.ab.percent, fe.ab.cookie, fe.ab.header]}
@@ -216,12 +232,15 @@ def haproxy_topology(frontends: Iterable[Frontend], *, stats_socket: str = "", p
     return hashlib.sha256(json.dumps(shape, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def render_haproxy(frontends: Iterable[Frontend], *, stats_socket: str, pid_file: str | None = None) -> str:
+def render_haproxy(frontends: Iterable[Frontend], *, stats_socket: str, pid_file: str | None = None,
+                   metrics: str | None = None) -> str:
+    """`metrics` ("127.0.0.1:8405"): serve HAProxy's built-in Prometheus exporter there, on /metrics."""
     frontends = validate(frontends)
+    _check_metrics(frontends, metrics)
     for field, path in (("stats_socket", stats_socket), ("pid_file", pid_file)):
         if path is not None and not _safe_path(path):
             raise InvalidLBConfig([(field, f"{path!r} must be an absolute path without whitespace, quotes, # or ;")])
-    topology = haproxy_topology(frontends, stats_socket=stats_socket, pid_file=pid_file)
+    topology = haproxy_topology(frontends, stats_socket=stats_socket, pid_file=pid_file, metrics=metrics)
     out = [_HEADER, "global\n",
            f"    stats socket {stats_socket} mode 600 level admin expose-fd listeners\n",
            "    stats timeout 30s\n"]
@@ -258,6 +277,12 @@ def render_haproxy(frontends: Iterable[Frontend], *, stats_socket: str, pid_file
                            f" !{{ req.hdr({hdr}) -m found }}\n")
         for be in fe.backends:
             out.append(f"    server {be.name} {be.address} weight {be.weight} check\n")
+    if metrics is not None:
+        # HAProxy's own exporter (built in since 2.4 when compiled with it, as Debian's is): per frontend,
+        # backend and server (= per variant) requests, responses by code class and response times.
+        out += ["\n", f"frontend {METRICS_FRONTEND}\n", f"    bind {metrics}\n", "    no log\n",
+                "    http-request use-service prometheus-exporter if { path /metrics }\n",
+                '    http-request return status 404 content-type text/plain string "not found: try /metrics"\n']
     return "".join(out)
 
 

@@ -50,6 +50,7 @@ from agent.core.errors import Permanent
 
 __all__ = [
     "ProgramSpec",
+    "WebServer",
     "UnsafeValue",
     "render_program",
     "render_supervisord",
@@ -176,9 +177,22 @@ def render_program(spec: ProgramSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class WebServer:
+    """supervisord's own web UI and XML-RPC over HTTP (`[inet_http_server]`), with HTTP basic auth.
+
+    Only the SHA-1 of the password is written (`password={SHA}<hex>`, which supervisord accepts), so the
+    config never holds the password itself."""
+
+    host: str
+    port: int
+    username: str
+    password_sha1: str          # hex
+
+
 def render_supervisord(
     *, socket_path: str, pid_path: str, log_dir: str, include_glob: str = "programs/*.conf",
-    minfds: int = MINFDS,
+    minfds: int = MINFDS, web: WebServer | None = None,
 ) -> str:
     """Return the embedded supervisord's main config.
 
@@ -197,6 +211,15 @@ def render_supervisord(
     logfile = _logfile("supervisord.logfile", log_dir.rstrip("/") + "/supervisord.log")
     if not re.fullmatch(r"[A-Za-z0-9_./*-]+", include_glob) or include_glob.startswith("/"):
         raise UnsafeValue("include.files", "must be a relative glob of plain characters")
+    inet: list[str] = []
+    if web is not None:
+        if not re.fullmatch(r"[A-Za-z0-9.:-]{1,253}", web.host) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", web.username):
+            raise UnsafeValue("inet_http_server", "host and username must be plain names")
+        if not re.fullmatch(r"[0-9a-f]{40}", web.password_sha1):
+            raise UnsafeValue("inet_http_server.password", "must be a SHA-1 hex digest")
+        port = _int("inet_http_server.port", web.port, minimum=1)
+        inet = ["[inet_http_server]", f"port={web.host}:{port}", f"username={web.username}",
+                f"password={{SHA}}{web.password_sha1}", ""]
     return "\n".join(
         [
             "; managed by gitops-agent: edits are overwritten",
@@ -204,6 +227,7 @@ def render_supervisord(
             f"file={sock}",
             "chmod=0700",
             "",
+            *inet,
             "[supervisord]",
             f"logfile={logfile}",
             "logfile_maxbytes=10MB",

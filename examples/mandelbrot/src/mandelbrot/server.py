@@ -1,6 +1,8 @@
 """`mandelbrot-server`: a small HTTP renderer on the standard library's ThreadingHTTPServer.
 
-GET /render?width=&height=&cx=&cy=&zoom=&max_iter=&impl=simple|mp|fast -> image/png (400 on bad input)
+GET /render?width=&height=&cx=&cy=&zoom=&max_iter=&impl=simple|mp|fast&palette= -> image/png (400 on bad input)
+GET /        -> an HTML page: the image rendered by this very process (inline, so a load balancer cannot send
+                the image request to another variant), its version and palette, links to zoom, palette, size
 GET /healthz -> 200 "ok"
 GET /version -> {"version": ..., "palette": ...}
 
@@ -11,20 +13,22 @@ worker pool is closed, exit status 0). Every response carries `X-Mandelbrot-Vers
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import json
 import logging
 import signal
 import threading
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, urlencode, urlsplit
 
-from . import fast, image, simple
+from . import fast, image, palette as palettes, simple
 from . import mp as mp_impl
 from ._release import PALETTE, __version__
 from .params import SERVER_LIMITS, InvalidParams, Params
 
-__all__ = ["parse_render_query", "make_server", "main"]
+__all__ = ["parse_render_query", "split_palette", "page_html", "make_server", "main"]
 
 log = logging.getLogger("mandelbrot.server")
 
@@ -58,6 +62,58 @@ def parse_render_query(query: str) -> tuple[Params, str]:
     if errors:
         raise InvalidParams(errors)
     return params, impl
+
+
+def split_palette(query: str) -> tuple[str, str]:
+    """(the query without `palette`, the palette asked for or this release's default). Raises InvalidParams
+    for an unknown palette."""
+    pairs = [(k, v) for k, vs in parse_qs(query, keep_blank_values=True).items() for v in vs]
+    chosen = [v for k, v in pairs if k == "palette"]
+    name = chosen[-1] if chosen else PALETTE
+    if name not in palettes.PALETTES:
+        raise InvalidParams([f"palette must be one of {', '.join(sorted(palettes.PALETTES))}, got {name!r}"])
+    return urlencode([(k, v) for k, v in pairs if k != "palette"]), name
+
+
+# The page's defaults: small enough that the pure-Python renderer answers in well under a second.
+PAGE_DEFAULTS = "width=320&height=240&max_iter=120"
+SIZES = ((320, 240), (480, 360), (640, 480))
+PAGE_CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
+
+
+def page_html(params: Params, impl: str, palette_name: str, png: bytes) -> str:
+    """The renderer's own page: the image (a data: URI), who rendered it, and links that re-render."""
+    def link(text: str, **change) -> str:
+        values = {"width": params.width, "height": params.height, "cx": params.cx, "cy": params.cy,
+                  "zoom": params.zoom, "max_iter": params.max_iter, "palette": palette_name, **change}
+        if impl != "simple":
+            values["impl"] = impl
+        return f'<a href="/?{html.escape(urlencode(values))}">{html.escape(text)}</a>'
+
+    zoom = " · ".join([link("zoom in ×2", zoom=params.zoom * 2), link("zoom out ÷2", zoom=params.zoom / 2),
+                       link("reset", cx=-0.5, cy=0.0, zoom=1.0)])
+    pal = " · ".join(link(name, palette=name) if name != palette_name else f"<strong>{name}</strong>"
+                     for name in sorted(palettes.PALETTES))
+    size = " · ".join(link(f"{w}×{h}", width=w, height=h) if (w, h) != (params.width, params.height)
+                      else f"<strong>{w}×{h}</strong>" for w, h in SIZES)
+    data = base64.b64encode(png).decode()
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
+<title>mandelbrot {__version__} ({html.escape(palette_name)})</title>
+<style>body{{font:15px/1.4 system-ui,sans-serif;margin:1rem auto;max-width:{max(params.width, 320)}px;padding:0 .5rem}}
+img{{max-width:100%;height:auto;display:block;image-rendering:pixelated}}p{{margin:.4rem 0}}</style></head>
+<body>
+<h1 id="version" data-version="{__version__}" data-palette="{html.escape(palette_name)}">mandelbrot {__version__}</h1>
+<p>served by <strong>{__version__}</strong> (release palette <strong>{PALETTE}</strong>); this image: palette
+<strong>{html.escape(palette_name)}</strong>, centre {params.cx:g}{params.cy:+g}i, zoom {params.zoom:g}, {params.max_iter} iterations</p>
+<img id="set" alt="the Mandelbrot set rendered by {__version__}" width="{params.width}" height="{params.height}"
+ src="data:image/png;base64,{data}">
+<p>zoom: {zoom}</p>
+<p>palette: {pal}</p>
+<p>size: {size}</p>
+<p><a href="/version">/version</a> · <a href="/render?{html.escape(urlencode({"width": params.width, "height": params.height, "cx": params.cx, "cy": params.cy, "zoom": params.zoom, "max_iter": params.max_iter, "palette": palette_name}))}">the PNG alone</a></p>
+</body></html>
+"""
 
 
 class _Renderer:
@@ -102,22 +158,43 @@ class Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, body, "application/json")
         elif url.path == "/render":
             self._render(url.query)
+        elif url.path == "/":
+            self._page(url.query)
         else:
             self._send(HTTPStatus.NOT_FOUND, b"not found\n", "text/plain; charset=utf-8")
 
-    def _render(self, query: str) -> None:
+    def _parse(self, query: str) -> tuple[Params, str, str] | None:
+        """(params, impl, palette), or None after answering 400 with every problem."""
         try:
-            params, impl = parse_render_query(query)
+            rest, palette_name = split_palette(query)
+            params, impl = parse_render_query(rest)
         except InvalidParams as exc:
             body = json.dumps({"error": "bad request", "details": exc.errors}).encode() + b"\n"
             self._send(HTTPStatus.BAD_REQUEST, body, "application/json")
-            return
-        counts = self.renderer.render(params, impl)
-        self._send(HTTPStatus.OK, image.to_png(counts, params.max_iter, PALETTE), "image/png")
+            return None
+        return params, impl, palette_name
 
-    def _send(self, status: HTTPStatus, body: bytes, content_type: str) -> None:
+    def _render(self, query: str) -> None:
+        parsed = self._parse(query)
+        if parsed is not None:
+            params, impl, palette_name = parsed
+            counts = self.renderer.render(params, impl)
+            self._send(HTTPStatus.OK, image.to_png(counts, params.max_iter, palette_name), "image/png")
+
+    def _page(self, query: str) -> None:
+        parsed = self._parse(PAGE_DEFAULTS + ("&" + query if query else ""))
+        if parsed is not None:
+            params, impl, palette_name = parsed
+            png = image.to_png(self.renderer.render(params, impl), params.max_iter, palette_name)
+            self._send(HTTPStatus.OK, page_html(params, impl, palette_name, png).encode(), "text/html; charset=utf-8",
+                       (("Content-Security-Policy", PAGE_CSP), ("X-Content-Type-Options", "nosniff"),
+                        ("X-Frame-Options", "DENY")))
+
+    def _send(self, status: HTTPStatus, body: bytes, content_type: str, headers: tuple = ()) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
+        for name, value in headers:
+            self.send_header(name, value)
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Mandelbrot-Version", __version__)
         self.end_headers()
