@@ -37,6 +37,7 @@ except ImportError:  # pragma: no cover - tests/ made a package
 
 UV = find_uv()
 PY = "%d.%d" % sys.version_info[:2]
+pytestmark = pytest.mark.timeout(600)   # two pip venvs in one test: `python -m venv` alone took 17 s under load
 INSTALLERS = [pytest.param("pip"),
               pytest.param("uv", marks=pytest.mark.skipif(UV is None, reason="uv binary not found"))]
 
