@@ -12,7 +12,9 @@ What it measures (issue 6), each over several runs (median / min / max), ratios 
   5. rollback to a kept venv vs a rebuild (switch + restart + healthy);
   6. commit-to-converged with the daemon running (lockfile change; weight change once traffic lands) and
      hand-edit detection latency;
-  7. the daemon's idle CPU and RSS.
+  7. the daemon's idle CPU and RSS;
+  8. the real app's release with the daemon running: the example's shop (Django, gunicorn, a migration job,
+     workers), commit of a new release -> new version serving, and where the time goes (not in --quick).
 
 Everything runs under a temporary directory; every process started here (daemons, embedded supervisords
 and the services under them) is stopped at the end, also on error or Ctrl-C. Servers bind 127.0.0.1.
@@ -26,9 +28,10 @@ from __future__ import annotations
 import sys
 
 import harness
-from sections import ansible, daemon, once, rollback, scale, venv
+from sections import ansible, daemon, once, release, rollback, scale, venv
 
-SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION]
+SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION,
+            release.SECTION]
 
 
 def main(argv: list[str] | None = None) -> int:
