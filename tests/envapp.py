@@ -7,11 +7,14 @@ built by `wheelfactory.make_wheel` (pure python, reproducible, ~1 ms) carries fo
 - `envapp-server --port N [--healthz-status S] [--bind-delay D] [--no-bind]`: GET /healthz -> 200 "ok"
   (or S), GET / -> "envapp <version>", GET /env -> JSON {version, pid, argv, env, started_at, bound_at,
   cwd}, GET /read?var=NAME -> the bytes of the file whose path is $NAME (404 if unset). `--no-bind`: never
-  listens (a service whose health gate cannot pass). Writes nothing to stdout/stderr but one start line
+  listens (a service whose health gate cannot pass). `--crash-print NAME [--crash-repr]`: prints $NAME to
+  stderr (as `<value>`, or as repr() and JSON), then `--crash-pad N` dots, and exits 3 at once. Writes nothing to stdout/stderr but one start line
   without its environment, so supervisord's logs never hold a secret.
 - `envapp-job [--exit N] [--sleep S] [--stderr-var NAME] [--record FILE] [--tag T] [--get URL]`: appends one
   JSON line {tag, pid, argv, env, cwd, time, version, got (the body of GET URL, or null)} to FILE (default `job-runs.jsonl` in its cwd, the app's data dir),
-  created mode 0600 because it holds the env; then prints $NAME to stderr if asked, sleeps, exits N.
+  created mode 0600 because it holds the env; then prints $NAME to stderr if asked (`<value>`, or with
+  `--stderr-repr` its repr() and JSON, as a traceback or a JSON log line would show it) and `--stderr-pad N`
+  dots after it, sleeps, exits N.
 - `envapp-worker [--record FILE]`: appends {process, pid, started_at} (0600) to FILE if given, then sleeps
   until SIGTERM (exit 0).
 - `envapp-check [--url URL] [--var NAME] [--exit N]`: a health command: exits N if given; else 0 when URL
@@ -122,8 +125,18 @@ def server(argv=None):
     p.add_argument("--healthz-status", type=int, default=200)
     p.add_argument("--bind-delay", type=float, default=0.0)
     p.add_argument("--no-bind", action="store_true")
+    p.add_argument("--crash-print", metavar="NAME", help="print $NAME to stderr and exit 3 at once")
+    p.add_argument("--crash-repr", action="store_true", help="with --crash-print: print repr() and JSON of it")
+    p.add_argument("--crash-pad", type=int, default=0, help="with --crash-print: then this many '.' to stderr")
     args = p.parse_args(argv)
     print("envapp " + VERSION + " pid " + str(os.getpid()) + " starting", file=sys.stderr, flush=True)
+    if args.crash_print:
+        value = os.environ.get(args.crash_print, "")
+        shown = repr(value) + " " + json.dumps(value) if args.crash_repr else "<" + value + ">"
+        print("config error: " + args.crash_print + " = " + shown, file=sys.stderr, flush=True)
+        sys.stderr.write("." * args.crash_pad)
+        sys.stderr.flush()
+        return 3
     if args.no_bind:
         _until_term()
         return 0
@@ -149,6 +162,8 @@ def job(argv=None):
     p.add_argument("--exit", type=int, default=0)
     p.add_argument("--sleep", type=float, default=0.0)
     p.add_argument("--stderr-var")
+    p.add_argument("--stderr-repr", action="store_true", help="print repr() and JSON of $NAME instead of <value>")
+    p.add_argument("--stderr-pad", type=int, default=0, help="then print this many bytes of '.' to stderr")
     p.add_argument("--record", default="job-runs.jsonl")
     p.add_argument("--tag", default="")
     p.add_argument("--get", help="record the body of GET URL (None if nothing answers)")
@@ -164,8 +179,12 @@ def job(argv=None):
                                    "cwd": os.getcwd(), "time": time.time(), "version": VERSION, "got": got}})
     print("envapp-job " + args.tag + " ran", flush=True)
     if args.stderr_var:
-        print("the value of " + args.stderr_var + " is <" + os.environ.get(args.stderr_var, "") + ">",
-              file=sys.stderr, flush=True)
+        value = os.environ.get(args.stderr_var, "")
+        shown = repr(value) + " " + json.dumps(value) if args.stderr_repr else "<" + value + ">"
+        print("the value of " + args.stderr_var + " is " + shown, file=sys.stderr, flush=True)
+    if args.stderr_pad:
+        sys.stderr.write("." * args.stderr_pad)
+        sys.stderr.flush()
     time.sleep(args.sleep)
     return args.exit
 

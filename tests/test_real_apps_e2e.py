@@ -239,14 +239,11 @@ def test_a_file_change_restarts_exactly_the_services_that_reference_it(site):
     p3 = pids(ports)
     assert p3["web-b"] != p2["web-b"] and p3["web-a"] == p2["web-a"] and p3["web-c"] == p2["web-c"]
     assert get(ports["web-b"], "/read?var=GREETING") == "bonjour\n"
-    site.once()                 # prunes the old version (see test_a_file_change_is_converged_in_one_reconcile)
     assert "converged" in site.once().stdout and pids(ports) == p3
     versions = sorted(p.parent.name for p in (site.root / "apps/shop/files/.v").glob("*/*"))
     assert len(versions) == 2, versions                         # one version of each file is left
 
 
-@pytest.mark.xfail(strict=True, reason="bug: plan._prune_files keeps a version the replaced program file still "
-                                       "names, so the NEXT reconcile prunes it (/tmp/bugs-13.md #3)")
 def test_a_file_change_is_converged_in_one_reconcile(site):
     pw = free_port()
     site.write("apps/shop/settings.toml.j2", "a = 1\n")
@@ -289,9 +286,10 @@ def test_a_hand_edited_or_deleted_rendered_file_is_drift_and_healed(site):
     assert get(pw, "/read?var=SHOP_CONFIG") == "debug = false\n"
     site.plan(expect=0)
 
-    target.unlink()                                            # a deletion (plan's words for it: /tmp/bugs-13.md #4)
+    target.unlink()                                            # a deletion
     plan = site.plan()
-    assert lines_about(plan.stdout, "write_file shop/settings.toml"), plan.stdout
+    deleted = lines_about(plan.stdout, "write_file shop/settings.toml")
+    assert deleted and "deleted" in deleted[0] and "changed" not in deleted[0], plan.stdout
     site.once()
     assert target.read_text() == "debug = false\n"
 
@@ -309,7 +307,7 @@ def test_a_hand_edited_or_deleted_rendered_file_is_drift_and_healed(site):
 # --- ordering and processes --------------------------------------------------------------------------
 
 def test_depends_on_orders_starts_and_processes_run_several(site):
-    pd, pa = free_port(), free_port()
+    pd, pa, pk = free_port(), free_port(), free_port()
     record = site.data("shop") / "workers.jsonl"
     doc = app_doc("shop", {
         # file order is the reverse of start order: the agent must sort them
@@ -335,6 +333,25 @@ def test_depends_on_orders_starts_and_processes_run_several(site):
                 for n in ("db", "api", "worker")}
     assert priority["db"] < priority["api"] < priority["worker"], priority
     assert "converged" in site.once().stdout
+
+    site.lock("shop", "2.0.0")                                 # all three restart: in dependency order again
+    site.app(app_doc("keep", {"keep-web": web(pk)}, env="keep"), "1.0.0")
+    site.commit("two")
+    site.once()
+    db2, api2 = env_of(pd), env_of(pa)
+    assert db2["version"] == api2["version"] == "2.0.0"
+    assert api2["started_at"] >= db2["bound_at"], "api restarted before the new db was healthy"
+    workers = [__import__("json").loads(line) for line in record.read_text().splitlines()][2:]
+    assert sorted(w["process"] for w in workers) == ["worker-0", "worker-1"]
+    assert all(w["started_at"] >= api2["bound_at"] for w in workers), "a worker restarted before api was healthy"
+
+    import shutil
+
+    shutil.rmtree(site.repo.path / "apps/shop")                # removed: stopped in reverse order
+    site.commit("remove shop")
+    proc = site.once()
+    removed = [line.split()[2].rstrip(":") for line in proc.stdout.splitlines() if "remove_program" in line]
+    assert removed == ["worker", "api", "db"], proc.stdout
 
 
 def test_a_failing_dependency_blocks_its_dependents(site):
