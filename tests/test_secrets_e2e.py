@@ -328,6 +328,57 @@ def test_a_value_printed_as_repr_or_json_is_hidden_too(own_host):
     assert_hidden("status.json", (host.root / "state/status.json").read_text(), host.secrets())
 
 
+def test_a_hand_edited_secret_env_file_or_launcher_is_drift_and_healed(host):
+    env_dir = host.root / "apps/shop/env"
+    files = sorted(env_dir.glob("*.env"))
+    assert len(files) == 2 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert stat.S_IMODE(env_dir.stat().st_mode) == 0o700
+    good = {f: f.read_bytes() for f in files}
+    launcher = host.root / "bin/gitops-agent-exec"
+    launcher_text = launcher.read_bytes()
+    files[0].write_bytes(b"SECRET_KEY=guess\0")
+    files[1].unlink()
+    launcher.write_bytes(launcher_text + b"\nimport os; os.system('true')\n")
+    plan = host.agent("plan", expect=2)
+    assert_hidden("plan of a tampered secret env", plan.stdout + plan.stderr, host.secrets())
+    assert "write_secret_env" in plan.stdout and "write_launcher" in plan.stdout, plan.stdout
+    host.agent("once")
+    assert {f: f.read_bytes() for f in files} == good and launcher.read_bytes() == launcher_text
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    host.agent("plan", expect=0)
+
+
+def test_a_failed_before_job_keeps_the_old_secret_env_for_a_restart(host):
+    """A rotated secret whose migration fails: nothing switches, and the old secret env file stays, so a service
+    supervisord restarts (a crash) comes back with the old value, not exit 78 for a pruned file."""
+    before = host.pids()
+    values = dict(host.values)
+    host.encrypt({**values, "SECRET_KEY": ROTATED})
+    host.repo.write("apps/shop/app.yaml", app_yaml(host.ports, "[envapp-job, --tag, broken, --exit, \"2\"]"))
+    host.repo.commit("rotate, with a failing migration")
+    proc = host.agent("once", expect=1)
+    assert "[FAILED] run_job shop/migrate" in proc.stdout, proc.stdout + proc.stderr
+    assert host.pids() == before and host.env_of("web-a")["env"]["SECRET_KEY"] == SECRET
+    os.kill(before["web-a"], 9)                          # supervisord restarts it (autorestart=unexpected)
+    wait_until(lambda: _pid_or_none(host, "web-a") not in (None, before["web-a"]), 60, "web-a restarted")
+    env = host.env_of("web-a")["env"]
+    assert env["SECRET_KEY"] == SECRET and Path(env["SHOP_CONFIG"]).is_file()
+
+    git(host.repo.path, "revert", "--no-edit", "HEAD")   # back to the good secret and job: nothing to run
+    host.values = values
+    runs = len(host.job_runs())
+    host.agent("once")
+    assert len(host.job_runs()) == runs
+    host.agent("plan", expect=0)
+
+
+def _pid_or_none(host: Host, service: str) -> int | None:
+    try:
+        return host.env_of(service)["pid"]
+    except OSError:
+        return None
+
+
 def test_a_new_value_says_which_secret_changed_and_restarts_only_its_users(host):
     before = host.pids()
     runs = len(host.job_runs())
