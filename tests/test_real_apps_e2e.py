@@ -63,13 +63,15 @@ def alive(pid: int) -> bool:
 
 @pytest.mark.parametrize("how", ["exit", "timeout"])
 def test_a_failing_before_job_changes_nothing_that_serves_and_other_apps_go_on(site, how):
-    pw, po = free_port(), free_port()
+    pw, po, ps = free_port(), free_port(), free_port()
 
     def shop(command: list[str]) -> dict:
         env = {"SHOP_CONFIG": {"file": "settings.toml"}, "SHOP_DATA": {"data_dir": True}}
-        return app_doc("shop", {"shop-web": web(pw, env=env)},
-                       files={"settings.toml": {"template": "settings.toml.j2"}},
-                       jobs={"migrate": job(command, env={**env, "WHY": "the table orders is locked"}, timeout_s=3)})
+        doc = app_doc("shop", {"shop-web": web(pw, env=env), "shop-side": web(ps, environment="side")},
+                      files={"settings.toml": {"template": "settings.toml.j2"}},
+                      jobs={"migrate": job(command, env={**env, "WHY": "the table orders is locked"}, timeout_s=3)})
+        doc["environments"]["side"] = {**doc["environments"]["main"], "lockfile": "side.lock"}
+        return doc
 
     site.write("apps/shop/settings.toml.j2", "release = 'one'\n")
     site.app(shop(["envapp-job", "--tag", "one"]), "1.0.0")
@@ -95,8 +97,9 @@ def test_a_failing_before_job_changes_nothing_that_serves_and_other_apps_go_on(s
     now = {"pid": env_of(pw)["pid"], "conf": site.conf("shop-web"), "link": os.readlink(site.root / "envs/main"),
            "config": get(pw, "/read?var=SHOP_CONFIG")}
     assert now == before
-    # the other app of the same commit is applied
+    # the other app of the same commit is applied, and so is the shop's other environment (the job is main's)
     assert get(po) == "envapp 2.0.0\n"
+    assert get(ps) == "envapp 2.0.0\n"
     # the job ran in the new venv and was reported: name, exit code or timeout, stderr tail
     runs = site.job_runs("shop")
     assert [r["tag"] for r in runs] == ["one", "two"] and runs[1]["version"] == "2.0.0"
