@@ -218,6 +218,12 @@ CASES = [
                          "installer: uv, index_url: \"http://127.0.0.1:9/simple\", "
                          "index_credentials: {username: deploy, password: {secret: pypi/PASSWORD}}}"),
          (_app_line("  main: {lockfile"), "secret 'pypi' is not declared")),
+    Case("secret-env-reserved-name", lambda c: c.app("SECRET_KEY: {secret: django/SECRET_KEY}, SHOP_CONFIG: {file: settings.toml}, SHOP_DATA",
+                                                     "SUPERVISOR_SECRET: {secret: django/SECRET_KEY}, SHOP_CONFIG: {file: settings.toml}, SHOP_DATA"),
+         (_app_line("SHOP_DATA: {data_dir: true}"), "SUPERVISOR_SECRET")),
+    Case("secret-env-marker-name", lambda c: c.app("SECRET_KEY: {secret: django/SECRET_KEY}, SHOP_CONFIG: {file: settings.toml}, SHOP_DATA",
+                                                   "GITOPS_AGENT_PROGRAM: {secret: django/SECRET_KEY}, SHOP_CONFIG: {file: settings.toml}, SHOP_DATA"),
+         (_app_line("SHOP_DATA: {data_dir: true}"), "GITOPS_AGENT_PROGRAM")),
     Case("secret-file-missing", lambda c: (c.repo.path / "apps/shop/django.env.age").unlink(),
          (_app_line("django: django.env.age"), "does not exist")),
     Case("secret-not-dotenv", lambda c: c.encrypt_raw("just some text without equals\n"),
