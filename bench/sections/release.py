@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import statistics
 import time
 from pathlib import Path
@@ -54,7 +55,7 @@ _ROWS = [
     ("health gate (shop-web /healthz 200)", ("check_health",)),
     ("restart shop-worker (2 processes)", ("update_program shop-worker",)),
     ("await running (startsecs=1 confirmation)", ("await_running",)),
-    ("prune the oldest venv (retention 3)", ("prune_venvs",)),
+    ("prune the oldest venv (retention 3; the releases that prune)", ("prune_venvs",)),
     ("other (switch venv, program files, status)", ("switch_venv", "write_program", "after")),
 ]
 
@@ -97,9 +98,19 @@ def _row_values(breakdowns: list[dict[str, float]]) -> list[tuple[str, list[floa
     """Each row of _ROWS with its seconds per run (0 where a run had none of it); kinds _ROWS does not
     name get a row of their own, so no time is lost from the breakdown."""
     named = {kind for _row, kinds in _ROWS for kind in kinds} | {"reconcile"}
-    rows = [(row, [sum(b.get(k, 0.0) for k in kinds) for b in breakdowns]) for row, kinds in _ROWS]
+    rows = [(row, [sum(b.get(k, 0.0) for k in kinds) for b in breakdowns
+                   if kinds != ("prune_venvs",) or "prune_venvs" in b]) for row, kinds in _ROWS]
+    rows = [(row, values) for row, values in rows if values]
     extra = sorted({k for b in breakdowns for k in b} - named)
     return rows + [(kind.replace("_", " "), [b.get(kind, 0.0) for b in breakdowns]) for kind in extra]
+
+
+def _check_migrated(root: Path, n: int) -> None:
+    """The release's own migration is recorded as applied: its migrate job did real work."""
+    with sqlite3.connect(root / "apps" / "shop" / "data" / "shop.sqlite3") as db:
+        names = {row[0] for row in db.execute("SELECT name FROM django_migrations WHERE app = 'shop'")}
+    if f"{n + 1:04d}_note_{n + 1}" not in names:
+        raise RuntimeError(f"release {release_version(n)}: its migration is not applied ({sorted(names)})")
 
 
 def run(ctx: Context) -> None:
@@ -133,15 +144,13 @@ def run(ctx: Context) -> None:
             since, t0 = time.time(), time.perf_counter()
             git(repo.path, "commit", "-q", "-m", f"shop {version}")
             new = git(repo.path, "rev-parse", "HEAD")
-            last_old, first_none = t0, None
+            last_old = t0
             while True:
                 answer, at = shop_version(port, 2.0), time.perf_counter()
                 if answer == version:
                     break
                 if answer == old:
                     last_old = at
-                elif first_none is None:
-                    first_none = at
                 if at - t0 > 600:
                     raise RuntimeError(f"shop {version} not serving 600 s after its commit")
                 time.sleep(0.01)
@@ -149,6 +158,7 @@ def run(ctx: Context) -> None:
             gaps.append(at - last_old)
             done.append(when(lambda: applied(new), 600, f"shop {version} applied", 0.02, daemon.log) - t0)
             breakdowns.append(action_times(daemon.log, since, new))
+            _check_migrated(root, n)
             log(f"release: {version} serving after {serving[-1]:.2f}s, applied after {done[-1]:.2f}s; "
                 + ", ".join(f"{k} {v:.2f}s" for k, v in breakdowns[-1].items()))
             time.sleep(1.0)
