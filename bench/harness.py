@@ -283,9 +283,10 @@ def machine_info(extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 
 def write_markdown(res: Results, info: list[tuple[str, str]], quick: bool, seconds: float, path: Path,
-                   how: list[str]) -> None:
+                   how: list[str], only: str | None = None) -> None:
+    flags = (" --quick" if quick else "") + (f" --only {only}" if only else "")
     lines = ["# gitops-agent benchmark results", "",
-             (f"`python bench/run.py{' --quick' if quick else ''}` on {time.strftime('%Y-%m-%d %H:%M')} "
+             (f"`python bench/run.py{flags}` on {time.strftime('%Y-%m-%d %H:%M')} "
               f"({seconds:.0f} s). Targets from issue 6. Times are wall clock unless marked CPU."), "",
              "## Machine", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in info], "",
              "## Results", "", res.table(), ""]
@@ -367,6 +368,6 @@ def main(description: str, sections: list[Section], machine_rows: Callable[[], l
     print()
     print(res.table())
     print(f"\n{'quick' if quick else 'full'} run in {seconds:.0f} s")
-    write_markdown(res, info, quick, seconds, out, [s.how for s in sections])
+    write_markdown(res, info, quick, seconds, out, [s.how for s in sections], args.only)
     print(f"written {out}")
     return 1 if failed else 0

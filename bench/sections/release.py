@@ -39,9 +39,9 @@ HOW = """\
    before `git commit` until GET /version answers the new version (polled every 10 ms), and until
    /metrics shows the commit applied (the reconcile done: workers back, startsecs confirmed). The
    breakdown is the daemon's own JSON log: an action's time is its log line's timestamp minus the
-   previous line's (actions run one after another); "before the first action" is from the commit to
-   the start of the reconcile that applied it (watch trigger + debounce) plus fetch, load, secrets,
-   templates, facts and plan (up to the first action's start, taken as the last log line before it).
+   previous line's (actions run one after another); "commit -> checked out" ends at the last line
+   before the first action (the checkout), so load, secrets, templates, facts and plan are counted
+   with the first action, the venv build. Each run checks the release's migration is applied.
 """
 
 SERVING = "shop release: commit -> new version serving (/version)"
