@@ -29,10 +29,10 @@ import urllib.request
 from pathlib import Path
 
 import yaml
-
 from wheelfactory import lock_line, make_wheel
 
-__all__ = ["ENVAPP", "envapp_source", "make_envapp_wheel", "envapp_lock", "web", "app_doc", "Site", "FLEET", "get", "env_of"]
+__all__ = ["ENVAPP", "FLEET", "Site", "app_doc", "env_of", "envapp_lock", "envapp_source", "get", "make_envapp_wheel",
+           "web"]
 
 ENVAPP = "envapp"
 

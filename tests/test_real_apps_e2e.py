@@ -19,13 +19,13 @@ data dir; a worker; a health command. What is checked is what a user relies on:
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import stat
-import time
 from pathlib import Path
 
 import pytest
-
 from conftest import free_port, git
 from envapp import Site, app_doc, env_of, get, web
 
@@ -329,7 +329,7 @@ def test_depends_on_orders_starts_and_processes_run_several(site):
     assert sorted(members) == ["worker:worker-0", "worker:worker-1"], info.keys()
     assert all(p["statename"] == "RUNNING" for p in members.values())
     assert len({p["pid"] for p in members.values()}) == 2
-    workers = [__import__("json").loads(line) for line in record.read_text().splitlines()]
+    workers = [json.loads(line) for line in record.read_text().splitlines()]
     assert sorted(w["process"] for w in workers) == ["worker-0", "worker-1"]
     assert all(w["started_at"] >= api["bound_at"] for w in workers), "a worker started before api was healthy"
     priority = {n: int(next(line for line in site.conf(n).splitlines() if line.startswith("priority="))[9:])
@@ -344,11 +344,9 @@ def test_depends_on_orders_starts_and_processes_run_several(site):
     db2, api2 = env_of(pd), env_of(pa)
     assert db2["version"] == api2["version"] == "2.0.0"
     assert api2["started_at"] >= db2["bound_at"], "api restarted before the new db was healthy"
-    workers = [__import__("json").loads(line) for line in record.read_text().splitlines()][2:]
+    workers = [json.loads(line) for line in record.read_text().splitlines()][2:]
     assert sorted(w["process"] for w in workers) == ["worker-0", "worker-1"]
     assert all(w["started_at"] >= api2["bound_at"] for w in workers), "a worker restarted before api was healthy"
-
-    import shutil
 
     shutil.rmtree(site.repo.path / "apps/shop")                # removed: stopped in reverse order
     site.commit("remove shop")
@@ -422,8 +420,6 @@ def test_the_data_dir_survives_deploys_rollbacks_and_the_apps_removal(site):
     site.once()
     assert get(pw) == "envapp 1.0.0\n" and kept()
     assert stat.S_IMODE(data.stat().st_mode) == 0o750
-
-    import shutil
 
     shutil.rmtree(site.repo.path / "apps/shop")                # the app leaves this host
     site.commit("remove shop")

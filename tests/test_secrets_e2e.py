@@ -23,7 +23,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import StateRepo, free_port, git, run_agent
 from daemon_helpers import http_get, start_daemon, wait_until
 from envapp import envapp_lock

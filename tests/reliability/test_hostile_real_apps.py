@@ -19,16 +19,16 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import pytest
-
 from conftest import StateRepo, free_port, git, run_agent
 from envapp import envapp_lock
-from reliability._support import agent_args, get_text, programs, status
 from shopfactory import encrypt_dotenv, new_identity, recipient_of
+
+from reliability._support import agent_args, get_text, programs, status
 
 pytestmark = pytest.mark.timeout(900)
 
