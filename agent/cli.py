@@ -26,7 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--root", help="where venvs, program configs and status live (default: /var/lib/gitops-agent)")
     g.add_argument("--supervisor", help="'embedded' (default) or unix:///path/to/supervisor.sock")
     g.add_argument("--retention", type=int, help="venvs kept per environment for instant rollback (default 3)")
-    g.add_argument("--installer", choices=["pip", "uv"], help="default venv installer (default pip)")
+    g.add_argument("--installer", choices=["pip", "uv"], help="default venv installer (default: uv when it runs here, else pip)")
     g.add_argument("--lb", choices=["haproxy", "nginx"], help="load balancer for traffic: (default haproxy)")
     g.add_argument("--lb-config", help="drive a system load balancer: the config file it reads (the agent owns it)")
     g.add_argument("--lb-reload", help="with --lb-config: the command that reloads or starts it")

@@ -10,15 +10,28 @@ from __future__ import annotations
 import math
 import os
 import socket
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 from agent.core.errors import ConfigError
 
-__all__ = ["Settings", "build_settings", "ENV_PREFIX"]
+__all__ = ["Settings", "build_settings", "default_installer", "ENV_PREFIX"]
 
 ENV_PREFIX = "GITOPS_AGENT_"
+
+
+@lru_cache(maxsize=1)
+def default_installer() -> str:
+    """uv whenever its binary runs here (the package depends on `uv`, which ships it), else pip.
+
+    Asked once per process: a default, not a per-environment decision (an environment's `installer:`
+    and `--installer` still choose). Changing it changes the venv identity of environments that do not
+    say, so the first reconcile after an upgrade rebuilds them once."""
+    from agent.drivers.venv import find_uv
+
+    return "uv" if find_uv() else "pip"
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class Settings:
     root: Path = Path("/var/lib/gitops-agent")
     supervisor: str = "embedded"            # embedded | unix:///path/to/supervisor.sock
     retention: int = 3                      # venvs kept per environment
-    installer: str = "pip"                  # default for environments that do not say
+    installer: str = field(default_factory=default_installer)  # for environments that do not say: uv if it runs, else pip
     lb: str = "haproxy"                     # the load balancer for `traffic:`: haproxy | nginx (run under supervisord)
     lb_config: str | None = None            # drive a system LB instead: the config file it reads ...
     lb_reload: str | None = None            # ... and the command that reloads (or starts) it

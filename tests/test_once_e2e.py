@@ -189,7 +189,13 @@ def test_hand_changes_are_drift_and_once_heals_them(state_repo, agent_root):
 
     # 3. a package changed by hand inside the venv
     venv = (agent_root / "envs/demo").resolve()
-    subprocess.run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "demoapp"], check=True)
+    if json.loads((venv / ".gitops-agent.json").read_text())["installer"] == "uv":     # the default (issue 17)
+        from agent.drivers.venv import find_uv
+
+        subprocess.run([find_uv(), "pip", "uninstall", "-q", "--python", str(venv / "bin/python"), "demoapp"],
+                       check=True, env={"PATH": "/usr/bin:/bin", "HOME": str(agent_root / "installer-home")})
+    else:
+        subprocess.run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "demoapp"], check=True)
     code, plan = plan_json(state_repo, agent_root)
     assert code == 2, plan
     repair = plan["plan"]["actions"][0]
