@@ -21,6 +21,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     g.add_argument("--config", help="YAML file of settings (keys as the long options, with _)")
     g.add_argument("--repo", help="state repo URL: file://, ssh, https, or a local path")
     g.add_argument("--ref", help="branch, tag or commit to track (default: main)")
+    g.add_argument("--refs-url", help="poll the repo's static info/refs at this http(s) URL with If-None-Match "
+                   "(git update-server-info; nginx answers 304) instead of git ls-remote")
     g.add_argument("--path", help="subdirectory of the repo that holds the state (e.g. a tier)")
     g.add_argument("--host", help="this host's name in fleet.yaml (default: hostname)")
     g.add_argument("--root", help="where venvs, program configs and status live (default: /var/lib/gitops-agent)")

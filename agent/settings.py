@@ -53,6 +53,7 @@ class Settings:
     mode: str = "enforce"                   # enforce | warn (drift reported, not healed)
     apply_commits: bool = False             # in warn mode, still apply a new commit (intended change)
     poll_interval_s: float = 15.0
+    refs_url: str | None = None             # poll this static info/refs (HTTP ETag, 304) instead of git ls-remote
     verify_signatures: bool = False         # apply only commits signed by a trusted key
     trusted_keys: str | None = None         # OpenPGP public keyring file (armored or binary)
     allowed_signers: str | None = None      # SSH allowed-signers file (gpg.ssh.allowedSignersFile)
@@ -118,6 +119,8 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
             found.append((name, f"must be {' or '.join(allowed)}, not {value!r}"))
     if s.supervisor != "embedded" and not s.supervisor.startswith("unix://"):
         found.append(("supervisor", f"must be 'embedded' or unix:///path/to.sock, not {s.supervisor!r}"))
+    if s.refs_url and not s.refs_url.startswith(("http://", "https://")):
+        found.append(("refs_url", "must be an http:// or https:// URL of the repo's info/refs"))
     if s.path and (os.path.isabs(s.path) or ".." in Path(s.path).parts):
         found.append(("path", f"{s.path!r} must be a relative subdirectory of the repo"))
     for identity in s.age_identities:
