@@ -26,9 +26,10 @@ from __future__ import annotations
 import sys
 
 import harness
-from sections import ansible, daemon, once, rollback, scale, venv
+from sections import ansible, daemon, fresh, lock_release, once, rollback, scale, venv
 
-SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION]
+SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION,
+            fresh.SECTION, lock_release.SECTION]
 
 
 def main(argv: list[str] | None = None) -> int:
