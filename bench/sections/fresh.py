@@ -103,11 +103,11 @@ if __name__ == "__main__":
     ap.add_argument("--agent-args", default="", help="more options for every `once` (e.g. '--installer uv')")
     args = ap.parse_args()
     out = Results()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-fresh-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-fresh-") as tmp:
+        try:
             t0 = time.perf_counter()
             run(Context(out, Path(tmp), quick=False), runs=args.runs, pip=args.pip, extra=tuple(args.agent_args.split()))
             log(f"done in {time.perf_counter() - t0:.0f}s")
-    finally:
-        CLEANUP.run()
+        finally:
+            CLEANUP.run()      # inside: the roots must still exist to be stopped
     print(out.table())

@@ -78,10 +78,10 @@ if __name__ == "__main__":
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
     out = Results()
-    try:
-        with tempfile.TemporaryDirectory(prefix="bench-release-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="bench-release-") as tmp:
+        try:
             run(Context(out, Path(tmp), quick=False), runs=args.runs)
-    finally:
-        CLEANUP.run()
+        finally:
+            CLEANUP.run()      # inside: the roots must still exist to be stopped
     print(out.table())
     log("done")
