@@ -10,15 +10,28 @@ from __future__ import annotations
 import math
 import os
 import socket
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
 from agent.core.errors import ConfigError
 
-__all__ = ["Settings", "build_settings", "ENV_PREFIX"]
+__all__ = ["Settings", "build_settings", "default_installer", "ENV_PREFIX"]
 
 ENV_PREFIX = "GITOPS_AGENT_"
+
+
+@lru_cache(maxsize=1)
+def default_installer() -> str:
+    """uv whenever its binary runs here (the package depends on `uv`, which ships it), else pip.
+
+    Asked once per process: a default, not a per-environment decision (an environment's `installer:`
+    and `--installer` still choose). Changing it changes the venv identity of environments that do not
+    say, so the first reconcile after an upgrade rebuilds them once."""
+    from agent.drivers.venv import find_uv
+
+    return "uv" if find_uv() else "pip"
 
 
 @dataclass(frozen=True)
@@ -30,7 +43,7 @@ class Settings:
     root: Path = Path("/var/lib/gitops-agent")
     supervisor: str = "embedded"            # embedded | unix:///path/to/supervisor.sock
     retention: int = 3                      # venvs kept per environment
-    installer: str = "pip"                  # default for environments that do not say
+    installer: str = field(default_factory=default_installer)  # for environments that do not say: uv if it runs, else pip
     lb: str = "haproxy"                     # the load balancer for `traffic:`: haproxy | nginx (run under supervisord)
     lb_config: str | None = None            # drive a system LB instead: the config file it reads ...
     lb_reload: str | None = None            # ... and the command that reloads (or starts) it
@@ -42,6 +55,7 @@ class Settings:
     mode: str = "enforce"                   # enforce | warn (drift reported, not healed)
     apply_commits: bool = False             # in warn mode, still apply a new commit (intended change)
     poll_interval_s: float = 15.0
+    refs_url: str | None = None             # poll this static info/refs (HTTP ETag, 304) instead of git ls-remote
     verify_signatures: bool = False         # apply only commits signed by a trusted key
     trusted_keys: str | None = None         # OpenPGP public keyring file (armored or binary)
     allowed_signers: str | None = None      # SSH allowed-signers file (gpg.ssh.allowedSignersFile)
@@ -119,6 +133,8 @@ def _problems(s: Settings) -> list[tuple[str, str]]:
             found.append((name, f"must be {' or '.join(allowed)}, not {value!r}"))
     if s.supervisor != "embedded" and not s.supervisor.startswith("unix://"):
         found.append(("supervisor", f"must be 'embedded' or unix:///path/to.sock, not {s.supervisor!r}"))
+    if s.refs_url and not s.refs_url.startswith(("http://", "https://")):
+        found.append(("refs_url", "must be an http:// or https:// URL of the repo's info/refs"))
     if s.path and (os.path.isabs(s.path) or ".." in Path(s.path).parts):
         found.append(("path", f"{s.path!r} must be a relative subdirectory of the repo"))
     for identity in s.age_identities:

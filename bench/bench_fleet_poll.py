@@ -4,6 +4,8 @@ ref, protocol v2 ref-prefix) against ONE `git daemon` on 127.0.0.1.
 The server is `git daemon --inetd`, one per connection, behind a tiny accept loop that waits for each with
 `os.wait4`: the rusage is exactly the server-side CPU of that poll (git daemon + the upload-pack it runs; a
 standalone `git daemon` does not accumulate its children's CPU in /proc, so it cannot be measured from outside).
+With nginx installed it then measures the same agents polling the repo's static `info/refs` (written by
+`git update-server-info`) with If-None-Match, as `--refs-url` does (nginx answers 304 Not Modified).
 Reports the server's CPU per poll and per-poll latency, for a burst (every agent at the same second: no splay) and for polls
 spread over the interval (splay). Usage:
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -120,6 +123,96 @@ def run(url: str, pid: InetdServer, agents: int, rounds: int, interval: float, c
             "server_cpu_s": cpu, "wall_s": wall}
 
 
+NGINX_CONF = """\
+daemon off;
+master_process off;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {tmp}/body; proxy_temp_path {tmp}/proxy; fastcgi_temp_path {tmp}/fcgi;
+  uwsgi_temp_path {tmp}/uwsgi; scgi_temp_path {tmp}/scgi;
+  server {{ listen 127.0.0.1:{port}; root {root}; }}
+}}
+"""
+
+
+class NginxServer:
+    """nginx in one process (master_process off) serving the bare repo's info/refs (git update-server-info):
+    its /proc utime+stime is the server-side CPU of the HTTP polls."""
+
+    def __init__(self, base: Path):
+        import socket
+
+        git(base / "state.git", "update-server-info")
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        conf = base / "nginx.conf"
+        conf.write_text(NGINX_CONF.format(tmp=base, port=self.port, root=base))
+        self.proc = subprocess.Popen(["nginx", "-c", str(conf), "-p", str(base)], stderr=subprocess.DEVNULL)
+        self.url = f"http://127.0.0.1:{self.port}/state.git/info/refs"
+
+    def cpu(self) -> float:
+        fields_ = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields_[11]) + int(fields_[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def http_poll(url: str, etags: dict, agent: int) -> float:
+    """One agent's poll as agent.drivers.refs_http.RefsPoller does it: GET with the agent's last ETag."""
+    import urllib.error
+    import urllib.request
+
+    started = time.perf_counter()
+    req = urllib.request.Request(url, headers={"Cache-Control": "no-cache"})
+    if etags.get(agent):
+        req.add_header("If-None-Match", etags[agent])
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            resp.read()
+            etags[agent] = resp.headers.get("ETag")
+    except urllib.error.HTTPError as exc:
+        if exc.code != 304:
+            raise
+    return time.perf_counter() - started
+
+
+def run_http(server: NginxServer, agents: int, rounds: int, interval: float, concurrency: int, spread: bool) -> dict:
+    """`run` for the HTTP conditional poll; the first round (every agent's 200) is a warm-up, not counted."""
+    etags: dict[int, str] = {}
+    with ThreadPoolExecutor(concurrency) as pool:
+        list(pool.map(lambda a: http_poll(server.url, etags, a), range(agents)))
+    latencies: list[float] = []
+    lock = threading.Lock()
+    cpu0, wall0 = server.cpu(), time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        for _ in range(rounds):
+            start = time.perf_counter()
+            offsets = [(a, random.uniform(0, interval) if spread else 0.0) for a in range(agents)]
+
+            def one(item) -> None:
+                agent, offset = item
+                delay = start + offset - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+                lat = http_poll(server.url, etags, agent)
+                with lock:
+                    latencies.append(lat)
+
+            list(pool.map(one, offsets))
+    cpu = server.cpu() - cpu0
+    latencies.sort()
+    n = len(latencies)
+    return {"polls": n, "server_cpu_ms_per_poll": 1000 * cpu / n, "p50_ms": 1000 * statistics.median(latencies),
+            "p95_ms": 1000 * latencies[int(0.95 * (n - 1))], "p99_ms": 1000 * latencies[int(0.99 * (n - 1))],
+            "max_ms": 1000 * latencies[-1], "server_cpu_s": cpu, "wall_s": time.perf_counter() - wall0}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--agents", type=int, default=200)
@@ -127,6 +220,8 @@ def main() -> None:
     ap.add_argument("--interval", type=float, default=15.0, help="poll interval for the spread run (s)")
     ap.add_argument("--concurrency", type=int, default=32, help="max polls in flight (client threads)")
     ap.add_argument("--refs", type=int, default=50)
+    ap.add_argument("--http", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure the HTTP conditional poll of a static info/refs (nginx; issue 17)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp)
@@ -149,6 +244,26 @@ def main() -> None:
                       f"p95 {r['p95_ms']:.1f} ms, max {r['max_ms']:.1f} ms")
         finally:
             daemon.stop()
+        if args.http and shutil.which("nginx"):
+            server = NginxServer(base)
+            try:
+                for _ in range(50):
+                    try:
+                        http_poll(server.url, {}, -1)
+                        break
+                    except OSError:
+                        time.sleep(0.1)
+                print(f"HTTP conditional poll (If-None-Match -> 304) of info/refs served by nginx (one process): "
+                      f"{args.agents} agents x {args.rounds} rounds")
+                for name, spread in (("burst (no splay)", False), (f"spread over {args.interval:g}s (splay)", True)):
+                    r = run_http(server, args.agents, args.rounds, args.interval, args.concurrency, spread)
+                    agents_per_core = args.interval / (r["server_cpu_ms_per_poll"] / 1000) if r["server_cpu_s"] else float("inf")
+                    print(f"{name:>28}: {r['polls']} polls, server CPU {r['server_cpu_ms_per_poll']:.3f} ms/poll "
+                          f"({r['server_cpu_s']:.2f} s in {r['wall_s']:.1f} s; ~{agents_per_core:,.0f} agents per core "
+                          f"at {args.interval:g} s), latency p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms, "
+                          f"max {r['max_ms']:.1f} ms")
+            finally:
+                server.stop()
 
 
 if __name__ == "__main__":

@@ -28,10 +28,10 @@ from __future__ import annotations
 import sys
 
 import harness
-from sections import ansible, daemon, once, release, rollback, scale, venv
+from sections import ansible, daemon, fresh, lock_release, once, release, rollback, scale, venv
 
 SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION,
-            release.SECTION]
+            release.SECTION, fresh.SECTION, lock_release.SECTION]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -79,7 +79,8 @@ def test_once_converges_then_plan_is_empty_and_down_stops_everything(state_repo,
     facts = json.loads(run_agent("facts", "--json", "--root", str(agent_root), check=True).stdout)
     assert facts["supervisor"] == "running"
     assert facts["venvs"]["demo"]["installed"] == [["demoapp", "1.0.0"]]
-    assert facts["programs"]["demo-web"]["state"] == "RUNNING"
+    assert facts["programs"]["demo-web"]["state"] in ("RUNNING", "STARTING")   # STARTING: gated, inside startsecs
+    assert facts["programs"]["demo-web"]["gated_pid"] == facts["programs"]["demo-web"]["pid"]
 
     assert "stopped" in run_agent("down", "--root", str(agent_root), check=True).stdout
     with pytest.raises(OSError):
@@ -189,7 +190,13 @@ def test_hand_changes_are_drift_and_once_heals_them(state_repo, agent_root):
 
     # 3. a package changed by hand inside the venv
     venv = (agent_root / "envs/demo").resolve()
-    subprocess.run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "demoapp"], check=True)
+    if json.loads((venv / ".gitops-agent.json").read_text())["installer"] == "uv":     # the default (issue 17)
+        from agent.drivers.venv import find_uv
+
+        subprocess.run([find_uv(), "pip", "uninstall", "-q", "--python", str(venv / "bin/python"), "demoapp"],
+                       check=True, env={"PATH": "/usr/bin:/bin", "HOME": str(agent_root / "installer-home")})
+    else:
+        subprocess.run([str(venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "demoapp"], check=True)
     code, plan = plan_json(state_repo, agent_root)
     assert code == 2, plan
     repair = plan["plan"]["actions"][0]

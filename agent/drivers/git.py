@@ -121,7 +121,10 @@ class GitSource:
         *,
         timeout: float = 60.0,
         ssh_command: str | None = None,
+        refs_url: str | None = None,
     ):
+        """`refs_url`: the repo's static `info/refs` over HTTP(S) (git update-server-info), polled with
+        If-None-Match instead of `git ls-remote` (agent.drivers.refs_http); the fetch still uses `url`."""
         self.url = _normalise_url(url)
         self.ref = _check_ref(ref)
         if keep_checkouts < 0:
@@ -138,6 +141,11 @@ class GitSource:
         self._borrow: Path | None = None  # aside only: the root's mirror, read for objects, refs and stamps
         self._scratch: Path | None = None  # aside only: what close() removes (its temp dir, or what it put in one)
         self._owns_scratch = False
+        self._refs_poller = None
+        if refs_url:
+            from agent.drivers.refs_http import RefsPoller
+
+            self._refs_poller = RefsPoller(refs_url, timeout=timeout)
 
     @classmethod
     def aside(
@@ -427,6 +435,12 @@ class GitSource:
         A repository on this host is read directly (its ref files): the same answer as `git ls-remote`
         without a process per poll.
         """
+        if self._refs_poller is not None:     # a static info/refs: a 304 when nothing moved
+            try:
+                advertised = self._refs_poller.poll(redact(self._refs_poller.url))
+                return {name: advertised[name] for name in _candidates(self.ref) if name in advertised}
+            except SourceError as exc:
+                log.warning("%s; asking the repo with git ls-remote instead", exc)
         local = _local_git_dir(self.url)
         if local is not None:
             refs = {name: sha for name in _candidates(self.ref) if (sha := _read_ref(local, name))}

@@ -43,6 +43,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
@@ -410,9 +411,17 @@ def resolve_python(version: str) -> str:
     raise BuildError(f"no Python {version} interpreter found (python{version} on PATH, pyenv versions)")
 
 
+_FIND_UV = threading.Lock()     # builds run in threads: sysconfig's first use (in uv's finder) is not thread-safe
+
+
 def find_uv() -> str | None:
     """The uv binary: the one the `uv` Python package ships next to this interpreter (the version
     installed with the agent), else `uv` on PATH if it really runs (a pyenv shim may exist and exit 127)."""
+    with _FIND_UV:
+        return _find_uv()
+
+
+def _find_uv() -> str | None:
     try:
         from uv import find_uv_bin  # type: ignore[import-not-found]
 

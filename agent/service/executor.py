@@ -8,7 +8,9 @@ program's previous config, so a host is never left half-way between two revision
 from __future__ import annotations
 
 import logging
+import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -84,9 +86,9 @@ def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
 
 
 def _started(drivers: Drivers, action: UpdateProgram | StartProgram | RestartProgram) -> str:
-    """Nothing waits here: a gated start's health check decides when it gets traffic, and every start's
-    AwaitRunning (planned last) confirms startsecs, so the windows of many services overlap instead of
-    adding up (a program that dies at once fails there, with its stderr)."""
+    """Nothing waits here: a gated start's health check decides when it gets traffic (and stands in for
+    RUNNING), and an ungated start's AwaitRunning (planned last) confirms startsecs, so the windows of many
+    services overlap instead of adding up (a program that dies at once fails there, with its stderr)."""
     return ", starting (health gate next)" if action.gated else ", starting"
 
 
@@ -321,10 +323,40 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
     """One outcome per action, in plan order. Never raises: an unexpected exception (a bug in a driver)
     is logged with its traceback and becomes a failed outcome, so the rest of the host goes on and
     the reconcile is still recorded."""
+    builds = _independent_builds(plan)
+    if len(builds) < 2:
+        return _apply(plan, drivers, {})
+    with ThreadPoolExecutor(max_workers=min(len(builds), os.cpu_count() or 1),
+                            thread_name_prefix="venv-build") as pool:
+        return _apply(plan, drivers, {i: pool.submit(_timed_run, plan.actions[i], drivers) for i in builds})
+
+
+def _independent_builds(plan: Plan) -> list[int]:
+    """Positions of the venv builds that need nothing: they start together, at the beginning of the apply
+    (bounded by the cores), while supervisord starts and files are written. One per venv path: a plan
+    names each environment once, and a second build of one path would run in turn, not alongside."""
+    seen: set[tuple[str, str]] = set()
+    found = []
+    for i, action in enumerate(plan.actions):
+        if isinstance(action, (BuildVenv, RepairVenv)) and not action.needs:
+            path = (action.env.name, action.env.identity)
+            if path not in seen:
+                seen.add(path)
+                found.append(i)
+    return found
+
+
+def _timed_run(action: Action, drivers: Drivers) -> tuple[_Done, float]:
+    start = drivers.clock()
+    return _run(action, drivers), drivers.clock() - start
+
+
+def _apply(plan: Plan, drivers: Drivers, started: dict[int, Future]) -> tuple[Outcome, ...]:
+    """The actions in plan order; those in `started` already run in the background: their result is awaited."""
     failed: set[str] = set()
     done: list[Action] = []
     outcomes: list[Outcome] = []
-    for action in plan.actions:
+    for i, action in enumerate(plan.actions):
         blocked = [k for k in (action.key, *action.needs) if k in failed]
         if blocked:
             failed.add(action.key)
@@ -333,7 +365,11 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
             continue
         start = drivers.clock()
         try:
-            done_ = _run(action, drivers)
+            if i in started:
+                done_, seconds = started[i].result()
+                start = drivers.clock() - seconds
+            else:
+                done_ = _run(action, drivers)
         except Exception as exc:  # noqa: BLE001 - the executor's promise: every action becomes an Outcome
             failed.add(action.key)
             outcomes.append(_failure(action, exc, done, drivers, drivers.clock() - start))
