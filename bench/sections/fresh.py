@@ -75,7 +75,7 @@ def _warm(work: Path, repo: Path, tag: str, extra: list[str]) -> Path:
 
 def run(ctx: Context, runs: int | None = None, pip: bool | None = None, extra: tuple[str, ...] = ()) -> None:
     res, work = ctx.res, ctx.work
-    runs = runs or (3 if ctx.quick else 7)
+    runs = runs or (1 if ctx.quick else 7)
     (work / "fresh").mkdir(parents=True, exist_ok=True)
     repo, ports = example_repo(work / "fresh")
     home = _warm(work, repo, "uv", [*extra])

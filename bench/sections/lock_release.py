@@ -40,7 +40,7 @@ HOW = """\
 
 def run(ctx: Context, runs: int | None = None) -> None:
     res, work = ctx.res, ctx.work
-    runs = runs or (2 if ctx.quick else 7)
+    runs = runs or (1 if ctx.quick else 7)
     repo = DemoRepo(work / "release-repo")
     port = distinct_port()
     for i in range(runs + 1):
