@@ -28,10 +28,11 @@ def remember_secrets(values) -> None:
 
 
 def scrub(text: str) -> str:
-    """Hide userinfo in URLs (https://user:token@host -> https://***@host) and known secret values."""
-    for value in _SECRETS:
-        if value in text:
-            text = text.replace(value, "***")
+    """Hide userinfo in URLs (https://user:token@host -> https://***@host) and known secret values (each spelling)."""
+    if _SECRETS:
+        from agent.core.redact import redact
+
+        text = redact(text, _SECRETS)
     return _CRED.sub(r"\g<scheme>***@", text)
 
 

@@ -281,8 +281,6 @@ def test_a_failing_job_that_prints_the_value_shows_stars(host):
     assert host.pids() == before
 
 
-@pytest.mark.xfail(strict=True, reason="bug: executor._raise_if_dead cuts the stderr tail to 500 chars before the "
-                                       "value is redacted, so a fragment of it leaks (/tmp/bugs-13.md #6)")
 def test_a_crashing_service_that_prints_the_value_shows_stars(own_host):
     host = own_host
     pad = 500 - len(SECRET) // 2 - 2                   # the 500-character tail kept starts inside the value
@@ -297,8 +295,6 @@ def test_a_crashing_service_that_prints_the_value_shows_stars(own_host):
     assert_root_hides(host)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: drivers/jobs._tail keeps the last 2000 bytes of stderr before the "
-                                       "value is redacted, so a fragment of it leaks (/tmp/bugs-13.md #6)")
 def test_a_job_stderr_tail_that_cuts_the_value_leaks_no_fragment(own_host):
     host = own_host
     pad = 2000 - len(SECRET.encode()) // 2 - 2         # the 2000-byte tail window starts inside the value
@@ -312,8 +308,6 @@ def test_a_job_stderr_tail_that_cuts_the_value_leaks_no_fragment(own_host):
     assert_hidden("status.json", (host.root / "state/status.json").read_text(), host.secrets())
 
 
-@pytest.mark.xfail(strict=True, reason="bug: Materials.redact and logs.scrub hide only the exact value, not its "
-                                       "repr()/JSON spellings (/tmp/bugs-13.md #7)")
 def test_a_value_printed_as_repr_or_json_is_hidden_too(own_host):
     """A traceback shows repr(value), a JSON log line json.dumps(value): with a quote or a backslash in the
     value, these spellings differ from the value itself and must be hidden as well."""

@@ -77,12 +77,10 @@ class Materials:
     key: bytes = field(default=b"", repr=False)
 
     def redact(self, text: str) -> str:
-        """`text` with every known secret value replaced by `***` (longest first, so a value that contains
-        another is hidden whole)."""
-        for value in self.secret_values:
-            if value in text:
-                text = text.replace(value, "***")
-        return text
+        """`text` with every known secret value, in each of its spellings (raw, repr, JSON), replaced by `***`."""
+        from agent.core.redact import redact
+
+        return redact(text, self.secret_values) if self.secret_values else text
 
     def digest(self, data: bytes) -> str:
         return digest(self.key, data)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.core.errors import Temporary
+from agent.core.redact import whole_lines_tail
 
 __all__ = ["JobFailed", "JobRun", "run_job"]
 
@@ -32,13 +33,16 @@ class JobRun:
 
 
 def _tail(path: Path, nbytes: int = _TAIL_BYTES) -> str:
+    """The end of a job's stderr, in whole lines (a line cut at its start could begin inside a secret value)."""
     try:
         with open(path, "rb") as fh:
             fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - nbytes))
-            return fh.read().decode("utf-8", "replace").strip()
+            size = fh.tell()
+            fh.seek(max(0, size - nbytes))
+            text = fh.read().decode("utf-8", "replace")
     except OSError:
         return ""
+    return whole_lines_tail(text, nbytes, capped=size > nbytes)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

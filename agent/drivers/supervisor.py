@@ -147,12 +147,15 @@ class SupervisorClient:
 
     def _stderr_tail(self, name: str, nbytes: int) -> str:
         try:
-            text, _offset, _overflow = self._call("supervisor.tailProcessStderrLog", name, 0, nbytes)
+            text, _offset, overflow = self._call("supervisor.tailProcessStderrLog", name, 0, nbytes)
         except SupervisorError as err:
             if err.code == _NO_FILE:
                 return ""
             raise
-        return str(text)
+        text = str(text)
+        if overflow:    # the log is longer: its first line here is cut, and could begin inside a secret value
+            text = text.partition("\n")[2]
+        return text
 
     def _members(self, name: str, err: SupervisorError) -> list[dict]:
         """The processes of multi-process program `name`, in process order, when `err` (from a call

@@ -22,6 +22,7 @@ from agent.drivers.venv import VenvManager, VenvSpec
 from agent.core.errors import AgentError, HealthCheckFailed, SupervisorError
 from agent.core.facts import DOWN_STATES, STARTABLE_STATES, ProcessState, text_digest
 from agent.core.outcome import Outcome, Verdict, verdict_for
+from agent.core.redact import whole_lines_tail
 from agent.drivers._procfs import holds_url_listener
 from agent.drivers.fsutil import atomic_write
 from agent.core.layout import Layout
@@ -35,6 +36,8 @@ from agent.core.plan import (
 __all__ = ["Outcome", "Drivers", "apply_plan", "http_healthy"]
 
 log = logging.getLogger("gitops_agent.apply")
+
+_LOG_TAIL_BYTES = 2000
 
 
 @dataclass
@@ -95,9 +98,10 @@ def _started(drivers: Drivers, action: UpdateProgram | StartProgram | RestartPro
 def _raise_if_dead(client, name: str, info: dict | None) -> None:
     state = info.get("statename") if info else None
     if state in DOWN_STATES and info is not None:
-        tail = client.read_log_tail(name)
+        # whole lines only (the driver drops a line its tail cut): a cut line could begin inside a secret value
+        tail = whole_lines_tail(client.read_log_tail(name, _LOG_TAIL_BYTES), 500, capped=False)
         why = daemonized(client, name, info) or f"program {name} is {state}: {info.get('spawnerr') or info.get('description', '')}"
-        raise SupervisorError(why + (f"; stderr: {tail.strip()[-500:]}" if tail.strip() else ""))
+        raise SupervisorError(why + (f"; stderr: {tail}" if tail else ""))
 
 
 def tcp_healthy(address: str, timeout_s: float) -> tuple[bool, str]:
