@@ -88,6 +88,17 @@ def _parser() -> argparse.ArgumentParser:
 
     down = sub.add_parser("down", help="stop the embedded supervisord and everything it runs (state on disk kept)")
     _common(down)
+
+    suspend = sub.add_parser("suspend", help="stop applying changes, host-wide or for one app (drift is still reported)")
+    _common(suspend)
+    suspend.add_argument("--app", help="suspend only this app (default: the whole host)")
+    suspend.add_argument("--reason", required=True, help="why: shown by status, plan and the metrics' readers")
+    resume = sub.add_parser("resume", help="apply changes again, host-wide or for one app")
+    _common(resume)
+    resume.add_argument("--app", help="resume only this app (default: the host-wide suspension)")
+    retry = sub.add_parser("retry", help="lift the quarantine of a failed revision, for every app or one")
+    _common(retry)
+    retry.add_argument("--app", help="lift only this app's quarantine")
     return parser
 
 
@@ -122,8 +133,21 @@ def _print_result(result, as_json: bool) -> None:
     print(f"result: {result.result} in {result.seconds:.2f}s")
     for app, listen in result.frontends:
         print(f"{app}: open http://{listen}/")
+    _print_held(result)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
+
+
+def _print_held(result) -> None:
+    """Actions a suspension or quarantine held back: what the agent would do, and why it does not."""
+    control = getattr(result, "control", None)
+    if control is not None:
+        for app, s in sorted(control.suspended.items()):
+            print(f"suspended: {'the whole host' if app == '*' else 'app ' + app}: {s.reason} (since {_ts(s.at)})")
+    for why in dict.fromkeys(h.why for h in getattr(result, "held", ())):
+        print(f"held: {why}")
+    for h in getattr(result, "held", ()):
+        print(f"  [held: {h.cause}] {h.action.describe()}  # {h.action.reason}")
 
 
 def _result_json(result) -> dict:
@@ -137,6 +161,8 @@ def _result_json(result) -> dict:
         "drift": [a.to_json() for a in result.drift],
         "error": result.error,
         "seconds": round(result.seconds, 4),
+        "held": [{"app": h.app, "cause": h.cause, "why": h.why, "key": h.action.key} for h in result.held],
+        **(result.control.to_json() if result.control is not None else {}),
     }
 
 
@@ -169,6 +195,7 @@ def cmd_plan(args) -> int:
             print(f"revision {result.revision.sha} ({result.revision.summary})")
         if result.plan is not None:
             print(result.plan.render())
+        _print_held(result)
         if result.error:
             print(f"error: {result.error}", file=sys.stderr)
     return result.exit_code
@@ -206,10 +233,18 @@ def cmd_status(args) -> int:
     from agent.core.layout import Layout
     from agent.service.store import load_status
 
+    from agent.service.control import control_file, load_control
+
     status = load_status(Layout(settings.root).status_file)
+    control = load_control(control_file(settings.root))
     if args.json:
-        print(json.dumps(status.to_json(), indent=2))
+        print(json.dumps({**status.to_json(), **control.to_json()}, indent=2))
         return EXIT_OK
+    for app, s in sorted(control.suspended.items()):
+        print(f"suspended: {'the whole host' if app == '*' else 'app ' + app}: {s.reason} (since {_ts(s.at)})")
+    for app, q in sorted(control.quarantined.items()):
+        print(f"quarantined: app {app}: revision {q.sha} since {_ts(q.at)}: {q.reason} "
+              f"(a commit that changes the app, or `gitops-agent retry --app {app}`, lifts it)")
     if status.applied is None and status.attempted is None:
         print(f"no reconcile recorded under {settings.root}")
         return EXIT_OK
@@ -304,7 +339,60 @@ def cmd_down(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "status": cmd_status,
+def cmd_suspend(args) -> int:
+    from dataclasses import replace
+
+    from agent.core.control import HOST, Suspension
+    from agent.service.control import control_file, update_control
+
+    settings = _settings(args)
+    key = args.app or HOST
+    update_control(control_file(settings.root),
+                   lambda c: replace(c, suspended={**c.suspended, key: Suspension(args.reason, time.time())}))
+    print(f"suspended {'the whole host' if key == HOST else 'app ' + key}: {args.reason}")
+    return EXIT_OK
+
+
+def cmd_resume(args) -> int:
+    from dataclasses import replace
+
+    from agent.core.control import HOST
+    from agent.service.control import control_file, update_control
+
+    settings = _settings(args)
+    key = args.app or HOST
+    was: list[bool] = []
+
+    def lift(c):
+        was.append(key in c.suspended)
+        return replace(c, suspended={k: v for k, v in c.suspended.items() if k != key})
+
+    control = update_control(control_file(settings.root), lift)
+    print(f"resumed {'the whole host' if key == HOST else 'app ' + key}" + ("" if was[0] else " (it was not suspended)"))
+    for other in sorted(control.suspended):
+        print(f"still suspended: {'the whole host' if other == HOST else 'app ' + other}")
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    from dataclasses import replace
+
+    from agent.service.control import control_file, update_control
+
+    settings = _settings(args)
+    lifted: list[str] = []
+
+    def lift(c):
+        lifted.extend(a for a in c.quarantined if args.app in (None, a))
+        return replace(c, quarantined={a: q for a, q in c.quarantined.items() if a not in lifted})
+
+    update_control(control_file(settings.root), lift)
+    print(f"quarantine lifted: {', '.join(sorted(lifted))}; the next reconcile retries" if lifted
+          else "nothing was quarantined" + (f" for app {args.app}" if args.app else ""))
+    return EXIT_OK
+
+
+COMMANDS = {"suspend": cmd_suspend, "resume": cmd_resume, "retry": cmd_retry, "once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "status": cmd_status,
             "facts": cmd_facts, "down": cmd_down, "run": cmd_run}
 
 

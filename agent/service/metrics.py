@@ -81,6 +81,11 @@ class Recorder:
         self.chaos_events = Counter(p + "chaos_events", "Induced failures by app and kind", ["app", "kind"], registry=r)
         self.chaos_recovery = Histogram(p + "chaos_recovery_seconds", "From a chaos kill to the program RUNNING again",
                                         buckets=DURATION_BUCKETS, registry=r)
+        self.suspended = Gauge(p + "suspended", "1 while applying is suspended for the app (* = the whole host)",
+                               ["app"], registry=r)
+        self.quarantined = Gauge(p + "quarantined", "1 while a failed revision of the app is quarantined", ["app"],
+                                 registry=r)
+        self._control: dict[str, set[str]] = {"suspended": set(), "quarantined": set()}
         self._gates: set[tuple[str, str, str]] = set()
         self._due: set[str] = set()
         for result in RESULTS:
@@ -166,9 +171,25 @@ class Recorder:
         if result.facts is not None:
             self._observe_services(result)
             self._observe_traffic(result)
+        if getattr(result, "control", None) is not None:
+            self._observe_control(result.control, getattr(result, "apps", ()))
         if result.result.success:
             self.last_success.set(now)
         self._finish(result.result, result.error, result.seconds)
+
+    def _observe_control(self, control, apps) -> None:
+        """Suspensions and quarantines: a series per desired app (0 or 1), `*` for the host, and any app
+        still suspended or quarantined though no longer desired here."""
+        from agent.core.control import HOST
+
+        for gauge, name, marked in ((self.suspended, "suspended", set(control.suspended)),
+                                    (self.quarantined, "quarantined", set(control.quarantined))):
+            series = set(apps) | marked | ({HOST} if name == "suspended" else set())
+            for app in self._control[name] - series:
+                gauge.remove(app)
+            for app in sorted(series):
+                gauge.labels(app).set(1 if app in marked else 0)
+            self._control[name] = series
 
     def _observe_traffic(self, result) -> None:
         """Weights the load balancer serves now: what this apply set, else what the facts saw."""
