@@ -83,6 +83,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
     run.add_argument("--poll-interval", dest="poll_interval_s", type=float,
                      help="seconds between polls of the repo, jittered ±10%% (default 15)")
+    run.add_argument("--webhook-secret-file", help="serve POST /hooks/git on --listen: a push webhook signed with "
+                     "the secret in FILE (GitHub/Gitea/Forgejo HMAC-SHA256, GitLab token) triggers a fetch at once")
     run.add_argument("--splay", type=float, help="random delay (0..SECONDS) before the first poll, so a fleet does "
                                                  "not fetch at the same second")
 

@@ -391,6 +391,6 @@ def metrics_routes(recorder, poll_interval_s: float) -> dict[tuple[str, str], Ha
 class MetricsServer(HttpServer):
     """The agent's endpoints for `recorder` (agent.service.metrics.Recorder) on `listen`."""
 
-    def __init__(self, recorder, listen: str, poll_interval_s: float, **options):
-        super().__init__(metrics_routes(recorder, poll_interval_s), listen,
+    def __init__(self, recorder, listen: str, poll_interval_s: float, extra_routes=None, **options):
+        super().__init__({**metrics_routes(recorder, poll_interval_s), **(extra_routes or {})}, listen,
                          not_found=b"not found: try /metrics, /healthz or /readyz\n", name="metrics-http", **options)

@@ -85,6 +85,10 @@ class Recorder:
                                ["app"], registry=r)
         self.quarantined = Gauge(p + "quarantined", "1 while a failed revision of the app is quarantined", ["app"],
                                  registry=r)
+        self.webhooks = Counter(p + "webhook_requests", "Push webhooks by result (accepted / rejected)", ["result"],
+                                registry=r)
+        for result in ("accepted", "rejected"):
+            self.webhooks.labels(result)
         self._control: dict[str, set[str]] = {"suspended": set(), "quarantined": set()}
         self._gates: set[tuple[str, str, str]] = set()
         self._due: set[str] = set()
