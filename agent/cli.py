@@ -57,6 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     once = sub.add_parser("once", help="one reconcile, then exit (0 converged/applied, 1 error)")
     _common(once)
     once.add_argument("--json", action="store_true", help="print the result as JSON")
+    once.add_argument("--ignore-windows", action="store_const", const=True, default=None,
+                      help="apply outside the apps' release windows (an emergency fix)")
+    once.add_argument("--notify", action="append", help="Apprise URL that gets this reconcile's events (repeatable)")
 
     plan = sub.add_parser("plan", help="print the plan; exit 0 converged, 2 drift, 1 error")
     _common(plan)
@@ -83,6 +86,10 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
     run.add_argument("--poll-interval", dest="poll_interval_s", type=float,
                      help="seconds between polls of the repo, jittered ±10%% (default 15)")
+    run.add_argument("--ignore-windows", action="store_const", const=True, default=None,
+                     help="apply outside the apps' release windows (an emergency fix)")
+    run.add_argument("--notify", action="append", help="Apprise URL (json://, slack://, mailto://, ...) that gets "
+                     "the agent's events: applied, failed, rolled back, invalid, drift, suspended ... (repeatable)")
     run.add_argument("--webhook-secret-file", help="serve POST /hooks/git on --listen: a push webhook signed with "
                      "the secret in FILE (GitHub/Gitea/Forgejo HMAC-SHA256, GitLab token) triggers a fetch at once")
     run.add_argument("--splay", type=float, help="random delay (0..SECONDS) before the first poll, so a fleet does "
@@ -107,7 +114,10 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(args: argparse.Namespace):
     from agent.settings import build_settings
 
-    return build_settings(vars(args))
+    values = vars(args)
+    if isinstance(values.get("notify"), list):       # repeatable flag -> one whitespace-separated setting
+        values = {**values, "notify": " ".join(values["notify"])}
+    return build_settings(values)
 
 
 def _setup_logs(settings) -> None:
@@ -174,9 +184,16 @@ def cmd_once(args) -> int:
     from agent.compose import reconciler
     from agent.service.rootlock import root_lock
 
+    from agent.service.notify import build_notifications
+
+    notifications = build_notifications(settings)
     with root_lock(settings.root):
         result = reconciler(settings).reconcile()
+        if notifications is not None:
+            notifications.observe(result)
     _print_result(result, args.json)
+    if notifications is not None and not notifications.notifier.flush(30.0):
+        print("warning: some notifications were not delivered within 30 s", file=sys.stderr)
     return result.exit_code
 
 

@@ -121,10 +121,15 @@ def _feed(h, value) -> None:
         h.update(repr(value).encode())
 
 
-def hold(actions: Iterable, desired: DesiredState, control: Control,
-         digests: Mapping[str, str]) -> tuple[tuple, tuple[Held, ...]]:
+AHEAD = frozenset({"build_venv"})   # what a closed window still lets run: opening it is then a switch, not a build
+
+
+def hold(actions: Iterable, desired: DesiredState, control: Control, digests: Mapping[str, str],
+         closed: Mapping[str, str] | None = None) -> tuple[tuple, tuple[Held, ...]]:
     """(actions to apply, actions held). A suspension holds every action of its app (host-wide: every
-    action); a quarantine holds its app's actions while the app's inputs are still those that failed."""
+    action); a quarantine holds its app's actions while the app's inputs are still those that failed; a
+    closed release window (`closed`: app -> why) holds all but the venv builds."""
+    closed = closed or {}
     todo, held = [], []
     for action in actions:
         app = app_of(action.key, desired)
@@ -137,6 +142,8 @@ def hold(actions: Iterable, desired: DesiredState, control: Control,
             held.append(Held(action, app, "quarantined",
                              f"app {app}: revision {q.sha[:12]} is quarantined ({q.reason}); "
                              f"a commit that changes the app, or `gitops-agent retry --app {app}`, lifts it"))
+        elif app in closed and action.kind not in AHEAD:
+            held.append(Held(action, app, "window", f"app {app}: {closed[app]}"))
         else:
             todo.append(action)
     return tuple(todo), tuple(held)

@@ -89,6 +89,13 @@ class Recorder:
                                 registry=r)
         for result in ("accepted", "rejected"):
             self.webhooks.labels(result)
+        self.notifications = Counter(p + "notifications", "Notifications by result (sent / failed)", ["result"],
+                                     registry=r)
+        for result in ("sent", "failed"):
+            self.notifications.labels(result)
+        self.window_open = Gauge(p + "window_open", "1 while the app's release window is open (apps with windows)",
+                                 ["app"], registry=r)
+        self._windows: set[str] = set()
         self._control: dict[str, set[str]] = {"suspended": set(), "quarantined": set()}
         self._gates: set[tuple[str, str, str]] = set()
         self._due: set[str] = set()
@@ -175,6 +182,12 @@ class Recorder:
         if result.facts is not None:
             self._observe_services(result)
             self._observe_traffic(result)
+        if getattr(result, "windows", None) is not None:
+            for app in self._windows - set(result.windows):
+                self.window_open.remove(app)
+            for app, is_open in result.windows.items():
+                self.window_open.labels(app).set(1 if is_open else 0)
+            self._windows = set(result.windows)
         if getattr(result, "control", None) is not None:
             self._observe_control(result.control, getattr(result, "apps", ()))
         if result.result.success:

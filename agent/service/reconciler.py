@@ -70,6 +70,9 @@ class Result:
     held: tuple = ()                    # agent.core.control.Held: planned actions a suspension/quarantine held back
     control: object = None              # agent.core.control.Control read for this reconcile (suspend, quarantine)
     apps: tuple = ()                    # the names of the apps desired on this host
+    owners: dict | None = None          # action key -> the app it belongs to (notifications)
+    windows: dict | None = None         # app -> its release window is open now (apps with windows only)
+    closed: dict | None = None          # app -> why a closed window holds its new commit
 
     @cached_property
     def resources(self) -> dict[str, dict]:
@@ -261,13 +264,15 @@ class Reconciler:
         control = load_control(control_file(self.settings.root))
         digests = {a.name: inputs_digest(a) for a in desired.apps}
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
+        windows, closed = self._windows(desired, new_commit)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
                     rollouts=rollouts, control=control, apps=tuple(a.name for a in desired.apps),
+                    owners={a.key: app_of(a.key, desired) for a in plan.actions}, windows=windows, closed=closed,
                     frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
         if not apply:
             outcome = (ReconcileResult.INVALID if invalid
                        else ReconcileResult.CONVERGED if plan.converged else ReconcileResult.DRIFT)
-            _todo, held = hold(plan.actions, desired, control, digests)
+            _todo, held = hold(plan.actions, desired, control, digests, closed)
             return Result(outcome, error=invalid, drift=plan.actions, held=held, **base)
         return self._apply_step(plan, desired, invalid, base, digests)
 
@@ -398,7 +403,7 @@ class Reconciler:
     def _apply_step(self, plan: Plan, desired: DesiredState, invalid: str | None, base: dict,
                     digests: dict[str, str]) -> Result:
         todo, drift = self._split_by_mode(plan, desired, base["new_commit"])
-        todo, held = hold(todo, desired, base["control"], digests)
+        todo, held = hold(todo, desired, base["control"], digests, base["closed"])
         drift += tuple(h.action for h in held)
         base["held"] = held
         outcomes: tuple[Outcome, ...] = ()
@@ -425,6 +430,24 @@ class Reconciler:
         if drift:
             return Result(ReconcileResult.DRIFT, outcomes=outcomes, drift=drift, **base)
         return Result(ReconcileResult.CONVERGED if plan.converged else ReconcileResult.APPLIED, outcomes=outcomes, **base)
+
+    def _windows(self, desired: DesiredState, new_commit: bool) -> tuple[dict[str, bool], dict[str, str]]:
+        """({app: window open now} for apps with release windows, {app: why held} for those a new commit
+        must wait for). `--ignore-windows` opens them all; the drift of what is deployed is healed any time."""
+        from datetime import datetime, timezone
+
+        from agent.core.windows import is_open, next_open
+
+        now = datetime.fromtimestamp(self.world.clock(), timezone.utc)
+        opened = {a.name: is_open(a.windows, now) for a in desired.apps if a.windows}
+        closed = {}
+        if new_commit and not self.settings.ignore_windows:
+            for app in desired.apps:
+                if app.name in opened and not opened[app.name]:
+                    at = next_open(app.windows, now)
+                    closed[app.name] = ("waiting for window (opens "
+                                        + (at.strftime("%Y-%m-%d %H:%M UTC") if at else "never: check its days") + ")")
+        return opened, closed
 
     def _quarantine(self, rev: Revision, desired: DesiredState, failures, digests: dict[str, str], control: Control):
         """DESIGN §3b: an app whose new revision failed for good (a build, a job, a health gate rolled back)

@@ -284,7 +284,15 @@ def run_daemon(settings) -> int:
     schedule = Schedule(settings.poll_interval_s, now=time.monotonic() + splay)
     watcher: Watcher | None = None
 
+    notifications = None
+    if settings.notify:
+        from agent.service.notify import build_notifications
+
+        notifications = build_notifications(settings, lambda r: recorder.notifications.labels(r).inc())
+
     def rewatch(_result) -> None:
+        if notifications is not None:
+            notifications.observe(_result)
         stager = getattr(reconciler, "stager", None)
         if stager is not None:
             recorder.set_waves(stager.gates, stager.due)
