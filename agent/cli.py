@@ -66,6 +66,9 @@ def _parser() -> argparse.ArgumentParser:
     once = sub.add_parser("once", help="one reconcile, then exit (0 converged/applied, 1 error)")
     _common(once)
     once.add_argument("--json", action="store_true", help="print the result as JSON")
+    once.add_argument("--ignore-windows", action="store_const", const=True, default=None,
+                      help="apply outside the apps' release windows (an emergency fix)")
+    once.add_argument("--notify", action="append", help="Apprise URL that gets this reconcile's events (repeatable)")
 
     plan = sub.add_parser("plan", help="print the plan; exit 0 converged, 2 drift, 1 error")
     _common(plan)
@@ -92,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
     run.add_argument("--poll-interval", dest="poll_interval_s", type=float,
                      help="seconds between polls of the repo, jittered ±10%% (default 15)")
+    run.add_argument("--ignore-windows", action="store_const", const=True, default=None,
+                     help="apply outside the apps' release windows (an emergency fix)")
+    run.add_argument("--notify", action="append", help="Apprise URL (json://, slack://, mailto://, ...) that gets "
+                     "the agent's events: applied, failed, rolled back, invalid, drift, suspended ... (repeatable)")
+    run.add_argument("--webhook-secret-file", help="serve POST /hooks/git on --listen: a push webhook signed with "
+                     "the secret in FILE (GitHub/Gitea/Forgejo HMAC-SHA256, GitLab token) triggers a fetch at once")
     run.add_argument("--splay", type=float, help="random delay (0..SECONDS) before the first poll, so a fleet does "
                                                  "not fetch at the same second")
 
@@ -120,13 +129,26 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--splay", type=float)
     boot.add_argument("--age-identity", help="age identity file, copied to the target with mode 0600")
     boot.add_argument("--webhook-secret-file", help="webhook secret file, copied to the target with mode 0600")
+    suspend = sub.add_parser("suspend", help="stop applying changes, host-wide or for one app (drift is still reported)")
+    _common(suspend)
+    suspend.add_argument("--app", help="suspend only this app (default: the whole host)")
+    suspend.add_argument("--reason", required=True, help="why: shown by status, plan and the metrics' readers")
+    resume = sub.add_parser("resume", help="apply changes again, host-wide or for one app")
+    _common(resume)
+    resume.add_argument("--app", help="resume only this app (default: the host-wide suspension)")
+    retry = sub.add_parser("retry", help="lift the quarantine of a failed revision, for every app or one")
+    _common(retry)
+    retry.add_argument("--app", help="lift only this app's quarantine")
     return parser
 
 
 def _settings(args: argparse.Namespace):
     from agent.settings import build_settings
 
-    return build_settings(vars(args))
+    values = vars(args)
+    if isinstance(values.get("notify"), list):       # repeatable flag -> one whitespace-separated setting
+        values = {**values, "notify": " ".join(values["notify"])}
+    return build_settings(values)
 
 
 def _setup_logs(settings) -> None:
@@ -154,8 +176,21 @@ def _print_result(result, as_json: bool) -> None:
     print(f"result: {result.result} in {result.seconds:.2f}s")
     for app, listen in result.frontends:
         print(f"{app}: open http://{listen}/")
+    _print_held(result)
     if result.error:
         print(f"error: {result.error}", file=sys.stderr)
+
+
+def _print_held(result) -> None:
+    """Actions a suspension or quarantine held back: what the agent would do, and why it does not."""
+    control = getattr(result, "control", None)
+    if control is not None:
+        for app, s in sorted(control.suspended.items()):
+            print(f"suspended: {'the whole host' if app == '*' else 'app ' + app}: {s.reason} (since {_ts(s.at)})")
+    for why in dict.fromkeys(h.why for h in getattr(result, "held", ())):
+        print(f"held: {why}")
+    for h in getattr(result, "held", ()):
+        print(f"  [held: {h.cause}] {h.action.describe()}  # {h.action.reason}")
 
 
 def _result_json(result) -> dict:
@@ -169,6 +204,8 @@ def _result_json(result) -> dict:
         "drift": [a.to_json() for a in result.drift],
         "error": result.error,
         "seconds": round(result.seconds, 4),
+        "held": [{"app": h.app, "cause": h.cause, "why": h.why, "key": h.action.key} for h in result.held],
+        **(result.control.to_json() if result.control is not None else {}),
     }
 
 
@@ -178,9 +215,16 @@ def cmd_once(args) -> int:
     from agent.compose import reconciler
     from agent.service.rootlock import root_lock
 
+    from agent.service.notify import build_notifications
+
+    notifications = build_notifications(settings)
     with root_lock(settings.root):
         result = reconciler(settings).reconcile()
+        if notifications is not None:
+            notifications.observe(result)
     _print_result(result, args.json)
+    if notifications is not None and not notifications.notifier.flush(30.0):
+        print("warning: some notifications were not delivered within 30 s", file=sys.stderr)
     return result.exit_code
 
 
@@ -201,6 +245,7 @@ def cmd_plan(args) -> int:
             print(f"revision {result.revision.sha} ({result.revision.summary})")
         if result.plan is not None:
             print(result.plan.render())
+        _print_held(result)
         if result.error:
             print(f"error: {result.error}", file=sys.stderr)
     return result.exit_code
@@ -240,10 +285,18 @@ def cmd_status(args) -> int:
     from agent.core.status_view import human_age
     from agent.service.status_page import read_report
 
+    from agent.service.control import control_file, load_control
+
     r = read_report(Layout(settings.root))
+    control = load_control(control_file(settings.root))
     if args.json:
-        print(json.dumps(r, indent=2))
+        print(json.dumps({**r, **control.to_json()}, indent=2))
         return EXIT_OK
+    for app, s in sorted(control.suspended.items()):
+        print(f"suspended: {'the whole host' if app == '*' else 'app ' + app}: {s.reason} (since {_ts(s.at)})")
+    for app, q in sorted(control.quarantined.items()):
+        print(f"quarantined: app {app}: revision {q.sha} since {_ts(q.at)}: {q.reason} "
+              f"(a commit that changes the app, or `gitops-agent retry --app {app}`, lifts it)")
     if r["applied"] is None and r["attempted"] is None:
         print(f"no reconcile recorded under {settings.root}")
         return EXIT_OK
@@ -356,8 +409,62 @@ def cmd_bootstrap(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"once": cmd_once, "plan": cmd_plan, "validate": cmd_validate, "status": cmd_status,
-            "facts": cmd_facts, "down": cmd_down, "run": cmd_run, "bootstrap": cmd_bootstrap}
+def cmd_suspend(args) -> int:
+    from dataclasses import replace
+
+    from agent.core.control import HOST, Suspension
+    from agent.service.control import control_file, update_control
+
+    settings = _settings(args)
+    key = args.app or HOST
+    update_control(control_file(settings.root),
+                   lambda c: replace(c, suspended={**c.suspended, key: Suspension(args.reason, time.time())}))
+    print(f"suspended {'the whole host' if key == HOST else 'app ' + key}: {args.reason}")
+    return EXIT_OK
+
+
+def cmd_resume(args) -> int:
+    from dataclasses import replace
+
+    from agent.core.control import HOST
+    from agent.service.control import control_file, update_control
+
+    settings = _settings(args)
+    key = args.app or HOST
+    was: list[bool] = []
+
+    def lift(c):
+        was.append(key in c.suspended)
+        return replace(c, suspended={k: v for k, v in c.suspended.items() if k != key})
+
+    control = update_control(control_file(settings.root), lift)
+    print(f"resumed {'the whole host' if key == HOST else 'app ' + key}" + ("" if was[0] else " (it was not suspended)"))
+    for other in sorted(control.suspended):
+        print(f"still suspended: {'the whole host' if other == HOST else 'app ' + other}")
+    return EXIT_OK
+
+
+def cmd_retry(args) -> int:
+    from dataclasses import replace
+
+    from agent.service.control import control_file, update_control
+
+    settings = _settings(args)
+    lifted: list[str] = []
+
+    def lift(c):
+        lifted.extend(a for a in c.quarantined if args.app in (None, a))
+        return replace(c, quarantined={a: q for a, q in c.quarantined.items() if a not in lifted})
+
+    update_control(control_file(settings.root), lift)
+    print(f"quarantine lifted: {', '.join(sorted(lifted))}; the next reconcile retries" if lifted
+          else "nothing was quarantined" + (f" for app {args.app}" if args.app else ""))
+    return EXIT_OK
+
+
+COMMANDS = {"suspend": cmd_suspend, "resume": cmd_resume, "retry": cmd_retry, "once": cmd_once, "plan": cmd_plan,
+            "validate": cmd_validate, "status": cmd_status, "facts": cmd_facts, "down": cmd_down, "run": cmd_run,
+            "bootstrap": cmd_bootstrap}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -63,6 +63,9 @@ class Settings:
     age_identity: str | None = None         # age identity file(s) (`:`-separated) that decrypt the apps' secrets
     allow_chaos: bool = False               # act on apps' `chaos:` blocks (otherwise they are ignored, with a note)
     splay: float = 0.0                      # the daemon's first poll waits a random 0..splay seconds
+    webhook_secret_file: str | None = None  # `run`: POST /hooks/git signed with this secret triggers a fetch
+    ignore_windows: bool = False            # apply outside release windows (an emergency fix)
+    notify: str | None = None               # Apprise URLs (whitespace-separated) that get the agent's events
     log_format: str = "text"                # text | json
     log_level: str = "INFO"
 

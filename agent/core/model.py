@@ -216,6 +216,7 @@ class App:
     secrets: tuple[SecretFile, ...] = ()
     files: tuple[FileSpec, ...] = ()
     jobs: tuple[Job, ...] = ()
+    windows: tuple = ()                 # agent.core.windows.Window: when changes may restart or re-weight (§3b)
 
 
 @dataclass(frozen=True)

@@ -84,6 +84,22 @@ class Recorder:
                                         buckets=DURATION_BUCKETS, registry=r)
         self.build_info = Gauge(p + "build_info", "The running agent's version (value 1)", ["version"], registry=r)
         self.build_info.labels(__version__).set(1)
+        self.suspended = Gauge(p + "suspended", "1 while applying is suspended for the app (* = the whole host)",
+                               ["app"], registry=r)
+        self.quarantined = Gauge(p + "quarantined", "1 while a failed revision of the app is quarantined", ["app"],
+                                 registry=r)
+        self.webhooks = Counter(p + "webhook_requests", "Push webhooks by result (accepted / rejected)", ["result"],
+                                registry=r)
+        for result in ("accepted", "rejected"):
+            self.webhooks.labels(result)
+        self.notifications = Counter(p + "notifications", "Notifications by result (sent / failed)", ["result"],
+                                     registry=r)
+        for result in ("sent", "failed"):
+            self.notifications.labels(result)
+        self.window_open = Gauge(p + "window_open", "1 while the app's release window is open (apps with windows)",
+                                 ["app"], registry=r)
+        self._windows: set[str] = set()
+        self._control: dict[str, set[str]] = {"suspended": set(), "quarantined": set()}
         self._gates: set[tuple[str, str, str]] = set()
         self._due: set[str] = set()
         for result in RESULTS:
@@ -169,9 +185,31 @@ class Recorder:
         if result.facts is not None:
             self._observe_services(result)
             self._observe_traffic(result)
+        if getattr(result, "windows", None) is not None:
+            for app in self._windows - set(result.windows):
+                self.window_open.remove(app)
+            for app, is_open in result.windows.items():
+                self.window_open.labels(app).set(1 if is_open else 0)
+            self._windows = set(result.windows)
+        if getattr(result, "control", None) is not None:
+            self._observe_control(result.control, getattr(result, "apps", ()))
         if result.result.success:
             self.last_success.set(now)
         self._finish(result.result, result.error, result.seconds)
+
+    def _observe_control(self, control, apps) -> None:
+        """Suspensions and quarantines: a series per desired app (0 or 1), `*` for the host, and any app
+        still suspended or quarantined though no longer desired here."""
+        from agent.core.control import HOST
+
+        for gauge, name, marked in ((self.suspended, "suspended", set(control.suspended)),
+                                    (self.quarantined, "quarantined", set(control.quarantined))):
+            series = set(apps) | marked | ({HOST} if name == "suspended" else set())
+            for app in self._control[name] - series:
+                gauge.remove(app)
+            for app in sorted(series):
+                gauge.labels(app).set(1 if app in marked else 0)
+            self._control[name] = series
 
     def _observe_traffic(self, result) -> None:
         """Weights the load balancer serves now: what this apply set, else what the facts saw."""

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from agent.core.control import Control, Quarantine, app_of, hold, inputs_digest
 from agent.core.errors import AgentError, InvalidState, Permanent
 from agent.core.facts import Facts
 from agent.core.layout import Layout
@@ -29,6 +30,7 @@ from agent.drivers.lb import LoadBalancer
 from agent.drivers.supervisor import read_program_files
 from agent.drivers.supervisor_handle import SupervisorHandle
 from agent.drivers.venv import VenvManager
+from agent.service.control import control_file, load_control, update_control
 from agent.service.desired_cache import DesiredCache
 from agent.service.facts import app_file_facts, collect, read_verified
 from agent.service.store import RevisionRecord, Status, load_status, save_status
@@ -67,6 +69,12 @@ class Result:
     source_failed: bool = False         # the state repo could not be fetched or resolved
     finished_at: float = 0.0            # wall time the reconcile ended (set by `reconcile`)
     desired: DesiredState | None = None  # the desired state the plan was made against (the status page's apps)
+    held: tuple = ()                    # agent.core.control.Held: planned actions a suspension/quarantine held back
+    control: object = None              # agent.core.control.Control read for this reconcile (suspend, quarantine)
+    apps: tuple = ()                    # the names of the apps desired on this host
+    owners: dict | None = None          # action key -> the app it belongs to (notifications)
+    windows: dict | None = None         # app -> its release window is open now (apps with windows only)
+    closed: dict | None = None          # app -> why a closed window holds its new commit
 
     @cached_property
     def resources(self) -> dict[str, dict]:
@@ -255,15 +263,20 @@ class Reconciler:
         plan = make_plan(desired, facts, self.plan_opts, materials)
         if not self.read_only:
             self.drivers.materials = materials
+        control = load_control(control_file(self.settings.root))
+        digests = {a.name: inputs_digest(a) for a in desired.apps}
         new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
+        windows, closed = self._windows(desired, new_commit)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
-                    rollouts=rollouts, desired=desired,
+                    rollouts=rollouts, desired=desired, control=control, apps=tuple(a.name for a in desired.apps),
+                    owners={a.key: app_of(a.key, desired) for a in plan.actions}, windows=windows, closed=closed,
                     frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
         if not apply:
             outcome = (ReconcileResult.INVALID if invalid
                        else ReconcileResult.CONVERGED if plan.converged else ReconcileResult.DRIFT)
-            return Result(outcome, error=invalid, drift=plan.actions, **base)
-        return self._apply_step(plan, desired, invalid, base)
+            _todo, held = hold(plan.actions, desired, control, digests, closed)
+            return Result(outcome, error=invalid, drift=plan.actions, held=held, **base)
+        return self._apply_step(plan, desired, invalid, base, digests)
 
     def _source_step(self) -> Revision:
         try:
@@ -389,8 +402,12 @@ class Reconciler:
                 f"If that is intended, set `decommission: true` for {self.settings.host} in fleet.yaml; "
                 "otherwise check the host's name and its apps' `hosts:` selectors.")
 
-    def _apply_step(self, plan: Plan, desired: DesiredState, invalid: str | None, base: dict) -> Result:
+    def _apply_step(self, plan: Plan, desired: DesiredState, invalid: str | None, base: dict,
+                    digests: dict[str, str]) -> Result:
         todo, drift = self._split_by_mode(plan, desired, base["new_commit"])
+        todo, held = hold(todo, desired, base["control"], digests, base["closed"])
+        drift += tuple(h.action for h in held)
+        base["held"] = held
         outcomes: tuple[Outcome, ...] = ()
         if todo:
             from agent.service.executor import apply_plan
@@ -399,6 +416,13 @@ class Reconciler:
         failures = [o for o in outcomes if not o.ok]
         if invalid:
             return Result(ReconcileResult.INVALID, outcomes=outcomes, error=invalid, drift=drift, **base)
+        if not self.read_only:
+            base["control"] = self._quarantine(base["revision"], desired, failures if base["new_commit"] else [],
+                                               digests, base["control"])
+        quarantined = [h for h in held if h.cause == "quarantined"]
+        if quarantined and not failures:
+            why = "; ".join(dict.fromkeys(h.why for h in quarantined))
+            return Result(ReconcileResult.FAILED, outcomes=outcomes, error=why, drift=drift, retry=Retry.POLL, **base)
         if failures:
             base["rollouts"] = _fail_canaries(desired, base["rollouts"], failures)
             msg = "; ".join(f"{o.action.describe()}: {o.message}" for o in failures if o.failed)
@@ -408,6 +432,50 @@ class Reconciler:
         if drift:
             return Result(ReconcileResult.DRIFT, outcomes=outcomes, drift=drift, **base)
         return Result(ReconcileResult.CONVERGED if plan.converged else ReconcileResult.APPLIED, outcomes=outcomes, **base)
+
+    def _windows(self, desired: DesiredState, new_commit: bool) -> tuple[dict[str, bool], dict[str, str]]:
+        """({app: window open now} for apps with release windows, {app: why held} for those a new commit
+        must wait for). `--ignore-windows` opens them all; the drift of what is deployed is healed any time."""
+        from datetime import datetime, timezone
+
+        from agent.core.windows import is_open, next_open
+
+        now = datetime.fromtimestamp(self.world.clock(), timezone.utc)
+        opened = {a.name: is_open(a.windows, now) for a in desired.apps if a.windows}
+        closed = {}
+        if new_commit and not self.settings.ignore_windows:
+            for app in desired.apps:
+                if app.name in opened and not opened[app.name]:
+                    at = next_open(app.windows, now)
+                    closed[app.name] = ("waiting for window (opens "
+                                        + (at.strftime("%Y-%m-%d %H:%M UTC") if at else "never: check its days") + ")")
+        return opened, closed
+
+    def _quarantine(self, rev: Revision, desired: DesiredState, failures, digests: dict[str, str], control: Control):
+        """DESIGN §3b: an app whose new revision failed for good (a build, a job, a health gate rolled back)
+        is not retried on every poll; a temporary failure (a busy supervisord) backs off as before. A quarantine
+        whose app's inputs changed since (a fix was committed) and did not fail again is lifted."""
+        failing = {app_of(o.action.key, desired) for o in failures}
+        stale = {app for app, q in control.quarantined.items() if digests.get(app) != q.inputs and app not in failing}
+        reasons: dict[str, str] = {}
+        for o in failures:
+            if o.verdict in (Verdict.FAILED_PERMANENT, Verdict.ROLLED_BACK):
+                app = app_of(o.action.key, desired)
+                if app and app in digests:
+                    reasons.setdefault(app, f"{o.action.describe()}: {o.message.splitlines()[0] if o.message else o.verdict.value}")
+        if not reasons and not stale:
+            return control
+        now = self.world.clock()
+        for app, why in reasons.items():
+            log.error("app %s: revision %s quarantined until a commit changes the app or `gitops-agent retry`: %s",
+                      app, rev.sha[:12], why)
+
+        def add(control: Control) -> Control:
+            q = {app: entry for app, entry in control.quarantined.items() if app not in stale}
+            q.update({app: Quarantine(rev.sha, digests[app], why, now) for app, why in reasons.items()})
+            return replace(control, quarantined=q)
+
+        return update_control(control_file(self.settings.root), add)
 
     def _rollouts(self, desired: DesiredState, facts: Facts, status: Status,
                   materials: Materials = NO_MATERIALS) -> tuple[DesiredState, dict]:

@@ -37,6 +37,7 @@ log = logging.getLogger("gitops_agent.runtime")
 SIGHUP_MESSAGE = "SIGHUP: settings are read at start; restart the agent to apply changes"
 
 SUCCESS = tuple(r for r in ReconcileResult if r.success)   # drift: warn mode reported it; the reconcile did its job
+FRESH = frozenset({"repo", "webhook"})    # triggers that may carry a fix: they end a backoff at once
 
 
 def jittered(base: float, fraction: float, rng: random.Random) -> float:
@@ -97,6 +98,10 @@ class Schedule:
         if self.running:
             self.during.add(source)
             return True
+        if source == "webhook":                  # never an echo of our own writes: a forge asked
+            self.pending.add(source)
+            self.pending_fresh = True
+            return True
         if self.last_end is not None and since <= self.last_end + self.echo_window_s:
             if self.last_followup and self.last_applied:
                 self.dropped += 1
@@ -114,7 +119,7 @@ class Schedule:
         if self.running:
             return float("inf")
         if self.pending:
-            if self.failures and "repo" not in self.pending and self.last_end is not None:
+            if self.failures and not self.pending & FRESH and self.last_end is not None:
                 return min(self.next_at, self.last_end + self.failure_trigger_floor_s) - now
             return 0.0
         return self.next_at - now
@@ -141,6 +146,9 @@ class Schedule:
         self.failures = self.failures + 1 if backoff else 0
         delay = self.backoff.delay(self.failures, self.rng) if backoff else jittered(self.poll_s, self.jitter, self.rng)
         self.next_at = now + delay
+        if "webhook" in self.during:             # a push during the run: it may be newer than what the run fetched
+            self.pending.add("webhook")
+            self.pending_fresh = True
         if self.during:
             if self.current_followup and applied:
                 self.dropped += 1
@@ -256,10 +264,20 @@ def run_daemon(settings) -> int:
     recorder = Recorder()
     applied = load_status(layout.status_file, set_aside=True).applied
     recorder.restore(applied.sha if applied else None)
+    runtime: Runtime | None = None
+    hooks = None
+    if settings.webhook_secret_file:
+        from agent.logs import remember_secrets
+        from agent.service.webhook import read_secret, webhook_routes
+
+        secret = read_secret(settings.webhook_secret_file)
+        remember_secrets([secret.decode("utf-8", "replace")])
+        hooks = webhook_routes(secret, lambda: runtime is not None and runtime.trigger("webhook"),
+                               lambda result: recorder.webhooks.labels(result).inc())
     try:
         from agent.service.status_page import status_routes
 
-        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s, extra=status_routes(layout))
+        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s, extra={**status_routes(layout), **(hooks or {})})
     except OSError as exc:
         raise ConfigError(f"cannot listen on {settings.listen}: {exc}") from None
     splay = random.uniform(0.0, settings.splay) if settings.splay > 0 else 0.0
@@ -268,7 +286,15 @@ def run_daemon(settings) -> int:
     schedule = Schedule(settings.poll_interval_s, now=time.monotonic() + splay)
     watcher: Watcher | None = None
 
+    notifications = None
+    if settings.notify:
+        from agent.service.notify import build_notifications
+
+        notifications = build_notifications(settings, lambda r: recorder.notifications.labels(r).inc())
+
     def rewatch(_result) -> None:
+        if notifications is not None:
+            notifications.observe(_result)
         stager = getattr(reconciler, "stager", None)
         if stager is not None:
             recorder.set_waves(stager.gates, stager.due)

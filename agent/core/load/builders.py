@@ -52,7 +52,7 @@ def build_app(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOptio
     app = App(doc.data["name"], doc.data.get("mode"), tuple(envs), tuple(svcs),
               traffic(doc, {s.name: s for s in svcs if not salvaged or s.name not in salvaged.damaged_services},
                       svc_names, out), rollout=rollout(doc, out), chaos=chaos(doc),
-              secrets=app_secrets, files=app_files, jobs=app_jobs)
+              secrets=app_secrets, files=app_files, jobs=app_jobs, windows=windows(doc, out))
     _check_references(doc, app, out, salvaged)
     out.extend(own_conflicts(app, lambda path: (doc.file, doc.line(path))))
     return app
@@ -399,6 +399,24 @@ def rollout(doc: Located, out: Collector) -> Rollout | None:
                         float(g.get("timeout_s", 5.0)))
         parsed.append(Wave(percent=w.get("percent"), after_s=duration_s(w.get("after", 0)), gate=gate))
     return Rollout(tuple(parsed))
+
+
+def windows(doc: Located, out: Collector) -> tuple:
+    """rollout.windows (DESIGN §3b); the schema checked the shapes, here the zone names are resolved."""
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    from agent.core.windows import Window
+
+    parsed = []
+    for i, w in enumerate((doc.data.get("rollout") or {}).get("windows") or ()):
+        zone = w.get("timezone", "UTC")
+        try:
+            ZoneInfo(zone)
+        except (ZoneInfoNotFoundError, ValueError):
+            out.add(doc, ("rollout", "windows", i, "timezone"), f"{zone!r} is not an IANA time zone (e.g. Europe/Berlin)")
+            continue
+        parsed.append(Window(tuple(w["days"]), w["start"], w["end"], zone))
+    return tuple(parsed)
 
 
 def chaos(doc: Located) -> Chaos | None:

@@ -1,0 +1,110 @@
+"""Which notifications one reconcile earns (DESIGN §4 `--notify`). Pure: a Result and what was already
+sent in, the events and the new memory out.
+
+A failing state is announced once, when it starts (or changes: another revision, another cause), and a
+"recovered" event once when it clears; it is not repeated on every poll. The memory is a small dict of
+{topic: fingerprint} the caller persists, so a restarted agent (or the next cron `once`) does not send
+the same failure again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from agent.core.outcome import ReconcileResult, Verdict
+
+__all__ = ["Event", "events_for"]
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str               # applied | failed | rolled back | invalid revision | drift found | drift corrected |
+                            # canary aborted | window waiting | suspended | quarantined | recovered
+    host: str
+    app: str                # "*": the host as a whole
+    revision: str
+    reason: str             # one line
+
+    @property
+    def title(self) -> str:
+        return f"gitops-agent {self.host}: {self.kind}" + ("" if self.app == "*" else f" ({self.app})")
+
+    @property
+    def body(self) -> str:
+        return f"host {self.host}, app {self.app}, revision {self.revision[:12] or '-'}: {self.reason}"
+
+    @property
+    def severity(self) -> str:
+        """Apprise's notify type."""
+        if self.kind in ("failed", "rolled back", "invalid revision", "canary aborted", "quarantined"):
+            return "failure"
+        if self.kind in ("drift found", "window waiting", "suspended"):
+            return "warning"
+        return "success"
+
+
+def _line(text: str | None) -> str:
+    first = (text or "").strip().splitlines()
+    return first[0][:300] if first else ""
+
+
+def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], dict[str, str]]:
+    """(events to send, the new memory). `result`: agent.service.reconciler.Result."""
+    rev = result.revision.sha if result.revision is not None else ""
+    owners = getattr(result, "owners", {}) or {}
+    out: list[Event] = []
+    memory = dict(sent)
+    active: dict[str, tuple[str, Event]] = {}       # topic -> (fingerprint, event) of what is wrong now
+
+    def problem(topic: str, fingerprint: str, event: Event) -> None:
+        active[topic] = (fingerprint, event)
+
+    r = result.result
+    if r is ReconcileResult.INVALID:
+        problem("invalid", rev, Event("invalid revision", host, "*", rev, _line(result.error)))
+    elif r is ReconcileResult.ERROR:
+        problem("error", "error", Event("failed", host, "*", rev, _line(result.error)))
+    for o in result.outcomes:
+        if o.failed:
+            app = owners.get(o.action.key) or "*"
+            kind = "rolled back" if o.verdict is Verdict.ROLLED_BACK else "failed"
+            if f"failed:{app}" not in active or kind == "rolled back":
+                problem(f"failed:{app}", rev, Event(kind, host, app, rev, f"{o.action.describe()}: {_line(o.message)}"))
+    for h in getattr(result, "held", ()):
+        app = h.app or "*"
+        if h.cause == "quarantined" and f"failed:{app}" not in active:
+            # the failure announced when it happened, still held: same topic and revision, so not sent again
+            fp = memory.get(f"failed:{app}", rev)
+            problem(f"failed:{app}", fp, Event("quarantined", host, app, rev, _line(h.why)))
+        elif h.cause in ("suspended", "window"):
+            kind = "suspended" if h.cause == "suspended" else "window waiting"
+            problem(f"{h.cause}:{app}", _line(h.why), Event(kind, host, app, rev, _line(h.why)))
+    for app, progress in sorted((getattr(result, "rollouts", None) or {}).items()):
+        if isinstance(progress, dict) and progress.get("state") == "failed":
+            problem(f"canary:{app}", str(progress.get("id", "")),
+                    Event("canary aborted", host, app, rev, _line(progress.get("reason"))))
+    held_keys = {h.action.key for h in getattr(result, "held", ())}
+    unheld_drift = sorted(a.key for a in result.drift if a.key not in held_keys)
+    if r is ReconcileResult.DRIFT and unheld_drift:
+        problem("drift", ",".join(unheld_drift), Event("drift found", host, "*", rev,
+                                                        f"{len(unheld_drift)} resource(s) differ: {', '.join(unheld_drift[:5])}"))
+
+    for topic, (fingerprint, event) in active.items():
+        if memory.get(topic) != fingerprint:
+            out.append(event)
+            memory[topic] = fingerprint
+    # a reconcile that stopped early (no fetch, an invalid revision) says nothing about the apps' own failures
+    cleared = [t for t in sent if t not in active and r is not ReconcileResult.ERROR
+               and (r is not ReconcileResult.INVALID or t == "error")]
+    for topic in cleared:
+        memory.pop(topic, None)
+        if topic.split(":")[0] in ("failed", "invalid", "error", "canary"):
+            app = topic.partition(":")[2] or "*"
+            out.append(Event("recovered", host, app, rev, f"{topic.split(':')[0]} cleared"))
+    if r is ReconcileResult.APPLIED and result.outcomes and not any(o.failed for o in result.outcomes):
+        if result.new_commit:
+            out.append(Event("applied", host, "*", rev, _line(result.revision.summary) if result.revision else ""))
+        else:
+            keys = sorted({o.action.key for o in result.outcomes if o.ok})
+            out.append(Event("drift corrected", host, "*", rev, f"healed {', '.join(keys[:5])}"))
+    return out, memory

@@ -1,0 +1,97 @@
+"""Release windows (DESIGN §3b): the pure decision (IANA zones, DST, midnight), and the real agent building a
+new venv ahead outside its window, restarting nothing, and switching without a build when allowed."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from agent.core.windows import Window, is_open, next_open
+from conftest import free_port, run_agent, served_version
+
+pytestmark = pytest.mark.timeout(600)
+UTC = timezone.utc
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)
+
+
+BERLIN = (Window(("mon", "tue", "wed", "thu"), "02:00", "04:00", "Europe/Berlin"),)
+
+
+def test_a_berlin_window_follows_the_wall_clock_across_dst():
+    # winter (CET, UTC+1): 02:00-04:00 local is 01:00-03:00 UTC
+    assert is_open(BERLIN, at("2026-01-12T01:30"))          # a Monday
+    assert not is_open(BERLIN, at("2026-01-12T03:30"))
+    # summer (CEST, UTC+2): 00:00-02:00 UTC
+    assert is_open(BERLIN, at("2026-07-13T00:30")) and not is_open(BERLIN, at("2026-07-13T02:30"))
+    # Friday: closed; the next opening is Monday 02:00 local
+    assert not is_open(BERLIN, at("2026-07-17T00:30"))
+    assert next_open(BERLIN, at("2026-07-17T00:30")) == at("2026-07-20T00:00")
+    # the week DST starts (Sun 29 Mar 2026): Thursday before is winter, Monday after is summer
+    assert next_open(BERLIN, at("2026-03-27T12:00")) == at("2026-03-30T00:00")
+
+
+def test_midnight_crossing_and_a_start_in_the_spring_forward_gap():
+    late = (Window(("fri",), "22:00", "02:00", "UTC"),)
+    assert is_open(late, at("2026-07-18T01:00"))            # Saturday 01:00 belongs to Friday's window
+    assert not is_open(late, at("2026-07-18T02:00"))
+    gap = (Window(("sun",), "02:30", "03:30", "Europe/Berlin"),)   # 29 Mar 2026: 02:00-03:00 does not exist
+    opens = next_open(gap, at("2026-03-28T12:00"))
+    assert opens == at("2026-03-29T01:00")                  # 03:00 CEST, the first instant after the gap
+    assert is_open((), at("2026-01-01T00:00")) and next_open((), at("2026-01-01T00:00")) is None
+
+
+def test_outside_its_window_a_new_release_is_built_ahead_and_switched_without_a_build(state_repo, agent_root):
+    port = free_port()
+    now = datetime.now(UTC)
+    start = (now + timedelta(hours=12)).strftime("%H:%M")
+    end = (now + timedelta(hours=12, minutes=5)).strftime("%H:%M")
+    window = ("rollout:\n  windows:\n    - {days: [mon, tue, wed, thu, fri, sat, sun], "
+              f'start: "{start}", end: "{end}", timezone: Asia/Tokyo}}\n')
+    state_repo.app(services={"demo-web": {"port": port}}, extra=window)
+    state_repo.commit("v1")
+    args = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
+    run_agent("once", *args, "--ignore-windows", check=True)          # the first deploy, by hand
+    assert served_version(port) == "1.0.0"
+
+    state_repo.app(services={"demo-web": {"port": port}}, version="2.0.0", extra=window)
+    state_repo.commit("v2")
+    once = run_agent("once", *args, "--json")
+    assert once.returncode == 2, once.stdout + once.stderr
+    data = json.loads(once.stdout)
+    kinds = {o["action"]: o["result"] for o in data["outcomes"]}
+    assert kinds == {"build_venv": "ok"}, data["outcomes"]            # built ahead, nothing else
+    assert {h["cause"] for h in data["held"]} == {"window"}
+    assert served_version(port) == "1.0.0"
+    plan = run_agent("plan", *args)
+    assert plan.returncode == 2 and "waiting for window (opens " in plan.stdout, plan.stdout
+
+    once = run_agent("once", *args, "--ignore-windows", "--json")     # the window "opens": a switch
+    assert once.returncode == 0, once.stdout + once.stderr
+    actions = [o["action"] for o in json.loads(once.stdout)["outcomes"]]
+    assert "build_venv" not in actions and "switch_venv" in actions, actions
+    assert served_version(port) == "2.0.0"
+
+
+def test_a_bad_zone_is_reported_with_file_and_line(state_repo, tmp_path):
+    state_repo.app(extra='rollout:\n  windows:\n    - {days: [mon], start: "02:00", end: "04:00", timezone: Mars/Olympus}\n')
+    out = run_agent("validate", str(state_repo.path))
+    assert out.returncode == 1 and "apps/demo/app.yaml:" in out.stdout and "IANA" in out.stdout, out.stdout
+
+
+def test_window_metric():
+    from types import SimpleNamespace
+
+    from agent.core.outcome import ReconcileResult
+    from agent.service.metrics import Recorder
+
+    rec = Recorder()
+    rec.observe(SimpleNamespace(result=ReconcileResult.DRIFT, seconds=0.1, source_failed=False, revision=None,
+                                outcomes=(), plan=None, facts=None, error=None, new_commit=False,
+                                windows={"shop": False, "web": True}))
+    text = rec.exposition().decode()
+    assert 'gitops_agent_window_open{app="shop"} 0.0' in text and 'gitops_agent_window_open{app="web"} 1.0' in text
