@@ -592,17 +592,7 @@ def _analyse(gate) -> tuple[str, str]:
 
 
 def _mode_of(action, desired: DesiredState, default: str) -> str:
-    kind, _, name = action.key.partition(":")
-    if kind in ("program", "secretenv"):
-        owner = desired.services.get(name)
-        app = owner.app if owner else None
-    elif kind == "venv":
-        owner = desired.environments.get(name)
-        app = owner.app if owner else None
-    elif kind in ("file", "job", "data", "files"):
-        app = name.partition("/")[0]
-    else:
-        app = None
+    app = app_of(action.key, desired)
     return next((a.mode for a in desired.apps if a.name == app and a.mode), default)
 
 
