@@ -230,10 +230,15 @@ def cmd_status(args) -> int:
     from agent.core.layout import Layout
     from agent.service.store import load_status
 
+    from agent.service.selfupgrade import read_upgrade_state
+
     status = load_status(Layout(settings.root).status_file)
+    upgrade = read_upgrade_state(Layout(settings.root).state)
     if args.json:
-        print(json.dumps(status.to_json(), indent=2))
+        print(json.dumps({**status.to_json(), "agent_upgrade": upgrade or None}, indent=2))
         return EXIT_OK
+    if upgrade.get("phase") == "failed":
+        print(f"agent upgrade to {upgrade.get('to')} FAILED (running {upgrade.get('from')}): {upgrade.get('reason')}")
     if status.applied is None and status.attempted is None:
         print(f"no reconcile recorded under {settings.root}")
         return EXIT_OK
@@ -301,8 +306,8 @@ def cmd_run(args) -> int:
     from agent.service.rootlock import root_lock
     from agent.service.runtime import run_daemon
 
-    with root_lock(settings.root):
-        return run_daemon(settings)
+    with root_lock(settings.root) as lock_fd:
+        return run_daemon(settings, lock_fd=lock_fd)
 
 
 def cmd_down(args) -> int:
