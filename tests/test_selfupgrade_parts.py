@@ -148,3 +148,15 @@ def test_http_server_adopts_an_inherited_listener(monkeypatch):
         assert socket.socket(fileno=dup).getsockname()[1] == port
     finally:
         server.stop()
+
+
+def test_an_unusable_agent_block_is_reported_once(tmp_path):
+    state = _state(tmp_path, "agent: {lockfile: missing.lock}\n")
+    up, registry, layout = _upgrade(tmp_path)
+    assert up.after_reconcile(state, state) is None
+    record = json.loads((layout.state / "agent-upgrade.json").read_text())
+    assert record["phase"] == "failed" and "missing.lock" in record["reason"]
+    assert 'gitops_agent_self_upgrade_failed{version="unknown"} 1.0' in generate_latest(registry).decode()
+    before = (layout.state / "agent-upgrade.json").stat().st_mtime_ns
+    assert up.after_reconcile(state, state) is None
+    assert (layout.state / "agent-upgrade.json").stat().st_mtime_ns == before

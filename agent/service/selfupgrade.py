@@ -174,7 +174,9 @@ class SelfUpgrade:
             lock = agent_lock(state_dir, boundary or state_dir, "%d.%d" % sys.version_info[:2],
                               self.settings.installer)
         except (InvalidState, OSError, yaml.YAMLError) as exc:
-            log.error("self-upgrade: fleet.yaml's agent: block is unusable: %s", exc)
+            reason = f"fleet.yaml's agent: block is unusable: {exc}"
+            if self.state.get("phase") != "failed" or self.state.get("reason") != reason:   # once, not every poll
+                self._fail({"from": __version__, "to": "unknown", "identity": ""}, reason)
             return None
         if lock is None or lock.version == __version__:
             if self.state.get("phase") == "failed" and (lock is None or lock.identity != self.state.get("identity")):
