@@ -436,7 +436,7 @@ def options_from_args(args: dict) -> BootstrapOptions:
 
     from agent import __version__
     from agent.core.errors import ConfigError
-    from agent.settings import Settings, build_settings
+    from agent.settings import _ALIAS, Settings, build_settings
 
     try:
         address = SshAddress.parse(args["target"])
@@ -450,7 +450,7 @@ def options_from_args(args: dict) -> BootstrapOptions:
             raise ConfigError(f"cannot read --config {args['config']}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {args['config']} must be a mapping of setting: value")
-        given.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        given.update({_ALIAS.get(str(k).replace("-", "_"), str(k).replace("-", "_")): v for k, v in loaded.items()})
     given.update({k: v for k, v in args.items() if k not in _NOT_SETTINGS and v is not None})
     given.setdefault("root", str(Settings.root))
     given.setdefault("listen", Settings.listen)
