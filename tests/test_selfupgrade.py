@@ -25,11 +25,12 @@ from daemon_helpers import http_get, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
-V2, V3 = "0.2.0", "0.3.0"
+V2, V3, V4 = "0.2.0", "0.3.0", "0.4.0"
 
 
-def _wheel_of_copy(tmp: Path, version: str, broken: bool = False) -> Path:
-    """A wheel built from a copy of this checkout with `version` (and, if `broken`, a CLI that raises)."""
+def _wheel_of_copy(tmp: Path, version: str, broken: bool = False, dies_in_run: bool = False) -> Path:
+    """A wheel built from a copy of this checkout with `version` (and, if `broken`, a CLI that raises at
+    import; if `dies_in_run`, a daemon that raises as it starts while --version and validate work)."""
     src = tmp / f"src-{version}"
     shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "tests", "bench", "examples", "*.egg-info",
                                                              "__pycache__", "agent-root", "build", "dist"))
@@ -38,6 +39,12 @@ def _wheel_of_copy(tmp: Path, version: str, broken: bool = False) -> Path:
     if broken:
         with open(src / "agent" / "cli.py", "a") as fh:
             fh.write('\nraise RuntimeError("this gitops-agent wheel is broken on purpose")\n')
+    if dies_in_run:
+        runtime = src / "agent" / "service" / "runtime.py"
+        text = runtime.read_text()
+        head = "def run_daemon(settings, lock_fd: int | None = None) -> int:\n"
+        assert head in text
+        runtime.write_text(text.replace(head, head + '    raise RuntimeError("this agent dies at start on purpose")\n'))
     out = tmp / f"dist-{version}"
     subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(src)], check=True,
                    capture_output=True, env=clean_env(), timeout=600)
@@ -51,14 +58,14 @@ def wheelhouse(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agent-wheels")
     house = tmp / "house"
     house.mkdir()
-    good, bad = _wheel_of_copy(tmp, V2), _wheel_of_copy(tmp, V3, broken=True)
-    for wheel in (good, bad):
+    good, bad, dies = _wheel_of_copy(tmp, V2), _wheel_of_copy(tmp, V3, broken=True), _wheel_of_copy(tmp, V4, dies_in_run=True)
+    for wheel in (good, bad, dies):
         shutil.copy(wheel, house)
     proc = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--only-binary", ":all:", "--dest",
                            str(house), str(good)], capture_output=True, text=True, env=clean_env(), timeout=900)
     assert proc.returncode == 0, proc.stderr
     locks = {}
-    for version in (V2, V3):
+    for version in (V2, V3, V4):
         proc = subprocess.run([shutil.which("uv") or "uv", "pip", "compile", "-", "--quiet", "--generate-hashes",
                                "--no-index", "--find-links", str(house), "--python-version", "%d.%d" % sys.version_info[:2],
                                "--no-header", "--no-annotate"],
@@ -168,3 +175,54 @@ def test_self_upgrade_hands_over_and_a_broken_one_is_refused(v1_bin, wheelhouse,
             h.stop()
         stop_process(daemon, timeout=60)
         log.close()
+
+
+def test_a_new_agent_that_dies_at_start_is_reported_by_the_old_one(v1_bin, wheelhouse, state_repo, agent_root, tmp_path):
+    """The handover's crash path under a real process manager: the agent runs as the one program of a
+    supervisord (as bootstrap sets it up); the locked agent passes --version and validate but dies as its
+    daemon starts. supervisord starts the command it knows (the old agent), which finds the handover
+    unconfirmed, reports it, and does not try that lock again."""
+    house, locks = wheelhouse
+    shutil.copytree(house, state_repo.path / "agent-wheels")
+    state_repo.write("fleet.yaml", "apiVersion: gitops-agent/v1\nkind: Fleet\nhosts: {h1: {}}\n"
+                                   "agent: {lockfile: agent.lock, find_links: [agent-wheels], index: false}\n")
+    state_repo.write("agent.lock", locks[V4])
+    state_repo.commit(f"agent {V4}")
+    listen = free_port()
+    sup = tmp_path / "sup"
+    sup.mkdir()
+    (sup / "supervisord.conf").write_text(f"""\
+[unix_http_server]
+file={sup}/s.sock
+[supervisord]
+pidfile={sup}/supervisord.pid
+logfile={sup}/supervisord.log
+[rpcinterface:supervisor]
+supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface
+[program:gitops-agent]
+command={v1_bin}/gitops-agent run --repo {state_repo.url} --host h1 --root {agent_root} --listen 127.0.0.1:{listen} --poll-interval 1
+autorestart=true
+startsecs=1
+startretries=100
+stopwaitsecs=60
+redirect_stderr=true
+stdout_logfile={sup}/agent.log
+""")
+    subprocess.run([str(v1_bin / "supervisord"), "-c", str(sup / "supervisord.conf")], check=True, env=clean_env())
+    try:
+        wait_until(lambda: f'gitops_agent_self_upgrade_failed{{version="{V4}"}} 1.0' in _metrics(listen), 600,
+                   "the old agent to report the failed handover", log=sup / "agent.log", step=0.2)
+        assert f'gitops_agent_build_info{{version="{__version__}"}} 1.0' in _metrics(listen)
+        record = json.loads((agent_root / "state" / "agent-upgrade.json").read_text())
+        assert record["phase"] == "failed" and "did not come up" in record["reason"]
+        log = (sup / "agent.log").read_text()
+        assert "dies at start on purpose" in log and log.count("handing over from gitops-agent") == 1
+        time.sleep(3)                               # several polls: the failed lock is not tried again
+        assert (sup / "agent.log").read_text().count("handing over from gitops-agent") == 1
+        status = run_agent("status", "--root", str(agent_root)).stdout
+        assert f"agent upgrade to {V4} FAILED (running {__version__})" in status
+    finally:
+        pid = int((sup / "supervisord.pid").read_text())
+        subprocess.run(["kill", str(pid)])
+        wait_until(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, 120,
+                   "supervisord to stop")
