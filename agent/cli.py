@@ -286,12 +286,16 @@ def cmd_status(args) -> int:
     from agent.service.status_page import read_report
 
     from agent.service.control import control_file, load_control
+    from agent.service.selfupgrade import read_upgrade_state
 
     r = read_report(Layout(settings.root))
     control = load_control(control_file(settings.root))
+    upgrade = read_upgrade_state(Layout(settings.root).state)
     if args.json:
-        print(json.dumps({**r, **control.to_json()}, indent=2))
+        print(json.dumps({**r, **control.to_json(), "agent_upgrade": upgrade or None}, indent=2))
         return EXIT_OK
+    if upgrade.get("phase") == "failed":
+        print(f"agent upgrade to {upgrade.get('to')} FAILED (running {upgrade.get('from')}): {upgrade.get('reason')}")
     for app, s in sorted(control.suspended.items()):
         print(f"suspended: {'the whole host' if app == '*' else 'app ' + app}: {s.reason} (since {_ts(s.at)})")
     for app, q in sorted(control.quarantined.items()):
@@ -380,8 +384,8 @@ def cmd_run(args) -> int:
     from agent.service.rootlock import root_lock
     from agent.service.runtime import run_daemon
 
-    with root_lock(settings.root):
-        return run_daemon(settings)
+    with root_lock(settings.root) as lock_fd:
+        return run_daemon(settings, lock_fd=lock_fd)
 
 
 def cmd_down(args) -> int:

@@ -3,6 +3,7 @@ editable) into a fresh venv. Shared by the package and bootstrap tests; one buil
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import subprocess
@@ -26,6 +27,7 @@ def build_dists() -> tuple[Path, Path]:
     from the sdist, so a file missing from the sdist is missing from the wheel too)."""
     if "dists" not in _BUILT:
         out = Path(tempfile.mkdtemp(prefix="gitops-agent-dist-"))
+        atexit.register(shutil.rmtree, out, True)           # the session's build, removed when it ends
         proc = subprocess.run([sys.executable, "-m", "build", "--outdir", str(out), str(REPO)],
                               capture_output=True, text=True, env=clean_env(), timeout=600)
         if proc.returncode != 0:

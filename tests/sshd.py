@@ -57,10 +57,14 @@ def start_sshd(base: Path, path: str) -> Sshd:
     (base / "authorized_keys").write_text((base / "client_key.pub").read_text())
     (base / "target-path").write_text(path)
     env_cmd = base / "target-env"
+    # This machine reaches the package index through a CA of its own (pip.conf's `cert`, $PIP_CERT): the
+    # target, being this machine, gets it as SSL_CERT_FILE too, for uv (pip reads pip.conf itself).
+    ca = os.environ.get("PIP_CERT") or "/etc/ssl/certs/ca-certificates.crt"
+    cert = f"SSL_CERT_FILE={shlex.quote(ca)} " if os.path.isfile(ca) else ""
     env_cmd.write_text(
         "#!/bin/sh\n# ForceCommand: the client's command under an environment the test chose\n"
         f'exec env -i PATH="$(cat {shlex.quote(str(base / "target-path"))})" HOME="$HOME" USER="$USER" '
-        'LOGNAME="$LOGNAME" LANG=C.UTF-8 /bin/sh -c "$SSH_ORIGINAL_COMMAND"\n')
+        f'LOGNAME="$LOGNAME" LANG=C.UTF-8 {cert}/bin/sh -c "$SSH_ORIGINAL_COMMAND"\n')
     env_cmd.chmod(0o755)
     port = free_port()
     (base / "sshd_config").write_text(f"""\

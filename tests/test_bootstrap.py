@@ -210,3 +210,30 @@ def test_bad_options_are_refused_before_connecting(tmp_path):
     assert proc.returncode == 1 and "ssh://USER@HOST[:PORT]" in proc.stderr
     proc = run_agent("bootstrap", "ssh://root@127.0.0.1:1", "--root", "relative/root")
     assert proc.returncode == 1 and "--root" in proc.stderr
+
+
+
+def test_a_target_with_uv_and_a_python_without_venv(sshd, target, wheel, tmp_path):
+    """Debian without python3-venv, but uv: the venv is made by uv. The target's python3 is a FAKE (named as
+    such): a wrapper of this machine's Python 3 whose `import ensurepip` fails, as python3-venv's absence does."""
+    from agent.drivers.venv import find_uv
+
+    uv = find_uv()
+    if uv is None:
+        pytest.skip("no uv binary here")
+    bindir = _no_python_bin(tmp_path)
+    broken = tmp_path / "no-ensurepip"
+    (broken / "ensurepip").mkdir(parents=True)
+    (broken / "ensurepip" / "__init__.py").write_text('raise ImportError("python3-venv is not installed")\n')
+    (bindir / "python3").write_text(f'#!/bin/sh\n# FAKE python3 without ensurepip\nPYTHONPATH={broken} exec /usr/bin/python3 "$@"\n')
+    (bindir / "python3").chmod(0o755)
+    (bindir / "uv").symlink_to(Path(uv).resolve())
+    sshd.set_path(str(bindir))
+    listen = free_port()
+    proc = bootstrap(sshd, target, "--wheel", str(wheel), listen=listen)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "(uv); service: supervisord" in proc.stdout
+    assert http_get(f"http://127.0.0.1:{listen}/healthz")[0] == 200
+    prefix, _root = target
+    (venv,) = (prefix / "venvs").iterdir()
+    assert "uv" in (venv / "pyvenv.cfg").read_text()

@@ -167,3 +167,24 @@ def test_systemd_unit_verifies(tmp_path):
 ])
 def test_check_url(listen, url):
     assert core.check_url(listen) == url
+
+
+def test_options_from_args_merge_a_local_config_under_the_flags(tmp_path):
+    from agent.cli import _parser
+    from agent.service.bootstrap import options_from_args
+
+    cfg = tmp_path / "agent.yaml"
+    cfg.write_text("health-wait: 5\nrepo: https://git.example/state.git\npoll-interval: 7\n")
+    signers = tmp_path / "signers"
+    signers.write_text("x ssh-ed25519 AAAA\n")
+    args = _parser().parse_args(["bootstrap", "ssh://ops@web-1:2222", "--config", str(cfg), "--repo",
+                                 "https://git.example/other.git", "--allowed-signers", str(signers),
+                                 "--root", "/srv/agent"])
+    opts = options_from_args(vars(args))
+    assert opts.address == SshAddress("ops", "web-1", 2222)
+    assert opts.settings == {"health_wait_s": 5, "poll_interval_s": 7, "repo": "https://git.example/other.git",
+                             "root": "/srv/agent", "listen": "127.0.0.1:9400"}
+    assert opts.files == {"allowed_signers": signers} and opts.init == "auto" and opts.wheel is None
+    from agent import __version__
+
+    assert opts.version == __version__            # from the index: gitops-agent==<this version>

@@ -57,19 +57,27 @@ except OSError:
     print(json.dumps({"supervisord": False, "state": None}))
 """
 
-# Wait until /healthz answers 200 and /metrics reports the expected gitops_agent_build_info version.
+# Wait until /healthz answers 200 and /metrics reports the expected gitops_agent_build_info version (or
+# the version the agent upgraded itself to from fleet.yaml's agent: lock, per <root>/state/agent-upgrade.json).
 _HEALTH = r"""
-import sys, time, urllib.request
+import json, os, sys, time, urllib.request
 base, version, deadline = sys.argv[1], sys.argv[2], time.monotonic() + float(sys.argv[3])
-want = 'gitops_agent_build_info{version="%s"} 1.0' % version
+wants = ['gitops_agent_build_info{version="%s"} 1.0' % version]
 last = "no answer"
 while True:
+    try:
+        with open(os.path.join(sys.argv[4], "state", "agent-upgrade.json")) as fh:
+            up = json.load(fh)
+        if up.get("phase") == "done" and up.get("to"):
+            wants.append('gitops_agent_build_info{version="%s"} 1.0' % up["to"])
+    except (OSError, ValueError, AttributeError):
+        pass
     try:
         with urllib.request.urlopen(base + "/healthz", timeout=5) as r:
             code = r.status
         with urllib.request.urlopen(base + "/metrics", timeout=5) as r:
             text = r.read().decode()
-        if code == 200 and want in text:
+        if code == 200 and any(want in text for want in wants):
             print("healthy"); sys.exit(0)
         found = [l for l in text.splitlines() if l.startswith("gitops_agent_build_info{")]
         last = "an agent answers, but not version %s: %s" % (version, ", ".join(found) or "no build_info")
@@ -240,7 +248,8 @@ class _Run:
         self.step = "health"
         url = core.check_url(str(settings["listen"]))
         try:
-            self.py(_HEALTH, url, o.version, str(o.wait_s), what=f"wait for {url}/healthz", timeout=o.wait_s + 60)
+            self.py(_HEALTH, url, o.version, str(o.wait_s), p.root, what=f"wait for {url}/healthz",
+                    timeout=o.wait_s + 60)
         except RemoteError as exc:
             raise RemoteError(f"the agent did not answer healthy at {url} within {o.wait_s:g}s ({exc.stderr.strip()}); "
                               f"its log ends:\n{self.log_tail(init)}", exc.code, "") from None
@@ -427,7 +436,7 @@ def options_from_args(args: dict) -> BootstrapOptions:
 
     from agent import __version__
     from agent.core.errors import ConfigError
-    from agent.settings import Settings, build_settings
+    from agent.settings import _ALIAS, Settings, build_settings
 
     try:
         address = SshAddress.parse(args["target"])
@@ -441,7 +450,7 @@ def options_from_args(args: dict) -> BootstrapOptions:
             raise ConfigError(f"cannot read --config {args['config']}: {exc}") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"--config {args['config']} must be a mapping of setting: value")
-        given.update({str(k).replace("-", "_"): v for k, v in loaded.items()})
+        given.update({_ALIAS.get(str(k).replace("-", "_"), str(k).replace("-", "_")): v for k, v in loaded.items()})
     given.update({k: v for k, v in args.items() if k not in _NOT_SETTINGS and v is not None})
     given.setdefault("root", str(Settings.root))
     given.setdefault("listen", Settings.listen)

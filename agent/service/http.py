@@ -132,6 +132,12 @@ class HttpServer:
         self._thread.start()
         return self
 
+    def listener_dup(self) -> int:
+        """A new fd of the listening socket, for a self-upgrade to hand over (it outlives `stop`)."""
+        import os
+
+        return os.dup(self._listener.fileno())
+
     def stop(self) -> None:
         self._stopping = True
         self._wake()
@@ -348,7 +354,30 @@ class HttpServer:
         return Response(404, self.not_found)
 
 
+def _inherited_listener(port: int) -> socket.socket | None:
+    """The listening socket a previous agent handed over by exec (self-upgrade), if it listens on `port`:
+    connections that arrived during the exec are waiting in its backlog."""
+    import os
+
+    value = os.environ.pop("GITOPS_AGENT_LISTEN_FD", None)
+    if not value or not value.isdigit():
+        return None
+    try:
+        sock = socket.socket(fileno=int(value))
+    except OSError:
+        return None
+    if sock.type != socket.SOCK_STREAM or sock.getsockname()[1] != port:
+        sock.close()
+        return None
+    sock.set_inheritable(False)
+    sock.setblocking(False)
+    return sock
+
+
 def _bind(host: str, port: int, backlog: int) -> socket.socket:
+    inherited = _inherited_listener(port)
+    if inherited is not None:
+        return inherited
     family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
     sock = socket.socket(family, kind, proto)

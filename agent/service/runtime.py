@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 from agent.core.outcome import ReconcileResult, Retry
@@ -246,8 +247,9 @@ class Runtime:
         return result, ok, bool(getattr(result, "outcomes", ())), backoff
 
 
-def run_daemon(settings) -> int:
-    """`gitops-agent run`: the caller holds the root lock for our whole life."""
+def run_daemon(settings, lock_fd: int | None = None) -> int:
+    """`gitops-agent run`: the caller holds the root lock for our whole life (`lock_fd`: its fd, which a
+    self-upgrade hands to the new agent)."""
     from agent.core.layout import Layout
     from agent.service.http import MetricsServer
     from agent.service.metrics import Recorder
@@ -285,26 +287,39 @@ def run_daemon(settings) -> int:
         log.info("splay: first poll in %.1fs", splay)
     schedule = Schedule(settings.poll_interval_s, now=time.monotonic() + splay)
     watcher: Watcher | None = None
+    from agent.service.selfupgrade import SelfUpgrade
 
     notifications = None
     if settings.notify:
         from agent.service.notify import build_notifications
 
         notifications = build_notifications(settings, lambda r: recorder.notifications.labels(r).inc())
+    upgrade = SelfUpgrade(settings, layout, registry=recorder.registry)
+    upgrade.on_start()
+    handover = None
 
-    def rewatch(_result) -> None:
+    def rewatch(result) -> None:
+        nonlocal handover
         if notifications is not None:
-            notifications.observe(_result)
+            notifications.observe(result)
         stager = getattr(reconciler, "stager", None)
         if stager is not None:
             recorder.set_waves(stager.gates, stager.due)
+        if lock_fd is not None and handover is None and not runtime.stopping:
+            handover = upgrade.after_reconcile(*_applied_state(reconciler, settings, result))
+            if handover is not None:
+                runtime.stop()          # between two reconciles: the loop ends, then we exec below
+                return
         if watcher is not None:
             watcher.watch(managed_paths(layout, settings.repo))
 
     runtime = Runtime(reconciler.reconcile, schedule, recorder, after_run=rewatch)
     watcher = Watcher(runtime.on_watch)
 
+    signalled: list[str] = []
+
     def stop(name: str) -> None:
+        signalled.append(name)          # a stop asked for wins over a handover prepared meanwhile
         if not runtime.stopping:
             log.info("%s: stopping after the current reconcile (services keep running)", name)
         runtime.stop()
@@ -329,17 +344,32 @@ def run_daemon(settings) -> int:
     host, port = server.address
     log.info("gitops-agent running: root %s, mode %s, poll %gs, status page and metrics on http://%s:%d/, watching %d dirs",
              settings.root, settings.mode, settings.poll_interval_s, host, port, len(watcher.specs))
+    listen_fd = None
     try:
         if settings.allow_chaos:
             _start_chaos(reconciler, recorder, runtime)
         runtime.run()
     finally:
         watcher.stop()
+        if handover is not None:
+            listen_fd = server.listener_dup()   # before stop closes it: the new agent serves on it
         server.stop()
         for s, handler in old.items():
             signal.signal(s, handler)
+    if handover is not None and lock_fd is not None and not signalled:
+        log.info("handing over to gitops-agent %s after %d reconciles", handover.lock.version, runtime.runs)
+        handover.exec(lock_fd, listen_fd)
     log.info("stopped after %d reconciles; managed services left running", runtime.runs)
     return 0
+
+
+def _applied_state(reconciler, settings, result) -> tuple[Path | None, Path | None]:
+    """(state dir, repo checkout) of the revision a successful reconcile applied, else (None, None)."""
+    rev = getattr(result, "revision", None)
+    if rev is None or getattr(result, "result", None) not in SUCCESS or result.desired_from not in (None, rev.sha):
+        return None, None
+    checkout = reconciler.source.checkout(rev)
+    return (checkout / settings.path if settings.path else checkout), checkout
 
 
 def _start_chaos(reconciler, recorder, runtime: Runtime, tick_s: float = 1.0) -> threading.Thread:

@@ -1,0 +1,162 @@
+"""The parts of self-upgrade without a daemon: the `agent:` block and its lock, the handover record (a
+handover to another version found unconfirmed at start is a failure; one to us is confirmed), a failed
+lock not retried, the root lock and the listening socket adopted from an inherited fd."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+
+from agent import __version__
+from agent.core.errors import InvalidState, LockHeld
+from agent.core.layout import Layout
+from agent.service.selfupgrade import SelfUpgrade, agent_lock
+from agent.settings import Settings
+from wheelfactory import lock_line, make_http_app_wheel
+
+FLEET = "apiVersion: gitops-agent/v1\nkind: Fleet\nhosts: {h1: {}}\n"
+
+
+def _state(tmp_path: Path, block: str = "", lock: str | None = None) -> Path:
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / "fleet.yaml").write_text(FLEET + block)
+    if lock is not None:
+        (state / "agent.lock").write_text(lock)
+    return state
+
+
+def _gitops_agent_lock(tmp_path: Path, version: str) -> str:
+    wheel = make_http_app_wheel(tmp_path / "wh", "gitops-agent", version)
+    return lock_line(wheel) + "\n"
+
+
+def test_no_agent_block(tmp_path):
+    assert agent_lock(_state(tmp_path), tmp_path, "3.11", "pip") is None
+
+
+def test_agent_block_and_its_lock(tmp_path):
+    state = _state(tmp_path, "agent: {lockfile: agent.lock, find_links: [wh], index: false}\n",
+                   _gitops_agent_lock(tmp_path, "9.9.9"))
+    (state / "wh").mkdir()
+    lock = agent_lock(state, tmp_path, "3.11", "pip")
+    assert lock.version == "9.9.9" and lock.options == ("--no-index",) and lock.find_links == ((state / "wh").resolve(),)
+    assert len(lock.identity) == 16
+
+
+def _lock_of(tmp_path: Path, name: str) -> str:
+    return lock_line(make_http_app_wheel(tmp_path / "wh", name, "1.0")) + "\n"
+
+
+@pytest.mark.parametrize("block, name, word", [
+    ("agent: {lockfile: agent.lock}\n", "demoapp", "must pin gitops-agent"),
+    ("agent: {lockfile: ../outside.lock}\n", "gitops-agent", "inside the repo"),
+    ("agent: {lockfile: agent.lock, find_links: [nowhere]}\n", "gitops-agent", "inside the repo"),
+])
+def test_agent_block_refused(tmp_path, block, name, word):
+    (tmp_path / "outside.lock").write_text(_lock_of(tmp_path, "gitops-agent"))
+    state = _state(tmp_path, block, _lock_of(tmp_path, name))
+    with pytest.raises(InvalidState, match=word):
+        agent_lock(state, state, "3.11", "pip")
+
+
+def _upgrade(tmp_path, record: dict | None = None):
+    layout = Layout(tmp_path / "root")
+    if record is not None:
+        layout.state.mkdir(parents=True)
+        (layout.state / "agent-upgrade.json").write_text(json.dumps(record))
+    registry = CollectorRegistry()
+    return SelfUpgrade(Settings(root=layout.root), layout, registry=registry), registry, layout
+
+
+def test_an_unconfirmed_handover_to_another_version_is_a_failure(tmp_path):
+    up, registry, layout = _upgrade(tmp_path, {"phase": "handing-over", "from": __version__, "to": "9.9.9",
+                                               "identity": "ab" * 8})
+    up.on_start()
+    record = json.loads((layout.state / "agent-upgrade.json").read_text())
+    assert record["phase"] == "failed" and "did not come up" in record["reason"]
+    assert 'gitops_agent_self_upgrade_failed{version="9.9.9"} 1.0' in generate_latest(registry).decode()
+
+
+def test_a_handover_to_us_is_confirmed(tmp_path):
+    up, registry, layout = _upgrade(tmp_path, {"phase": "handing-over", "from": "0.0.1", "to": __version__})
+    up.on_start()
+    assert json.loads((layout.state / "agent-upgrade.json").read_text())["phase"] == "done"
+    assert "self_upgrade_failed{" not in generate_latest(registry).decode()
+
+
+def test_a_failed_lock_is_not_retried_and_a_new_one_clears_it(tmp_path):
+    state = _state(tmp_path, "agent: {lockfile: agent.lock}\n", _gitops_agent_lock(tmp_path, "9.9.9"))
+    identity = agent_lock(state, state, "%d.%d" % __import__("sys").version_info[:2], "pip").identity
+    up, registry, layout = _upgrade(tmp_path, {"phase": "failed", "to": "9.9.9", "identity": identity})
+    up.on_start()
+    assert up.after_reconcile(state, state) is None                 # no build attempted
+    assert json.loads((layout.state / "agent-upgrade.json").read_text())["phase"] == "failed"
+    (state / "fleet.yaml").write_text(FLEET)                        # the block removed: failure cleared
+    assert up.after_reconcile(state, state) is None
+    assert json.loads((layout.state / "agent-upgrade.json").read_text()) == {}
+    assert "self_upgrade_failed{" not in generate_latest(registry).decode()
+
+
+def test_root_lock_is_adopted_from_an_inherited_fd(tmp_path, monkeypatch):
+    from agent.service.rootlock import root_lock
+
+    root = tmp_path / "root"
+    root.mkdir()
+    fd = os.open(root / "agent.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)               # the old agent's lock, as if inherited
+    monkeypatch.setenv("GITOPS_AGENT_LOCK_FD", str(fd))
+    with root_lock(root) as held:
+        assert held == fd
+        assert "GITOPS_AGENT_LOCK_FD" not in os.environ
+        with pytest.raises(LockHeld):                             # still exclusive for anyone else
+            with root_lock(root):
+                pass
+
+
+def test_an_inherited_fd_of_another_file_is_not_taken_for_the_lock(tmp_path, monkeypatch):
+    from agent.service.rootlock import root_lock
+
+    other = os.open(tmp_path / "other", os.O_RDWR | os.O_CREAT, 0o600)
+    monkeypatch.setenv("GITOPS_AGENT_LOCK_FD", str(other))
+    with root_lock(tmp_path / "root") as held:
+        assert held != other
+    os.close(other)
+
+
+def test_http_server_adopts_an_inherited_listener(monkeypatch):
+    from agent.service.http import HttpServer, Response
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    port = listener.getsockname()[1]
+    monkeypatch.setenv("GITOPS_AGENT_LISTEN_FD", str(os.dup(listener.fileno())))
+    listener.close()                    # only the inherited fd keeps the socket
+    server = HttpServer({("GET", "/x"): lambda _r: Response(200, b"hi\n")}, f"127.0.0.1:{port}").start()
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/x", timeout=5) as resp:
+            assert resp.read() == b"hi\n"
+        dup = server.listener_dup()
+        assert socket.socket(fileno=dup).getsockname()[1] == port
+    finally:
+        server.stop()
+
+
+def test_an_unusable_agent_block_is_reported_once(tmp_path):
+    state = _state(tmp_path, "agent: {lockfile: missing.lock}\n")
+    up, registry, layout = _upgrade(tmp_path)
+    assert up.after_reconcile(state, state) is None
+    record = json.loads((layout.state / "agent-upgrade.json").read_text())
+    assert record["phase"] == "failed" and "missing.lock" in record["reason"]
+    assert 'gitops_agent_self_upgrade_failed{version="unknown"} 1.0' in generate_latest(registry).decode()
+    before = (layout.state / "agent-upgrade.json").stat().st_mtime_ns
+    assert up.after_reconcile(state, state) is None
+    assert (layout.state / "agent-upgrade.json").stat().st_mtime_ns == before
