@@ -38,14 +38,21 @@ from fixtures import (
     settings_for,
     write_app,
 )
-from shoprelease import ShopRepo, build_release_wheels, place_orders, release_version, shop_version
+from shoprelease import (
+    ShopRepo,
+    build_release_wheels,
+    place_orders,
+    release_version,
+    shop_version,
+)
 
 OUT = BENCH / "profile-out"
 
 
 def profile_inprocess(work: Path, apps: int, iterations: int) -> None:
-    from agent.service.reconciler import Reconciler
     from pyinstrument import Profiler
+
+    from agent.service.reconciler import Reconciler
 
     repo = DemoRepo(work / "repo")
     lock = repo.lock_text("1.0.0")
@@ -80,8 +87,9 @@ def profile_once(work: Path) -> None:
             "from agent.cli import main; rc = main(sys.argv[1:]); p.stop(); "
             f"open({str(OUT / 'once.txt')!r}, 'w').write(p.output_text(unicode=False, color=False)); sys.exit(rc)")
     subprocess.run([sys.executable, "-c", code, *args], check=True, capture_output=True)
-    imp = subprocess.run([sys.executable, "-X", "importtime", "-c", "from agent.cli import main; import sys; "
-                          "sys.exit(main(sys.argv[1:]))", *args], capture_output=True, text=True)
+    imp = subprocess.run([sys.executable, "-X", "importtime", "-c",
+                          "from agent.cli import main; import sys; sys.exit(main(sys.argv[1:]))", *args],
+                         capture_output=True, text=True, check=False)
     rows = []
     for line in imp.stderr.splitlines():
         if line.startswith("import time:") and "|" in line:
@@ -123,8 +131,9 @@ def _timed_steps() -> list[tuple[str, float]]:
 
 def profile_release(work: Path, releases: int) -> None:
     """The shop's releases 1.1.0.. applied by one in-process Reconciler, the last one under pyinstrument."""
-    from agent.service.reconciler import Reconciler
     from pyinstrument import Profiler
+
+    from agent.service.reconciler import Reconciler
 
     wheels = build_release_wheels(releases, work / "shop-wheels", work)
     port = distinct_port()
@@ -151,8 +160,8 @@ def profile_release(work: Path, releases: int) -> None:
         wall = time.perf_counter() - t0
         if result.result != "applied" or shop_version(port) != release_version(n):
             raise RuntimeError(f"release {release_version(n)}: {result.result} {result.error}")
-        lines = [f"release {release_version(n)}: reconcile {wall:.2f} s{' (profiled)' if prof else ''}; "
-                 f"actions {sum(o.seconds for o in result.outcomes):.2f} s"]
+        lines = [(f"release {release_version(n)}: reconcile {wall:.2f} s{' (profiled)' if prof else ''}; "
+                  f"actions {sum(o.seconds for o in result.outcomes):.2f} s")]
         lines += [f"  {o.seconds:7.3f} s  {o.action.describe()}: {o.message[:90]}" for o in result.outcomes]
         lines += ["  inside build_venv and prune_venvs:"] + [f"    {s:7.3f} s  {what}" for what, s in steps]
         report.append("\n".join(lines))

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 from conftest import StateRepo, free_port, run_agent
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "desired-state-example"

@@ -22,9 +22,14 @@ from harness import CLEANUP, Context, Figure, Section, distinct_port, log, when
 # isort: split
 from conftest import git
 from daemon_helpers import start_daemon
-
 from fixtures import IDENTITY
-from shoprelease import ShopRepo, build_release_wheels, place_orders, release_version, shop_version
+from shoprelease import (
+    ShopRepo,
+    build_release_wheels,
+    place_orders,
+    release_version,
+    shop_version,
+)
 
 __all__ = ["SECTION", "action_times"]
 
@@ -156,7 +161,7 @@ def run(ctx: Context) -> None:
                 time.sleep(0.01)
             serving.append(at - t0)
             gaps.append(at - last_old)
-            done.append(when(lambda: applied(new), 600, f"shop {version} applied", 0.02, daemon.log) - t0)
+            done.append(when(lambda s=new: applied(s), 600, f"shop {version} applied", 0.02, daemon.log) - t0)
             breakdowns.append(action_times(daemon.log, since, new))
             _check_migrated(root, n)
             log(f"release: {version} serving after {serving[-1]:.2f}s, applied after {done[-1]:.2f}s; "
