@@ -92,9 +92,15 @@ def test_daemon_converges_follows_commits_heals_drift_and_stops_cleanly(request,
     # the agent's own writes settle: no endless reconciles
     def total():
         return sum(v for (n, _), v in d.metrics().items() if n == "gitops_agent_reconcile_total")
-    time.sleep(0.5)
+    # (a gated start returns before supervisord's startsecs: the RUNNING line supervisord logs then may trigger
+    # one more no-op reconcile; wait until the program is RUNNING and that has settled, then demand quiet)
+    deadline = time.monotonic() + 30
+    while supervisor(agent_root).process_info().get(PROGRAM, {}).get("statename") != "RUNNING":
+        assert time.monotonic() < deadline, "the healed program never reached RUNNING"
+        time.sleep(0.1)
+    time.sleep(1.5)
     before = total()
-    time.sleep(1.0)
+    time.sleep(1.5)
     assert total() == before
 
     print(f"\nlatency: commit->applied {commit_to_applied:.2f}s, hand edit->healed {edit_to_healed:.2f}s, "
