@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from chromium import dump_dom
 from conftest import free_port
 from daemon_helpers import http_get, start_daemon, start_prometheus, wait_until
 
@@ -118,3 +119,6 @@ scrape_configs:
     status = json.loads(http_get(daemon.base + "/api/status")[1])
     (demo,) = status["apps"]
     assert demo["canary"]["state"] == "failed" and demo["canary"]["analysis"].startswith("fail")
+    dom = dump_dom(daemon.base + "/")
+    assert 'data-canary="failed"' in dom and "analysis failed" in dom
+    assert 'data-backend="web-green" data-percent="0.0"' in dom
