@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from chromium import dump_dom
 from conftest import free_port
 from daemon_helpers import http_get, start_daemon, start_prometheus, wait_until
 
@@ -118,3 +119,29 @@ scrape_configs:
     status = json.loads(http_get(daemon.base + "/api/status")[1])
     (demo,) = status["apps"]
     assert demo["canary"]["state"] == "failed" and demo["canary"]["analysis"].startswith("fail")
+    dom = dump_dom(daemon.base + "/")
+    assert 'data-canary="failed"' in dom and "analysis failed" in dom
+    assert 'data-backend="web-green" data-percent="0.0"' in dom
+
+
+def _canary_state(repo, analysis: str) -> None:
+    repo.app(services={"web-blue": {"port": free_port(), "environment": "blue"},
+                       "web-green": {"port": free_port(), "environment": "blue"}}, env="blue")
+    app = repo.path / "apps/demo/app.yaml"
+    app.write_text(app.read_text() + f'traffic:\n  listen: "127.0.0.1:{free_port()}"\n  strategy: canary\n'
+                                     "  weights: {web-blue: 100, web-green: 0}\n"
+                                     f"  canary:\n    service: web-green\n    analysis: {analysis}\n")
+
+
+def test_analysis_is_loaded_as_a_gate_and_a_bad_one_is_located(state_repo):
+    from agent.core.load import LoadOptions, load_desired, validate_tree
+
+    _canary_state(state_repo, "{prometheus: 'http://127.0.0.1:9090/', query: 'up', max: 0.01}")
+    (app,) = load_desired(state_repo.path, "h1", LoadOptions(boundary=state_repo.path)).apps
+    gate = app.traffic.canary.analysis
+    assert (gate.prometheus, gate.query, gate.op, gate.threshold, gate.on_no_data) == \
+        ("http://127.0.0.1:9090", "up", "<=", 0.01, "pause")
+
+    _canary_state(state_repo, "{prometheus: 'prom:9090', query: 'up', no_data: maybe}")
+    text = "\n".join(str(p) for p in validate_tree(state_repo.path, LoadOptions(boundary=state_repo.path)))
+    assert "traffic.canary.analysis" in text and "max" in text and "no_data" in text and "prometheus" in text, text

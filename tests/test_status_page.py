@@ -79,6 +79,9 @@ def test_page_shows_the_app_split_and_drift_and_escapes_repo_text(daemon, agent_
     assert "pwned" not in re.search(r"<title>(.*?)</title>", dom, re.S).group(1)
     assert html.escape(EVIL, quote=False) in dom
     assert '<img src="x"' not in dom
+    # the refresh script swaps in a fresh body (Chromium runs its 10 s timer in virtual time)
+    refreshed = dump_dom(daemon.base + "/", "--virtual-time-budget=25000")
+    assert re.search(r'data-refreshes="[1-9]', refreshed) and 'data-service="web-green"' in refreshed, refreshed[:500]
     screenshot(daemon.base + "/", tmp_path / "phone.png")
     assert (tmp_path / "phone.png").stat().st_size > 5000
 

@@ -151,7 +151,7 @@ def recorded(previous: Mapping, result, now: float) -> dict:
         out["traffic"] = live_split(result.facts, result.outcomes)
     if result.plan is not None:
         out["resources"] = with_since(result.resources, previous.get("resources") or {}, now)
-    context = {**previous, **{k: v for k, v in out.items() if k == "apps"}}
+    context = {**previous, "apps": out.get("apps", previous.get("apps") or {})}
     out["events"] = events_of(context, result, out.get("resources", previous.get("resources") or {}),
                               result.rollouts, now)
     return out

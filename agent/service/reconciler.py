@@ -547,7 +547,11 @@ class Reconciler:
             status.last_error, status.last_error_at = result.error, now
         elif succeeded:
             status.last_error = None
-        view = recorded(status.to_json(), result, now)     # apps, live split, drift since, events
+        try:
+            view = recorded(status.to_json(), result, now)     # apps, live split, drift since, events
+        except Exception:  # noqa: BLE001 - the status page's extras must never cost the record itself
+            log.exception("cannot derive the status page's view of this reconcile")
+            view = {"resources": result.resources if result.plan is not None else {}, "events": status.events}
         if result.plan is not None:
             status.resources = view["resources"]
         if result.rollouts is not None:

@@ -12,6 +12,7 @@ SCRIPT = r"""'use strict';
 (function () {
   var every = parseInt(document.body.getAttribute('data-refresh'), 10) || 10;
   var failedSince = null;
+  var refreshes = 0;
   function say(text) {
     var el = document.getElementById('refresh');
     if (el) { el.textContent = text; }
@@ -27,6 +28,8 @@ SCRIPT = r"""'use strict';
         var doc = new DOMParser().parseFromString(html, 'text/html');
         document.title = doc.title;
         document.body.replaceWith(doc.body);
+        refreshes += 1;
+        document.documentElement.setAttribute('data-refreshes', String(refreshes));
         failedSince = null;
         say('live: refreshed every ' + every + ' s');
       })

@@ -81,8 +81,8 @@ _PAGE = _env.from_string("""\
   {% if r.applied %}
   <p class="rev" id="applied">applied <code class="sha" title="{{ r.applied.sha }}">{{ r.applied.short }}</code>
     <span class="subject">{{ r.applied.subject }}</span>
-    {% if r.applied.age_s is not none %}<time datetime="{{ r.applied.committed_at|iso }}" title="committed {{ r.applied.committed_at|iso }}">{{ r.applied.age_s|age }} old</time>{% endif %}
-    {% if r.applied.ref %}· <span class="ref">{{ r.applied.ref }}</span>{% endif %}</p>
+    {% if r.applied.age_s is not none %}<time datetime="{{ r.applied.committed_at|iso }}" title="committed {{ r.applied.committed_at|iso }}">committed {{ r.applied.age_s|age }} ago</time>{% endif %}
+    {% if r.applied.ref %} · <span class="ref">{{ r.applied.ref }}</span>{% endif %}</p>
   {% else %}
   <p class="rev" id="applied">no revision applied yet</p>
   {% endif %}
