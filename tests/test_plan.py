@@ -55,9 +55,10 @@ def test_fresh_host_builds_switches_writes_updates_and_gates():
     plan = make_plan(desired(), Facts("stopped"), OPTS)
     assert kinds(plan) == [("ensure_supervisor", "supervisor"), ("build_venv", "venv:blue"),
                            ("switch_venv", "venv:blue"), ("write_program", "program:web"),
-                           ("update_program", "program:web"), ("check_health", "program:web")]
+                           ("update_program", "program:web"), ("check_health", "program:web"),
+                           ("await_running", "program:web")]
     assert all(a.reason for a in plan.actions)
-    assert plan.actions[4].gated         # the health gate, not startsecs, lets traffic come (and ends the apply)
+    assert plan.actions[4].gated         # the health gate, not startsecs, lets traffic come
     write = plan.actions[3]
     assert write.needs == ("venv:blue", "supervisor")
     assert "/srv/agent/venvs/blue-aaaa/bin/demoapp-server" in write.text
@@ -65,22 +66,28 @@ def test_fresh_host_builds_switches_writes_updates_and_gates():
 
 CASES = [
     pytest.param(dict(facts=lambda: converged_facts(state="STOPPED")),
-                 [("start_program", "program:web"), ("check_health", "program:web")], "STOPPED", id="stopped"),
+                 [("start_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")], "STOPPED", id="stopped"),
     pytest.param(dict(facts=lambda: converged_facts(file_text="[program:web]\ncommand=/bin/evil\n")),
-                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "differs", id="hand-edited-file"),
     pytest.param(dict(facts=lambda: converged_facts(file_text=None, pending="removed")),
-                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "missing", id="deleted-file"),
     pytest.param(dict(facts=lambda: converged_facts(pending="changed")),
-                 [("update_program", "program:web"), ("check_health", "program:web")], "unapplied", id="pending"),
+                 [("update_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")], "unapplied", id="pending"),
     pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "1.0.0"), ("evil", "6.6.6")))},
                                           converged_facts().programs)),
-                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "+evil==6.6.6", id="package-added-by-hand"),
     pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "0.9"),))},
                                           converged_facts().programs)),
-                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web"),
+                  ("await_running", "program:web")],
                  "demoapp 1.0.0->0.9", id="package-changed-by-hand"),
 ]
 
@@ -102,7 +109,8 @@ def test_new_lock_builds_and_rewrites_only_that_service():
     facts.programs["web2"] = ProgramFact("web2", other_text, "RUNNING", 7, verified=text_digest(other_text))
     plan = make_plan(desired((new, other_env), (svc(), other)), facts, OPTS)
     assert kinds(plan) == [("build_venv", "venv:blue"), ("switch_venv", "venv:blue"), ("write_program", "program:web"),
-                           ("update_program", "program:web"), ("check_health", "program:web")]
+                           ("update_program", "program:web"), ("check_health", "program:web"),
+                           ("await_running", "program:web")]
     assert "venv changed to blue-bbbb" in plan.actions[2].reason
     assert plan.actions[2].previous is not None          # rollback target: what supervisord ran
 
@@ -160,13 +168,13 @@ def test_many_ungated_services_start_together_and_are_confirmed_after():
 def test_await_running_comes_after_traffic_and_before_removals():
     """startsecs windows overlap (one wait at the end, not one per service), and an old program is
     removed only once the new ones have held."""
-    a, b = svc("web", health=False), svc("web2", health=False)
+    a, b = svc("web"), svc("web2")
     facts = Facts("running", {}, {"old": ProgramFact("old", "[program:old]\n", "RUNNING", 9)})
     plan = make_plan(desired(svcs=(a, b)), facts, OPTS)
     order = [a.kind for a in plan.actions]
     assert order.count("await_running") == 2
     first_wait = order.index("await_running")
-    assert max(i for i, k in enumerate(order) if k == "update_program") < first_wait
+    assert max(i for i, k in enumerate(order) if k == "check_health") < first_wait
     assert order.index("remove_program") > max(i for i, k in enumerate(order) if k == "await_running")
 
 
@@ -197,15 +205,15 @@ def test_a_service_that_exited_after_its_gate_is_drift_and_gated_again():
     assert "exited after its health gate (pid 41, now 42" in plan.actions[0].reason
 
 
-def test_an_ungated_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
-    """Blue-green (no health checks) with a restart of green in the same revision: green's await_running comes before
+def test_a_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
+    """Blue-green with a restart of green in the same revision: green's await_running comes before
     configure_traffic (a program that dies right after its gate never gets the users); blue, which
     loses traffic, is confirmed after."""
     from agent.core.model import Traffic
     from agent.drivers.lb import LoadBalancer
 
     blue_env, green_env = env("aaaa"), env("bbbb", name="green")
-    blue, green = svc("web_blue", health=False), svc("web_green", environment="green", health=False)
+    blue, green = svc("web_blue"), svc("web_green", environment="green")
     app = App("demo", None, (blue_env, green_env), (blue, green),
               traffic=Traffic("127.0.0.1:8100", "blue-green", (("web_blue", 0), ("web_green", 100))))
     want = DesiredState.of("h1", (app,))
@@ -219,31 +227,3 @@ def test_an_ungated_backend_gaining_traffic_holds_its_startsecs_before_the_switc
     order = kinds(make_plan(want, facts, PlanOptions(LAYOUT, lb=lb)))
     assert order.index(("await_running", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))
     assert order.index(("configure_traffic", "traffic:lb")) < order.index(("await_running", "program:web_blue"))
-
-
-def test_a_gated_service_waits_for_no_startsecs_after_its_gate():
-    """Issue 17: a passed health gate stands in for supervisord's RUNNING. A gated backend gaining traffic
-    gets it right after its gate, and no apply of a gated service waits out startsecs."""
-    from agent.core.model import Traffic
-    from agent.drivers.lb import LoadBalancer
-
-    blue_env, green_env = env("aaaa"), env("bbbb", name="green")
-    blue, green = svc("web_blue"), svc("web_green", environment="green")
-    app = App("demo", None, (blue_env, green_env), (blue, green),
-              traffic=Traffic("127.0.0.1:8100", "blue-green", (("web_blue", 0), ("web_green", 100))))
-    lb = LoadBalancer("haproxy", LAYOUT.root)
-    facts = Facts("running", {e.name: VenvFact(e.name, e.identity, (e.identity,), (), e.requirements)
-                              for e in (blue_env, green_env)},
-                  {"web_blue": ProgramFact("web_blue", "[program:web_blue]\nold\n", "RUNNING", 7),
-                   "web_green": ProgramFact("web_green", "[program:web_green]\nold\n", "RUNNING", 8),
-                   lb.program_name: ProgramFact(lb.program_name, lb.program_text(), "RUNNING", 9)},
-                  traffic={"running": True, "weights": {"demo": {"web_blue": 100, "web_green": 0}}})
-    order = kinds(make_plan(DesiredState.of("h1", (app,)), facts, PlanOptions(LAYOUT, lb=lb)))
-    assert not [k for k in order if k[0] == "await_running"]
-    assert order.index(("check_health", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))
-
-
-def test_a_gated_service_that_passed_its_gate_is_converged_while_starting():
-    """supervisord says STARTING (inside startsecs) for the pid that passed the gate: healthy, nothing to do."""
-    facts = converged_facts(state="STARTING", gated_pid=42)
-    assert make_plan(desired(), facts, OPTS).converged

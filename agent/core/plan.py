@@ -125,14 +125,11 @@ class RestartProgram(Action):
 
 @dataclass(frozen=True)
 class AwaitRunning(Action):
-    """After the (re)start of a service WITHOUT a health check: wait until supervisord calls the program
-    RUNNING (up `startsecs`), its only evidence that the start worked.
+    """After a gated (re)start: wait until supervisord calls the program RUNNING (up `startsecs`).
 
-    Planned at the end, so the startsecs windows of all services overlap instead of adding up; before a
-    traffic change for a backend that gains weight, after it for the others. A program that dies inside
-    its window fails here and is rolled back. A gated service gets none: its passed health gate stands in
-    for RUNNING (supervisord still enforces startsecs), and a death after the gate is drift (the pid that
-    passed it, ProgramFact.gated_pid, is gone), healed by the next reconcile.
+    Planned after every health gate, so the startsecs windows of all services overlap instead of
+    adding up; before a traffic change for a backend that gains weight, after it for the others. A
+    program that dies inside its window still fails here and is rolled back.
     """
     name: str = ""
     startsecs: int = 1
@@ -413,11 +410,12 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
             reason = ""
         if reason:
             yield _health_action(svc, env, key, reason, needs, opts, materials)
-    if started and svc.health is None:
-        # An ungated (re)start is confirmed here, at the end, not where it was started: the startsecs windows
-        # of all services overlap (150 ungated services took 174 s one after the other). A gated one waits
-        # for nothing after its gate: the gate is the evidence, and a later death is drift (gated_pid).
-        settle.append(AwaitRunning(key, f"confirm it stays up startsecs={svc.startsecs}", needs,
+    if started:
+        # Every (re)start is confirmed here, at the end, not where it was started: the startsecs windows of
+        # all services overlap (150 ungated services took 174 s one after the other), and a gated one gets
+        # traffic as soon as its health check passes.
+        why = "after its health gate: confirm" if svc.health is not None else "confirm"
+        settle.append(AwaitRunning(key, f"{why} it stays up startsecs={svc.startsecs}", needs,
                                    name=svc.name, startsecs=svc.startsecs))
 
 
