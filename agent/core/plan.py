@@ -7,11 +7,10 @@ failure never stops an independent one. An empty plan means converged.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
-
 import os
 import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Iterator
 
 from agent.core.facts import Facts, ProcessState, ProgramFact, text_digest
 from agent.core.layout import Layout
