@@ -99,17 +99,26 @@ def environments(doc: Located, tree: RawTree, fleet_defaults: dict, opts: LoadOp
     return envs
 
 
+def _may_run(doc: Located, here: tuple, spec: dict, env_names: frozenset[str], opts: LoadOptions,
+             out: Collector) -> bool:
+    """A service or job names an environment of its app, and runs as root only where the agent allows it."""
+    if spec["environment"] not in env_names:
+        out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app"
+                                              + defined(spec["environment"], env_names, "environment"))
+        return False
+    if spec.get("user") == "root" and not opts.allow_root:
+        out.add(doc, here + ("user",), f"{here[0]} may not run as root unless the agent's config allows it "
+                                       "(--allow-root-services)")
+        return False
+    return True
+
+
 def services(doc: Located, env_names: frozenset[str], opts: LoadOptions, out: Collector) -> list[Service]:
     app = doc.data["name"]
     result = []
     for name, spec in (doc.data.get("services") or {}).items():
         here = ("services", name)
-        if spec["environment"] not in env_names:
-            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app"
-                                                  + defined(spec["environment"], env_names, "environment"))
-            continue
-        if spec.get("user") == "root" and not opts.allow_root:
-            out.add(doc, here + ("user",), "services may not run as root unless the agent's config allows it (--allow-root-services)")
+        if not _may_run(doc, here, spec, env_names, opts, out):
             continue
         unsafe = _unrenderable(spec)
         if unsafe is not None:
@@ -217,12 +226,7 @@ def jobs(doc: Located, env_names: frozenset[str], opts: LoadOptions, out: Collec
     found = []
     for name, spec in (doc.data.get("jobs") or {}).items():
         here = ("jobs", name)
-        if spec["environment"] not in env_names:
-            out.add(doc, here + ("environment",), f"environment {spec['environment']!r} is not defined in this app"
-                                                  + defined(spec["environment"], env_names, "environment"))
-            continue
-        if spec.get("user") == "root" and not opts.allow_root:
-            out.add(doc, here + ("user",), "jobs may not run as root unless the agent's config allows it (--allow-root-services)")
+        if not _may_run(doc, here, spec, env_names, opts, out):
             continue
         found.append(Job(app, name, spec["environment"], tuple(spec["command"]), env_pairs(spec.get("env")),
                          JobRun(spec.get("run", "before")), float(spec.get("timeout_s", 300)), spec.get("user")))
