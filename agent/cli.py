@@ -316,6 +316,9 @@ def cmd_status(args) -> int:
             since = f" (drifted for {human_age(res['drift_age_s'])})" if res["drift_since"] else ""
             print(f"  {key:<40} {res['state']:<8} {res['message']}{since}")
     for app in r["apps"]:
+        window = app.get("window")
+        if window and not window["open"]:
+            print(f"window {app['name']}: closed" + (f", opens {_ts(window['opens_at'])}" if window["opens_at"] else ""))
         fe = app["frontend"]
         if fe:
             split = ", ".join(f"{b['backend']} {b['percent']:g}%" for b in fe["split"])

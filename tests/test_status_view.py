@@ -93,3 +93,29 @@ def test_report_ab_split_gives_the_variant_its_bucket_share():
 def test_report_of_an_empty_status():
     r = report({}, 5.0)
     assert r["applied"] is None and r["apps"] == [] and r["events"] == [] and r["version"] == 1
+
+
+def test_report_shows_suspension_quarantine_and_the_release_window():
+    # outside a Saturday window and inside a Monday one
+    now = 1795946400.0 + 86400      # Monday 2026-11-30 10:00 UTC (11:00 in Paris)
+    apps = {name: {"services": {}, "environments": [], "traffic": None, "windows": windows}
+            for name, windows in (("shop", [{"days": ["sat"], "start": "02:00", "end": "04:00", "timezone": "UTC"}]),
+                                  ("web", [{"days": ["mon"], "start": "09:00", "end": "17:00", "timezone": "Europe/Paris"}]),
+                                  ("calm", []))}
+    control = {"suspended": {"shop": {"reason": "incident <b>42</b>", "at": now - 60}},
+               "quarantined": {"web": {"sha": "c" * 40, "inputs": "x", "reason": "health gate failed", "at": now}}}
+    r = report({"apps": apps}, now, control=control)
+    by = {a["name"]: a for a in r["apps"]}
+    assert by["shop"]["suspended"] == {"reason": "incident <b>42</b>", "at": now - 60, "host_wide": False}
+    assert by["shop"]["window"]["open"] is False and by["shop"]["window"]["opens_at"] > now
+    assert by["web"]["quarantined"] == {"revision": "c" * 12, "reason": "health gate failed", "at": now}
+    assert by["web"]["window"] == {"open": True, "opens_at": None}
+    assert by["calm"]["suspended"] is None and by["calm"]["window"] is None and r["host_suspended"] is None
+    host_wide = report({"apps": apps}, now, control={"suspended": {"*": {"reason": "freeze", "at": now}}})
+    assert all(a["suspended"]["host_wide"] for a in host_wide["apps"]) and host_wide["host_suspended"]["reason"] == "freeze"
+
+    from agent.service.status_page import render_page
+
+    page = render_page(r)
+    assert 'data-suspended="app"' in page and "incident &lt;b&gt;42&lt;/b&gt;" in page and "<b>42" not in page
+    assert 'data-quarantined="' + "c" * 12 + '"' in page and 'data-window="closed"' in page and 'data-window="open"' in page

@@ -62,8 +62,37 @@ def apps_of(desired) -> dict[str, dict]:
             "traffic": traffic,
             "notes": notes,
             "mode": app.mode,
+            "windows": [{"days": list(w.days), "start": w.start, "end": w.end, "timezone": w.timezone}
+                        for w in getattr(app, "windows", ())],
         }
     return out
+
+
+def _window(specs: list | None, now: float) -> dict | None:
+    """An app's release window now: open or not, and when it next opens (apps without windows: None)."""
+    if not specs:
+        return None
+    from datetime import datetime, timezone
+
+    from agent.core.windows import Window, is_open, next_open
+
+    windows = [Window(tuple(w.get("days") or ()), w.get("start", "00:00"), w.get("end", "00:00"),
+                      w.get("timezone", "UTC")) for w in specs]
+    at = datetime.fromtimestamp(now, timezone.utc)
+    if is_open(windows, at):
+        return {"open": True, "opens_at": None}
+    nxt = next_open(windows, at)
+    return {"open": False, "opens_at": nxt.timestamp() if nxt else None}
+
+
+def _control(control: Mapping | None, app: str) -> tuple[dict | None, dict | None]:
+    """(suspension, quarantine) of `app` from control.json's dict: a host-wide suspension counts for every app."""
+    suspended = (control or {}).get("suspended") or {}
+    quarantined = (control or {}).get("quarantined") or {}
+    sus = suspended.get(app) or suspended.get("*")
+    q = quarantined.get(app)
+    return ({"reason": sus.get("reason", ""), "at": sus.get("at"), "host_wide": app not in suspended} if sus else None,
+            {"revision": short_sha(q.get("sha")), "reason": q.get("reason", ""), "at": q.get("at")} if q else None)
 
 
 def live_split(facts, outcomes) -> dict[str, dict[str, int]]:
@@ -223,9 +252,11 @@ def _canary(traffic: Mapping | None, progress: Mapping | None, now: float) -> di
             "analysis": progress.get("analysis")}
 
 
-def report(status: Mapping, now: float, waves: Mapping | None = None, agent_version: str = "") -> dict:
-    """The documented status (docs/status-page.md) from the status file's dict (`Status.to_json()`) and
-    the staged-waves record (`<root>/state/waves.json`, if any)."""
+def report(status: Mapping, now: float, waves: Mapping | None = None, agent_version: str = "",
+           control: Mapping | None = None) -> dict:
+    """The documented status (docs/status-page.md) from the status file's dict (`Status.to_json()`), the
+    staged-waves record (`<root>/state/waves.json`, if any) and the suspend/quarantine record
+    (`<root>/state/control.json`, `Control.to_json()`)."""
     apps_raw: Mapping[str, dict] = status.get("apps") or {}
     resources: Mapping[str, dict] = status.get("resources") or {}
     rollouts: Mapping[str, dict] = status.get("rollouts") or {}
@@ -253,6 +284,7 @@ def report(status: Mapping, now: float, waves: Mapping | None = None, agent_vers
                         "live": live is not None, "split": _split(live if live is not None else traffic.get("weights"),
                                                                    traffic)}
         wave = (waves or {}).get(name)
+        suspended, quarantined = _control(control, name)
         apps.append({
             "name": name, "mode": raw.get("mode"), "services": services, "environments": environments,
             "frontend": frontend, "canary": _canary(traffic, rollouts.get(name), now),
@@ -260,6 +292,9 @@ def report(status: Mapping, now: float, waves: Mapping | None = None, agent_vers
                       "wave": int(wave.get("wave", 0)) + 1, "reason": wave.get("reason", "")} if wave else None),
             "notes": list(raw.get("notes") or ()),
             "drifted": sum(1 for r in rows if r["app"] == name and r["state"] in _DRIFTED),
+            "suspended": suspended,
+            "quarantined": quarantined,
+            "window": _window(raw.get("windows"), now),
         })
     last = status.get("last_reconcile_at") or None
     events = sorted(status.get("events") or (), key=lambda e: e.get("at") or 0, reverse=True)
@@ -280,5 +315,6 @@ def report(status: Mapping, now: float, waves: Mapping | None = None, agent_vers
         "resources": {r["key"]: {k: v for k, v in r.items() if k != "key"} for r in rows},
         "rollouts": dict(rollouts),
         "events": [dict(e) for e in events],
+        "host_suspended": _control(control, "*")[0],
     }
 

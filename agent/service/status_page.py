@@ -50,7 +50,10 @@ def read_report(layout: Layout, now: float | None = None) -> dict:
         waves = data if isinstance(data, dict) else None
     except (OSError, ValueError):
         pass
-    return report(status, time.time() if now is None else now, waves, __version__)
+    from agent.service.control import control_file, load_control
+
+    control = load_control(control_file(layout.root)).to_json()
+    return report(status, time.time() if now is None else now, waves, __version__, control)
 
 
 def _iso(t: float | None) -> str:
@@ -134,6 +137,15 @@ _PAGE = _env.from_string("""\
     {% if c.reason %}<p class="reason">{{ c.reason }}</p>{% endif %}
     {% if c.analysis %}<p class="reason">analysis: {{ c.analysis }}</p>{% endif %}
   </div>
+  {% endif %}
+  {% if app.suspended %}
+  <p class="suspended" data-suspended="{{ 'host' if app.suspended.host_wide else 'app' }}">suspended{{ ' (the whole host)' if app.suspended.host_wide else '' }}: {{ app.suspended.reason }}{% if app.suspended.at %} (since {{ app.suspended.at|iso }}){% endif %}; drift is reported, not healed</p>
+  {% endif %}
+  {% if app.quarantined %}
+  <p class="quarantined" data-quarantined="{{ app.quarantined.revision }}">quarantined: revision <code>{{ app.quarantined.revision }}</code>: {{ app.quarantined.reason }} (a new commit for the app, or <code>gitops-agent retry --app {{ app.name }}</code>, lifts it)</p>
+  {% endif %}
+  {% if app.window %}
+  <p class="window" data-window="{{ 'open' if app.window.open else 'closed' }}">release window {{ 'open' if app.window.open else 'closed' }}{% if not app.window.open and app.window.opens_at %}: opens {{ app.window.opens_at|iso }}{% endif %}</p>
   {% endif %}
   {% if app.wave %}
   <p class="wave">wave {{ app.wave.wave }}: change <code>{{ app.wave.change }}</code> {{ app.wave.state }}: {{ app.wave.reason }}</p>
