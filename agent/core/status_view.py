@@ -207,7 +207,8 @@ def _revision(rec: Mapping | None, now: float) -> dict | None:
     return {"sha": rec.get("sha", ""), "short": short_sha(rec.get("sha")), "ref": rec.get("ref", ""),
             "subject": (rec.get("summary") or "").splitlines()[0] if rec.get("summary") else "",
             "committed_at": committed, "age_s": (now - committed) if committed else None,
-            "applied_at": rec.get("at") or None}
+            "applied_at": rec.get("at") or None,
+            "summary": rec.get("summary", ""), "at": rec.get("at") or None}     # the names status --json had before
 
 
 def _resource(key: str, res: Mapping, app: str, now: float) -> dict:
