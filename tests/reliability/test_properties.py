@@ -233,6 +233,14 @@ def _check_valid_load(state: Path, doc: dict) -> None:
         assert_renders_exactly(svc, env)                          # accepted implies supervisord reads it back
 
 
+class _Quoting(yaml.SafeDumper):
+    """Every string double-quoted: PyYAML writes YAML 1.1, where `0E0` is a plain string, but the agent reads
+    YAML 1.2, where it is a float (the document must mean to the agent what the test generated)."""
+
+
+_Quoting.add_representer(str, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value, style='"'))
+
+
 def _good(doc: dict) -> dict:
     return {"apiVersion": "gitops-agent/v1", "kind": "App", "name": "demo",
             "environments": {"demo": {"lockfile": "demo.lock", "find_links": ["../../wheelhouse"], "index": False}},
@@ -249,7 +257,7 @@ def _good(doc: dict) -> dict:
 @example((_good({"user": "root"}), 1))
 def test_any_app_document_is_rejected_with_located_problems_or_loads_exactly(state, doc_edits):
     doc, edits = doc_edits
-    (state / APP_FILE).write_text(yaml.safe_dump(doc, allow_unicode=True, sort_keys=False))
+    (state / APP_FILE).write_text(yaml.dump(doc, Dumper=_Quoting, allow_unicode=True, sort_keys=False))
     problems = validate_tree(state)
     event("rejected" if problems else "valid")
     if problems:
