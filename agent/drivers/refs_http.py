@@ -32,6 +32,21 @@ def parse_refs(text: str) -> dict[str, str]:
     return refs
 
 
+def _settled(headers) -> bool:
+    """Whether this answer's ETag can be trusted for a 304 later. Static servers derive it from the file's
+    mtime (in seconds) and size: a ref moved within the same second rewrites info/refs with the same size,
+    keeping the same ETag, and a 304 would hide that move. A file modified less than 2 s before the answer
+    is not trusted yet (the next poll is a full GET: a few hundred bytes)."""
+    from email.utils import parsedate_to_datetime
+
+    try:
+        modified = parsedate_to_datetime(headers.get("Last-Modified"))
+        served = parsedate_to_datetime(headers.get("Date"))
+    except (TypeError, ValueError):
+        return False
+    return (served - modified).total_seconds() >= 2
+
+
 @dataclass
 class RefsPoller:
     """GET `url` (the repo's `info/refs`), sending the last answer's ETag; a 304 reuses the last refs."""
@@ -52,7 +67,7 @@ class RefsPoller:
                 if len(body) > _MAX_BYTES:
                     raise SourceError(f"ref advertisement {display or 'URL'} is larger than {_MAX_BYTES} bytes")
                 self.refs = parse_refs(body.decode("utf-8", "replace"))
-                self.etag = resp.headers.get("ETag")
+                self.etag = resp.headers.get("ETag") if _settled(resp.headers) else None
                 return dict(self.refs)
         except urllib.error.HTTPError as exc:
             if exc.code == 304 and self.etag:
