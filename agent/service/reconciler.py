@@ -154,6 +154,7 @@ class Reconciler:
         self.last_desired: DesiredState | None = None
         self._secrets: dict[tuple, dict[str, str]] = {}     # decrypted secrets (memory only), see `materials`
         self._key: bytes | None = None
+        self._last_materials: tuple | None = None    # (id of the desired state, identity stamp, its materials, it)
 
     def close(self) -> None:
         self.world.close()
@@ -326,24 +327,32 @@ class Reconciler:
     def materials(self, desired: DesiredState) -> Materials:
         """Decrypt the apps' secrets with this host's age identities, render their files and resolve env values
         (agent.core.materials). In memory only; decrypted secrets are cached per ciphertext and identity, so a
-        no-op reconcile does not run `age` again."""
+        no-op reconcile does not run `age` again, and the load step's check and the plan share one rendering of
+        the same desired state."""
         from agent.core.materials import materialize
         from agent.logs import remember_secrets
 
+        stamp = self._identity_stamp()
+        if self._last_materials is not None and self._last_materials[:2] == (id(desired), stamp):
+            return self._last_materials[2]
         if not any(a.secrets or a.files or a.jobs or any(not isinstance(v, str) for s in a.services for _, v in s.env)
                    for a in desired.apps):
             return NO_MATERIALS
         secrets = {app.name: {sf.name: self._decrypted(sf) for sf in app.secrets} for app in desired.apps if app.secrets}
         materials = materialize(desired, self.layout, secrets, self._inputs_key())
         remember_secrets(materials.secret_values)
+        self._last_materials = (id(desired), stamp, materials, desired)   # desired kept: its id stays its own
         return materials
+
+    def _identity_stamp(self) -> tuple:
+        """The age identity files as they are now (path, mtime): a changed or removed key decrypts anew."""
+        return tuple((str(p), p.stat().st_mtime_ns if p.exists() else 0) for p in self.settings.age_identities)
 
     def _decrypted(self, secret) -> dict[str, str]:
         from agent.core.errors import Problem
 
         identities = self.settings.age_identities
-        stamp = tuple((str(p), p.stat().st_mtime_ns) if p.exists() else (str(p), 0) for p in identities)
-        key = (hashlib.sha256(secret.ciphertext).hexdigest(), stamp)
+        key = (hashlib.sha256(secret.ciphertext).hexdigest(), self._identity_stamp())
         if key not in self._secrets:
             from agent.core.dotenv import DotenvProblem, parse_dotenv
             from agent.drivers.age import AgeMissing, SecretUndecryptable, decrypt
