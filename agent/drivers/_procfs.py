@@ -61,6 +61,18 @@ def master_pid(pid_path: Path, program: bytes) -> int | None:
     return pid if program in cmdline else None
 
 
+def wait_master_pid(pid_path: Path, program: bytes, *, timeout: float, poll: float) -> int | None:
+    """`master_pid`, polled until it answers or `timeout` passes.
+
+    A master re-executing itself (HAProxy's reload) shows an empty /proc/<pid>/cmdline for about a
+    millisecond while execve swaps its image: read at that moment, a live master looked gone.
+    """
+    deadline = time.monotonic() + timeout
+    while (pid := master_pid(pid_path, program)) is None and time.monotonic() < deadline:
+        time.sleep(poll)
+    return pid
+
+
 def _parents() -> dict[int, int]:
     """pid -> parent pid of every process (empty without /proc): one scan serves every question."""
     out = {}

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.drivers._procfs import (children, listening_inodes, listening_pids, master_pid,
-                                   wait_catches_signal, wait_retired)
+                                   wait_catches_signal, wait_master_pid, wait_retired)
 from agent.core.errors import AgentError
 from agent.drivers.fsutil import atomic_write
 from agent.core.render.lb import TOPOLOGY_ENV, Frontend, haproxy_topology, render_haproxy, validate
@@ -360,7 +360,8 @@ class HAProxyDriver:
         stats socket 20-600 ms before its loop catches SIGUSR2: sent the moment the worker answered,
         8 of 8 were lost. /proc/<master>/status (SigCgt, SigBlk) says when it is ready.
         """
-        pid = master_pid(self.pid_path, b"haproxy")
+        pid = (master_pid(self.pid_path, b"haproxy") if self.reload is not None else
+               wait_master_pid(self.pid_path, b"haproxy", timeout=self.live_timeout, poll=_SIGNAL_POLL))
         if pid is None and self.reload is None:
             raise LBError(f"no running HAProxy master found through {self.pid_path}")
         if pid is not None and not wait_catches_signal(pid, signal.SIGUSR2, timeout=self.live_timeout,
