@@ -87,7 +87,11 @@ def test_agent_converges_the_bundled_example(tmp_path, agent_root):
     info = EmbeddedSupervisor(agent_root).client().process_info()
     workers = {name: i["statename"] for name, i in info.items() if name.startswith("shop-worker:")}
     assert workers == {"shop-worker:shop-worker-0": "RUNNING", "shop-worker:shop-worker-1": "RUNNING"}, info
-    assert info["shop-web"]["statename"] == "RUNNING"
+    # shop-web passed its health gate: `once` did not wait out its startsecs (issue 17); supervisord does
+    from daemon_helpers import wait_until
+
+    client = EmbeddedSupervisor(agent_root).client()
+    wait_until(lambda: client.process_info()["shop-web"]["statename"] == "RUNNING", 30, "shop-web RUNNING")
 
     plan = run_agent("plan", *common)
     assert plan.returncode == 0 and "No changes" in plan.stdout, plan.stdout + plan.stderr

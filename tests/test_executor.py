@@ -225,7 +225,8 @@ def test_an_unexpected_exception_is_a_temporary_failure_and_independent_actions_
     good = [o for o in result.outcomes if o.action.key in ("venv:good", "program:good-web")]
     assert {o.action.kind for o in good} >= {"build_venv", "switch_venv", "write_program", "check_health"}
     assert all(o.verdict is Verdict.APPLIED for o in good), _outcomes(result)
-    assert _processes(agent_root)["good-web"]["statename"] == "RUNNING"
+    # its health gate passed; supervisord's startsecs may still run (issue 17: the apply does not wait it out)
+    wait_until(lambda: _processes(agent_root)["good-web"]["statename"] == "RUNNING", 30, "good-web RUNNING")
     _serves(good_port, "1.0.0")
 
 

@@ -79,7 +79,8 @@ def test_once_converges_then_plan_is_empty_and_down_stops_everything(state_repo,
     facts = json.loads(run_agent("facts", "--json", "--root", str(agent_root), check=True).stdout)
     assert facts["supervisor"] == "running"
     assert facts["venvs"]["demo"]["installed"] == [["demoapp", "1.0.0"]]
-    assert facts["programs"]["demo-web"]["state"] == "RUNNING"
+    assert facts["programs"]["demo-web"]["state"] in ("RUNNING", "STARTING")   # STARTING: gated, inside startsecs
+    assert facts["programs"]["demo-web"]["gated_pid"] == facts["programs"]["demo-web"]["pid"]
 
     assert "stopped" in run_agent("down", "--root", str(agent_root), check=True).stdout
     with pytest.raises(OSError):

@@ -89,9 +89,9 @@ def _wait_running(drivers: Drivers, name: str, startsecs: int) -> None:
 
 
 def _started(drivers: Drivers, action: UpdateProgram | StartProgram | RestartProgram) -> str:
-    """Nothing waits here: a gated start's health check decides when it gets traffic, and every start's
-    AwaitRunning (planned last) confirms startsecs, so the windows of many services overlap instead of
-    adding up (a program that dies at once fails there, with its stderr)."""
+    """Nothing waits here: a gated start's health check decides when it gets traffic (and stands in for
+    RUNNING), and an ungated start's AwaitRunning (planned last) confirms startsecs, so the windows of many
+    services overlap instead of adding up (a program that dies at once fails there, with its stderr)."""
     return ", starting (health gate next)" if action.gated else ", starting"
 
 
@@ -270,7 +270,7 @@ def _run(action: Action, drivers: Drivers) -> _Done:
         removed = venvs.remove_all(action.name)
         return _Done(f"removed {len(removed)} venv(s)")
     if isinstance(action, ConfigureTraffic):
-        return _Done(drivers.lb.apply(action.frontends))
+        return _Done(drivers.lb.apply(action.frontends, up=action.up))
     if isinstance(action, VerifyTraffic):
         return _Done(drivers.lb.wait_live(action.frontends))
     if isinstance(action, PruneVenvs):

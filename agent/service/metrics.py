@@ -262,7 +262,9 @@ class Recorder:
 
     def _observe_services(self, result) -> None:
         """service_up from the facts (read before apply), corrected by what this apply did to each program."""
-        up = {name: p.state == ProcessState.RUNNING and not (p.gated_pid and p.pid and p.pid != p.gated_pid)
+        # A gated program that passed its gate is up while supervisord still says STARTING (its startsecs).
+        up = {name: (p.state == ProcessState.RUNNING and not (p.gated_pid and p.pid and p.pid != p.gated_pid))
+              or (p.state == ProcessState.STARTING and bool(p.gated_pid) and p.pid == p.gated_pid)
               for name, p in result.facts.programs.items()}
         for o in result.outcomes:
             kind, name = resource_of(o.action.key)

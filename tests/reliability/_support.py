@@ -9,7 +9,8 @@ import daemon_helpers
 from conftest import run_agent
 from daemon_helpers import http_get, wait_until  # noqa: F401 (re-exported for the reliability tests)
 
-__all__ = ["http_get", "get_text", "agent_args", "once", "status", "programs", "wait_until", "Daemon", "metric"]
+__all__ = ["http_get", "get_text", "agent_args", "once", "status", "programs", "settled_programs", "wait_until",
+           "Daemon", "metric"]
 
 
 def get_text(url: str, timeout: float = 2.0) -> str | None:
@@ -42,6 +43,17 @@ def programs(root: Path) -> dict[str, dict]:
     from agent.drivers.supervisor import EmbeddedSupervisor
 
     return EmbeddedSupervisor(root).client(timeout=10).process_info()
+
+
+def settled_programs(root: Path, timeout: float = 60) -> dict[str, dict]:
+    """`programs` once none is STARTING: a gated service is left STARTING by `once` (its passed health gate
+    stands in for RUNNING), and supervisord calls it RUNNING `startsecs` later with the same pid. Before/after
+    comparisons read the settled state, so that transition is not mistaken for a change."""
+    def settled() -> tuple[dict[str, dict]] | None:
+        info = programs(root)
+        return None if any(p["statename"] == "STARTING" for p in info.values()) else (info,)
+
+    return wait_until(settled, timeout, "supervisord's programs to leave STARTING")[0]
 
 
 def metric(text: str, name: str, labels: dict[str, str] | None = None) -> float:

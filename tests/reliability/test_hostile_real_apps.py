@@ -28,7 +28,7 @@ from conftest import StateRepo, free_port, git, run_agent
 from envapp import envapp_lock
 from shopfactory import encrypt_dotenv, new_identity, recipient_of
 
-from reliability._support import agent_args, get_text, programs, status
+from reliability._support import agent_args, get_text, programs, settled_programs, status
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -341,7 +341,7 @@ def _tree(path: Path) -> dict[str, str]:
 
 
 def snapshot(root: Path) -> dict:
-    info = programs(root)
+    info = settled_programs(root)
     return {
         "programs": {name: (p["pid"], p["statename"]) for name, p in info.items()},
         "served": get_text(f"http://127.0.0.1:{PORT}/"),

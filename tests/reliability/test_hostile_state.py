@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 from conftest import StateRepo, free_port, git
-from reliability._support import agent_args, get_text, once, programs, status
+from reliability._support import agent_args, get_text, once, programs, settled_programs, status
 from wheelfactory import lock_line
 
 pytestmark = pytest.mark.timeout(600)
@@ -320,7 +320,7 @@ def host(tmp_path_factory):
 
 
 def snapshot(root: Path) -> dict:
-    info = programs(root)
+    info = settled_programs(root)
     return {
         "programs": {name: (p["pid"], p["statename"]) for name, p in info.items()},
         "served": get_text(f"http://127.0.0.1:{PORT}/"),
