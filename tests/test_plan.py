@@ -55,10 +55,9 @@ def test_fresh_host_builds_switches_writes_updates_and_gates():
     plan = make_plan(desired(), Facts("stopped"), OPTS)
     assert kinds(plan) == [("ensure_supervisor", "supervisor"), ("build_venv", "venv:blue"),
                            ("switch_venv", "venv:blue"), ("write_program", "program:web"),
-                           ("update_program", "program:web"), ("check_health", "program:web"),
-                           ("await_running", "program:web")]
+                           ("update_program", "program:web"), ("check_health", "program:web")]
     assert all(a.reason for a in plan.actions)
-    assert plan.actions[4].gated         # the health gate, not startsecs, lets traffic come
+    assert plan.actions[4].gated         # the health gate, not startsecs, lets traffic come (and ends the apply)
     write = plan.actions[3]
     assert write.needs == ("venv:blue", "supervisor")
     assert "/srv/agent/venvs/blue-aaaa/bin/demoapp-server" in write.text
@@ -66,28 +65,22 @@ def test_fresh_host_builds_switches_writes_updates_and_gates():
 
 CASES = [
     pytest.param(dict(facts=lambda: converged_facts(state="STOPPED")),
-                 [("start_program", "program:web"), ("check_health", "program:web"),
-                  ("await_running", "program:web")], "STOPPED", id="stopped"),
+                 [("start_program", "program:web"), ("check_health", "program:web")], "STOPPED", id="stopped"),
     pytest.param(dict(facts=lambda: converged_facts(file_text="[program:web]\ncommand=/bin/evil\n")),
-                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web"),
-                  ("await_running", "program:web")],
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
                  "differs", id="hand-edited-file"),
     pytest.param(dict(facts=lambda: converged_facts(file_text=None, pending="removed")),
-                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web"),
-                  ("await_running", "program:web")],
+                 [("write_program", "program:web"), ("update_program", "program:web"), ("check_health", "program:web")],
                  "missing", id="deleted-file"),
     pytest.param(dict(facts=lambda: converged_facts(pending="changed")),
-                 [("update_program", "program:web"), ("check_health", "program:web"),
-                  ("await_running", "program:web")], "unapplied", id="pending"),
+                 [("update_program", "program:web"), ("check_health", "program:web")], "unapplied", id="pending"),
     pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "1.0.0"), ("evil", "6.6.6")))},
                                           converged_facts().programs)),
-                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web"),
-                  ("await_running", "program:web")],
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
                  "+evil==6.6.6", id="package-added-by-hand"),
     pytest.param(dict(facts=lambda: Facts("running", {"blue": VenvFact("blue", "aaaa", ("aaaa",), (), (("demoapp", "0.9"),))},
                                           converged_facts().programs)),
-                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web"),
-                  ("await_running", "program:web")],
+                 [("repair_venv", "venv:blue"), ("restart_program", "program:web"), ("check_health", "program:web")],
                  "demoapp 1.0.0->0.9", id="package-changed-by-hand"),
 ]
 
@@ -109,8 +102,7 @@ def test_new_lock_builds_and_rewrites_only_that_service():
     facts.programs["web2"] = ProgramFact("web2", other_text, "RUNNING", 7, verified=text_digest(other_text))
     plan = make_plan(desired((new, other_env), (svc(), other)), facts, OPTS)
     assert kinds(plan) == [("build_venv", "venv:blue"), ("switch_venv", "venv:blue"), ("write_program", "program:web"),
-                           ("update_program", "program:web"), ("check_health", "program:web"),
-                           ("await_running", "program:web")]
+                           ("update_program", "program:web"), ("check_health", "program:web")]
     assert "venv changed to blue-bbbb" in plan.actions[2].reason
     assert plan.actions[2].previous is not None          # rollback target: what supervisord ran
 
@@ -168,13 +160,13 @@ def test_many_ungated_services_start_together_and_are_confirmed_after():
 def test_await_running_comes_after_traffic_and_before_removals():
     """startsecs windows overlap (one wait at the end, not one per service), and an old program is
     removed only once the new ones have held."""
-    a, b = svc("web"), svc("web2")
+    a, b = svc("web", health=False), svc("web2", health=False)
     facts = Facts("running", {}, {"old": ProgramFact("old", "[program:old]\n", "RUNNING", 9)})
     plan = make_plan(desired(svcs=(a, b)), facts, OPTS)
     order = [a.kind for a in plan.actions]
     assert order.count("await_running") == 2
     first_wait = order.index("await_running")
-    assert max(i for i, k in enumerate(order) if k == "check_health") < first_wait
+    assert max(i for i, k in enumerate(order) if k == "update_program") < first_wait
     assert order.index("remove_program") > max(i for i, k in enumerate(order) if k == "await_running")
 
 
@@ -205,15 +197,15 @@ def test_a_service_that_exited_after_its_gate_is_drift_and_gated_again():
     assert "exited after its health gate (pid 41, now 42" in plan.actions[0].reason
 
 
-def test_a_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
-    """Blue-green with a restart of green in the same revision: green's await_running comes before
+def test_an_ungated_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
+    """Blue-green (no health checks) with a restart of green in the same revision: green's await_running comes before
     configure_traffic (a program that dies right after its gate never gets the users); blue, which
     loses traffic, is confirmed after."""
     from agent.core.model import Traffic
     from agent.drivers.lb import LoadBalancer
 
     blue_env, green_env = env("aaaa"), env("bbbb", name="green")
-    blue, green = svc("web_blue"), svc("web_green", environment="green")
+    blue, green = svc("web_blue", health=False), svc("web_green", environment="green", health=False)
     app = App("demo", None, (blue_env, green_env), (blue, green),
               traffic=Traffic("127.0.0.1:8100", "blue-green", (("web_blue", 0), ("web_green", 100))))
     want = DesiredState.of("h1", (app,))
@@ -227,3 +219,93 @@ def test_a_backend_gaining_traffic_holds_its_startsecs_before_the_switch():
     order = kinds(make_plan(want, facts, PlanOptions(LAYOUT, lb=lb)))
     assert order.index(("await_running", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))
     assert order.index(("configure_traffic", "traffic:lb")) < order.index(("await_running", "program:web_blue"))
+
+
+def test_a_gated_service_waits_for_no_startsecs_after_its_gate():
+    """Issue 17: a passed health gate stands in for supervisord's RUNNING. A gated backend gaining traffic
+    gets it right after its gate, and no apply of a gated service waits out startsecs."""
+    from agent.core.model import Traffic
+    from agent.drivers.lb import LoadBalancer
+
+    blue_env, green_env = env("aaaa"), env("bbbb", name="green")
+    blue, green = svc("web_blue"), svc("web_green", environment="green")
+    app = App("demo", None, (blue_env, green_env), (blue, green),
+              traffic=Traffic("127.0.0.1:8100", "blue-green", (("web_blue", 0), ("web_green", 100))))
+    lb = LoadBalancer("haproxy", LAYOUT.root)
+    facts = Facts("running", {e.name: VenvFact(e.name, e.identity, (e.identity,), (), e.requirements)
+                              for e in (blue_env, green_env)},
+                  {"web_blue": ProgramFact("web_blue", "[program:web_blue]\nold\n", "RUNNING", 7),
+                   "web_green": ProgramFact("web_green", "[program:web_green]\nold\n", "RUNNING", 8),
+                   lb.program_name: ProgramFact(lb.program_name, lb.program_text(), "RUNNING", 9)},
+                  traffic={"running": True, "weights": {"demo": {"web_blue": 100, "web_green": 0}}})
+    order = kinds(make_plan(DesiredState.of("h1", (app,)), facts, PlanOptions(LAYOUT, lb=lb)))
+    assert not [k for k in order if k[0] == "await_running"]
+    assert order.index(("check_health", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))
+
+
+def test_a_gated_service_that_passed_its_gate_is_converged_while_starting():
+    """supervisord says STARTING (inside startsecs) for the pid that passed the gate: healthy, nothing to do."""
+    facts = converged_facts(state="STARTING", gated_pid=42)
+    assert make_plan(desired(), facts, OPTS).converged
+
+
+def _two_backends(weights=(("web_blue", 90), ("web_green", 10))):
+    from agent.core.model import Traffic
+
+    blue_env, green_env = env("aaaa"), env("bbbb", name="green")
+    blue, green = svc("web_blue"), svc("web_green", environment="green")
+    return App("demo", None, (blue_env, green_env), (blue, green),
+               traffic=Traffic("127.0.0.1:8100", "canary", weights))
+
+
+def test_independent_services_all_start_before_their_gates():
+    """Issue 17: blue and green start together, then both gates run: their start-up times overlap."""
+    order = kinds(make_plan(DesiredState.of("h1", (_two_backends(),)), Facts("stopped"), OPTS))
+    starts = [order.index(("update_program", f"program:{n}")) for n in ("web_blue", "web_green")]
+    gates = [order.index(("check_health", f"program:{n}")) for n in ("web_blue", "web_green")]
+    assert max(starts) < min(gates)
+
+
+def test_a_dependent_service_starts_only_after_the_gate_of_what_it_depends_on():
+    from dataclasses import replace as swap
+
+    base = _two_backends()
+    blue, green = base.services
+    app = swap(base, traffic=None, services=(swap(blue, priority=100),
+                                             swap(green, depends_on=("web_blue",), priority=110)))
+    order = kinds(make_plan(DesiredState.of("h1", (app,)), Facts("stopped"), OPTS))
+    assert order.index(("check_health", "program:web_blue")) < order.index(("update_program", "program:web_green"))
+    green_start = next(a for a in make_plan(DesiredState.of("h1", (app,)), Facts("stopped"), OPTS).actions
+                       if a.key == "program:web_green")
+    assert "program:web_blue" in green_start.needs
+
+
+def test_a_stopped_haproxy_starts_alongside_the_services_with_no_weight_then_gets_its_weights():
+    """Issue 17: HAProxy starts before the services (every backend at weight 0), and only once the gates
+    passed does it get the weights over the runtime API, taking those backends as up."""
+    from agent.drivers.lb import LoadBalancer
+
+    lb = LoadBalancer("haproxy", LAYOUT.root)
+    plan = make_plan(DesiredState.of("h1", (_two_backends(),)), Facts("stopped"), PlanOptions(LAYOUT, lb=lb))
+    order = kinds(plan)
+    boot = order.index(("update_program", f"program:{lb.program_name}"))
+    assert boot < order.index(("update_program", "program:web_blue"))
+    first, last = [a for a in plan.actions if a.kind == "configure_traffic"]
+    assert {be.weight for fe in first.frontends for be in fe.backends} == {0} and first.needs == ("supervisor",)
+    assert [(be.name, be.weight) for be in last.frontends[0].backends] == [("web_blue", 90), ("web_green", 10)]
+    assert order.index(("check_health", "program:web_green")) < plan.actions.index(last)
+    assert {"program:web_blue", "program:web_green", f"program:{lb.program_name}"} <= set(last.needs)
+    assert last.up == ("demo/web_blue", "demo/web_green")
+
+
+@pytest.mark.parametrize("kind", ["nginx", "running"])
+def test_nginx_or_a_running_haproxy_is_configured_after_the_services(kind):
+    """nginx sets no weights without a reload, and a running HAProxy keeps serving the old weights until
+    the new backends passed: both are configured after the gates, as before."""
+    from agent.drivers.lb import LoadBalancer
+
+    lb = LoadBalancer("nginx" if kind == "nginx" else "haproxy", LAYOUT.root)
+    facts = Facts("stopped", traffic={"running": kind == "running", "weights": {}})
+    order = kinds(make_plan(DesiredState.of("h1", (_two_backends(),)), facts, PlanOptions(LAYOUT, lb=lb)))
+    assert [k for k in order if k[0] == "configure_traffic"] == [("configure_traffic", "traffic:lb")]
+    assert order.index(("check_health", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))

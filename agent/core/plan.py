@@ -124,11 +124,14 @@ class RestartProgram(Action):
 
 @dataclass(frozen=True)
 class AwaitRunning(Action):
-    """After a gated (re)start: wait until supervisord calls the program RUNNING (up `startsecs`).
+    """After the (re)start of a service WITHOUT a health check: wait until supervisord calls the program
+    RUNNING (up `startsecs`), its only evidence that the start worked.
 
-    Planned after every health gate, so the startsecs windows of all services overlap instead of
-    adding up; before a traffic change for a backend that gains weight, after it for the others. A
-    program that dies inside its window still fails here and is rolled back.
+    Planned at the end, so the startsecs windows of all services overlap instead of adding up; before a
+    traffic change for a backend that gains weight, after it for the others. A program that dies inside
+    its window fails here and is rolled back. A gated service gets none: its passed health gate stands in
+    for RUNNING (supervisord still enforces startsecs), and a death after the gate is drift (the pid that
+    passed it, ProgramFact.gated_pid, is gone), healed by the next reconcile.
     """
     name: str = ""
     startsecs: int = 1
@@ -165,8 +168,11 @@ class PruneVenvs(Action):
 
 @dataclass(frozen=True)
 class ConfigureTraffic(Action):
-    """Make the load balancer serve `frontends`: runtime weights when only they changed, else a checked reload."""
+    """Make the load balancer serve `frontends`: runtime weights when only they changed, else a checked reload.
+    `up`: "frontend/backend" servers to take as healthy now (their gate just passed), instead of waiting for
+    the load balancer's own slower checks to notice (HAProxy marks a server DOWN after 3 failed checks)."""
     frontends: tuple = ()
+    up: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -409,12 +415,11 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
             reason = ""
         if reason:
             yield _health_action(svc, env, key, reason, needs, opts, materials)
-    if started:
-        # Every (re)start is confirmed here, at the end, not where it was started: the startsecs windows of
-        # all services overlap (150 ungated services took 174 s one after the other), and a gated one gets
-        # traffic as soon as its health check passes.
-        why = "after its health gate: confirm" if svc.health is not None else "confirm"
-        settle.append(AwaitRunning(key, f"{why} it stays up startsecs={svc.startsecs}", needs,
+    if started and svc.health is None:
+        # An ungated (re)start is confirmed here, at the end, not where it was started: the startsecs windows
+        # of all services overlap (150 ungated services took 174 s one after the other). A gated one waits
+        # for nothing after its gate: the gate is the evidence, and a later death is drift (gated_pid).
+        settle.append(AwaitRunning(key, f"confirm it stays up startsecs={svc.startsecs}", needs,
                                    name=svc.name, startsecs=svc.startsecs))
 
 
@@ -534,6 +539,35 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
                          users, app=app, paths=tuple(paths))
 
 
+def _boots_lb(frontends: tuple, facts: Facts, opts: PlanOptions) -> bool:
+    """Start the load balancer alongside the services instead of after them.
+
+    Only the agent's own HAProxy that is not running (a fresh host, or a stopped one), whose weights its
+    runtime API sets once the backends passed their gates; not with an A/B split (its bucket routes to
+    the variant whatever the weights) nor nginx (no weights without a reload).
+    """
+    lb = opts.lb
+    return (lb is not None and lb.managed and lb.kind == "haproxy" and bool(frontends)
+            and all(fe.ab is None for fe in frontends) and not (facts.traffic or {}).get("running"))
+
+
+def _lb_boot_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:
+    """The load balancer's config with every backend at weight 0, and its program started: planned before
+    the services, so HAProxy's own start overlaps theirs (it took ~0.3-0.7 s after the last gate)."""
+    frontends = frontends_of(desired)
+    if not _boots_lb(frontends, facts, opts):
+        return
+    lb = opts.lb
+    yield ConfigureTraffic("traffic:lb", f"{lb.drift(frontends, facts.traffic)}: start it with every backend at "
+                           "weight 0 while the services start", ("supervisor",), frontends=_unweighted(frontends))
+    yield from _program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
+                                ("traffic:lb", "supervisor"), startsecs=1)
+
+
+def _unweighted(frontends: tuple) -> tuple:
+    return tuple(replace(fe, backends=tuple(replace(be, weight=0) for be in fe.backends)) for fe in frontends)
+
+
 def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:
     """Re-weight / reconfigure the load balancer after the backends it sends traffic to are in place."""
     frontends = frontends_of(desired)
@@ -546,12 +580,24 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     live = (facts.traffic or {}).get("weights") or {}
     backends = tuple(f"program:{be.name}" for fe in frontends for be in fe.backends
                      if be.weight > 0 and be.weight > live.get(fe.name, {}).get(be.name, -1))
+    key = f"program:{lb.program_name}"
+    if _boots_lb(frontends, facts, opts):
+        # Started before the services with no weight (_lb_boot_actions): live by now, or waited for here;
+        # then the weights go in over the runtime API, which checks they took.
+        yield VerifyTraffic(key, "the load balancer started alongside the services: wait until it serves",
+                            ("traffic:lb", "supervisor"), frontends=_unweighted(frontends))
+        # HAProxy checked the backends while they were still starting, and may call them DOWN for `rise`
+        # checks more: the gates just passed (these backends are needed below), so they are up.
+        yield ConfigureTraffic("traffic:lb", "set the desired weights: their backends passed their gates",
+                               backends + ("supervisor", key), frontends=frontends,
+                               up=tuple(f"{fe.name}/{be.name}" for fe in frontends for be in fe.backends
+                                        if f"program:{be.name}" in backends))
+        return
     why = lb.drift(frontends, facts.traffic)
     if why:
         yield ConfigureTraffic("traffic:lb", why, backends + ("supervisor",), frontends=frontends)
     if not lb.managed:      # a system load balancer: its own service manager runs it
         return
-    key = f"program:{lb.program_name}"
     started = list(_program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
                                     ("traffic:lb", "supervisor"), startsecs=1))
     yield from started
@@ -584,6 +630,7 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         else:
             notes.append(f"supervisord is {facts.supervisor}")
 
+    actions.extend(_lb_boot_actions(desired, facts, opts))
     repaired: set[str] = set()
     switches: list[Action] = []
     for env in desired.environments.values():
@@ -607,6 +654,11 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
     actions.extend(replace(a, needs=a.needs + tuple(before.get(a.key.partition(":")[2], ()))) for a in switches)
     settle: list[Action] = []
     planned = {a.key for a in actions}
+    # Services start a depth of depends_on at a time: every (re)start of one depth, then their health gates,
+    # so independent services start together and their start-up times overlap instead of adding up (a gate
+    # found its service already answering); a service still starts only once those it depends on passed.
+    gates: dict[int, list[Action]] = {}
+    starts: dict[int, list[Action]] = {}
     for svc in desired.services.values():
         env = desired.environments[svc.environment]
         resolved = service_env(svc, materials)
@@ -614,10 +666,14 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         if resolved.secret_file is not None:
             extra += [f"secretenv:{svc.name}", "launcher"]
         extra = [k for k in dict.fromkeys(extra) if k in planned or k.startswith("program:")]
-        svc_actions = list(_service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts,
-                                            settle, materials, tuple(extra)))
-        actions.extend(svc_actions)
-        planned.update(a.key for a in svc_actions)
+        depth = _depth(svc)
+        for action in _service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts,
+                                       settle, materials, tuple(extra)):
+            (gates if isinstance(action, CheckHealth) else starts).setdefault(depth, []).append(action)
+    for depth in sorted(starts.keys() | gates.keys()):
+        actions.extend(starts.get(depth, ()))
+        actions.extend(gates.get(depth, ()))
+    planned.update(a.key for a in actions)
     traffic = list(_traffic_actions(desired, facts, opts))
     # A backend that gains traffic must have held its startsecs first: if it died right after its
     # health gate, the switch would send users to a program about to be rolled back. The others'
@@ -657,6 +713,11 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
                                       (f"venv:{env.name}",) + users, name=env.name, identities=drop))
     actions.extend(_prune_files(desired, facts, opts, materials))
     return Plan(tuple(actions), tuple(notes))
+
+
+def _depth(svc: Service) -> int:
+    """How many depends_on links lie under `svc` (the loader encodes it in its supervisord priority)."""
+    return 0 if svc.priority is None else (svc.priority - 100) // 10
 
 
 _PRIORITY_RE = re.compile(r"^priority=([0-9]+)$", re.M)

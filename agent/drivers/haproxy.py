@@ -182,6 +182,10 @@ class HAProxyRuntime:
             raise LBError(f"set server {backend}/{server} state: {state!r} must be one of {sorted(_STATES)}")
         self._expect_silence(f"set server {_ident(backend)}/{_ident(server)} state {state}")
 
+    def set_health_up(self, backend: str, server: str) -> None:
+        """Take the server's health as up now (its own checks continue and may still mark it down)."""
+        self._expect_silence(f"set server {_ident(backend)}/{_ident(server)} health up")
+
     def _expect_silence(self, line: str) -> None:
         answer = self.command(line).strip()
         if answer:  # success is an empty answer; errors are sentences ("No such server.")
@@ -244,8 +248,13 @@ class HAProxyDriver:
 
     # -- apply
 
-    def apply(self, frontends: Iterable[Frontend]) -> Applied:
-        """Make the load balancer serve `frontends`; weights-only changes never reload."""
+    def apply(self, frontends: Iterable[Frontend], up: tuple[str, ...] = ()) -> Applied:
+        """Make the load balancer serve `frontends`; weights-only changes never reload.
+
+        `up` ("frontend/backend"): servers the caller has just seen healthy. HAProxy's own check (every 2 s,
+        `fall 3 rise 2`) may have marked one DOWN while it was still starting and would keep it out for
+        seconds more; `set server ... health up` takes it now, and the checks go on as before.
+        """
         started = time.monotonic()
         frontends = validate(frontends)
         text = self.render(frontends)
@@ -266,6 +275,8 @@ class HAProxyDriver:
             changes = self._weight_changes(frontends, runtime.show_servers_state())
             for fe_name, be_name, _old, new in changes:
                 runtime.set_weight(fe_name, be_name, new)
+            for name in up:
+                runtime.set_health_up(*name.split("/", 1))
             # The same weights in the file, so a reload or restart keeps them. No `haproxy -c` here: the
             # running worker loaded this very topology from our renderer, only weight numbers differ.
             if _read(self.config_path) != text:

@@ -103,8 +103,9 @@ class LoadBalancer:
     def facts(self) -> dict:
         return self.driver.facts()
 
-    def apply(self, frontends: tuple[Frontend, ...]) -> str:
-        applied = self.driver.apply(frontends)
+    def apply(self, frontends: tuple[Frontend, ...], up: tuple[str, ...] = ()) -> str:
+        """`up`: "frontend/backend" servers whose health the agent just checked (HAProxy only)."""
+        applied = self.driver.apply(frontends, up=up) if up else self.driver.apply(frontends)
         if applied.action == "written":
             if self.managed:   # its supervisord program is started next, then verified live
                 return f"{self.kind} config written; {self.kind} starts next"
