@@ -80,6 +80,28 @@ def test_weighted_split_then_reweight_and_hand_change_is_drift(lb, state_repo, a
         assert split(listen, 30) == {"2.0.0": 30}
 
 
+def test_a_fresh_host_starts_haproxy_alongside_the_services_and_serves_a_slow_backend_at_once(state_repo, agent_root):
+    """Issue 17: HAProxy starts before the services with no weight, and gets its weights once their gates
+    passed. Blue binds its port only after 8 s, so HAProxy's own checks (every 2 s, fall 3) have called it
+    DOWN by then, and would keep it out for `rise 2` checks more; the passed gate takes it as up at once."""
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed")
+    listen = free_port()
+    two_colour_app(state_repo, listen, "  strategy: canary\n  weights: {web-blue: 50, web-green: 50}\n")
+    app = state_repo.path / "apps/demo/app.yaml"
+    text = app.read_text()
+    blue_cmd = next(line for line in text.splitlines() if "command: [demoapp-server" in line)
+    app.write_text(text.replace(blue_cmd, blue_cmd.replace("]", ', --bind-delay, "8"]'), 1))
+    state_repo.commit("a slow blue")
+    proc = run_agent("once", *args(state_repo, agent_root, "haproxy")[:-1], "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = split(listen, 200)                # right away: no 503, and the slow blue already has its half
+    assert seen["1.0.0"] >= 60 and seen["2.0.0"] >= 60, seen
+    out = proc.stdout
+    assert out.index("update_program gitops-lb-haproxy") < out.index("update_program web-blue") < \
+        out.index("check_health web-blue") < out.index("configure_traffic lb: haproxy weights"), out
+
+
 class Load:
     """A bounded concurrent load during a switch: keep-alive threads (one connection each, reused, no
     retry) and new-connection threads; counts answers per version and failures."""
