@@ -161,7 +161,7 @@ def test_a_failed_agent_upgrade_is_sent_once_and_its_recovery_once():
     failed = {"phase": "failed", "from": "1.0", "to": "2.0", "identity": "abc", "reason": "import raised\nTraceback"}
     events, memory = upgrade_events(failed, "h1", "1.0", {"failed:shop": "x"})
     assert [(e.kind, e.app, e.severity) for e in events] == [("agent upgrade failed", "*", "failure")]
-    assert events[0].reason == "upgrade to gitops-agent 2.0 failed, 1.0 keeps running: import raised"
+    assert events[0].reason == "upgrade to gitops-agent 2.0 failed, 1.0 keeps running: import raised ... Traceback"
     assert upgrade_events(failed, "h1", "1.0", memory) == ([], memory)          # the next poll: nothing
     # a reconcile's own events neither clear nor repeat it
     ok = _result(ReconcileResult.CONVERGED)

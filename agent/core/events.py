@@ -52,6 +52,15 @@ def _line(text: str | None) -> str:
     return first[0][:300] if first else ""
 
 
+def _gist(text: str | None) -> str:
+    """One line from a multi-line error (a build's output): its first line and its last, where the cause
+    usually is (`RuntimeError: ...` at the end of a traceback)."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    if len(lines) < 2:
+        return _line(text)
+    return f"{lines[0][:150]} ... {lines[-1][:150]}"
+
+
 def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], dict[str, str]]:
     """(events to send, the new memory). `result`: agent.service.reconciler.Result."""
     rev = result.revision.sha if result.revision is not None else ""
@@ -129,7 +138,7 @@ def upgrade_events(state: dict, host: str, running: str, sent: dict[str, str]) -
         if memory.get(UPGRADE_TOPIC) == fingerprint:
             return [], memory
         memory[UPGRADE_TOPIC] = fingerprint
-        reason = f"upgrade to gitops-agent {state.get('to')} failed, {running} keeps running: {_line(state.get('reason'))}"
+        reason = f"upgrade to gitops-agent {state.get('to')} failed, {running} keeps running: {_gist(state.get('reason'))}"
         return [Event("agent upgrade failed", host, "*", "", reason)], memory
     if phase in ("handing-over", "waiting") or UPGRADE_TOPIC not in memory:
         return [], memory
