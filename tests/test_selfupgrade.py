@@ -183,6 +183,7 @@ def test_self_upgrade_hands_over_and_a_broken_one_is_refused(v1_bin, wheelhouse,
         assert f'gitops_agent_build_info{{version="{V2}"}} 1.0' in _metrics(listen) and daemon.poll() is None
         status = run_agent("status", "--root", str(agent_root)).stdout
         assert f"agent upgrade to {V3} FAILED (running {V2})" in status and "broken on purpose" in status
+        assert json.loads(http_get(f"http://127.0.0.1:{listen}/api/status")[1])["agent_upgrade"]["phase"] == "failed"
         assert json.loads(run_agent("facts", "--json", "--root", str(agent_root)).stdout)["programs"]["demo-web"]["pid"] == service_pid
         assert http_get(f"http://127.0.0.1:{port}/")[0] == 200
         # ... and sends it once, not on every poll (the poll interval is 1 s: several polls pass here)
@@ -312,6 +313,8 @@ def test_agent_upgrade_follows_the_waves(v1_bin, wheelhouse, state_repo, agent_r
         assert not (roots["late"] / "self" / "venvs").exists() or not any((roots["late"] / "self" / "venvs").iterdir())
         status = run_agent("status", "--root", str(roots["late"])).stdout
         assert f"agent upgrade to {V2} waiting for this host's wave (running {__version__}): wave 2" in status, status
+        api = json.loads(http_get(f"http://127.0.0.1:{listen['late']}/api/status")[1])
+        assert api["agent_upgrade"]["phase"] == "waiting" and api["agent_upgrade"]["to"] == V2
         assert "handing over" not in logs["late"].read_text()
 
         state_repo.write("fleet.yaml", fleet + agent_block.replace("after: 1h", "after: 60s"))

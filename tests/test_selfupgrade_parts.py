@@ -248,3 +248,25 @@ def test_a_handover_stop_answers_what_it_accepted_and_leaves_new_connections_to_
         assert answers["b"].startswith(b"HTTP/1.1 200") and answers["b"].endswith(b"new\n")
     finally:
         new.stop()
+
+
+def test_a_failed_or_waiting_upgrade_is_on_the_status_page_and_in_api_status(tmp_path):
+    from agent.service.status_page import status_routes
+
+    layout = Layout(tmp_path / "root")
+    layout.state.mkdir(parents=True)
+    routes = status_routes(layout)
+
+    def get(path):
+        return routes[("GET", path)](None).body.decode()
+
+    assert json.loads(get("/api/status"))["agent_upgrade"] is None and 'id="agent-upgrade"' not in get("/")
+    record = {"phase": "failed", "from": __version__, "to": "9.9.9", "identity": "ab", "reason": "<script>x</script> broke"}
+    (layout.state / "agent-upgrade.json").write_text(json.dumps(record))
+    assert json.loads(get("/api/status"))["agent_upgrade"] == record
+    page = get("/")
+    assert f"agent upgrade to 9.9.9 failed (running {__version__})" in page and "&lt;script&gt;x&lt;/script&gt; broke" in page
+    (layout.state / "agent-upgrade.json").write_text(json.dumps({**record, "phase": "waiting", "reason": "wave 2 starts in 5m"}))
+    assert "agent upgrade to 9.9.9 waiting for this host&#39;s wave" in get("/")
+    (layout.state / "agent-upgrade.json").write_text(json.dumps({**record, "phase": "done"}))
+    assert 'id="agent-upgrade"' not in get("/")
