@@ -53,7 +53,7 @@ def skip_unless_possible() -> str:
     """The cgroup layout ("hybrid" or "unified"); skips the test when a systemd cannot be booted here."""
     if os.geteuid() != 0:
         pytest.skip("booting a systemd container needs root")
-    missing = [t for t in ("unshare", "nsenter", "chroot", "debootstrap", "ssh-keygen") if not shutil.which(t)]
+    missing = [t for t in ("unshare", "nsenter", "chroot", "debootstrap", "ssh", "ssh-keygen") if not shutil.which(t)]
     if missing:
         pytest.skip(f"not installed: {', '.join(missing)} (apt-get install util-linux debootstrap openssh-client)")
     mounts = Path("/proc/self/mounts").read_text()
