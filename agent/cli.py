@@ -296,6 +296,9 @@ def cmd_status(args) -> int:
         return EXIT_OK
     if upgrade.get("phase") == "failed":
         print(f"agent upgrade to {upgrade.get('to')} FAILED (running {upgrade.get('from')}): {upgrade.get('reason')}")
+    elif upgrade.get("phase") == "waiting":
+        print(f"agent upgrade to {upgrade.get('to')} waiting for this host's wave (running {upgrade.get('from')}): "
+              f"{upgrade.get('reason')}")
     for app, s in sorted(control.suspended.items()):
         print(f"suspended: {'the whole host' if app == '*' else 'app ' + app}: {s.reason} (since {_ts(s.at)})")
     for app, q in sorted(control.quarantined.items()):

@@ -153,3 +153,27 @@ def test_once_notifies_a_rolled_back_release_once_then_applied_and_recovered(sta
     titles = sorted(p["title"] for p in receiver.got[1:])
     assert titles == ["gitops-agent h1: applied", "gitops-agent h1: recovered (demo)"], receiver.got
     assert "fixed: 2.0.0" in next(p["message"] for p in receiver.got if p["title"].endswith("applied"))
+
+
+def test_a_failed_agent_upgrade_is_sent_once_and_its_recovery_once():
+    from agent.core.events import UPGRADE_TOPIC, upgrade_events
+
+    failed = {"phase": "failed", "from": "1.0", "to": "2.0", "identity": "abc", "reason": "import raised\nTraceback"}
+    events, memory = upgrade_events(failed, "h1", "1.0", {"failed:shop": "x"})
+    assert [(e.kind, e.app, e.severity) for e in events] == [("agent upgrade failed", "*", "failure")]
+    assert events[0].reason == "upgrade to gitops-agent 2.0 failed, 1.0 keeps running: import raised ... Traceback"
+    assert upgrade_events(failed, "h1", "1.0", memory) == ([], memory)          # the next poll: nothing
+    # a reconcile's own events neither clear nor repeat it
+    ok = _result(ReconcileResult.CONVERGED)
+    ev, memory2 = events_for(ok, "h1", memory)
+    assert [e.kind for e in ev] == ["recovered"] and memory2 == {UPGRADE_TOPIC: memory[UPGRADE_TOPIC]}
+    # another lock failing is news; a handover under way is not; done (or no longer asked for) recovers once
+    other = {**failed, "identity": "def", "to": "2.1"}
+    assert [e.kind for e in upgrade_events(other, "h1", "1.0", memory2)[0]] == ["agent upgrade failed"]
+    assert upgrade_events({**other, "phase": "handing-over"}, "h1", "1.0", memory2) == ([], memory2)
+    done = {"phase": "done", "from": "1.0", "to": "2.1"}
+    ev, memory3 = upgrade_events(done, "h2", "2.1", memory2)
+    assert [(e.kind, e.reason) for e in ev] == [("recovered", "agent upgraded from 1.0 to 2.1")] and memory3 == {}
+    assert upgrade_events(done, "h1", "2.1", memory3) == ([], {})
+    ev, _ = upgrade_events({}, "h1", "1.0", memory2)
+    assert [(e.kind, e.reason) for e in ev] == [("recovered", "agent upgrade no longer asked for; running gitops-agent 1.0")]

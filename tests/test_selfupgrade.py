@@ -3,7 +3,8 @@
 that venv from a wheelhouse made here (the wheel and its dependencies) with a hashed lock (uv pip compile
 --generate-hashes), checks it and hands over by exec: same pid, root lock and listener kept, the managed
 service untouched (0 failed requests to it, same pid). Then a lock pinning a broken wheel (its CLI raises
-at import): the running agent keeps running and reports the failure in metrics and status."""
+at import): the running agent keeps running and reports the failure in metrics, status and one notification
+to a real json:// receiver; "recovered" once fleet.yaml no longer asks for the broken version."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from agent import __version__
 from agent_wheel import REPO, build_dists, clean_env, install_into_venv
 from conftest import free_port, run_agent, stop_process
 from daemon_helpers import http_get, wait_until
+from test_notify import Receiver
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -114,7 +116,20 @@ def _metrics(listen: int) -> str:
     return http_get(f"http://127.0.0.1:{listen}/metrics")[1]
 
 
-def test_self_upgrade_hands_over_and_a_broken_one_is_refused(v1_bin, wheelhouse, state_repo, agent_root, tmp_path):
+@pytest.fixture
+def receiver():
+    r = Receiver()
+    yield r
+    r.stop()
+
+
+def _upgrade_notes(receiver: Receiver) -> list[str]:
+    return [p["title"] + ": " + p["message"] for p in receiver.got
+            if p["title"].endswith(("agent upgrade failed", "recovered"))]
+
+
+def test_self_upgrade_hands_over_and_a_broken_one_is_refused(v1_bin, wheelhouse, state_repo, agent_root, tmp_path,
+                                                            receiver):
     house, locks = wheelhouse
     shutil.copytree(house, state_repo.path / "agent-wheels")
     port, listen = free_port(), free_port()
@@ -125,7 +140,7 @@ def test_self_upgrade_hands_over_and_a_broken_one_is_refused(v1_bin, wheelhouse,
     log = open(log_path, "wb")
     daemon = subprocess.Popen([str(v1_bin / "gitops-agent"), "run", "--repo", state_repo.url, "--host", "h1",
                                "--root", str(agent_root), "--listen", f"127.0.0.1:{listen}", "--poll-interval", "1",
-                               "--health-wait", "60"], cwd=tmp_path, env=clean_env(), stdout=log,
+                               "--health-wait", "60", "--notify", receiver.url], cwd=tmp_path, env=clean_env(), stdout=log,
                               stderr=subprocess.STDOUT)
     hammers: list[Hammer] = []
     try:
@@ -168,8 +183,26 @@ def test_self_upgrade_hands_over_and_a_broken_one_is_refused(v1_bin, wheelhouse,
         assert f'gitops_agent_build_info{{version="{V2}"}} 1.0' in _metrics(listen) and daemon.poll() is None
         status = run_agent("status", "--root", str(agent_root)).stdout
         assert f"agent upgrade to {V3} FAILED (running {V2})" in status and "broken on purpose" in status
+        assert json.loads(http_get(f"http://127.0.0.1:{listen}/api/status")[1])["agent_upgrade"]["phase"] == "failed"
         assert json.loads(run_agent("facts", "--json", "--root", str(agent_root)).stdout)["programs"]["demo-web"]["pid"] == service_pid
         assert http_get(f"http://127.0.0.1:{port}/")[0] == 200
+        # ... and sends it once, not on every poll (the poll interval is 1 s: several polls pass here)
+        wait_until(lambda: _upgrade_notes(receiver), 120, "the failure notification", log=log_path, step=0.2)
+        time.sleep(4)
+        notes = _upgrade_notes(receiver)
+        assert len(notes) == 1 and f"agent upgrade failed: host h1, app *, revision -: upgrade to gitops-agent {V3} " \
+            f"failed, {V2} keeps running" in notes[0] and "broken on purpose" in notes[0], notes
+
+        # fleet.yaml back on the running version: the failure clears, "recovered" is sent once
+        state_repo.write("agent.lock", locks[V2])
+        state_repo.commit(f"agent back to {V2}")
+        wait_until(lambda: len(_upgrade_notes(receiver)) > 1, 300, "the recovery notification", log=log_path, step=0.2)
+        time.sleep(3)
+        notes = _upgrade_notes(receiver)
+        assert len(notes) == 2 and notes[1].startswith("gitops-agent h1: recovered") and \
+            f"running gitops-agent {V2}" in notes[1], notes
+        assert 'gitops_agent_self_upgrade_failed{' not in _metrics(listen)
+        assert "FAILED" not in run_agent("status", "--root", str(agent_root)).stdout
     finally:
         for h in hammers:
             h.stop()
@@ -226,3 +259,72 @@ stdout_logfile={sup}/agent.log
         subprocess.run(["kill", str(pid)])
         wait_until(lambda: subprocess.run(["kill", "-0", str(pid)], capture_output=True).returncode != 0, 120,
                    "supervisord to stop")
+
+
+def test_agent_upgrade_follows_the_waves(v1_bin, wheelhouse, state_repo, agent_root, tmp_path):
+    """fleet.yaml `agent.rollout.waves` (DESIGN §3c: waves apply to the agent's own upgrade like to any app):
+    two real agents on one repo, `early` in the canary wave, `late` in a wave that starts 1 h after the commit
+    that changed agent.lock. `early` upgrades; `late` keeps its agent and says why; once its wave's `after`
+    is shortened to 60 s (a commit to fleet.yaml only: the clock still runs from the lock's commit) it upgrades
+    when that time has come."""
+    from agent.drivers.supervisor import EmbeddedSupervisor
+
+    house, locks = wheelhouse
+    shutil.copytree(house, state_repo.path / "agent-wheels")
+    fleet = "apiVersion: gitops-agent/v1\nkind: Fleet\nhosts:\n  early: {groups: [canary]}\n  late: {}\n"
+    state_repo.write("fleet.yaml", fleet)
+    state_repo.commit("two hosts")
+    roots = {"early": agent_root, "late": tmp_path / "root-late"}
+    listen = {host: free_port() for host in roots}
+    logs, daemons = {}, {}
+    try:
+        for host, root in roots.items():
+            logs[host] = tmp_path / f"{host}.log"
+            with open(logs[host], "wb") as out:
+                daemons[host] = subprocess.Popen(
+                    [str(v1_bin / "gitops-agent"), "run", "--repo", state_repo.url, "--host", host, "--root", str(root),
+                     "--listen", f"127.0.0.1:{listen[host]}", "--poll-interval", "1"],
+                    cwd=tmp_path, env=clean_env(), stdout=out, stderr=subprocess.STDOUT)
+
+        def version_is(host: str, version: str) -> bool:
+            try:
+                return f'gitops_agent_build_info{{version="{version}"}} 1.0' in _metrics(listen[host])
+            except OSError:
+                return False
+
+        def record(host: str) -> dict:
+            path = roots[host] / "state" / "agent-upgrade.json"
+            return json.loads(path.read_text()) if path.exists() else {}
+
+        for host in roots:
+            wait_until(lambda: version_is(host, __version__), 300, f"{host} up", log=logs[host], step=0.2)
+        agent_block = ("agent:\n  lockfile: agent.lock\n  find_links: [agent-wheels]\n  index: false\n"
+                       "  rollout:\n    waves:\n      - hosts: {groups: [canary]}\n      - {percent: 100, after: 1h}\n")
+        state_repo.write("agent.lock", locks[V2])
+        state_repo.write("fleet.yaml", fleet + agent_block)
+        state_repo.commit(f"agent {V2}, canary first")
+        lock_time = float(subprocess.run(["git", "-C", str(state_repo.path), "log", "-1", "--format=%ct"],
+                                         capture_output=True, text=True, check=True).stdout)
+
+        wait_until(lambda: version_is("early", V2), 600, "early to upgrade", log=logs["early"], step=0.2)
+        wait_until(lambda: record("late").get("phase") == "waiting", 120, "late to wait", log=logs["late"], step=0.2)
+        time.sleep(3)                                       # several polls of `late`: still its own agent
+        assert version_is("late", __version__) and record("late")["to"] == V2 and record("late")["wave"] == 2
+        assert not (roots["late"] / "self" / "venvs").exists() or not any((roots["late"] / "self" / "venvs").iterdir())
+        status = run_agent("status", "--root", str(roots["late"])).stdout
+        assert f"agent upgrade to {V2} waiting for this host's wave (running {__version__}): wave 2" in status, status
+        api = json.loads(http_get(f"http://127.0.0.1:{listen['late']}/api/status")[1])
+        assert api["agent_upgrade"]["phase"] == "waiting" and api["agent_upgrade"]["to"] == V2
+        assert "handing over" not in logs["late"].read_text()
+
+        state_repo.write("fleet.yaml", fleet + agent_block.replace("after: 1h", "after: 60s"))
+        state_repo.commit("agent: the second wave after 60 s")
+        wait_until(lambda: version_is("late", V2), 600, "late to upgrade in its turn", log=logs["late"], step=0.2)
+        done = record("late")
+        assert done["phase"] == "done" and done["to"] == V2 and done["at"] >= lock_time + 60
+        assert daemons["late"].poll() is None and daemons["early"].poll() is None     # handed over in place
+        assert json.loads((roots["late"] / "state" / "waves.json").read_text())["@agent"]["state"] == "due"
+    finally:
+        for proc in daemons.values():
+            stop_process(proc, timeout=60)
+        EmbeddedSupervisor(roots["late"]).stop()

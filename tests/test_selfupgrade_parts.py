@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import socket
+import time
 import urllib.request
 from pathlib import Path
 
@@ -160,3 +161,112 @@ def test_an_unusable_agent_block_is_reported_once(tmp_path):
     before = (layout.state / "agent-upgrade.json").stat().st_mtime_ns
     assert up.after_reconcile(state, state) is None
     assert (layout.state / "agent-upgrade.json").stat().st_mtime_ns == before
+
+
+def test_upgrade_failure_and_recovery_reach_a_real_receiver_once(tmp_path):
+    """Through the real Apprise json:// plugin to a real HTTP receiver: an unconfirmed handover found at
+    start is sent once (a second agent start, as after a crash loop, sends nothing new); the failed lock
+    seen again by later polls sends nothing; the next agent confirming its own handover sends "recovered"."""
+    from agent.drivers.notify import Notifier
+    from agent.service.notify import Notifications
+    from test_notify import Receiver
+
+    receiver = Receiver()
+    try:
+        def start(record=None):
+            up, _registry, layout = _upgrade(tmp_path, record)
+            up.notifications = Notifications(Notifier([receiver.url]), layout.root, "h1")
+            up.on_start()
+            assert up.notifications.flush(60)
+            return up
+
+        state = _state(tmp_path, "agent: {lockfile: agent.lock}\n", _gitops_agent_lock(tmp_path, "9.9.9"))
+        identity = agent_lock(state, state, "%d.%d" % __import__("sys").version_info[:2], Settings().installer).identity
+        up = start({"phase": "handing-over", "from": __version__, "to": "9.9.9", "identity": identity})
+        for _ in range(3):
+            assert up.after_reconcile(state, state) is None        # polls: the failed lock is not tried again
+        start()                                                     # the agent restarted: state read back
+        assert [(p["title"], p["type"]) for p in receiver.got] == [("gitops-agent h1: agent upgrade failed", "failure")]
+        assert "upgrade to gitops-agent 9.9.9 failed" in receiver.got[0]["message"]
+        assert "did not come up" in receiver.got[0]["message"]
+
+        # a later upgrade succeeds: the new agent confirms its handover at start
+        (tmp_path / "root" / "state" / "agent-upgrade.json").write_text(
+            json.dumps({"phase": "handing-over", "from": "0.0.1", "to": __version__}))
+        start()
+        start()
+        assert [p["title"] for p in receiver.got[1:]] == ["gitops-agent h1: recovered"]
+        assert f"agent upgraded from 0.0.1 to {__version__}" in receiver.got[1]["message"]
+    finally:
+        receiver.stop()
+
+
+def test_a_handover_stop_answers_what_it_accepted_and_leaves_new_connections_to_the_next_agent(monkeypatch):
+    """The old agent's server, stopped for a handover, first answers a request already in a handler (closing
+    it would fail that request: seen as RemoteDisconnected in the e2e test) and accepts nothing new; a
+    connection made meanwhile waits in the backlog and the next server, adopting the listener, answers it."""
+    import threading
+
+    from agent.service.http import HttpServer, Response
+    from daemon_helpers import wait_until
+
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(_request):
+        entered.set()
+        release.wait(60)
+        return Response(200, b"slow\n")
+
+    old = HttpServer({("GET", "/slow"): slow}, "127.0.0.1:0").start()
+    port = old.address[1]
+    answers = {}
+
+    def get(name, path):
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answers[name] = b"".join(iter(lambda: s.recv(4096), b""))
+
+    a = threading.Thread(target=get, args=("a", "/slow"))
+    a.start()
+    assert entered.wait(30)
+    dup = old.listener_dup()
+    stopper = threading.Thread(target=old.stop, kwargs={"drain_s": 30.0})
+    stopper.start()
+    wait_until(lambda: old._accept_paused_until == float("inf"), 30, "the old server to stop accepting")
+    b = threading.Thread(target=get, args=("b", "/new"))
+    b.start()
+    time.sleep(0.5)
+    assert "b" not in answers                       # nobody accepts it yet: it waits in the backlog
+    release.set()
+    stopper.join(60)
+    a.join(60)
+    assert answers["a"].startswith(b"HTTP/1.1 200") and answers["a"].endswith(b"slow\n")
+    monkeypatch.setenv("GITOPS_AGENT_LISTEN_FD", str(dup))
+    new = HttpServer({("GET", "/new"): lambda _r: Response(200, b"new\n")}, f"127.0.0.1:{port}").start()
+    try:
+        b.join(60)
+        assert answers["b"].startswith(b"HTTP/1.1 200") and answers["b"].endswith(b"new\n")
+    finally:
+        new.stop()
+
+
+def test_a_failed_or_waiting_upgrade_is_on_the_status_page_and_in_api_status(tmp_path):
+    from agent.service.status_page import status_routes
+
+    layout = Layout(tmp_path / "root")
+    layout.state.mkdir(parents=True)
+    routes = status_routes(layout)
+
+    def get(path):
+        return routes[("GET", path)](None).body.decode()
+
+    assert json.loads(get("/api/status"))["agent_upgrade"] is None and 'id="agent-upgrade"' not in get("/")
+    record = {"phase": "failed", "from": __version__, "to": "9.9.9", "identity": "ab", "reason": "<script>x</script> broke"}
+    (layout.state / "agent-upgrade.json").write_text(json.dumps(record))
+    assert json.loads(get("/api/status"))["agent_upgrade"] == record
+    page = get("/")
+    assert f"agent upgrade to 9.9.9 failed (running {__version__})" in page and "&lt;script&gt;x&lt;/script&gt; broke" in page
+    (layout.state / "agent-upgrade.json").write_text(json.dumps({**record, "phase": "waiting", "reason": "wave 2 starts in 5m"}))
+    assert "agent upgrade to 9.9.9 waiting for this host&#39;s wave" in get("/")
+    (layout.state / "agent-upgrade.json").write_text(json.dumps({**record, "phase": "done"}))
+    assert 'id="agent-upgrade"' not in get("/")

@@ -13,13 +13,16 @@ from dataclasses import dataclass
 
 from agent.core.outcome import ReconcileResult, Verdict
 
-__all__ = ["Event", "events_for"]
+__all__ = ["Event", "events_for", "upgrade_events", "UPGRADE_TOPIC"]
+
+UPGRADE_TOPIC = "agent-upgrade"          # the self-upgrade's memory key: not a reconcile's to clear
 
 
 @dataclass(frozen=True)
 class Event:
     kind: str               # applied | failed | rolled back | invalid revision | drift found | drift corrected |
-                            # canary aborted | window waiting | suspended | quarantined | recovered
+                            # canary aborted | window waiting | suspended | quarantined | recovered |
+                            # agent upgrade failed
     host: str
     app: str                # "*": the host as a whole
     revision: str
@@ -36,7 +39,8 @@ class Event:
     @property
     def severity(self) -> str:
         """Apprise's notify type."""
-        if self.kind in ("failed", "rolled back", "invalid revision", "canary aborted", "quarantined"):
+        if self.kind in ("failed", "rolled back", "invalid revision", "canary aborted", "quarantined",
+                         "agent upgrade failed"):
             return "failure"
         if self.kind in ("drift found", "window waiting", "suspended"):
             return "warning"
@@ -46,6 +50,15 @@ class Event:
 def _line(text: str | None) -> str:
     first = (text or "").strip().splitlines()
     return first[0][:300] if first else ""
+
+
+def _gist(text: str | None) -> str:
+    """One line from a multi-line error (a build's output): its first line and its last, where the cause
+    usually is (`RuntimeError: ...` at the end of a traceback)."""
+    lines = [line.strip() for line in (text or "").strip().splitlines() if line.strip()]
+    if len(lines) < 2:
+        return _line(text)
+    return f"{lines[0][:150]} ... {lines[-1][:150]}"
 
 
 def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], dict[str, str]]:
@@ -94,7 +107,7 @@ def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], di
             out.append(event)
             memory[topic] = fingerprint
     # a reconcile that stopped early (no fetch, an invalid revision) says nothing about the apps' own failures
-    cleared = [t for t in sent if t not in active and r is not ReconcileResult.ERROR
+    cleared = [t for t in sent if t not in active and t != UPGRADE_TOPIC and r is not ReconcileResult.ERROR
                and (r is not ReconcileResult.INVALID or t == "error")]
     for topic in cleared:
         memory.pop(topic, None)
@@ -108,3 +121,28 @@ def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], di
             keys = sorted({o.action.key for o in result.outcomes if o.ok})
             out.append(Event("drift corrected", host, "*", rev, f"healed {', '.join(keys[:5])}"))
     return out, memory
+
+
+def upgrade_events(state: dict, host: str, running: str, sent: dict[str, str]) -> tuple[list[Event], dict[str, str]]:
+    """(events, new memory) for the self-upgrade record `state` (`<root>/state/agent-upgrade.json`, see
+    agent.service.selfupgrade) of an agent running version `running`.
+
+    A failed upgrade is announced once per lock (its identity: a new lock that fails again is news, the
+    same one seen by the next poll or a restarted agent is not); "recovered" once when the failure is gone
+    (a later upgrade done, or fleet.yaml no longer asking for the failed version). A handover under way
+    (or a lock waiting for this host's wave) changes nothing: its outcome decides."""
+    memory = dict(sent)
+    phase = state.get("phase")
+    if phase == "failed":
+        fingerprint = f"{state.get('to', '')}:{state.get('identity') or _line(state.get('reason'))}"
+        if memory.get(UPGRADE_TOPIC) == fingerprint:
+            return [], memory
+        memory[UPGRADE_TOPIC] = fingerprint
+        reason = f"upgrade to gitops-agent {state.get('to')} failed, {running} keeps running: {_gist(state.get('reason'))}"
+        return [Event("agent upgrade failed", host, "*", "", reason)], memory
+    if phase in ("handing-over", "waiting") or UPGRADE_TOPIC not in memory:
+        return [], memory
+    memory.pop(UPGRADE_TOPIC)
+    why = (f"agent upgraded from {state.get('from')} to {state.get('to')}" if phase == "done"
+           else f"agent upgrade no longer asked for; running gitops-agent {running}")
+    return [Event("recovered", host, "*", "", why)], memory

@@ -120,6 +120,7 @@ class HttpServer:
         self._done: deque[tuple[_Conn, bytes]] = deque()    # answers from the workers, for the loop to send
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-worker")
         self._stopping = False
+        self._drain_until = 0.0
         self._accept_paused_until: float | None = None     # after an accept error such as EMFILE
         self._full = False                                  # at max_connections (logged once per episode)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -138,11 +139,15 @@ class HttpServer:
 
         return os.dup(self._listener.fileno())
 
-    def stop(self) -> None:
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop serving. `drain_s` > 0 (a self-upgrade's handover): stop accepting at once, so new connections
+        wait in the backlog for whoever holds a dup of the listener, but first answer the connections already
+        accepted, for up to `drain_s` (closing them unanswered would fail those requests)."""
+        self._drain_until = time.monotonic() + drain_s
         self._stopping = True
         self._wake()
         if self._thread.is_alive():
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=5 + drain_s)
         elif self._listener.fileno() != -1:
             self._close_all()
 
@@ -150,7 +155,9 @@ class HttpServer:
 
     def _loop(self) -> None:
         try:
-            while not self._stopping:
+            while not self._stopping or (self._conns and time.monotonic() < self._drain_until):
+                if self._stopping and self._accept_paused_until != float("inf"):
+                    self._stop_accepting()
                 for key, mask in self._sel.select(self._timeout()):
                     if key.fileobj is self._listener:
                         self._accept()
@@ -170,8 +177,16 @@ class HttpServer:
         finally:
             self._close_all()
 
+    def _stop_accepting(self) -> None:
+        """Draining: the listener leaves the selector for good (new connections stay in the backlog)."""
+        if self._accept_paused_until is None:
+            self._sel.unregister(self._listener)
+        self._accept_paused_until = float("inf")
+
     def _timeout(self) -> float | None:
         deadline = min((c.deadline for c in self._conns.values()), default=float("inf"))
+        if self._stopping:
+            deadline = min(deadline, self._drain_until)
         if self._accept_paused_until is not None:
             deadline = min(deadline, self._accept_paused_until)
         return None if deadline == float("inf") else max(0.0, deadline - time.monotonic())

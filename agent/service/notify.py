@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from agent.core.events import events_for
+from agent.core.events import events_for, upgrade_events
 from agent.drivers.fsutil import atomic_write
 
 __all__ = ["Notifications", "notify_urls", "build_notifications"]
@@ -47,10 +47,23 @@ class Notifications:
         if result is None:
             return
         try:
-            events, memory = events_for(result, self.host, self.sent)
-            if memory != self.sent:
-                atomic_write(self.path, json.dumps(memory, sort_keys=True) + "\n", mode=0o600)
-                self.sent = memory
-            self.notifier.send(events)
+            self._send(*events_for(result, self.host, self.sent))
         except Exception:  # noqa: BLE001
             log.exception("notifications for this reconcile failed")
+
+    def observe_upgrade(self, state: dict, running: str) -> None:
+        """Queue what the self-upgrade record `state` earns (a failure once, its recovery once); never raises."""
+        try:
+            self._send(*upgrade_events(state, self.host, running, self.sent))
+        except Exception:  # noqa: BLE001
+            log.exception("notifications for the agent's upgrade failed")
+
+    def flush(self, timeout_s: float) -> bool:
+        """Deliver what is queued (before the process exits or execs into a new agent)."""
+        return self.notifier.flush(timeout_s)
+
+    def _send(self, events, memory: dict[str, str]) -> None:
+        if memory != self.sent:                 # remembered first: a crash re-sends nothing
+            atomic_write(self.path, json.dumps(memory, sort_keys=True) + "\n", mode=0o600)
+            self.sent = memory
+        self.notifier.send(events)

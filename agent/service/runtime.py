@@ -294,7 +294,8 @@ def run_daemon(settings, lock_fd: int | None = None) -> int:
         from agent.service.notify import build_notifications
 
         notifications = build_notifications(settings, lambda r: recorder.notifications.labels(r).inc())
-    upgrade = SelfUpgrade(settings, layout, registry=recorder.registry)
+    upgrade = SelfUpgrade(settings, layout, registry=recorder.registry, notifications=notifications,
+                          waves=_agent_waves(reconciler, settings, layout))
     upgrade.on_start()
     handover = None
 
@@ -353,23 +354,36 @@ def run_daemon(settings, lock_fd: int | None = None) -> int:
         watcher.stop()
         if handover is not None:
             listen_fd = server.listener_dup()   # before stop closes it: the new agent serves on it
-        server.stop()
+        server.stop(drain_s=10.0 if handover is not None else 0.0)   # a handover answers what it accepted
         for s, handler in old.items():
             signal.signal(s, handler)
     if handover is not None and lock_fd is not None and not signalled:
         log.info("handing over to gitops-agent %s after %d reconciles", handover.lock.version, runtime.runs)
+        if notifications is not None and not notifications.flush(30.0):    # the exec would drop the queue
+            log.error("notifications still queued are dropped by the handover")
         handover.exec(lock_fd, listen_fd)
     log.info("stopped after %d reconciles; managed services left running", runtime.runs)
     return 0
 
 
-def _applied_state(reconciler, settings, result) -> tuple[Path | None, Path | None]:
-    """(state dir, repo checkout) of the revision a successful reconcile applied, else (None, None)."""
+def _applied_state(reconciler, settings, result) -> tuple[Path | None, Path | None, str | None]:
+    """(state dir, repo checkout, commit) of the revision a successful reconcile applied, else Nones."""
     rev = getattr(result, "revision", None)
     if rev is None or getattr(result, "result", None) not in SUCCESS or result.desired_from not in (None, rev.sha):
-        return None, None
+        return None, None, None
     checkout = reconciler.source.checkout(rev)
-    return (checkout / settings.path if settings.path else checkout), checkout
+    return (checkout / settings.path if settings.path else checkout), checkout, rev.sha
+
+
+def _agent_waves(reconciler, settings, layout):
+    """The Stager that times fleet.yaml's agent.rollout.waves: the apps' own machinery and record file
+    (<root>/state/waves.json, under the key "@agent"), reading the lockfile's history from the same mirror."""
+    from agent.service.staging import Stager
+
+    source = getattr(reconciler, "source", None)
+    if source is None:
+        return None
+    return Stager(source, settings.path, settings.host, None, layout.state / "waves.json", None)
 
 
 def _start_chaos(reconciler, recorder, runtime: Runtime, tick_s: float = 1.0) -> threading.Thread:

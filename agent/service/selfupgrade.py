@@ -16,8 +16,14 @@ Between two reconciles (never inside one), when the lock pins another version th
 The handover is recorded in `<root>/state/agent-upgrade.json` before the exec. The new agent confirms it
 at start. An agent that starts and finds a handover to another version unconfirmed knows the new agent
 died (its process manager restarted the command it knows, the old venv): it marks that lock failed.
+With `agent.rollout.waves` in fleet.yaml the lock is staged across hosts like an app's change
+(agent.core.waves, agent.service.staging): the change is the newest commit that touched the lockfile, and
+until this host's wave has started and its gates passed, the running agent stays (`phase: waiting`).
+
 A failed lock (build, check or handover) is not tried again until the lock changes; the failure is in
-the metrics (`gitops_agent_self_upgrade_failed`), `gitops-agent status` and the log; the old agent runs on.
+the metrics (`gitops_agent_self_upgrade_failed`), `gitops-agent status`, the log and, with `--notify`, one
+notification ("agent upgrade failed"; "recovered" once a later upgrade succeeds or the lock no longer asks
+for that version); the old agent runs on.
 """
 
 from __future__ import annotations
@@ -36,15 +42,18 @@ import yaml
 from agent import __version__
 from agent.core.errors import AgentError, BuildError, InvalidState, Problem
 from agent.core.lockfile import parse_lock, venv_identity
+from agent.core.model import Rollout
 from agent.drivers.fsutil import atomic_write
 
-__all__ = ["AgentLock", "SelfUpgrade", "Handover", "agent_lock", "read_upgrade_state", "LOCK_FD_ENV", "VENV_NAME"]
+__all__ = ["AgentLock", "SelfUpgrade", "Handover", "agent_lock", "read_upgrade_state", "LOCK_FD_ENV", "VENV_NAME",
+           "WAVE_KEY"]
 
 log = logging.getLogger("gitops_agent.selfupgrade")
 
 VENV_NAME = "gitops-agent"
 LOCK_FD_ENV = "GITOPS_AGENT_LOCK_FD"
 STATE_FILE = "agent-upgrade.json"
+WAVE_KEY = "@agent"          # the agent's record in <root>/state/waves.json (no app name starts with @)
 SELF_DIR = "self"           # <root>/self/venvs/gitops-agent-<identity>, <root>/self/envs/gitops-agent -> current
 
 
@@ -59,9 +68,12 @@ class AgentLock:
     installer: str
     options: tuple[str, ...]
     identity: str
+    path: str = ""                      # the lockfile relative to the repo root: its history times the waves
+    rollout: Rollout | None = None      # agent.rollout.waves, `selected` set for this host
 
 
-def agent_lock(state_dir: Path, boundary: Path, default_python: str, default_installer: str) -> AgentLock | None:
+def agent_lock(state_dir: Path, boundary: Path, default_python: str, default_installer: str,
+               host: str | None = None) -> AgentLock | None:
     """The `agent:` block of `state_dir`/fleet.yaml (schema-checked with the revision), None if absent.
     Raises InvalidState when its lock is not a hashed lock pinning gitops-agent, or a path leaves the repo."""
     fleet = yaml.safe_load((state_dir / "fleet.yaml").read_text()) or {}
@@ -85,7 +97,24 @@ def agent_lock(state_dir: Path, boundary: Path, default_python: str, default_ins
     installer = block.get("installer") or defaults.get("installer") or default_installer
     options = () if block.get("index", True) else ("--no-index",)
     return AgentLock(lockfile, tuple(inside(d, "find_links") for d in block.get("find_links", [])),
-                     pins["gitops-agent"], python, installer, options, venv_identity(python, data, installer, options))
+                     pins["gitops-agent"], python, installer, options, venv_identity(python, data, installer, options),
+                     lockfile.relative_to(boundary.resolve()).as_posix(), _rollout(block, fleet, host))
+
+
+def _rollout(block: dict, fleet: dict, host: str | None) -> Rollout | None:
+    """The block's waves as the loader builds an app's (the revision was validated: last wave 100%)."""
+    import dataclasses
+
+    from agent.core.load.builders import rollout_of
+    from agent.core.load.selectors import hosts_of, selects
+
+    specs = (block.get("rollout") or {}).get("waves")
+    if not specs:
+        return None
+    me = hosts_of(fleet).get(host or "")
+    waves = rollout_of(specs).waves
+    return Rollout(tuple(dataclasses.replace(w, selected=me is not None and "hosts" in spec and selects(spec["hosts"], me))
+                         for w, spec in zip(waves, specs)))
 
 
 @dataclass(frozen=True)
@@ -119,7 +148,7 @@ def read_upgrade_state(state_dir: Path) -> dict:
 class SelfUpgrade:
     """Decides and prepares the agent's own upgrade; `run_daemon` calls `after_reconcile` between runs."""
 
-    def __init__(self, settings, layout, venvs=None, registry=None, clock=time.time):
+    def __init__(self, settings, layout, venvs=None, registry=None, clock=time.time, notifications=None, waves=None):
         from agent.drivers.venv import VenvManager
 
         self.settings = settings
@@ -128,6 +157,8 @@ class SelfUpgrade:
         # no app wants, which would delete the running agent's own code under it.
         self.venvs = venvs if venvs is not None else VenvManager(layout.root / SELF_DIR, retention=3)
         self.clock = clock
+        self.notifications = notifications      # agent.service.notify.Notifications, or None without --notify
+        self.waves = waves                      # agent.service.staging.Stager: decides agent.rollout.waves
         self.file = layout.state / STATE_FILE
         self.failed_gauge = self.info_gauge = None
         if registry is not None:
@@ -153,6 +184,7 @@ class SelfUpgrade:
                               f"started instead by the service manager)")
         elif s.get("phase") == "failed" and self.failed_gauge is not None:
             self.failed_gauge.labels(s.get("to", "")).set(1)
+        self._announce()        # a failure recorded before --notify was given is sent now, once
 
     def _settle(self, running: Path) -> None:
         """Point <root>/self/envs/gitops-agent at the venv now running (a stable path a service manager
@@ -166,25 +198,35 @@ class SelfUpgrade:
 
     # -- between reconciles ------------------------------------------------------------------------
 
-    def after_reconcile(self, state_dir: Path | None, boundary: Path | None) -> Handover | None:
-        """A Handover when the revision's lock wants another agent and that agent is built and checked."""
+    def after_reconcile(self, state_dir: Path | None, boundary: Path | None, revision: str | None = None) -> Handover | None:
+        """A Handover when the revision's lock wants another agent, this host's wave (if any) has started and
+        that agent is built and checked. `revision`: the commit applied (its history times the waves)."""
         if state_dir is None:
             return None
         try:
             lock = agent_lock(state_dir, boundary or state_dir, "%d.%d" % sys.version_info[:2],
-                              self.settings.installer)
+                              self.settings.installer, self.settings.host)
         except (InvalidState, OSError, yaml.YAMLError) as exc:
             reason = f"fleet.yaml's agent: block is unusable: {exc}"
             if self.state.get("phase") != "failed" or self.state.get("reason") != reason:   # once, not every poll
                 self._fail({"from": __version__, "to": "unknown", "identity": ""}, reason)
             return None
         if lock is None or lock.version == __version__:
-            if self.state.get("phase") == "failed" and (lock is None or lock.identity != self.state.get("identity")):
-                self._clear_failure()
+            if self.state.get("phase") in ("failed", "waiting") and (lock is None or lock.identity != self.state.get("identity")):
+                self._clear_failure()           # the failed (or waiting) lock is no longer asked for
             return None
         if self.state.get("phase") == "failed" and self.state.get("identity") == lock.identity:
             return None                 # reported once; a new lock (commit) is needed to try again
         record = {"from": __version__, "to": lock.version, "identity": lock.identity, "at": self.clock()}
+        if lock.rollout is not None and self.waves is not None and revision:
+            try:
+                decision = self.waves.decide_path(WAVE_KEY, lock.rollout, revision, lock.path)
+            except AgentError as exc:
+                log.error("self-upgrade: cannot time agent.rollout.waves (%s): waiting", exc)
+                return None
+            if not decision.due:
+                self._waiting(record, decision)
+                return None
         try:
             exe = self._prepare(lock, state_dir, boundary)
         except (AgentError, OSError, subprocess.SubprocessError) as exc:
@@ -219,6 +261,18 @@ class SelfUpgrade:
 
     # -- the record ----------------------------------------------------------------------------------
 
+    def _waiting(self, record: dict, decision) -> None:
+        """Not this host's turn yet: the running agent stays; status says why (written when it changes)."""
+        if self.state.get("phase") == "failed" and self.failed_gauge is not None:
+            self.failed_gauge.clear()           # an older lock's failure is superseded by this one
+        waiting = {**record, "phase": "waiting", "wave": decision.wave + 1, "state": decision.state,
+                   "reason": decision.reason}
+        keep = ("phase", "to", "identity", "wave", "state", "reason")
+        if any(self.state.get(k) != waiting[k] for k in keep):
+            if self.state.get("phase") != "waiting" or self.state.get("identity") != record["identity"]:
+                log.info("self-upgrade to gitops-agent %s waits for this host's wave: %s", record["to"], decision.reason)
+            self._write(waiting)
+
     def _fail(self, record: dict, reason: str) -> None:
         log.error("self-upgrade to gitops-agent %s failed; %s keeps running: %s", record.get("to"), __version__, reason)
         self._write({**record, "phase": "failed", "reason": reason, "failed_at": self.clock()})
@@ -234,4 +288,9 @@ class SelfUpgrade:
         self.state = state
         self.layout.state.mkdir(parents=True, exist_ok=True)
         atomic_write(self.file, json.dumps(state, sort_keys=True) + "\n", mode=0o644)
+        self._announce()
+
+    def _announce(self) -> None:
+        if self.notifications is not None:      # deduplicated by the notifier's memory: once, not per poll
+            self.notifications.observe_upgrade(self.state, __version__)
 

@@ -27,7 +27,7 @@ from agent.drivers.prometheus import instant_query
 from agent.core.errors import AgentError
 from agent.drivers.fsutil import atomic_write
 from agent.core.load import APPS_DIR, LoadOptions, load_desired
-from agent.core.model import App, DesiredState
+from agent.core.model import App, DesiredState, Rollout
 from agent.core.waves import FAIL, PASS, Decision, decide, gate_verdict, timing
 
 __all__ = ["Stager"]
@@ -70,7 +70,7 @@ class Stager:
                 apps.append(app)
                 continue
             change, changed_at = history[0]
-            decision = self._decision(app, change, changed_at, records)
+            decision = self._decision(app.name, app.rollout, change, changed_at, records)
             due[app.name] = decision.due
             if decision.due:
                 apps.append(app)
@@ -88,34 +88,47 @@ class Stager:
 
     # -- steps ---------------------------------------------------------------------------------------
 
-    def _decision(self, app: App, change: str, changed_at: float, records: dict) -> Decision:
-        record = records.get(app.name)
+    def decide_path(self, name: str, rollout: Rollout, sha: str, path: str) -> Decision:
+        """Whether the newest change of `path` (relative to the repo root) at commit `sha` is due on this host,
+        by `rollout`'s waves, recorded under `name` like an app's: the agent's own lock (agent.service.selfupgrade)."""
+        history = self.source.path_history(sha, path, 1)
+        if not history:
+            return Decision(True, 0, f"{path} has no history", state="due")
+        records = self._load_records()
+        decision = self._decision(name, rollout, *history[0], records)
+        self.due[name] = decision.due
+        if not self.read_only:
+            self._save_records(records)
+        return decision
+
+    def _decision(self, name: str, rollout: Rollout, change: str, changed_at: float, records: dict) -> Decision:
+        record = records.get(name)
         if record and record.get("change") == change and record.get("state") in ("due", "failed"):
             return Decision(record["state"] == "due", record.get("wave", 0), record.get("reason", ""),
                             state=record["state"])
         now = self.clock()
-        first = timing(app.rollout, self.host, changed_at, now)
+        first = timing(rollout, self.host, changed_at, now)
         if self.read_only and first.gates:
             return Decision(False, first.wave, f"{first.reason}: not evaluated in plan (a read-only command does "
                             "not query Prometheus; the agent checks them on its next reconcile)",
                             first.gates, first.state)
         verdicts = {}
         for g in first.gates:
-            gate = app.rollout.waves[g].gate
+            gate = rollout.waves[g].gate
             verdicts[g] = gate_verdict(gate, self.query(gate.prometheus, gate.query, gate.timeout_s))
-            self.gates[(app.name, g + 1)] = verdicts[g][0]
-            log.info("app %s: gate of wave %d: %s (%s)", app.name, g + 1, *verdicts[g])
+            self.gates[(name, g + 1)] = verdicts[g][0]
+            log.info("app %s: gate of wave %d: %s (%s)", name, g + 1, *verdicts[g])
             if verdicts[g][0] != PASS:
                 break
-        decision = decide(app.rollout, self.host, changed_at, now, verdicts)
+        decision = decide(rollout, self.host, changed_at, now, verdicts)
         if decision.state in ("due", "failed"):
-            records[app.name] = {"change": change, "state": decision.state, "wave": decision.wave,
+            records[name] = {"change": change, "state": decision.state, "wave": decision.wave,
                                  "reason": decision.reason, "at": now}
             level = logging.ERROR if decision.state == FAIL + "ed" else logging.INFO
-            log.log(level, "app %s: change %s %s on this host: %s", app.name, change[:12],
+            log.log(level, "app %s: change %s %s on this host: %s", name, change[:12],
                     "due" if decision.due else "stopped", decision.reason)
         else:
-            log.info("app %s: change %s not due yet: %s", app.name, change[:12], decision.reason)
+            log.info("app %s: change %s not due yet: %s", name, change[:12], decision.reason)
         return decision
 
     def _changes(self, sha: str, app: str) -> list[tuple[str, float]]:

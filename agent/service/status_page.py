@@ -52,8 +52,12 @@ def read_report(layout: Layout, now: float | None = None) -> dict:
         pass
     from agent.service.control import control_file, load_control
 
+    from agent.service.selfupgrade import read_upgrade_state
+
     control = load_control(control_file(layout.root)).to_json()
-    return report(status, time.time() if now is None else now, waves, __version__, control)
+    out = report(status, time.time() if now is None else now, waves, __version__, control)
+    out["agent_upgrade"] = read_upgrade_state(layout.state) or None     # the agent's own upgrade (self-upgrade)
+    return out
 
 
 def _iso(t: float | None) -> str:
@@ -97,6 +101,11 @@ _PAGE = _env.from_string("""\
     · <span id="refresh">refreshes every {{ refresh }} s</span></p>
 </header>
 <main id="status">
+{% set up = r.agent_upgrade %}
+{% if up and up.phase in ("failed", "waiting") %}
+<section class="{{ 'error' if up.phase == 'failed' else 'app' }}" id="agent-upgrade"><h2>agent upgrade to {{ up.to }} {{ "failed" if up.phase == "failed" else "waiting for this host's wave" }} (running {{ r.agent_version }})</h2>
+<pre>{{ up.reason }}</pre></section>
+{% endif %}
 {% if r.last_error %}
 <section class="error" id="last-error"><h2>last error <time datetime="{{ r.last_error_at|iso }}">{{ r.last_error_at|iso }}</time></h2>
 <pre>{{ r.last_error }}</pre></section>

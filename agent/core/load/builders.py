@@ -26,7 +26,7 @@ from agent.core.model import (
 from agent.core.errors import InvalidState
 from agent.core.render.supervisor import ProgramSpec, UnsafeValue, render_program
 
-__all__ = ["build_app", "environments", "services", "traffic", "rollout", "chaos", "duration_s", "env_value",
+__all__ = ["build_app", "environments", "services", "traffic", "rollout", "rollout_of", "chaos", "duration_s", "env_value",
            "secrets", "files", "jobs"]
 
 
@@ -386,13 +386,23 @@ def duration_s(value: float | int | str) -> float:
     return float(number) * _UNITS[unit]
 
 
-def rollout(doc: Located, out: Collector) -> Rollout | None:
-    spec = doc.data.get("rollout") or {}
-    waves = spec.get("waves")
+def rollout(doc: Located, out: Collector, at: tuple = ()) -> Rollout | None:
+    """`rollout.waves` of an app, or (`at=("agent",)`) of fleet.yaml's `agent:` block: the agent's own
+    upgrade is staged by the same waves as an app's change."""
+    spec = doc.data
+    for key in at:
+        spec = spec.get(key) or {}
+    waves = (spec.get("rollout") or {}).get("waves")
     if not waves:
         return None
     if waves[-1].get("percent") != 100:
-        out.add(doc, ("rollout", "waves", len(waves) - 1), "the last wave must have percent: 100 (every host gets the change)")
+        out.add(doc, (*at, "rollout", "waves", len(waves) - 1),
+                "the last wave must have percent: 100 (every host gets the change)")
+    return rollout_of(waves)
+
+
+def rollout_of(waves: list[dict]) -> Rollout:
+    """Schema-valid wave specs -> Rollout (`Wave.selected` is set per host by the caller)."""
     parsed = []
     for w in waves:
         gate = None

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from agent.core.errors import Problem
 from agent.core.load._yaml import Located
-from agent.core.load.builders import build_app
+from agent.core.load.builders import build_app, rollout
 from agent.core.load.conflicts import conflicts
 from agent.core.load.options import LoadOptions
 from agent.core.load.overrides import describe_override, override_paths_ok, with_overrides
@@ -101,6 +101,8 @@ def validate(tree: RawTree, opts: LoadOptions) -> Validated:
     fleet_ok = fleet is not None and schema_problems(fleet, "fleet", out)
     defaults = (fleet.data.get("defaults") or {}) if fleet_ok else {}
     hosts = hosts_of(fleet.data) if fleet_ok else _sound_hosts(fleet)
+    if fleet_ok and fleet.data.get("agent"):
+        rollout(fleet, out, ("agent",))         # the agent's own waves: checked like an app's
     variants = Variants(tree, defaults, opts, out)
     apps: list[tuple[Located, App]] = []
     partial: list[tuple[Located, App]] = []     # the sound part of invalid apps: checked, never loaded
