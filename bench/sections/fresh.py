@@ -10,6 +10,7 @@ two venvs and HAProxy, the shop's venv, job, files, secret and three processes).
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -28,15 +29,19 @@ from fixtures import example_args, example_repo
 
 __all__ = ["SECTION", "FRESH", "fresh_once"]
 
-FRESH = "fresh host to the example serving through the LB (`once`, warm uv cache)"
+FRESH = "fresh host to the renderer serving through the LB (`once`, warm uv cache)"
+FRESH_ALL = "fresh host, the whole example: renderer + Django shop (`once`, warm uv cache)"
 TARGET_S = 1.5
 
 HOW = """\
 17a. Fresh host (issue 17): desired-state-example in a temp repo; one `once` on a root warms uv's cache
    (`<root>/installer-home`), `down`. Each timed run: a new empty root with a copy of that installer
    home, `gitops-agent once` as a fresh process (default installer: uv), exit 0 and the frontend's
-   /version through HAProxy checked; then `down` and the root deleted. The pip figure is the same with
-   `--installer pip` (pip's own cache warm too); one run in quick mode.
+   /version through HAProxy checked; then `down` and the root deleted. The target is for the example as
+   the issue measured it (3.7-4.8 s then): the mandelbrot renderer's two venvs, two gated services and
+   HAProxy (the same repo with apps/shop removed). The whole example, with the Django shop that came
+   since (a Django venv, the `migrate` job, three processes), is reported next to it. The pip figure is
+   the renderer with `--installer pip` (pip's own cache warm too); one run in quick mode.
 """
 
 
@@ -63,6 +68,16 @@ def fresh_once(work: Path, repo: Path, lb_port: int, warm_home: Path, tag: str, 
     return wall
 
 
+def _renderer_only(repo: Path, dest: Path) -> Path:
+    """A clone of the example repo without apps/shop: the example as issue 17 measured it."""
+    subprocess.run(["git", "clone", "-q", str(repo), str(dest)], check=True)
+    shutil.rmtree(dest / "desired-state-example" / "apps" / "shop")
+    subprocess.run(["git", "-C", str(dest), "commit", "-qam", "the renderer only"], check=True,
+                   env={**os.environ, "GIT_AUTHOR_NAME": "bench", "GIT_AUTHOR_EMAIL": "bench@localhost",
+                        "GIT_COMMITTER_NAME": "bench", "GIT_COMMITTER_EMAIL": "bench@localhost"})
+    return dest
+
+
 def _warm(work: Path, repo: Path, tag: str, extra: list[str]) -> Path:
     root = CLEANUP.root(work / f"warm-{tag}")
     proc = subprocess.run([*agent_cmd(), "once", *example_args(repo, root), *extra], capture_output=True,
@@ -77,11 +92,15 @@ def run(ctx: Context, runs: int | None = None, pip: bool | None = None, extra: t
     res, work = ctx.res, ctx.work
     runs = runs or (1 if ctx.quick else 7)
     (work / "fresh").mkdir(parents=True, exist_ok=True)
-    repo, ports = example_repo(work / "fresh")
+    whole, ports = example_repo(work / "fresh")
+    repo = _renderer_only(whole, work / "fresh" / "renderer-repo")
     home = _warm(work, repo, "uv", [*extra])
     walls = [fresh_once(work, repo, ports["lb"], home, f"uv{i}", [*extra]) for i in range(runs)]
     fig = res.add(Figure("17a", FRESH, "s", walls, f"<= {TARGET_S} s"))
     fig.verdict = verdict(fig.median <= TARGET_S)
+    whole_home = _warm(work, whole, "whole", [*extra])
+    res.add(Figure("17a", FRESH_ALL, "s", [fresh_once(work, whole, ports["lb"], whole_home, f"whole{i}", [*extra])
+                                           for i in range(1 if ctx.quick else 3)]))
     if pip if pip is not None else not ctx.quick:
         pip_home = _warm(work, repo, "pip", ["--installer", "pip"])
         pip_walls = [fresh_once(work, repo, ports["lb"], pip_home, f"pip{i}", ["--installer", "pip"])
