@@ -153,3 +153,39 @@ def test_once_notifies_a_rolled_back_release_once_then_applied_and_recovered(sta
     titles = sorted(p["title"] for p in receiver.got[1:])
     assert titles == ["gitops-agent h1: applied", "gitops-agent h1: recovered (demo)"], receiver.got
     assert "fixed: 2.0.0" in next(p["message"] for p in receiver.got if p["title"].endswith("applied"))
+
+
+def test_a_suspension_is_announced_once_when_it_takes_effect_and_drift_while_suspended_is_reported(
+        state_repo, agent_root, receiver):
+    """"suspended" once, when the suspension takes effect, even with nothing to apply (not on every poll);
+    drift found while suspended is still reported (and not healed)."""
+    from agent.drivers.supervisor import EmbeddedSupervisor
+
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit("v1")
+    args = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15",
+            "--notify", receiver.url]
+    run_agent("once", *args, check=True)
+    wait_until(lambda: any(p["title"] == "gitops-agent h1: applied" for p in receiver.got), 30, "applied sent")
+    receiver.got.clear()
+
+    run_agent("suspend", "--root", str(agent_root), "--reason", "incident 7: disk full", check=True)
+    assert run_agent("once", *args).returncode == 0          # converged: nothing to apply, nothing held
+    assert run_agent("once", *args).returncode == 0          # the next poll: not announced again
+    assert [(p["title"], p["type"]) for p in receiver.got] == [("gitops-agent h1: suspended", "warning")], receiver.got
+    assert "the host is suspended: incident 7: disk full" in receiver.got[0]["message"]
+
+    EmbeddedSupervisor(agent_root).client().stop("demo-web")     # drift while suspended
+    assert run_agent("once", *args).returncode == 2
+    assert run_agent("once", *args).returncode == 2
+    titles = [p["title"] for p in receiver.got]
+    assert titles == ["gitops-agent h1: suspended", "gitops-agent h1: drift found"], receiver.got
+    assert "program:demo-web" in receiver.got[1]["message"]
+    assert served_version(port) is None                          # reported, never healed
+
+    run_agent("resume", "--root", str(agent_root), check=True)
+    run_agent("once", *args, check=True)
+    assert served_version(port) == "1.0.0"
+    wait_until(lambda: any(p["title"] == "gitops-agent h1: drift corrected" for p in receiver.got), 30, "corrected")
+    assert [p["title"] for p in receiver.got].count("gitops-agent h1: suspended") == 1
