@@ -274,7 +274,12 @@ def run_daemon(settings, lock_fd: int | None = None) -> int:
 
         secret = read_secret(settings.webhook_secret_file)
         remember_secrets([secret.decode("utf-8", "replace")])
-        hooks = webhook_routes(secret, lambda: runtime is not None and runtime.trigger("webhook"),
+        def pushed() -> None:
+            reconciler.source.expect_push()     # the next resolve fetches at once (no ls-remote first)
+            if runtime is not None:
+                runtime.trigger("webhook")
+
+        hooks = webhook_routes(secret, pushed,
                                lambda result: recorder.webhooks.labels(result).inc())
     try:
         from agent.service.status_page import status_routes
