@@ -123,7 +123,7 @@ def test_outside_its_window_the_deployed_revision_is_healed_while_the_new_one_wa
     ports = (free_port(), free_port())
     window = _closed_window()
     _apps(state_repo, ports, "1.0.0", "1.0.0", window)
-    state_repo.commit("v1")
+    v1 = state_repo.commit("v1")
     args = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15"]
     run_agent("once", *args, "--ignore-windows", check=True)
     conf = agent_root / "supervisor" / "programs" / "a-web.conf"
@@ -131,7 +131,7 @@ def test_outside_its_window_the_deployed_revision_is_healed_while_the_new_one_wa
     assert served_version(ports[0]) == served_version(ports[1]) == "1.0.0"
 
     _apps(state_repo, ports, "2.0.0", "2.0.0", window)
-    state_repo.commit("v2")
+    v2 = state_repo.commit("v2")
     once = run_agent("once", *args, "--json")               # a's new venv built ahead; b moves on
     assert once.returncode == 2, once.stdout + once.stderr
     data = json.loads(once.stdout)
@@ -152,6 +152,8 @@ def test_outside_its_window_the_deployed_revision_is_healed_while_the_new_one_wa
     assert served_version(ports[0]) == "1.0.0"                                # healed onto the deployed revision
     assert conf.read_text() == deployed_conf
     assert {h["cause"] for h in data["held"]} == {"window"}                   # the new revision still waits
+    deployed = json.loads((agent_root / "state" / "status.json").read_text())["deployed"]
+    assert deployed == {"a": v1, "b": v2}, deployed                         # what each app runs, per app
     plan = run_agent("plan", *args)
     assert plan.returncode == 2 and "waiting for window (opens " in plan.stdout, plan.stdout
     assert "a-web" in plan.stdout

@@ -594,8 +594,10 @@ class Reconciler:
         an app its wave keeps back: unchanged too)."""
         waiting = base["closed"] or {}
         due = getattr(self.stager, "due", None) or {}
-        unsettled = ({app_of(o.action.key, target) for o in outcomes if not o.ok} | {h.app for h in held}
-                     | {app_of(a.key, target) for a in drift})
+        window = [h.action for h in held if h.cause == "window"]     # the new revision waiting: not the app's state
+        unsettled = ({app_of(o.action.key, target) for o in outcomes if not o.ok}
+                     | {h.app for h in held if h.cause != "window"}
+                     | {app_of(a.key, target) for a in drift if not any(a is w for w in window)})
         out = {}
         for app in target.apps:
             if app.name in waiting and app.name not in unsettled and self._window_sources.get(app.name):
