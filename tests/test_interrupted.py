@@ -76,3 +76,18 @@ def test_a_suspension_is_announced_once_even_with_nothing_to_do():
     assert events_for(result, "h1", memory)[0] == []                # not on every poll
     lifted = SimpleNamespace(**{**vars(result), "control": Control()})
     assert events_for(lifted, "h1", memory) == ([], {})             # resumed: forgotten, nothing sent
+
+
+def test_a_host_wide_action_only_the_new_revision_needs_waits_with_the_app():
+    from agent.core.model import App, DesiredState
+    from agent.core.plan import ConfigureTraffic, EnsureSupervisor
+    from agent.core.window_hold import split
+
+    a = App("a", None, (), ())
+    new = DesiredState.of("h1", (a,))
+    both = EnsureSupervisor("supervisor", "stopped")
+    heal_lb = ConfigureTraffic("traffic:lb", "old weights", frontends=("old",))
+    new_lb = ConfigureTraffic("traffic:lb", "new weights", frontends=("new",))
+    parts = split((both, heal_lb), (both, new_lb), new, new, {"a": "waiting for window (opens x)"})
+    assert parts.heal == (both, heal_lb) and parts.ahead == ()
+    assert [(h.action, h.app, h.cause) for h in parts.waiting] == [(new_lb, "a", "window")]

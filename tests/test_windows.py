@@ -167,3 +167,45 @@ def test_outside_its_window_the_deployed_revision_is_healed_while_the_new_one_wa
     actions = [o["action"] for o in json.loads(once.stdout)["outcomes"]]
     assert "build_venv" not in actions and "switch_venv" in actions, actions
     assert served_version(ports[0]) == "2.0.0"
+
+
+def test_outside_its_window_a_weight_change_waits_and_a_hand_changed_weight_is_healed_to_the_deployed_one(
+        state_repo, agent_root):
+    """The load balancer: a commit that re-weights an app outside its window waits (plan says so, exit 2), and a
+    weight changed by hand meanwhile comes back to the deployed split, not to the new one."""
+    import shutil
+
+    from agent.drivers.haproxy import HAProxyRuntime
+    from test_traffic_e2e import args as lb_args
+    from test_traffic_e2e import split, two_colour_app
+
+    if shutil.which("haproxy") is None:
+        pytest.skip("haproxy is not installed")
+    listen = free_port()
+    two_colour_app(state_repo, listen, "  strategy: canary\n  weights: {web-blue: 100, web-green: 0}\n")
+    app = state_repo.path / "apps/demo/app.yaml"
+    app.write_text(app.read_text() + _closed_window())
+    state_repo.commit("all blue")
+    args = lb_args(state_repo, agent_root, "haproxy")
+    run_agent("once", *args, "--ignore-windows", check=True)
+    assert split(listen, 20) == {"1.0.0": 20}
+
+    app.write_text(app.read_text().replace("web-blue: 100, web-green: 0", "web-blue: 0, web-green: 100"))
+    state_repo.commit("all green")
+    once = run_agent("once", *args, "--json")
+    assert once.returncode == 2, once.stdout + once.stderr
+    data = json.loads(once.stdout)
+    assert data["outcomes"] == [] and {(h["key"], h["cause"]) for h in data["held"]} == {("traffic:lb", "window")}
+    assert split(listen, 20) == {"1.0.0": 20}                     # not re-weighted outside the window
+
+    HAProxyRuntime(agent_root / "lb" / "haproxy.sock").set_weight("demo", "web-green", 100)   # by hand: half green
+    assert split(listen, 60)["2.0.0"] > 0
+    once = run_agent("once", *args, "--json")
+    assert once.returncode == 2, once.stdout + once.stderr
+    assert "configure_traffic" in [o["action"] for o in json.loads(once.stdout)["outcomes"]]
+    assert split(listen, 20) == {"1.0.0": 20}                     # healed to the deployed split
+    plan = run_agent("plan", *args)
+    assert plan.returncode == 2 and "waiting for window (opens " in plan.stdout, plan.stdout
+
+    run_agent("once", *args, "--ignore-windows", check=True)      # the window opens
+    assert split(listen, 20) == {"2.0.0": 20}

@@ -80,6 +80,12 @@ def split(heal: tuple, new_actions: tuple, new: DesiredState, target: DesiredSta
     ahead, held = [], []
     for action in new_actions:
         app = app_of(action.key, new)
+        if app is None and action not in kept and action.kind not in AHEAD:
+            # a host-wide action (the load balancer's config: every frontend) that only the new revision needs:
+            # the other apps are the same in both plans, so the waiting apps make the difference
+            why = "; ".join(f"app {name}: {w}" for name, w in sorted(waiting.items()))
+            held.append(Held(action, next(iter(waiting)) if len(waiting) == 1 else None, "window", why))
+            continue
         if app not in waiting:
             continue
         if action.kind in AHEAD:
