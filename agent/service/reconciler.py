@@ -523,8 +523,11 @@ class Reconciler:
 
             if self.read_only:
                 outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
-            else:
-                outcomes = self._journaled(todo, plan, base["facts"])
+            else:       # recorded: an apply the agent does not live to finish is rolled back by the next run
+                from agent.service.inflight import apply_recorded
+
+                outcomes = apply_recorded(todo, plan.notes, base["facts"], self.drivers,
+                                          self.layout.state / "inflight.json")
         failures = [o for o in outcomes if not o.ok]
         base["deployed"] = self._deployed_after(target, base, outcomes, held, drift, deployed)
         if invalid:
@@ -549,43 +552,6 @@ class Reconciler:
         if drift:
             return Result(ReconcileResult.DRIFT, outcomes=outcomes, drift=drift, **base)
         return Result(ReconcileResult.CONVERGED if plan.converged else ReconcileResult.APPLIED, outcomes=outcomes, **base)
-
-    def _journaled(self, todo: tuple, plan: Plan, facts) -> tuple[Outcome, ...]:
-        """Apply `todo` with a record of the program files it replaces (`<root>/state/inflight.json`, 0600:
-        old configs may hold env values), so an apply the agent did not live to finish is rolled back by the
-        next run instead of being retried forever (agent.core.interrupted)."""
-        import json
-
-        from agent.core import interrupted
-        from agent.drivers.fsutil import atomic_write
-        from agent.service.executor import apply_plan
-
-        path = self.layout.state / "inflight.json"
-
-        def save(journal) -> None:
-            try:
-                if journal:
-                    atomic_write(path, json.dumps(interrupted.to_json(journal), sort_keys=True) + "\n", mode=0o600)
-                else:
-                    path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.error("cannot write %s: %s", path, exc)
-
-        try:
-            journal = interrupted.from_json(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            journal = {}
-        journal = interrupted.still_pending(journal, facts)
-        if journal:
-            log.warning("an earlier apply was interrupted before the health gate of %s: resuming with their "
-                        "previous configs as rollback targets", ", ".join(sorted(journal)))
-            todo = interrupted.resumed(todo, journal, facts)
-        journal = interrupted.recorded(todo, journal)
-        if journal:
-            save(journal)
-        outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
-        save(interrupted.settled(journal, outcomes))
-        return outcomes
 
     def _deployed_after(self, target: DesiredState, base: dict, outcomes, held, drift,
                         before: dict[str, str]) -> dict[str, str]:
