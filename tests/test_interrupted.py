@@ -91,3 +91,21 @@ def test_a_host_wide_action_only_the_new_revision_needs_waits_with_the_app():
     parts = split((both, heal_lb), (both, new_lb), new, new, {"a": "waiting for window (opens x)"})
     assert parts.heal == (both, heal_lb) and parts.ahead == ()
     assert [(h.action, h.app, h.cause) for h in parts.waiting] == [(new_lb, "a", "window")]
+
+
+def test_drift_healed_outside_a_window_is_announced_as_corrected():
+    from agent.core.control import Held
+    from agent.core.events import events_for
+    from agent.core.outcome import ReconcileResult
+    from agent.core.plan import Action
+
+    start = Action("program:a-web", "stopped")
+    build = type("BuildVenv", (Action,), {})("venv:a", "ahead")
+    waiting = Held(Action("program:a-web", "new config"), "a", "window", "app a: waiting for window (opens x)")
+    result = SimpleNamespace(result=ReconcileResult.DRIFT, outcomes=(Outcome(start, Verdict.APPLIED),
+                                                                     Outcome(build, Verdict.APPLIED)),
+                             new_commit=True, error=None, held=(waiting,), drift=(waiting.action,), rollouts={},
+                             owners={}, apps=("a",), control=None, revision=SimpleNamespace(sha="b" * 40, summary="s"))
+    events, _memory = events_for(result, "h1", {})
+    assert sorted(e.kind for e in events) == ["drift corrected", "window waiting"]
+    assert next(e for e in events if e.kind == "drift corrected").reason == "healed program:a-web"

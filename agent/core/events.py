@@ -111,6 +111,12 @@ def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], di
         if topic.split(":")[0] in ("failed", "invalid", "error", "canary"):
             app = topic.partition(":")[2] or "*"
             out.append(Event("recovered", host, app, rev, f"{topic.split(':')[0]} cleared"))
+    held = getattr(result, "held", ())
+    if r is ReconcileResult.DRIFT and any(h.cause == "window" for h in held) and not any(o.failed for o in result.outcomes):
+        # outside a window: what was healed on the deployed revision (the builds ahead are no correction)
+        keys = sorted({o.action.key for o in result.outcomes if o.ok and o.action.kind != "build_venv"})
+        if keys:
+            out.append(Event("drift corrected", host, "*", rev, f"healed {', '.join(keys[:5])}"))
     if r is ReconcileResult.APPLIED and result.outcomes and not any(o.failed for o in result.outcomes):
         if result.new_commit:
             out.append(Event("applied", host, "*", rev, _line(result.revision.summary) if result.revision else ""))
