@@ -217,14 +217,18 @@ def cmd_once(args) -> int:
 
     from agent.service.notify import build_notifications
 
-    notifications = build_notifications(settings)
+    # notifications under the lock: a run sends what a killed one left pending, and no other run reads them
+    # as pending while this one still delivers them
+    undelivered = False
     with root_lock(settings.root):
+        notifications = build_notifications(settings)
         result = reconciler(settings).reconcile()
         if notifications is not None:
             notifications.observe(result)
+            undelivered = not notifications.notifier.flush(30.0)
     _print_result(result, args.json)
-    if notifications is not None and not notifications.notifier.flush(30.0):
-        print("warning: some notifications were not delivered within 30 s", file=sys.stderr)
+    if undelivered:
+        print("warning: some notifications were not delivered within 30 s (the next run sends them)", file=sys.stderr)
     return result.exit_code
 
 

@@ -14,7 +14,9 @@ What it measures (issue 6), each over several runs (median / min / max), ratios 
      hand-edit detection latency;
   7. the daemon's idle CPU and RSS;
   8. the real app's release with the daemon running: the example's shop (Django, gunicorn, a migration job,
-     workers), commit of a new release -> new version serving, and where the time goes (not in --quick).
+     workers), commit of a new release -> new version serving, and where the time goes (not in --quick);
+ 14. push to serving through a signed webhook against a `git daemon` remote, the daemon polling every 300 s
+     (target <= 1 s), split into its steps.
 
 Everything runs under a temporary directory; every process started here (daemons, embedded supervisords
 and the services under them) is stopped at the end, also on error or Ctrl-C. Servers bind 127.0.0.1.
@@ -28,10 +30,10 @@ from __future__ import annotations
 import sys
 
 import harness
-from sections import ansible, daemon, fresh, lock_release, once, release, rollback, scale, venv
+from sections import ansible, daemon, fresh, lock_release, once, release, rollback, scale, venv, webhook
 
 SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION,
-            release.SECTION, fresh.SECTION, lock_release.SECTION]
+            release.SECTION, fresh.SECTION, lock_release.SECTION, webhook.SECTION]
 
 
 def main(argv: list[str] | None = None) -> int:

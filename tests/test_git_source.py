@@ -355,3 +355,22 @@ def test_git_daemon_transport(remote: Remote, cache: Path, git_daemon: str) -> N
     new = remote.commit("apps/a.yaml", "a\n")
     assert src.resolve().sha == new
     assert tree(src.checkout(src.resolve()))["apps/a.yaml"] == "a\n"
+
+
+def test_after_a_push_webhook_the_resolve_fetches_without_asking_first(remote: Remote, cache: Path,
+                                                                        git_daemon: str, monkeypatch) -> None:
+    """`expect_push`: the remote moved, so the next resolve fetches at once (one `git fetch`, no `ls-remote`
+    before it); the flag is used once, and a later poll asks the remote as usual."""
+    src = GitSource(git_daemon, "main", cache)
+    assert src.resolve().sha == remote.head()
+    asked = []
+    real = src._ls_remote
+    monkeypatch.setattr(src, "_ls_remote", lambda: asked.append(1) or real())
+    new = remote.commit("apps/b.yaml", "b\n", "push b")
+    src.expect_push()
+    rev = src.resolve()
+    assert rev.sha == new and rev.summary == "push b" and asked == []
+    assert tree(src.checkout(rev))["apps/b.yaml"] == "b\n"
+    src.expect_push()                       # a webhook for a push that moved nothing this agent tracks
+    assert src.resolve().sha == new and asked == []
+    assert src.resolve().sha == new and asked == [1]      # the next poll: ls-remote, no fetch

@@ -30,13 +30,17 @@ class Receiver:
         self.hold = threading.Event()
         self.hold.set()
         self.entered = threading.Event()
+        self.drop_held = False
         outer = self
 
         class H(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                held = not outer.hold.is_set()
                 outer.entered.set()
                 outer.hold.wait(60)
+                if held and outer.drop_held:        # a delivery that never completed (its sender was killed)
+                    return
                 outer.got.append(json.loads(body))
                 self.send_response(200)
                 self.end_headers()
@@ -177,3 +181,39 @@ def test_a_failed_agent_upgrade_is_sent_once_and_its_recovery_once():
     assert upgrade_events(done, "h1", "2.1", memory3) == ([], {})
     ev, _ = upgrade_events({}, "h1", "1.0", memory2)
     assert [(e.kind, e.reason) for e in ev] == [("recovered", "agent upgrade no longer asked for; running gitops-agent 1.0")]
+
+
+def test_a_suspension_is_announced_once_when_it_takes_effect_and_drift_while_suspended_is_reported(
+        state_repo, agent_root, receiver):
+    """"suspended" once, when the suspension takes effect, even with nothing to apply (not on every poll);
+    drift found while suspended is still reported (and not healed)."""
+    from agent.drivers.supervisor import EmbeddedSupervisor
+
+    port = free_port()
+    state_repo.app(services={"demo-web": {"port": port}})
+    state_repo.commit("v1")
+    args = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15",
+            "--notify", receiver.url]
+    run_agent("once", *args, check=True)
+    wait_until(lambda: any(p["title"] == "gitops-agent h1: applied" for p in receiver.got), 30, "applied sent")
+    receiver.got.clear()
+
+    run_agent("suspend", "--root", str(agent_root), "--reason", "incident 7: disk full", check=True)
+    assert run_agent("once", *args).returncode == 0          # converged: nothing to apply, nothing held
+    assert run_agent("once", *args).returncode == 0          # the next poll: not announced again
+    assert [(p["title"], p["type"]) for p in receiver.got] == [("gitops-agent h1: suspended", "warning")], receiver.got
+    assert "the host is suspended: incident 7: disk full" in receiver.got[0]["message"]
+
+    EmbeddedSupervisor(agent_root).client().stop("demo-web")     # drift while suspended
+    assert run_agent("once", *args).returncode == 2
+    assert run_agent("once", *args).returncode == 2
+    titles = [p["title"] for p in receiver.got]
+    assert titles == ["gitops-agent h1: suspended", "gitops-agent h1: drift found"], receiver.got
+    assert "program:demo-web" in receiver.got[1]["message"]
+    assert served_version(port) is None                          # reported, never healed
+
+    run_agent("resume", "--root", str(agent_root), check=True)
+    run_agent("once", *args, check=True)
+    assert served_version(port) == "1.0.0"
+    wait_until(lambda: any(p["title"] == "gitops-agent h1: drift corrected" for p in receiver.got), 30, "corrected")
+    assert [p["title"] for p in receiver.got].count("gitops-agent h1: suspended") == 1

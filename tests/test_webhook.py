@@ -113,6 +113,10 @@ def test_a_signed_push_deploys_at_once_a_bad_one_triggers_nothing(request, state
     time.sleep(2)
     assert runs() == before and served_version(port) == "1.0.0"     # refused requests triggered nothing
     assert d.value("gitops_agent_webhook_requests_total", result="rejected") == 3
+    assert d.value("gitops_agent_webhook_requests_total", result="too_large") == 1    # refused before the handler
+    assert _post_oversized(d.port, {}) == 413                 # unsigned and oversized: still too large, counted once
+    wait_until(lambda: d.value("gitops_agent_webhook_requests_total", result="too_large") == 2, 30, "too_large")
+    assert d.value("gitops_agent_webhook_requests_total", result="rejected") == 3
 
     # a flood of valid webhooks: merged, one fetch at a time
     codes = []

@@ -89,14 +89,24 @@ def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], di
             # the failure announced when it happened, still held: same topic and revision, so not sent again
             fp = memory.get(f"failed:{app}", rev)
             problem(f"failed:{app}", fp, Event("quarantined", host, app, rev, _line(h.why)))
-        elif h.cause in ("suspended", "window"):
-            kind = "suspended" if h.cause == "suspended" else "window waiting"
-            problem(f"{h.cause}:{app}", _line(h.why), Event(kind, host, app, rev, _line(h.why)))
+        elif h.cause == "window":
+            problem(f"window:{app}", _line(h.why), Event("window waiting", host, app, rev, _line(h.why)))
+    # a suspension is announced once when it takes effect (whether or not its apps had anything to do), again
+    # only when it is lifted and made anew (another reason or time)
+    control = getattr(result, "control", None)
+    if control is not None:
+        apps = set(getattr(result, "apps", ()) or ())
+        for app, sus in sorted(control.suspended.items()):
+            if app == "*" or not apps or app in apps:
+                scope = "the host" if app == "*" else f"app {app}"
+                problem(f"suspended:{app}", f"{_line(sus.reason)}@{sus.at}",
+                        Event("suspended", host, app, rev, _line(f"{scope} is suspended: {sus.reason}")))
     for app, progress in sorted((getattr(result, "rollouts", None) or {}).items()):
         if isinstance(progress, dict) and progress.get("state") == "failed":
             problem(f"canary:{app}", str(progress.get("id", "")),
                     Event("canary aborted", host, app, rev, _line(progress.get("reason"))))
-    held_keys = {h.action.key for h in getattr(result, "held", ())}
+    # drift a suspension holds is still drift (reported, never healed); a window's or a quarantine's is not
+    held_keys = {h.action.key for h in getattr(result, "held", ()) if h.cause != "suspended"}
     unheld_drift = sorted(a.key for a in result.drift if a.key not in held_keys)
     if r is ReconcileResult.DRIFT and unheld_drift:
         problem("drift", ",".join(unheld_drift), Event("drift found", host, "*", rev,
@@ -114,6 +124,12 @@ def events_for(result, host: str, sent: dict[str, str]) -> tuple[list[Event], di
         if topic.split(":")[0] in ("failed", "invalid", "error", "canary"):
             app = topic.partition(":")[2] or "*"
             out.append(Event("recovered", host, app, rev, f"{topic.split(':')[0]} cleared"))
+    held = getattr(result, "held", ())
+    if r is ReconcileResult.DRIFT and any(h.cause == "window" for h in held) and not any(o.failed for o in result.outcomes):
+        # outside a window: what was healed on the deployed revision (the builds ahead are no correction)
+        keys = sorted({o.action.key for o in result.outcomes if o.ok and o.action.kind != "build_venv"})
+        if keys:
+            out.append(Event("drift corrected", host, "*", rev, f"healed {', '.join(keys[:5])}"))
     if r is ReconcileResult.APPLIED and result.outcomes and not any(o.failed for o in result.outcomes):
         if result.new_commit:
             out.append(Event("applied", host, "*", rev, _line(result.revision.summary) if result.revision else ""))

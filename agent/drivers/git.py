@@ -138,6 +138,7 @@ class GitSource:
         self._revisions: dict[str, Revision] = {}  # commit sha -> Revision
         self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
         self._url_checked = False  # the first URL check of this process may see a legitimate --repo change
+        self._pushed = False  # a push webhook came in: the next resolve fetches first (see `expect_push`)
         self._borrow: Path | None = None  # aside only: the root's mirror, read for objects, refs and stamps
         self._scratch: Path | None = None  # aside only: what close() removes (its temp dir, or what it put in one)
         self._owns_scratch = False
@@ -193,7 +194,9 @@ class GitSource:
         """The commit `ref` names on the remote now; fetches only when the remote moved."""
         self._ensure_mirror()
         self._own_url()
-        advertised = self._ls_remote()
+        advertised = self._pushed_refs() if self._pushed else None
+        if advertised is None:
+            advertised = self._ls_remote()
         name = self._match_ref(advertised)
         if name is not None:
             sha = self._resolve_named(name, advertised[name])
@@ -204,6 +207,23 @@ class GitSource:
                 f"ref {self.ref!r} not found in {redact(self.url)}: no branch or tag of that name"
             )
         return self._revision(sha)
+
+    def expect_push(self) -> None:
+        """A signed push webhook arrived: the next `resolve` fetches at once instead of asking the remote
+        first (`ls-remote` would only confirm the ref moved: one process and one round trip more on the
+        push-to-serving path). Safe from any thread: one flag, read and cleared by the resolving thread."""
+        self._pushed = True
+
+    def _pushed_refs(self) -> dict[str, str] | None:
+        """After a push: fetch, then the refs `ref` may name as the fetch left them in the mirror. None when
+        that is not the cheaper way (a repo on this host, a static info/refs poller) or the fetch did not
+        bring a ref `ref` names (e.g. a `refs/...` outside the mirror's refspecs): ask the remote as usual."""
+        self._pushed = False
+        if self._refs_poller is not None or _local_git_dir(self.url) is not None:
+            return None
+        self._fetch()
+        refs = {name: sha for name in _candidates(self.ref) if (sha := self._local_ref(_tracking(name)))}
+        return refs or None
 
     def checkout(self, rev: Revision) -> Path:
         """The exact tree of `rev` at `<cache_dir>/checkouts/<sha>`; no work at all if already there."""
@@ -497,8 +517,8 @@ class GitSource:
         index = dest.with_name(dest.name + ".index")
         env = {**self._env, "GIT_INDEX_FILE": str(index)}
         try:
-            for args in (["read-tree", sha], ["checkout-index", "--all", "--force"]):
-                self._run(["--work-tree", str(dest), *args], env=env)
+            # one process: a fresh index read from the tree and written out (-u) into the empty dest
+            self._run(["--work-tree", str(dest), "read-tree", "--reset", "-u", sha], env=env)
         finally:
             index.unlink(missing_ok=True)
 

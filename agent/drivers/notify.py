@@ -29,7 +29,7 @@ class Notifier:
     """Deliver events to Apprise URLs from one daemon thread. `count(result)` is called with sent / failed."""
 
     def __init__(self, urls: Iterable[str], count: Callable[[str], None] | None = None, maxsize: int = 100,
-                 timeout_s: float = 10.0):
+                 timeout_s: float = 10.0, done: Callable[[Event], None] | None = None):
         import apprise
 
         self.urls = tuple(urls)
@@ -42,6 +42,7 @@ class Notifier:
         self._types = {"success": apprise.NotifyType.SUCCESS, "failure": apprise.NotifyType.FAILURE,
                        "warning": apprise.NotifyType.WARNING}
         self._count = count
+        self.done = done            # called once per event after its delivery was attempted (sent or not)
         self._timeout_s = timeout_s
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._idle = threading.Event()
@@ -57,6 +58,7 @@ class Notifier:
             except queue.Full:
                 log.error("notification dropped (queue full: the receiver is slow or down): %s", event.title)
                 self._counted("failed")
+                self._finished(event)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait until the queue is empty (for `once`, before exiting): False if it is not by `timeout_s`."""
@@ -79,6 +81,13 @@ class Notifier:
             except Exception:  # noqa: BLE001
                 log.exception("counting a notification failed")
 
+    def _finished(self, event: Event) -> None:
+        if self.done is not None:
+            try:
+                self.done(event)
+            except Exception:  # noqa: BLE001
+                log.exception("recording a delivered notification failed")
+
     def _loop(self) -> None:
         from agent.logs import scrub
 
@@ -97,5 +106,6 @@ class Notifier:
             else:
                 log.error("notification could not be sent to every --notify URL: %s", scrub(event.title))
             self._counted("sent" if ok else "failed")
+            self._finished(event)
             if self._queue.empty():
                 self._idle.set()

@@ -78,9 +78,9 @@ Handler = Callable[[Request], Response]
 class _BadRequest(ValueError):
     """A request the server answers itself, without a handler (malformed, too large, unsupported)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, method: str = "", path: str = ""):
         super().__init__(message)
-        self.status = status
+        self.status, self.method, self.path = status, method, path     # known once the request line was read
 
 
 @dataclass(eq=False)
@@ -102,8 +102,10 @@ class HttpServer:
     def __init__(self, routes: Mapping[tuple[str, str], Handler], listen: str, *, not_found: bytes | None = None,
                  workers: int = 4, backlog: int = 128, request_timeout_s: float = 5.0,
                  write_timeout_s: float = 10.0, max_connections: int = 256, max_header_bytes: int = 16384,
-                 max_body_bytes: int = 1 << 20, name: str = "http"):
+                 max_body_bytes: int = 1 << 20, name: str = "http",
+                 on_refused: Callable[[int, str, str], None] | None = None):
         self.routes = dict(routes)
+        self.on_refused = on_refused        # (status, method, path) of a request the server refused itself
         paths = sorted({p for _, p in self.routes})
         self.not_found = not_found if not_found is not None else f"not found: try {', '.join(paths)}\n".encode()
         self.request_timeout_s, self.write_timeout_s = request_timeout_s, write_timeout_s
@@ -231,6 +233,11 @@ class HttpServer:
             request = self._parse(conn)
         except _BadRequest as exc:
             log.debug("%s: %d %s", conn.client, exc.status, exc)
+            if self.on_refused is not None:
+                try:
+                    self.on_refused(exc.status, exc.method, exc.path)
+                except Exception:  # noqa: BLE001 - counting a refusal must never break the server loop
+                    log.exception("on_refused failed")
             self._sel.modify(conn.sock, selectors.EVENT_WRITE, conn)
             self._answer(conn, _serialize(Response(exc.status, f"{exc}\n".encode())))
             return
@@ -265,7 +272,7 @@ class HttpServer:
             raise _BadRequest(400, "bad Content-Length")
         length = int(length_text)
         if length > self.max_body_bytes:
-            raise _BadRequest(413, f"request body over {self.max_body_bytes} bytes")
+            raise _BadRequest(413, f"request body over {self.max_body_bytes} bytes", method, urlsplit(target).path)
         body_start = end.end()
         if len(conn.inbuf) < body_start + length:
             return None

@@ -88,9 +88,9 @@ class Recorder:
                                ["app"], registry=r)
         self.quarantined = Gauge(p + "quarantined", "1 while a failed revision of the app is quarantined", ["app"],
                                  registry=r)
-        self.webhooks = Counter(p + "webhook_requests", "Push webhooks by result (accepted / rejected)", ["result"],
-                                registry=r)
-        for result in ("accepted", "rejected"):
+        self.webhooks = Counter(p + "webhook_requests", "Push webhooks by result (accepted / rejected / too_large: "
+                                "a body over 1 MiB, 413)", ["result"], registry=r)
+        for result in ("accepted", "rejected", "too_large"):
             self.webhooks.labels(result)
         self.notifications = Counter(p + "notifications", "Notifications by result (sent / failed)", ["result"],
                                      registry=r)

@@ -24,6 +24,7 @@ from agent.core.model import DesiredState
 from agent.core.outcome import Outcome, ReconcileResult, Retry, Verdict, resource_states
 from agent.core.plan import Plan, PlanOptions, make_plan, render_service
 from agent.core.status_view import recorded
+from agent.core.window_hold import WindowParts, compose, split, waiting_apps
 from agent.core.rollout import CanaryProgress, canary_percent, canary_step, with_canary
 from agent.drivers.git import GitSource, Revision, is_ancestor
 from agent.drivers.lb import LoadBalancer
@@ -75,12 +76,19 @@ class Result:
     owners: dict | None = None          # action key -> the app it belongs to (notifications)
     windows: dict | None = None         # app -> its release window is open now (apps with windows only)
     closed: dict | None = None          # app -> why a closed window holds its new commit
+    deployed: dict | None = None        # app -> the revision it last fully applied, after this apply
 
     @cached_property
     def resources(self) -> dict[str, dict]:
         """Each resource's state (ok / drift / failed): the one drift computation, read by status.json and
         the metrics alike. Empty when no plan was made (status then keeps its previous resources)."""
-        return resource_states(self.facts, self.plan, self.outcomes, self.finished_at) if self.plan else {}
+        if not self.plan:
+            return {}
+        out = resource_states(self.facts, self.plan, self.outcomes, self.finished_at)
+        for h in self.held:     # a held change (e.g. waiting for its window) is drift, even where a heal succeeded
+            if h.action.key in out and out[h.action.key]["state"] == "ok":
+                out[h.action.key] = {**out[h.action.key], "state": "drift", "message": h.why}
+        return out
 
     @property
     def exit_code(self) -> int:
@@ -154,7 +162,10 @@ class Reconciler:
         self.last_desired: DesiredState | None = None
         self._secrets: dict[tuple, dict[str, str]] = {}     # decrypted secrets (memory only), see `materials`
         self._key: bytes | None = None
-        self._last_materials: tuple | None = None    # (id of the desired state, identity stamp, its materials, it)
+        self._last_materials: tuple = ()     # ((id of the desired state, identity stamp, its materials, it), ...)
+        self._unstaged_memo: dict[str, DesiredState] = {}   # sha -> its desired state (apps a window holds)
+        self._window_sources: dict[str, str | None] = {}    # app a window holds -> the revision it keeps
+        self._composed: tuple | None = None      # (key, the composed desired state, the desired state it came from)
 
     def close(self) -> None:
         self.world.close()
@@ -259,25 +270,111 @@ class Reconciler:
             invalid = self._emptying(rev, desired, facts)
             if invalid is not None:
                 desired, desired_from = self._last_good(rev, status, invalid)
-        materials = self._materials_step(rev, desired, desired_from, invalid)
-        desired, rollouts = self._rollouts(desired, facts, status, materials)
-        plan = make_plan(desired, facts, self.plan_opts, materials)
+        new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
+        windows, closed = self._windows(desired, new_commit)
+        target, waiting = self._window_target(desired, desired_from, closed, status)
+        materials = self._materials_step(rev, target, desired_from, invalid)
+        target, rollouts = self._rollouts(target, facts, status, materials)
+        heal = make_plan(target, facts, self.plan_opts, materials)
+        parts = WindowParts(heal.actions)
+        if waiting:
+            # the new revision's plan: its venvs are built ahead, the rest of its changes wait (reported)
+            new_plan = make_plan(desired, facts, self.plan_opts, self.materials(desired))
+            parts = split(heal.actions, new_plan.actions, desired, target, waiting)
+        plan = Plan(parts.heal + parts.ahead + tuple(h.action for h in parts.waiting), heal.notes)
         if not self.read_only:
             self.drivers.materials = materials
         control = load_control(control_file(self.settings.root))
         digests = {a.name: inputs_digest(a) for a in desired.apps}
-        new_commit = invalid is None and (status.applied is None or status.applied.sha != rev.sha)
-        windows, closed = self._windows(desired, new_commit)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
-                    rollouts=rollouts, desired=desired, control=control, apps=tuple(a.name for a in desired.apps),
-                    owners={a.key: app_of(a.key, desired) for a in plan.actions}, windows=windows, closed=closed,
-                    frontends=tuple((a.name, a.traffic.listen) for a in desired.apps if a.traffic is not None))
+                    rollouts=rollouts, desired=target, control=control, apps=tuple(a.name for a in desired.apps),
+                    owners={a.key: app_of(a.key, target) or app_of(a.key, desired) for a in plan.actions},
+                    windows=windows, closed=waiting,
+                    frontends=tuple((a.name, a.traffic.listen) for a in target.apps if a.traffic is not None))
         if not apply:
             outcome = (ReconcileResult.INVALID if invalid
                        else ReconcileResult.CONVERGED if plan.converged else ReconcileResult.DRIFT)
-            _todo, held = hold(plan.actions, desired, control, digests, closed)
+            _todo, held = self._hold(parts, parts.heal + parts.ahead, target, desired, control, digests)
             return Result(outcome, error=invalid, drift=plan.actions, held=held, **base)
-        return self._apply_step(plan, desired, invalid, base, digests)
+        return self._apply_step(plan, parts, desired, target, invalid, base, digests, status.deployed)
+
+    def _hold(self, parts: WindowParts, todo: tuple, target: DesiredState, desired: DesiredState,
+              control: Control, digests: dict[str, str]) -> tuple[tuple, tuple]:
+        """(actions to apply, actions held): suspensions and quarantines hold what heals the deployed state
+        by the digests of what is deployed, the builds ahead by those of the new revision (a quarantined
+        new revision is not built again on every poll); a closed window holds the rest of a new revision."""
+        ahead = [a for a in todo if any(a is b for b in parts.ahead)]
+        rest = tuple(a for a in todo if not any(a is b for b in parts.ahead))
+        target_digests = {a.name: inputs_digest(a) for a in target.apps} if parts.waiting or parts.ahead else digests
+        todo_heal, held_heal = hold(rest, target, control, target_digests)
+        todo_ahead, held_ahead = hold(ahead, desired, control, digests)
+        return todo_heal + todo_ahead, held_heal + held_ahead + parts.waiting
+
+    def _window_target(self, desired: DesiredState, desired_from: str | None, closed: dict[str, str],
+                       status: Status) -> tuple[DesiredState, dict[str, str]]:
+        """(the desired state applied now, app -> why its new revision waits for its window). DESIGN §3b:
+        outside its window an app keeps the revision it last applied, and drift of that is healed."""
+        if not closed:
+            return desired, {}
+        self._window_sources = {name: self._deployed_sha(name, status) for name in closed}
+        deployed = {name: self._deployed_app(name, sha, desired, desired_from)
+                    for name, sha in self._window_sources.items()}
+        waiting = waiting_apps(desired, deployed, closed)
+        memo_key = (id(desired), tuple(sorted((n, self._window_sources[n]) for n in waiting)), tuple(sorted(waiting.items())))
+        if self._composed is not None and self._composed[0] == memo_key:
+            target = self._composed[1]          # the same object: its materials stay memoized across polls
+        else:
+            target = compose(desired, deployed, waiting)
+            self._composed = (memo_key, target, desired)
+        if target is not desired:
+            try:
+                from agent.service.staging import _check_mixed
+
+                _check_mixed(list(target.apps))
+            except InvalidState as exc:
+                # the deployed version of a waiting app clashes with the new revision of another: healing it
+                # would need the clash resolved; the app's changes are then held whole, as a suspension does
+                log.warning("apps held by their windows cannot run beside the new revision (%s): their drift is "
+                            "not healed until the window opens", str(exc).splitlines()[0])
+                return desired, {}
+        return target, waiting
+
+    @staticmethod
+    def _deployed_sha(name: str, status: Status) -> str | None:
+        """The revision app `name` last fully applied on this host (None: it never ran here). Unrecorded
+        (an agent from before the record): the host's last applied revision."""
+        return status.deployed.get(name) or (status.applied.sha if status.applied else None)
+
+    def _deployed_app(self, name: str, sha: str | None, desired: DesiredState, desired_from: str | None):
+        """App `name` as revision `sha` says (None: no revision, or it cannot be loaded any more)."""
+        if sha is None:
+            return None
+        if sha == desired_from:
+            return desired.app_of(name)
+        try:
+            return self._unstaged(sha).app_of(name)
+        except AgentError as exc:
+            log.warning("app %s: its deployed revision %s cannot be loaded (%s)", name, sha[:12], str(exc).splitlines()[0])
+            return None
+
+    def _unstaged(self, sha: str) -> DesiredState:
+        """The validated desired state of commit `sha` as loaded (no staged waves): cached in memory, and in
+        the desired-state cache (a checkout only when neither has it)."""
+        hit = self._unstaged_memo.get(sha)
+        if hit is not None:
+            return hit
+        key = self.desired_cache.key(sha, self.settings.path, self.settings.host, self.load_key)
+        desired = self.desired_cache.get(key)
+        if desired is None:
+            from agent.core.load import LoadOptions, load_desired
+
+            checkout = self.source.checkout(Revision(sha, sha, 0.0, ""))
+            opts = LoadOptions(default_installer=self.settings.installer, allow_root=self.settings.allow_root_services,
+                               allow_chaos=self.settings.allow_chaos, boundary=checkout)
+            desired = load_desired(self._state_dir(checkout), self.settings.host, opts)
+            self.desired_cache.put(key, desired)
+        self._unstaged_memo = {**dict(list(self._unstaged_memo.items())[-3:]), sha: desired}
+        return desired
 
     def _source_step(self) -> Revision:
         try:
@@ -333,15 +430,17 @@ class Reconciler:
         from agent.logs import remember_secrets
 
         stamp = self._identity_stamp()
-        if self._last_materials is not None and self._last_materials[:2] == (id(desired), stamp):
-            return self._last_materials[2]
+        for memo in self._last_materials:
+            if memo[:2] == (id(desired), stamp):
+                return memo[2]
         if not any(a.secrets or a.files or a.jobs or any(not isinstance(v, str) for s in a.services for _, v in s.env)
                    for a in desired.apps):
             return NO_MATERIALS
         secrets = {app.name: {sf.name: self._decrypted(sf) for sf in app.secrets} for app in desired.apps if app.secrets}
         materials = materialize(desired, self.layout, secrets, self._inputs_key())
         remember_secrets(materials.secret_values)
-        self._last_materials = (id(desired), stamp, materials, desired)   # desired kept: its id stays its own
+        # desired kept: its id stays its own; two kept: a closed window plans the deployed and the new revision
+        self._last_materials = (*self._last_materials[-1:], (id(desired), stamp, materials, desired))
         return materials
 
     def _identity_stamp(self) -> tuple:
@@ -411,22 +510,34 @@ class Reconciler:
                 f"If that is intended, set `decommission: true` for {self.settings.host} in fleet.yaml; "
                 "otherwise check the host's name and its apps' `hosts:` selectors.")
 
-    def _apply_step(self, plan: Plan, desired: DesiredState, invalid: str | None, base: dict,
-                    digests: dict[str, str]) -> Result:
-        todo, drift = self._split_by_mode(plan, desired, base["new_commit"])
-        todo, held = hold(todo, desired, base["control"], digests, base["closed"])
+    def _apply_step(self, plan: Plan, parts: WindowParts, desired: DesiredState, target: DesiredState,
+                    invalid: str | None, base: dict, digests: dict[str, str], deployed: dict[str, str]) -> Result:
+        applicable = Plan(parts.heal + parts.ahead, plan.notes)
+        todo, drift = self._split_by_mode(applicable, target, base["new_commit"])
+        todo, held = self._hold(parts, todo, target, desired, base["control"], digests)
         drift += tuple(h.action for h in held)
         base["held"] = held
         outcomes: tuple[Outcome, ...] = ()
         if todo:
             from agent.service.executor import apply_plan
 
-            outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
+            if self.read_only:
+                outcomes = apply_plan(Plan(todo, plan.notes), self.drivers)
+            else:       # recorded: an apply the agent does not live to finish is rolled back by the next run
+                from agent.service.inflight import apply_recorded
+
+                outcomes = apply_recorded(todo, plan.notes, base["facts"], self.drivers,
+                                          self.layout.state / "inflight.json")
         failures = [o for o in outcomes if not o.ok]
+        base["deployed"] = self._deployed_after(target, base, outcomes, held, drift, deployed)
         if invalid:
             return Result(ReconcileResult.INVALID, outcomes=outcomes, error=invalid, drift=drift, **base)
         if not self.read_only:
-            base["control"] = self._quarantine(base["revision"], desired, failures if base["new_commit"] else [],
+            # a failure of what heals a waiting app's deployed revision is no failure of the new revision
+            waiting = base["closed"] or {}
+            news = [o for o in failures if app_of(o.action.key, target) not in waiting
+                    or any(o.action is a for a in parts.ahead)]
+            base["control"] = self._quarantine(base["revision"], desired, news if base["new_commit"] else [],
                                                digests, base["control"])
         quarantined = [h for h in held if h.cause == "quarantined"]
         if quarantined and not failures:
@@ -441,6 +552,28 @@ class Reconciler:
         if drift:
             return Result(ReconcileResult.DRIFT, outcomes=outcomes, drift=drift, **base)
         return Result(ReconcileResult.CONVERGED if plan.converged else ReconcileResult.APPLIED, outcomes=outcomes, **base)
+
+    def _deployed_after(self, target: DesiredState, base: dict, outcomes, held, drift,
+                        before: dict[str, str]) -> dict[str, str]:
+        """app -> the revision it last fully applied, after this apply: an app with nothing failed, held or
+        left as drift now runs its version of the target (a waiting app: its deployed revision, unchanged;
+        an app its wave keeps back: unchanged too)."""
+        waiting = base["closed"] or {}
+        due = getattr(self.stager, "due", None) or {}
+        window = [h.action for h in held if h.cause == "window"]     # the new revision waiting: not the app's state
+        unsettled = ({app_of(o.action.key, target) for o in outcomes if not o.ok}
+                     | {h.app for h in held if h.cause != "window"}
+                     | {app_of(a.key, target) for a in drift if not any(a is w for w in window)})
+        out = {}
+        for app in target.apps:
+            if app.name in waiting and app.name not in unsettled and self._window_sources.get(app.name):
+                out[app.name] = self._window_sources[app.name]
+            elif app.name in waiting or due.get(app.name) is False or app.name in unsettled:
+                if app.name in before:
+                    out[app.name] = before[app.name]
+            elif base.get("desired_from"):
+                out[app.name] = base["desired_from"]
+        return out
 
     def _windows(self, desired: DesiredState, new_commit: bool) -> tuple[dict[str, bool], dict[str, str]]:
         """({app: window open now} for apps with release windows, {app: why held} for those a new commit
@@ -565,6 +698,8 @@ class Reconciler:
             status.resources = view["resources"]
         if result.rollouts is not None:
             status.rollouts = result.rollouts
+        if result.deployed is not None:
+            status.deployed = result.deployed
         status.apps = view.get("apps", status.apps)
         status.traffic = view.get("traffic", status.traffic)
         status.events = view["events"]

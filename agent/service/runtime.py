@@ -274,12 +274,26 @@ def run_daemon(settings, lock_fd: int | None = None) -> int:
 
         secret = read_secret(settings.webhook_secret_file)
         remember_secrets([secret.decode("utf-8", "replace")])
-        hooks = webhook_routes(secret, lambda: runtime is not None and runtime.trigger("webhook"),
+        def pushed() -> None:
+            reconciler.source.expect_push()     # the next resolve fetches at once (no ls-remote first)
+            if runtime is not None:
+                runtime.trigger("webhook")
+
+        hooks = webhook_routes(secret, pushed,
                                lambda result: recorder.webhooks.labels(result).inc())
     try:
         from agent.service.status_page import status_routes
 
-        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s, extra={**status_routes(layout), **(hooks or {})})
+        refused = None
+        if hooks:
+            from agent.service.webhook import PATH as HOOK_PATH
+
+            def refused(status: int, _method: str, path: str) -> None:
+                if status == 413 and path == HOOK_PATH:     # answered before the handler: counted here
+                    recorder.webhooks.labels("too_large").inc()
+
+        server = MetricsServer(recorder, settings.listen, settings.poll_interval_s,
+                               extra={**status_routes(layout), **(hooks or {})}, on_refused=refused)
     except OSError as exc:
         raise ConfigError(f"cannot listen on {settings.listen}: {exc}") from None
     splay = random.uniform(0.0, settings.splay) if settings.splay > 0 else 0.0

@@ -48,6 +48,7 @@ class Status:
     apps: dict[str, dict] = field(default_factory=dict)       # app -> services, environments, frontend (status page)
     traffic: dict[str, dict] = field(default_factory=dict)    # frontend -> {backend: weight} the LB serves
     events: list[dict] = field(default_factory=list)          # the last events, oldest first (agent.core.status_view)
+    deployed: dict[str, str] = field(default_factory=dict)    # app -> the revision it last fully applied (windows heal to it)
 
     def to_json(self) -> dict:
         return {"version": VERSION, **asdict(self)}
@@ -93,7 +94,8 @@ def _parse(data: bytes) -> Status:
         status = Status(**fields)
     except TypeError as exc:
         raise CorruptStatus(f"unexpected shape: {exc}") from None
-    for name, kind in (("resources", dict), ("rollouts", dict), ("apps", dict), ("traffic", dict), ("events", list)):
+    for name, kind in (("resources", dict), ("rollouts", dict), ("apps", dict), ("traffic", dict), ("events", list),
+                       ("deployed", dict)):
         if not isinstance(getattr(status, name), kind):
             raise CorruptStatus(f"{name} is a {type(getattr(status, name)).__name__}, not an object")
     if any(not isinstance(v, dict) for v in (*status.resources.values(), *status.rollouts.values(),
