@@ -4,7 +4,6 @@ run as a user runs it (each `once` a new process: the state survives restarts)."
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -28,7 +28,7 @@ from conftest import StateRepo, free_port, git, run_agent
 from envapp import envapp_lock
 from shopfactory import encrypt_dotenv, new_identity, recipient_of
 
-from reliability._support import agent_args, get_text, programs, settled_programs, status
+from reliability._support import agent_args, get_text, settled_programs, status
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -24,7 +24,7 @@ from typing import Callable
 import pytest
 
 from conftest import StateRepo, free_port, git
-from reliability._support import agent_args, get_text, once, programs, settled_programs, status
+from reliability._support import agent_args, get_text, once, settled_programs, status
 from wheelfactory import lock_line
 
 pytestmark = pytest.mark.timeout(600)
