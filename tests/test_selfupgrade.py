@@ -265,7 +265,7 @@ def test_agent_upgrade_follows_the_waves(v1_bin, wheelhouse, state_repo, agent_r
     """fleet.yaml `agent.rollout.waves` (DESIGN §3c: waves apply to the agent's own upgrade like to any app):
     two real agents on one repo, `early` in the canary wave, `late` in a wave that starts 1 h after the commit
     that changed agent.lock. `early` upgrades; `late` keeps its agent and says why; once its wave's `after`
-    is shortened to 60 s (a commit to fleet.yaml only: the clock still runs from the lock's commit) it upgrades
+    is shortened to 20 s (a commit to fleet.yaml only: the clock still runs from the lock's commit) it upgrades
     when that time has come."""
     from agent.drivers.supervisor import EmbeddedSupervisor
 
@@ -317,11 +317,11 @@ def test_agent_upgrade_follows_the_waves(v1_bin, wheelhouse, state_repo, agent_r
         assert api["agent_upgrade"]["phase"] == "waiting" and api["agent_upgrade"]["to"] == V2
         assert "handing over" not in logs["late"].read_text()
 
-        state_repo.write("fleet.yaml", fleet + agent_block.replace("after: 1h", "after: 60s"))
-        state_repo.commit("agent: the second wave after 60 s")
+        state_repo.write("fleet.yaml", fleet + agent_block.replace("after: 1h", "after: 20s"))
+        state_repo.commit("agent: the second wave after 20 s")
         wait_until(lambda: version_is("late", V2), 600, "late to upgrade in its turn", log=logs["late"], step=0.2)
         done = record("late")
-        assert done["phase"] == "done" and done["to"] == V2 and done["at"] >= lock_time + 60
+        assert done["phase"] == "done" and done["to"] == V2 and done["at"] >= lock_time + 20
         assert daemons["late"].poll() is None and daemons["early"].poll() is None     # handed over in place
         assert json.loads((roots["late"] / "state" / "waves.json").read_text())["@agent"]["state"] == "due"
     finally:
