@@ -14,7 +14,9 @@ What it measures (issue 6), each over several runs (median / min / max), ratios 
      hand-edit detection latency;
   7. the daemon's idle CPU and RSS;
   8. the real app's release with the daemon running: the example's shop (Django, gunicorn, a migration job,
-     workers), commit of a new release -> new version serving, and where the time goes (not in --quick).
+     workers), commit of a new release -> new version serving, and where the time goes (not in --quick);
+  17a/17b. a fresh host to the example serving (`once`, warm uv cache); ansible-pull vs `once` from scratch on
+     the mandelbrot app, cold and warm caches (17b not in --quick).
 
 Everything runs under a temporary directory; every process started here (daemons, embedded supervisords
 and the services under them) is stopped at the end, also on error or Ctrl-C. Servers bind 127.0.0.1.
@@ -31,7 +33,7 @@ import harness
 from sections import ansible, daemon, fresh, lock_release, once, release, rollback, scale, venv
 
 SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION,
-            release.SECTION, fresh.SECTION, lock_release.SECTION]
+            release.SECTION, fresh.SECTION, lock_release.SECTION, ansible.FRESH_SECTION]
 
 
 def main(argv: list[str] | None = None) -> int:
