@@ -15,8 +15,8 @@ What it measures (issue 6), each over several runs (median / min / max), ratios 
   7. the daemon's idle CPU and RSS;
   8. the real app's release with the daemon running: the example's shop (Django, gunicorn, a migration job,
      workers), commit of a new release -> new version serving, and where the time goes (not in --quick);
-  17a/17b. a fresh host to the example serving (`once`, warm uv cache); ansible-pull vs `once` from scratch on
-     the mandelbrot app, cold and warm caches (17b not in --quick).
+  17a-c. a fresh host to the example serving (`once`, warm uv cache); a lock release (daemon); ansible-pull vs
+     `once` from scratch on the mandelbrot app, cold and warm caches (17c not in --quick).
 
 Everything runs under a temporary directory; every process started here (daemons, embedded supervisords
 and the services under them) is stopped at the end, also on error or Ctrl-C. Servers bind 127.0.0.1.
