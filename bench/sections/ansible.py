@@ -140,8 +140,8 @@ FRESH_HOW = """\
 17c. Fresh host from scratch (issue 17), on a mandelbrot-only copy of desired-state-example (blue + green
    behind HAProxy; the shop removed) committed into a temp repo with a generated playbook that does the
    same work: both venvs from the hashed locks (`ansible.builtin.pip`: `python -m venv`, then `pip install
-   --require-hashes --no-deps --only-binary :all: --find-links wheelhouse`: the same lock and wheels, pillow
-   from PyPI for both tools), the `envs/` symlinks, the program files, HAProxy's config (the agent's: same frontend, weights,
+   --require-hashes --no-deps --only-binary :all: --find-links wheelhouse`: the same lock and hashes; numpy
+   and pillow from an index, for pip the machine's pip config, for uv PyPI), the `envs/` symlinks, the program files, HAProxy's config (the agent's: same frontend, weights,
    checks, stats socket and exporter) and its program file, supervisord's config; then `supervisord` started
    by a `command:` task (it starts blue, green and HAProxy together: no waits one after the other), each
    service's /healthz polled every 50 ms (`uri` with `until`), and the frontend's /version through HAProxy.
