@@ -15,8 +15,10 @@ What it measures (issue 6), each over several runs (median / min / max), ratios 
   7. the daemon's idle CPU and RSS;
   8. the real app's release with the daemon running: the example's shop (Django, gunicorn, a migration job,
      workers), commit of a new release -> new version serving, and where the time goes (not in --quick);
- 14. push to serving through a signed webhook against a `git daemon` remote, the daemon polling every 300 s
+  14. push to serving through a signed webhook against a `git daemon` remote, the daemon polling every 300 s
      (target <= 1 s), split into its steps.
+  17a-c. a fresh host to the example serving (`once`, warm uv cache); a lock release (daemon); ansible-pull vs
+     `once` from scratch on the mandelbrot app, cold and warm caches (17c not in --quick).
 
 Everything runs under a temporary directory; every process started here (daemons, embedded supervisords
 and the services under them) is stopped at the end, also on error or Ctrl-C. Servers bind 127.0.0.1.
@@ -33,7 +35,7 @@ import harness
 from sections import ansible, daemon, fresh, lock_release, once, release, rollback, scale, venv, webhook
 
 SECTIONS = [scale.SECTION, once.SECTION, ansible.SECTION, venv.SECTION, rollback.SECTION, daemon.SECTION,
-            release.SECTION, fresh.SECTION, lock_release.SECTION, webhook.SECTION]
+            release.SECTION, fresh.SECTION, lock_release.SECTION, ansible.FRESH_SECTION, webhook.SECTION]
 
 
 def main(argv: list[str] | None = None) -> int:

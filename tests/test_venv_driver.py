@@ -602,3 +602,35 @@ def test_index_false_build_fails_cleanly_when_only_the_host_has_the_wheel(tmp_pa
     with pytest.raises(BuildError, match="pip install failed"):
         mgr.build(spec)
     assert mgr.list("iso") == [] and mgr.current("iso") is None
+
+
+def test_installed_is_kept_for_the_next_process_and_still_sees_hand_changes(root, v1, wheelhouse, tmp_path,
+                                                                             monkeypatch):
+    """A `once` reads no package metadata while no venv changed: what installed() read is kept in a file for
+    the next manager, trusted by the same site-packages mtimes. A read-only manager (plan) never writes it."""
+    import agent.drivers.venv as venv_mod
+
+    cache = tmp_path / "state" / "installed.json"
+    VenvManager(root, retention=2, installed_file=cache, read_only=True).installed(v1)
+    assert not cache.exists()
+    first = VenvManager(root, retention=2, installed_file=cache)
+    assert first.installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+    assert cache.is_file() and cache.stat().st_mode & 0o777 == 0o600
+
+    read = []
+    real = venv_mod._distributions
+    monkeypatch.setattr(venv_mod, "_distributions", lambda path: read.append(path) or real(path))
+    assert VenvManager(root, retention=2, installed_file=cache).installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+    assert read == []                                       # from the file
+    pip = [str(v1 / "bin" / "python"), "-m", "pip", "--disable-pip-version-check", "-q"]
+    try:
+        subprocess.run(pip + ["install", "--no-deps", "--no-index", "--find-links", str(wheelhouse["dir"]), "extra"],
+                       check=True, capture_output=True)
+        assert VenvManager(root, retention=2, installed_file=cache).installed(v1) == \
+               {"demoapp": "1.0.0", "tiny-lib": "1.0", "extra": "0.1"}
+        assert read == [v1]                                 # the install moved the stamp: read again
+    finally:
+        subprocess.run(pip + ["uninstall", "-y", "extra"], capture_output=True, check=False)
+    assert VenvManager(root, retention=2, installed_file=cache).installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
+    cache.write_text("{not json")
+    assert VenvManager(root, retention=2, installed_file=cache).installed(v1) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}

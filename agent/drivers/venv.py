@@ -494,8 +494,15 @@ class VenvManager:
     """Owns `<root>/venvs` and `<root>/envs`. One manager (one agent) per root: builds are not locked
     against other processes; the agent's root lock provides that."""
 
-    def __init__(self, root: Path, retention: int = 3, *, timeout_s: float = 900.0):
+    def __init__(self, root: Path, retention: int = 3, *, timeout_s: float = 900.0,
+                 installed_file: Path | None = None, read_only: bool = False):
+        """`installed_file`: where `installed()` keeps what it read for the next process (a `once` then reads
+        no package metadata while no venv changed); `read_only`: it is read, never written."""
         self._installed: dict[Path, tuple[tuple[int, ...], dict[str, str]]] = {}   # path -> (site-packages mtimes, dists)
+        self._installed_file = installed_file
+        self._installed_read_only = read_only
+        self._installed_loaded = installed_file is None
+        self._installed_lock = threading.Lock()
         if retention < 1:
             raise ConfigError(f"retention must be at least 1, not {retention}")
         self.root = _normalized(root)
@@ -569,6 +576,8 @@ class VenvManager:
             stamp = tuple(p.stat().st_mtime_ns for p in _site_packages(path))
         except OSError:
             stamp = None
+        if not self._installed_loaded:
+            self._load_installed()
         cached = self._installed.get(path)
         if stamp is not None and cached is not None and cached[0] == stamp:
             return dict(cached[1])
@@ -577,7 +586,33 @@ class VenvManager:
         found = {n: v for n, v in _distributions(path).items() if n not in SEEDED or n in locked}
         if stamp is not None:
             self._installed[path] = (stamp, found)
+            self._save_installed()
         return dict(found)
+
+    def _load_installed(self) -> None:
+        """The cache of `installed()` that earlier processes kept: the same entries, trusted the same way
+        (by the site-packages dirs' mtimes, which any install or uninstall moves). A bad file is ignored."""
+        self._installed_loaded = True
+        try:
+            data = json.loads(self._installed_file.read_text())
+            for key, entry in data["venvs"].items():
+                stamp, found = tuple(entry["stamp"]), entry["installed"]
+                if all(isinstance(t, int) for t in stamp) and all(
+                        isinstance(k, str) and isinstance(v, str) for k, v in found.items()):
+                    self._installed.setdefault(Path(key), (stamp, dict(found)))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return
+
+    def _save_installed(self) -> None:
+        if self._installed_file is None or self._installed_read_only:
+            return
+        with self._installed_lock:     # builds run in threads
+            venvs = {str(p): {"stamp": list(stamp), "installed": found}
+                     for p, (stamp, found) in list(self._installed.items()) if p.is_dir()}
+            try:
+                atomic_write(self._installed_file, json.dumps({"venvs": venvs}, sort_keys=True), mode=0o600)
+            except OSError as exc:
+                log.warning("cannot write %s: %s", self._installed_file, exc.strerror or exc)
 
     # ----- build -----
 

@@ -274,11 +274,18 @@ class Reconciler:
         windows, closed = self._windows(desired, new_commit)
         target, waiting = self._window_target(desired, desired_from, closed, status)
         materials = self._materials_step(rev, target, desired_from, invalid)
+        loaded = target
         target, rollouts = self._rollouts(target, facts, status, materials)
         heal = make_plan(target, facts, self.plan_opts, materials)
+        if materials.sealed and heal.actions:
+            # actions carry file contents and secret values: decrypt and render for real, plan again (same
+            # digests, so the same actions; the rollouts above are not walked a second time)
+            materials = self._materials_step(rev, loaded, desired_from, invalid, sealed_ok=False)
+            heal = make_plan(target, facts, self.plan_opts, materials)
         parts = WindowParts(heal.actions)
         if waiting:
-            # the new revision's plan: its venvs are built ahead, the rest of its changes wait (reported)
+            # the new revision's plan: its venvs are built ahead, the rest of its changes wait (reported,
+            # never run: sealed materials, digests only, will do for them)
             new_plan = make_plan(desired, facts, self.plan_opts, self.materials(desired))
             parts = split(heal.actions, new_plan.actions, desired, target, waiting)
         plan = Plan(parts.heal + parts.ahead + tuple(h.action for h in parts.waiting), heal.notes)
@@ -413,35 +420,105 @@ class Reconciler:
         return desired, last.sha
 
     def _materials_step(self, rev: Revision, desired: DesiredState, desired_from: str | None,
-                        invalid: str | None) -> Materials:
+                        invalid: str | None, sealed_ok: bool = True) -> Materials:
         try:
-            return self.materials(desired)
+            return self.materials(desired, sealed_ok)
         except InvalidState as exc:
             why = f"revision {desired_from[:12] if desired_from else rev.sha[:12]} cannot be applied on this host:\n{exc}"
             raise _Stop(Result(ReconcileResult.INVALID, rev, error=f"{invalid}\n{why}" if invalid else why,
                                desired_from=desired_from)) from None
 
-    def materials(self, desired: DesiredState) -> Materials:
+    def materials(self, desired: DesiredState, sealed_ok: bool = True) -> Materials:
         """Decrypt the apps' secrets with this host's age identities, render their files and resolve env values
         (agent.core.materials). In memory only; decrypted secrets are cached per ciphertext and identity, so a
         no-op reconcile does not run `age` again, and the load step's check and the plan share one rendering of
-        the same desired state."""
+        the same desired state.
+
+        `sealed_ok`: sealed materials will do (digests only, from <root>/state/materials.memo, when every
+        ciphertext, identity file and rendering input is one an earlier run saw): what a plan needs, without
+        `age` or Jinja2. `_steps` asks again with False as soon as the plan has an action."""
         from agent.core.materials import materialize
         from agent.logs import remember_secrets
 
         stamp = self._identity_stamp()
         for memo in self._last_materials:
-            if memo[:2] == (id(desired), stamp):
+            if memo[:2] == (id(desired), stamp) and (sealed_ok or not memo[2].sealed):
                 return memo[2]
         if not any(a.secrets or a.files or a.jobs or any(not isinstance(v, str) for s in a.services for _, v in s.env)
                    for a in desired.apps):
             return NO_MATERIALS
-        secrets = {app.name: {sf.name: self._decrypted(sf) for sf in app.secrets} for app in desired.apps if app.secrets}
-        materials = materialize(desired, self.layout, secrets, self._inputs_key())
-        remember_secrets(materials.secret_values)
+        materials = self._sealed(desired) if sealed_ok else None
+        if materials is None:
+            secrets = {app.name: {sf.name: self._decrypted(sf) for sf in app.secrets}
+                       for app in desired.apps if app.secrets}
+            materials = materialize(desired, self.layout, secrets, self._inputs_key())
+            remember_secrets(materials.secret_values)
+            self._remember(desired, secrets, materials)
         # desired kept: its id stays its own; two kept: a closed window plans the deployed and the new revision
         self._last_materials = (*self._last_materials[-1:], (id(desired), stamp, materials, desired))
         return materials
+
+    @property
+    def _memo_path(self) -> Path:
+        return self.layout.state / "materials.memo"
+
+    def _sealed(self, desired: DesiredState) -> Materials | None:
+        """Sealed materials from the memo, or None when anything is not in it (then decrypt and render)."""
+        from agent.core.materials import Sealed, SealedMiss, materialize, secret_memo_key
+        from agent.drivers import materials_memo
+
+        key = self._inputs_key()
+        memo = materials_memo.load(self._memo_path, key)
+        if memo is None:
+            return None
+        needs_identity = any(app.secrets for app in desired.apps)
+        identities = self._identity_digest(key) if needs_identity else ""
+        if identities is None:
+            return None
+        secrets: dict[str, dict[str, Sealed]] = {}
+        for app in desired.apps:
+            for sf in app.secrets:
+                found = memo.secrets.get(secret_memo_key(key, sf.ciphertext, identities))
+                if found is None:
+                    return None
+                secrets.setdefault(app.name, {})[sf.name] = Sealed(found)
+        try:
+            return materialize(desired, self.layout, secrets, key, memo=memo.renders)
+        except (SealedMiss, InvalidState):       # an invalid one is reported by the real rendering
+            return None
+
+    def _remember(self, desired: DesiredState, secrets: dict, materials: Materials) -> None:
+        """Save what this decryption and rendering found, for the next process's sealed materials: the
+        entries of this desired state only (the file stays the size of one state)."""
+        if self.read_only:
+            return
+        from agent.core.materials import seal, secret_memo_key
+        from agent.drivers import materials_memo
+
+        key = self._inputs_key()
+        identities = self._identity_digest(key) if secrets else ""
+        if identities is None:
+            return
+        found = {secret_memo_key(key, sf.ciphertext, identities): dict(seal(secrets[app.name][sf.name], key).digests)
+                 for app in desired.apps for sf in app.secrets}
+        materials_memo.save(self._memo_path, key, materials_memo.Memo(found, dict(materials.memo)))
+
+    def _identity_digest(self, key: bytes) -> str | None:
+        """The age identity files' paths and contents as one keyed digest (a changed key file decrypts anew,
+        whatever its mtime); None if one cannot be read or there is none."""
+        import hmac
+
+        identities = self.settings.age_identities
+        if not identities:
+            return None
+        mac = hmac.new(key, b"age identities", hashlib.sha256)
+        try:
+            for path in identities:
+                data = Path(path).read_bytes()
+                mac.update(b"\0%d:%s\0%d:" % (len(str(path)), str(path).encode(), len(data)) + data)
+        except OSError:
+            return None
+        return mac.hexdigest()
 
     def _identity_stamp(self) -> tuple:
         """The age identity files as they are now (path, mtime): a changed or removed key decrypts anew."""
