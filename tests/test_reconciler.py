@@ -183,6 +183,9 @@ def test_plan_status_and_facts_leave_the_root_byte_for_byte_unchanged(state_repo
     other.commit("other")
     (agent_root / "state" / "desired").mkdir(exist_ok=True)
     (agent_root / "state" / "desired" / "garbage.pickle").write_bytes(b"\x80\x04junk")
+    from reliability._support import settled_programs
+
+    settled_programs(agent_root)     # supervisord logs demo-web's RUNNING startsecs after `once` returned
     before = _snapshot(agent_root)
 
     plan = run_agent("plan", "--json", *common)
