@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -738,12 +739,14 @@ class VenvManager:
                 raise
             self._raise_if_refused(spec, index, min(r.name for r in locked), str(exc), redact)
             raise
-        if uv:
-            run([uv, "pip", "check", "--python", python], "uv pip check")
-        else:
-            run([*pip, "check"], "pip check")
         expected = {r.name: r.version for r in locked}
-        self._check_entry_points(path, python, set(expected), run)
+        # The two read-only checks run side by side (each is mostly an interpreter or uv starting): ~50 ms
+        # less per build; pip check's verdict is reported first, as when they ran one after the other.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            entry_points = pool.submit(self._check_entry_points, path, python, set(expected), run)
+            run([uv, "pip", "check", "--python", python] if uv else [*pip, "check"],
+                "uv pip check" if uv else "pip check")     # raising, the pool still waits for the other
+        entry_points.result()
         self._check_installed(path, expected, spec.name)
         os.sync()  # the files must be on disk before the marker that vouches for them
         marker = {
