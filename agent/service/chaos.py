@@ -123,16 +123,22 @@ class ChaosMonkey:
         backends = sorted(n for n, w in app.traffic.weights if w > 0)
         if len(backends) < 2:
             return      # never take the only live backend away: that is an outage, not a drill
-        name = self.rng.choice(backends)
         from agent.drivers.haproxy import HAProxyRuntime
 
         runtime = HAProxyRuntime(self.lb.driver.socket_path)
         try:
-            weight = runtime.get_weight(app.name, name)
+            # what HAProxy serves now, not what the commit says: while the agent starts HAProxy every weight
+            # is 0, and a weight "restored" from then would undo the agent's own.
+            live = {n: runtime.get_weight(app.name, n) for n in backends}
+            serving = sorted(n for n, w in live.items() if w > 0)
+            if len(serving) < 2:
+                return
+            name = self.rng.choice(serving)
             runtime.set_weight(app.name, name, 0)
         except Exception as exc:  # noqa: BLE001
-            log.warning("chaos: disable %s/%s failed: %s", app.name, name, exc)
+            log.warning("chaos: disable a backend of %s failed: %s", app.name, exc)
             return
+        weight = live[name]
         self._restore.append((now + seconds, app.name, name, weight))
         self._event(app.name, "disable_backend", f"backend {name} weight {weight} -> 0 for {seconds:g}s")
 
@@ -142,8 +148,11 @@ class ChaosMonkey:
             _, backend, server, weight = item
             from agent.drivers.haproxy import HAProxyRuntime
 
+            runtime = HAProxyRuntime(self.lb.driver.socket_path)
             try:
-                HAProxyRuntime(self.lb.driver.socket_path).set_weight(backend, server, weight)
+                if runtime.get_weight(backend, server) != 0:
+                    continue      # the agent set it meanwhile (healed as drift, or a new split): keep that
+                runtime.set_weight(backend, server, weight)
                 log.warning("chaos: backend %s/%s weight back to %d", backend, server, weight)
             except Exception as exc:  # noqa: BLE001 (the next reconcile heals it as drift)
                 log.warning("chaos: restoring %s/%s failed (%s): the next reconcile heals it", backend, server, exc)
