@@ -70,6 +70,9 @@ def test_web_ui_with_a_generated_password(state_repo, agent_root):
     base = f"http://127.0.0.1:{port}"
     assert get(base + "/")[0] == 401
     assert get(base + "/", "wrong")[0] == 401
+    from reliability._support import settled_programs
+
+    settled_programs(agent_root)         # a gated service is STARTING when once returns, RUNNING after startsecs
     code, page = get(base + "/", password)
     assert code == 200 and "demo-web" in page and "RUNNING" in page.upper()
 

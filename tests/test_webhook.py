@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import http.client
 import threading
+import time
 from email.message import Message
 
 import pytest
@@ -100,6 +101,18 @@ def test_a_signed_push_deploys_at_once_a_bad_one_triggers_nothing(request, state
         m = d.metrics()
         return sum(v for (name, _), v in m.items() if name == "gitops_agent_reconcile_total")
 
+    def quiet() -> bool:
+        """No reconcile for a second: the runs that v1's apply earns (its own writes echo back, supervisord's
+        log line when demo-web turns RUNNING) are over, so none resolves the ref after v2 is committed below
+        (one that did deployed v2 with no webhook at all)."""
+        n = runs()
+        time.sleep(1.0)
+        return runs() == n
+
+    from reliability._support import settled_programs
+
+    settled_programs(agent_root)    # its RUNNING line in supervisord.log (startsecs after the gate) is a host trigger
+    wait_until(quiet, 60, "the daemon to be idle", d.log)
     state_repo.app(services={"demo-web": {"port": port}}, version="2.0.0")
     state_repo.commit("v2")
     before = runs()
@@ -108,8 +121,6 @@ def test_a_signed_push_deploys_at_once_a_bad_one_triggers_nothing(request, state
     assert _post(d.port, body, {"X-Hub-Signature-256": "sha256=" + "0" * 64}) == 401
     assert _post(d.port, body, {"X-Gitlab-Token": "guess"}) == 401
     assert _post_oversized(d.port, _signed(b"x")) == 413
-    import time
-
     time.sleep(2)
     assert runs() == before and served_version(port) == "1.0.0"     # refused requests triggered nothing
     assert d.value("gitops_agent_webhook_requests_total", result="rejected") == 3
