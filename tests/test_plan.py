@@ -309,3 +309,15 @@ def test_nginx_or_a_running_haproxy_is_configured_after_the_services(kind):
     order = kinds(make_plan(DesiredState.of("h1", (_two_backends(),)), facts, PlanOptions(LAYOUT, lb=lb)))
     assert [k for k in order if k[0] == "configure_traffic"] == [("configure_traffic", "traffic:lb")]
     assert order.index(("check_health", "program:web_green")) < order.index(("configure_traffic", "traffic:lb"))
+
+
+def test_a_haproxy_whose_socket_did_not_answer_while_supervisord_runs_it_keeps_its_weights():
+    """The stats socket failing once (a busy host) must not send every weight to 0 on a serving HAProxy."""
+    from agent.drivers.lb import LoadBalancer
+
+    lb = LoadBalancer("haproxy", LAYOUT.root)
+    facts = Facts("running", traffic={"running": False, "error": "timed out", "weights": {}},
+                  programs={lb.program_name: ProgramFact(lb.program_name, lb.program_text(), "RUNNING", 9)})
+    plan = make_plan(DesiredState.of("h1", (_two_backends(),)), facts, PlanOptions(LAYOUT, lb=lb))
+    configure = [a for a in plan.actions if a.kind == "configure_traffic"]
+    assert len(configure) == 1 and {be.weight for be in configure[0].frontends[0].backends} == {90, 10}

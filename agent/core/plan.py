@@ -547,8 +547,12 @@ def _boots_lb(frontends: tuple, facts: Facts, opts: PlanOptions) -> bool:
     the variant whatever the weights) nor nginx (no weights without a reload).
     """
     lb = opts.lb
-    return (lb is not None and lb.managed and lb.kind == "haproxy" and bool(frontends)
-            and all(fe.ab is None for fe in frontends) and not (facts.traffic or {}).get("running"))
+    if lb is None or not lb.managed or lb.kind != "haproxy" or not frontends or any(fe.ab for fe in frontends):
+        return False
+    # Both must say it is down: a stats socket that did not answer once (a busy host) while supervisord
+    # runs the program would otherwise zero the weights of a load balancer that serves.
+    program = facts.programs.get(lb.program_name)
+    return not (facts.traffic or {}).get("running") and (program is None or program.state not in HEALTHY_STATES)
 
 
 def _lb_boot_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> Iterator[Action]:
