@@ -50,6 +50,7 @@ __all__ = [
     "main",
     "port_free",
     "precompile",
+    "run_alone",
     "samples_ms",
     "timed_proc",
     "verdict",
@@ -297,6 +298,23 @@ def write_markdown(res: Results, info: list[tuple[str, str]], quick: bool, secon
     if res.notes:
         lines += ["", "## Run notes", "", *[f"- {n}" for n in res.notes]]
     path.write_text("\n".join(lines) + "\n")
+
+
+def run_alone(run: Callable[..., None], prefix: str, default_runs: int) -> None:
+    """One section run on its own (`python bench/sections/X.py [--runs N]`): its figures printed as a table."""
+    import tempfile
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--runs", type=int, default=default_runs)
+    args = ap.parse_args()
+    out = Results()
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        try:
+            run(Context(out, Path(tmp), quick=False), runs=args.runs)
+        finally:
+            CLEANUP.run()      # inside: the roots must still exist to be stopped
+    print(out.table())
+    log("done")
 
 
 def precompile(res: Results) -> None:

@@ -15,7 +15,6 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 if __name__ == "__main__":        # run alone: the bench's import paths, as bench/run.py has them
@@ -44,8 +43,10 @@ from fixtures import EXAMPLE, EXAMPLE_PORTS
 
 if __name__ == "__main__":
     from sections import once, scale
+    from sections.fresh import serves
 else:
     from . import once, scale
+    from .fresh import serves
 
 __all__ = ["FRESH_SECTION", "SECTION", "machine_row"]
 
@@ -331,14 +332,6 @@ def _mandelbrot_repo(work: Path) -> tuple[Path, dict[str, int], str]:
     return repo.path, ports, metrics
 
 
-def _serves(port: int) -> bool:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=2) as resp:
-            return resp.status == 200
-    except OSError:
-        return False
-
-
 def _stop_supervisord(pidfile: Path) -> None:
     """Stop a supervisord the playbook started (SIGTERM: it stops every program under it first), and wait."""
     try:
@@ -396,7 +389,7 @@ class _Fresh:
             wall, _, proc = timed_proc(argv, env=env, timeout=900)
             if proc.returncode != 0:
                 raise RuntimeError(f"ansible-pull (fresh) failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
-            if not _serves(self.ports["lb"]):
+            if not serves(self.ports["lb"]):
                 raise RuntimeError(f"ansible-pull exited 0 but :{self.ports['lb']} does not serve")
             return wall
         finally:
@@ -415,7 +408,7 @@ class _Fresh:
             wall, _, proc = timed_proc(argv, timeout=900)
             if proc.returncode != 0:
                 raise RuntimeError(f"fresh once failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-2000:]}")
-            if not _serves(self.ports["lb"]):
+            if not serves(self.ports["lb"]):
                 raise RuntimeError(f"once exited 0 but :{self.ports['lb']} does not serve\n{proc.stdout[-2000:]}")
             return wall
         finally:

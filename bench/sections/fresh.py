@@ -27,7 +27,7 @@ from harness import CLEANUP, Context, Figure, Results, Section, agent_cmd, log, 
 # isort: split
 from fixtures import example_args, example_repo
 
-__all__ = ["SECTION", "FRESH", "fresh_once"]
+__all__ = ["SECTION", "FRESH", "fresh_once", "serves"]
 
 FRESH = "fresh host to the renderer serving through the LB (`once`, warm uv cache)"
 FRESH_ALL = "fresh host, the whole example: renderer + Django shop (`once`, warm uv cache)"
@@ -45,7 +45,8 @@ HOW = """\
 """
 
 
-def _serves(port: int) -> bool:
+def serves(port: int) -> bool:
+    """The frontend on `port` answers /version with 200."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/version", timeout=2) as resp:
             return resp.status == 200
@@ -61,7 +62,7 @@ def fresh_once(work: Path, repo: Path, lb_port: int, warm_home: Path, tag: str, 
     wall, _, proc = timed_proc(argv, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"fresh once failed:\n{proc.stdout}\n{proc.stderr}")
-    if not _serves(lb_port):
+    if not serves(lb_port):
         raise RuntimeError(f"once exited 0 but :{lb_port} does not serve\n{proc.stdout}")
     subprocess.run([*agent_cmd(), "down", "--root", str(root)], capture_output=True, timeout=120, check=False)
     shutil.rmtree(root, ignore_errors=True)

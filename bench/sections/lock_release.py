@@ -18,7 +18,7 @@ if __name__ == "__main__":        # run alone: the bench's import paths, as benc
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "tests"),
                     str(Path(__file__).resolve().parents[2])]
 
-from harness import CLEANUP, Context, Figure, Results, Section, distinct_port, log, verdict, when
+from harness import CLEANUP, Context, Figure, Section, distinct_port, run_alone, verdict, when
 
 # isort: split
 from conftest import git, served_version
@@ -71,17 +71,4 @@ SECTION = Section("17b", run, HOW)
 
 
 if __name__ == "__main__":
-    import argparse
-    import tempfile
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=5)
-    args = ap.parse_args()
-    out = Results()
-    with tempfile.TemporaryDirectory(prefix="bench-release-") as tmp:
-        try:
-            run(Context(out, Path(tmp), quick=False), runs=args.runs)
-        finally:
-            CLEANUP.run()      # inside: the roots must still exist to be stopped
-    print(out.table())
-    log("done")
+    run_alone(run, "bench-release-", 5)

@@ -24,7 +24,7 @@ if __name__ == "__main__":        # run alone: the bench's import paths, as benc
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "tests"),
                     str(Path(__file__).resolve().parents[2])]
 
-from harness import CLEANUP, Context, Figure, Results, Section, distinct_port, log, verdict, when
+from harness import CLEANUP, Context, Figure, Section, distinct_port, log, run_alone, verdict, when
 
 # isort: split
 from conftest import served_version, start_git_daemon
@@ -155,17 +155,4 @@ SECTION = Section("14", run, HOW)
 
 
 if __name__ == "__main__":
-    import argparse
-    import tempfile
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--runs", type=int, default=6)
-    args = ap.parse_args()
-    out = Results()
-    with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmp:
-        try:
-            run(Context(out, Path(tmp), quick=False), runs=args.runs)
-        finally:
-            CLEANUP.run()      # inside: the roots must still exist to be stopped
-    print(out.table())
-    log("done")
+    run_alone(run, "bench-webhook-", 6)
