@@ -539,16 +539,18 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
                          users, app=app, paths=tuple(paths))
 
 
-def _boots_lb(frontends: tuple, facts: Facts, opts: PlanOptions) -> bool:
+def _boots_lb(desired: DesiredState, frontends: tuple, facts: Facts, opts: PlanOptions) -> bool:
     """Start the load balancer alongside the services instead of after them.
 
     Only the agent's own HAProxy that is not running (a fresh host, or a stopped one), whose weights its
     runtime API sets once the backends passed their gates; not with an A/B split (its bucket routes to
-    the variant whatever the weights) nor nginx (no weights without a reload).
+    the variant whatever the weights), nor an automatic canary, nor nginx (no weights without a reload).
     """
     lb = opts.lb
     if lb is None or not lb.managed or lb.kind != "haproxy" or not frontends or any(fe.ab for fe in frontends):
         return False
+    if any(app.traffic is not None and app.traffic.canary is not None for app in desired.apps):
+        return False    # an automatic canary walks its steps from the weights HAProxy serves: not from a boot's 0s
     # Both must say it is down: a stats socket that did not answer once (a busy host) while supervisord
     # runs the program would otherwise zero the weights of a load balancer that serves.
     program = facts.programs.get(lb.program_name)
@@ -559,7 +561,7 @@ def _lb_boot_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     """The load balancer's config with every backend at weight 0, and its program started: planned before
     the services, so HAProxy's own start overlaps theirs (it took ~0.3-0.7 s after the last gate)."""
     frontends = frontends_of(desired)
-    if not _boots_lb(frontends, facts, opts):
+    if not _boots_lb(desired, frontends, facts, opts):
         return
     lb = opts.lb
     yield ConfigureTraffic("traffic:lb", f"{lb.drift(frontends, facts.traffic)}: start it with every backend at "
@@ -585,7 +587,7 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     backends = tuple(f"program:{be.name}" for fe in frontends for be in fe.backends
                      if be.weight > 0 and be.weight > live.get(fe.name, {}).get(be.name, -1))
     key = f"program:{lb.program_name}"
-    if _boots_lb(frontends, facts, opts):
+    if _boots_lb(desired, frontends, facts, opts):
         # Started before the services with no weight (_lb_boot_actions): live by now, or waited for here;
         # then the weights go in over the runtime API, which checks they took.
         yield VerifyTraffic(key, "the load balancer started alongside the services: wait until it serves",
