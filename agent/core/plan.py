@@ -522,11 +522,12 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
     # What the desired program files name is kept. What a kept program's current file names is pruned in the
     # same apply: the prune needs every program of the app, so when one fails (and is rolled back to its
     # current file) nothing is pruned. A program that leaves the host protects nothing.
+    unwanted = [p for p in sorted(facts.files) if p.startswith(apps_dir) and p not in wanted]
     texts = "\n".join(render_service(s, desired.environments[s.environment], opts.layout, materials)
-                      for s in desired.services.values())
+                      for s in desired.services.values()) if unwanted else ""
     by_app: dict[str, list[str]] = {}
-    for path in sorted(facts.files):
-        if path.startswith(apps_dir) and path not in wanted and path not in texts:
+    for path in unwanted:
+        if path not in texts:
             by_app.setdefault(path[len(apps_dir):].split(os.sep, 1)[0], []).append(path)
     for path in sorted(facts.links):
         if path.startswith(apps_dir) and path not in links:

@@ -162,6 +162,7 @@ class Reconciler:
         self.last_desired: DesiredState | None = None
         self._secrets: dict[tuple, dict[str, str]] = {}     # decrypted secrets (memory only), see `materials`
         self._key: bytes | None = None
+        self._last_digests: tuple | None = None    # (the desired state, its apps' inputs digests)
         self._last_materials: tuple = ()     # ((id of the desired state, identity stamp, its materials, it), ...)
         self._unstaged_memo: dict[str, DesiredState] = {}   # sha -> its desired state (apps a window holds)
         self._window_sources: dict[str, str | None] = {}    # app a window holds -> the revision it keeps
@@ -292,7 +293,7 @@ class Reconciler:
         if not self.read_only:
             self.drivers.materials = materials
         control = load_control(control_file(self.settings.root))
-        digests = {a.name: inputs_digest(a) for a in desired.apps}
+        digests = self._inputs_digests(desired)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
                     rollouts=rollouts, desired=target, control=control, apps=tuple(a.name for a in desired.apps),
                     owners={a.key: app_of(a.key, target) or app_of(a.key, desired) for a in plan.actions},
@@ -427,6 +428,14 @@ class Reconciler:
             why = f"revision {desired_from[:12] if desired_from else rev.sha[:12]} cannot be applied on this host:\n{exc}"
             raise _Stop(Result(ReconcileResult.INVALID, rev, error=f"{invalid}\n{why}" if invalid else why,
                                desired_from=desired_from)) from None
+
+    def _inputs_digests(self, desired: DesiredState) -> dict[str, str]:
+        """app -> inputs_digest, once per desired state (the daemon's no-op reconciles reuse one: hashing
+        every field of 10 apps cost 4.5 ms of a 20 ms no-op)."""
+        memo = self._last_digests
+        if memo is None or memo[0] is not desired:
+            memo = self._last_digests = (desired, {a.name: inputs_digest(a) for a in desired.apps})
+        return memo[1]
 
     def materials(self, desired: DesiredState, sealed_ok: bool = True) -> Materials:
         """Decrypt the apps' secrets with this host's age identities, render their files and resolve env values
