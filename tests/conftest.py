@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import http.client
 import urllib.request
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def served_version(port: int) -> str | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
             return resp.read().decode().split()[1]
-    except OSError:
+    except (OSError, http.client.HTTPException):   # a process stopped mid-answer: IncompleteRead
         return None
 
 
