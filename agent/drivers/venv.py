@@ -500,6 +500,7 @@ class VenvManager:
         """`installed_file`: where `installed()` keeps what it read for the next process (a `once` then reads
         no package metadata while no venv changed); `read_only`: it is read, never written."""
         self._installed: dict[Path, tuple[tuple[int, ...], dict[str, str]]] = {}   # path -> (site-packages mtimes, dists)
+        self._site_dirs: dict[Path, list[Path]] = {}    # venv path -> its site-packages dirs
         self._installed_file = installed_file
         self._installed_read_only = read_only
         self._installed_loaded = installed_file is None
@@ -573,8 +574,11 @@ class VenvManager:
         the lock pinned them (then they are content like any other).
         """
         path = Path(path)
+        dirs = self._site_dirs.get(path)
+        if not dirs:     # a venv's path names its identity: its site-packages dirs never move (globbed once)
+            dirs = self._site_dirs[path] = _site_packages(path)
         try:   # any pip install/uninstall adds or removes a .dist-info dir: the dir's mtime moves
-            stamp = tuple(p.stat().st_mtime_ns for p in _site_packages(path))
+            stamp = tuple(p.stat().st_mtime_ns for p in dirs)
         except OSError:
             stamp = None
         if not self._installed_loaded:
