@@ -92,17 +92,11 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="the daemon: poll + watch + reconcile loop, /metrics /healthz /readyz")
     _common(run)
-    run.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
-    run.add_argument("--poll-interval", dest="poll_interval_s", type=float,
-                     help="seconds between polls of the repo, jittered ±10%% (default 15)")
+    _daemon_options(run)
     run.add_argument("--ignore-windows", action="store_const", const=True, default=None,
                      help="apply outside the apps' release windows (an emergency fix)")
     run.add_argument("--notify", action="append", help="Apprise URL (json://, slack://, mailto://, ...) that gets "
                      "the agent's events: applied, failed, rolled back, invalid, drift, suspended ... (repeatable)")
-    run.add_argument("--webhook-secret-file", help="serve POST /hooks/git on --listen: a push webhook signed with "
-                     "the secret in FILE (GitHub/Gitea/Forgejo HMAC-SHA256, GitLab token) triggers a fetch at once")
-    run.add_argument("--splay", type=float, help="random delay (0..SECONDS) before the first poll, so a fleet does "
-                                                 "not fetch at the same second")
 
     down = sub.add_parser("down", help="stop the embedded supervisord and everything it runs (state on disk kept)")
     _common(down)
@@ -124,11 +118,8 @@ def _parser() -> argparse.ArgumentParser:
     boot.add_argument("--wait", dest="wait_s", type=float, help="seconds to wait for /healthz (default 180)")
     _common(boot)
     boot.add_argument("--config", help="a local YAML file of agent settings written to the target (flags win)")
-    boot.add_argument("--listen", help="the agent's HOST:PORT on the target (default 127.0.0.1:9400)")
-    boot.add_argument("--poll-interval", dest="poll_interval_s", type=float)
-    boot.add_argument("--splay", type=float)
+    _daemon_options(boot)      # written into the target's settings; secret files copied with mode 0600
     boot.add_argument("--age-identity", help="age identity file, copied to the target with mode 0600")
-    boot.add_argument("--webhook-secret-file", help="webhook secret file, copied to the target with mode 0600")
     suspend = sub.add_parser("suspend", help="stop applying changes, host-wide or for one app (drift is still reported)")
     _common(suspend)
     suspend.add_argument("--app", help="suspend only this app (default: the whole host)")
@@ -140,6 +131,17 @@ def _parser() -> argparse.ArgumentParser:
     _common(retry)
     retry.add_argument("--app", help="lift only this app's quarantine")
     return parser
+
+
+def _daemon_options(parser: argparse.ArgumentParser) -> None:
+    """The daemon's own options: `run` takes them, `bootstrap` writes them into the target's settings."""
+    parser.add_argument("--listen", help="HOST:PORT of the metrics/health HTTP server (default 127.0.0.1:9400)")
+    parser.add_argument("--poll-interval", dest="poll_interval_s", type=float,
+                        help="seconds between polls of the repo, jittered ±10%% (default 15)")
+    parser.add_argument("--webhook-secret-file", help="serve POST /hooks/git on --listen: a push webhook signed with "
+                        "the secret in FILE (GitHub/Gitea/Forgejo HMAC-SHA256, GitLab token) triggers a fetch at once")
+    parser.add_argument("--splay", type=float, help="random delay (0..SECONDS) before the first poll, so a fleet "
+                                                    "does not fetch at the same second")
 
 
 def _settings(args: argparse.Namespace):
