@@ -131,7 +131,9 @@ def test_a_hanging_receiver_never_blocks_the_sender_and_a_dead_one_is_counted(re
     assert n2.flush(120) and counts2 == ["failed"]
 
 
-def test_once_notifies_a_rolled_back_release_once_then_applied_and_recovered(state_repo, agent_root, receiver):
+def _v1_applied(state_repo, agent_root, receiver) -> tuple[int, list[str]]:
+    """demo-web 1.0.0 applied by a real `once` with --notify, its "applied" received and cleared:
+    (its port, the once options)."""
     port = free_port()
     state_repo.app(services={"demo-web": {"port": port}})
     state_repo.commit("v1")
@@ -140,6 +142,11 @@ def test_once_notifies_a_rolled_back_release_once_then_applied_and_recovered(sta
     run_agent("once", *args, check=True)
     wait_until(lambda: any(p["title"] == "gitops-agent h1: applied" for p in receiver.got), 30, "applied sent")
     receiver.got.clear()
+    return port, args
+
+
+def test_once_notifies_a_rolled_back_release_once_then_applied_and_recovered(state_repo, agent_root, receiver):
+    port, args = _v1_applied(state_repo, agent_root, receiver)
 
     text = (state_repo.path / "apps/demo/app.yaml").read_text()
     state_repo.write("apps/demo/app.yaml", text.replace("[demoapp-server,", "[demoapp-server, --no-such-flag,"))
@@ -189,14 +196,7 @@ def test_a_suspension_is_announced_once_when_it_takes_effect_and_drift_while_sus
     drift found while suspended is still reported (and not healed)."""
     from agent.drivers.supervisor import EmbeddedSupervisor
 
-    port = free_port()
-    state_repo.app(services={"demo-web": {"port": port}})
-    state_repo.commit("v1")
-    args = ["--repo", state_repo.url, "--host", "h1", "--root", str(agent_root), "--health-wait", "15",
-            "--notify", receiver.url]
-    run_agent("once", *args, check=True)
-    wait_until(lambda: any(p["title"] == "gitops-agent h1: applied" for p in receiver.got), 30, "applied sent")
-    receiver.got.clear()
+    port, args = _v1_applied(state_repo, agent_root, receiver)
 
     run_agent("suspend", "--root", str(agent_root), "--reason", "incident 7: disk full", check=True)
     assert run_agent("once", *args).returncode == 0          # converged: nothing to apply, nothing held
