@@ -107,6 +107,15 @@ def test_new_lock_builds_and_rewrites_only_that_service():
     assert plan.actions[2].previous is not None          # rollback target: what supervisord ran
 
 
+def test_only_an_environment_run_as_another_user_is_compiled_up_front():
+    """`user:` processes cannot write __pycache__ into the agent's venv: their environment is compiled whole."""
+    blue, green = env("aaaa"), env("bbbb", name="green")
+    other = Service(app="demo", name="worker", environment="green", command=("demoapp-server",), user="nobody")
+    plan = make_plan(desired((blue, green), (svc(), other)), Facts("stopped"), OPTS)
+    builds = {a.key: a.eager_bytecode for a in plan.actions if a.kind == "build_venv"}
+    assert builds == {"venv:blue": False, "venv:green": True}
+
+
 def test_kept_venv_is_a_switch_not_a_build():
     old, new = env("aaaa"), env("bbbb")
     facts = converged_facts(new)

@@ -448,9 +448,24 @@ def test_uv_build(mgr, root, wheelhouse):
     marker = json.loads((path / MARKER).read_text())
     assert marker["installer"] == "uv" and path.name == f"fast-{spec.identity}"
     assert mgr.installed(path) == {"demoapp": "1.0.0", "tiny-lib": "1.0"}
-    assert list((path / "lib").glob("python*/site-packages/demoapp_server*/__pycache__")) or \
-        list((path / "lib").glob("python*/site-packages/__pycache__/demoapp_server*.pyc"))  # --compile-bytecode
+    site = next((path / "lib").glob("python*/site-packages"))
+    assert list(site.glob("__pycache__/demoapp_server*.pyc"))   # the entry point check imported it
     assert _serve_and_get(path / "bin" / "demoapp-server") == "demoapp 1.0.0\n"
+
+
+@needs_uv
+@pytest.mark.parametrize("installer", ["uv", "pip"])
+def test_bytecode_is_lazy_unless_asked_for(mgr, root, wheelhouse, installer):
+    """Compiling every module up front is most of a warm build: by default only what the console scripts
+    import is compiled (by the entry point check); `compile_bytecode` (a `user:` service) compiles all."""
+    lines = [wheelfactory.lock_line(wheelhouse["v1"]), wheelfactory.lock_line(wheelhouse["extra"])]
+    lazy = mgr.build(_spec(root, f"lazy{installer}", lines, wheelhouse["dir"], installer=installer))
+    site = next((lazy / "lib").glob("python*/site-packages"))
+    assert list(site.glob("__pycache__/demoapp_server*.pyc")) and not list(site.glob("__pycache__/extra_mod*.pyc"))
+    eager_spec = _spec(root, f"eager{installer}", lines, wheelhouse["dir"], installer=installer)
+    eager = mgr.build(dataclasses.replace(eager_spec, compile_bytecode=True))
+    site = next((eager / "lib").glob("python*/site-packages"))
+    assert list(site.glob("__pycache__/extra_mod*.pyc"))
 
 
 @needs_uv

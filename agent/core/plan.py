@@ -73,13 +73,18 @@ class EnsureSupervisor(Action):
 
 @dataclass(frozen=True)
 class BuildVenv(Action):
+    """Build a venv aside. `eager_bytecode`: compile every module now, because a service or job of this
+    environment runs as another `user:` that cannot write `__pycache__` into the agent's venv; otherwise
+    bytecode is written lazily (the build's entry point check compiles what the console scripts import)."""
     env: Environment | None = None
+    eager_bytecode: bool = False
 
 
 @dataclass(frozen=True)
 class RepairVenv(Action):
     """The current venv no longer matches its lock (hand change): rebuild it in place."""
     env: Environment | None = None
+    eager_bytecode: bool = False
 
 
 @dataclass(frozen=True)
@@ -329,7 +334,7 @@ def _changed_inputs(old: str | None, new: str) -> str:
     return ", ".join(parts)
 
 
-def _venv_actions(env: Environment, facts: Facts) -> Iterator[Action]:
+def _venv_actions(env: Environment, facts: Facts, eager: bool) -> Iterator[Action]:
     fact = facts.venvs.get(env.name)
     key = f"venv:{env.name}"
     current = fact.current if fact else None
@@ -337,16 +342,24 @@ def _venv_actions(env: Environment, facts: Facts) -> Iterator[Action]:
         why = "no venv yet" if current is None else f"lockfile or installer changed (current venv {current})"
         if fact and env.identity in fact.incomplete:
             why += "; an interrupted build is discarded"
-        yield BuildVenv(key, f"{why}: build {env.name}-{env.identity} from {env.lockfile.name}", env=env)
+        yield BuildVenv(key, f"{why}: build {env.name}-{env.identity} from {env.lockfile.name}", env=env,
+                        eager_bytecode=eager)
     elif current == env.identity:
         drift = _installed_drift(env, fact.installed or ())
         if drift:
-            yield RepairVenv(key, f"installed packages differ from {env.lockfile.name}: {drift}", env=env)
+            yield RepairVenv(key, f"installed packages differ from {env.lockfile.name}: {drift}", env=env,
+                             eager_bytecode=eager)
         return
     if current != env.identity:
         how = "kept venv, no rebuild" if fact and env.identity in fact.complete else "new venv"
         yield SwitchVenv(key, f"envs/{env.name} -> {env.identity} ({how}; was {current})",
                          name=env.name, identity=env.identity, previous=current)
+
+
+def _envs_run_as_other_users(desired: DesiredState) -> frozenset[str]:
+    """The environments a service or job runs from as a `user:` of its own."""
+    runs = [*desired.services.values(), *(job for app in desired.apps for job in app.jobs)]
+    return frozenset(r.environment for r in runs if r.user)
 
 
 def _installed_drift(env: Environment, installed: tuple[tuple[str, str], ...]) -> str:
@@ -640,8 +653,9 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
     actions.extend(_lb_boot_actions(desired, facts, opts))
     repaired: set[str] = set()
     switches: list[Action] = []
+    other_users = _envs_run_as_other_users(desired)
     for env in desired.environments.values():
-        for action in _venv_actions(env, facts):
+        for action in _venv_actions(env, facts, env.name in other_users):
             (switches if isinstance(action, SwitchVenv) else actions).append(action)
             if isinstance(action, RepairVenv):
                 repaired.add(env.name)

@@ -156,6 +156,7 @@ class VenvSpec:
     index_url: str | None = None
     index_username: str | None = None
     index_password: str | None = field(default=None, repr=False)
+    compile_bytecode: bool = False      # not part of the identity: the same packages, compiled now or on import
 
 
 @dataclass(frozen=True)
@@ -733,11 +734,12 @@ class VenvManager:
         pip = [python, "-m", "pip", "--isolated", "--disable-pip-version-check", "--no-input"]
         try:
             if uv:
-                run([uv, "pip", "install", "--python", python, "--compile-bytecode", *common], "uv pip install",
-                    index_env)
+                compile_flag = ["--compile-bytecode"] if spec.compile_bytecode else []
+                run([uv, "pip", "install", "--python", python, *compile_flag, *common], "uv pip install", index_env)
             else:
-                run([*pip, "install", "--progress-bar", "off", *_pip_network_options(), *common], "pip install",
-                    index_env)
+                compile_flag = [] if spec.compile_bytecode else ["--no-compile"]
+                run([*pip, "install", "--progress-bar", "off", *compile_flag, *_pip_network_options(), *common],
+                    "pip install", index_env)
         except BuildError as exc:
             if index is None:
                 raise

@@ -183,7 +183,7 @@ def _record_verified(drivers: Drivers, name: str) -> None:
     atomic_write(drivers.layout.verified / name, f"{text_digest(text)} {pid}\n", mode=0o644)
 
 
-def _spec(env, materials: Materials = NO_MATERIALS) -> VenvSpec:
+def _spec(env, materials: Materials = NO_MATERIALS, compile_bytecode: bool = False) -> VenvSpec:
     index = {}
     if env.index_url:
         index = {"index_url": env.index_url}
@@ -191,7 +191,8 @@ def _spec(env, materials: Materials = NO_MATERIALS) -> VenvSpec:
             index.update(index_username=env.index_credentials.username,
                          index_password=materials.index_passwords.get(env.name))
     return VenvSpec(name=env.name, python=env.python, lockfile=env.lockfile, find_links=env.find_links,
-                    installer=env.installer, options=env.options, identity=env.identity, **index)
+                    installer=env.installer, options=env.options, identity=env.identity,
+                    compile_bytecode=compile_bytecode, **index)
 
 
 def _run_job(drivers: Drivers, action: RunJob) -> str:
@@ -216,9 +217,9 @@ def _run(action: Action, drivers: Drivers) -> _Done:
         drivers.supervisor.ensure()
         return _Done("supervisord running")
     if isinstance(action, BuildVenv):
-        return _Done(f"built {venvs.build(_spec(action.env, drivers.materials))}")
+        return _Done(f"built {venvs.build(_spec(action.env, drivers.materials, action.eager_bytecode))}")
     if isinstance(action, RepairVenv):
-        return _Done(f"rebuilt {venvs.repair(_spec(action.env, drivers.materials))}")
+        return _Done(f"rebuilt {venvs.repair(_spec(action.env, drivers.materials, action.eager_bytecode))}")
     if isinstance(action, EnsureDataDir):
         appfiles.ensure_dir(Path(action.path), action.owner)
         return _Done(f"created {action.path}")

@@ -242,7 +242,7 @@ class SelfUpgrade:
         log.info("self-upgrade: fleet.yaml locks gitops-agent %s (running %s): building its venv",
                  lock.version, __version__)
         path = self.venvs.build(VenvSpec(VENV_NAME, lock.python, lock.lockfile, lock.find_links, lock.installer,
-                                         lock.options, lock.identity))
+                                         lock.options, lock.identity, compile_bytecode=True))   # starts often
         exe = path / "bin" / "gitops-agent"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("GITOPS_AGENT_")}
         version = subprocess.run([exe, "--version"], capture_output=True, text=True, env=env, timeout=120)
