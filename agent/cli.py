@@ -1,6 +1,6 @@
 """`gitops-agent`: argparse front end. Builds settings, wires drivers, prints; no reconcile logic here.
 
-Imports are lazy: `validate`, `status` and `--help` should not pay for GitPython or supervisor.
+Imports are lazy: `validate`, `status` and `--help` should not pay for jsonschema or supervisor.
 """
 
 from __future__ import annotations

@@ -25,11 +25,13 @@ Why it looks like this (DESIGN §2 step 1, §7 Git timings):
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -54,6 +56,25 @@ _SHA_LIKE = re.compile(r"[0-9a-fA-F]{4,40}")
 _FULL_SHA = re.compile(r"[0-9a-f]{40}")
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 _TMP_PREFIX = ".tmp-"
+# Appended to a new mirror's config (fixed values; the URL is set with `git config`, which quotes it).
+_MIRROR_CONFIG = f"""[remote "{_REMOTE}"]
+\tfetch = {_REFSPECS[0]}
+\tfetch = {_REFSPECS[1]}
+\tprune = true
+\ttagOpt = --no-tags
+[core]
+\tlogAllRefUpdates = false
+"""
+# An `aside` mirror keeps fetched objects as a pack (index-pack) instead of unpacking loose objects: writing
+# a loose object the alternate store already holds "freshens" it, i.e. touches the mtime of a file in the
+# root's mirror. No auto gc in a throw-away repo.
+_ASIDE_CONFIG = """[fetch]
+\tunpackLimit = 1
+[transfer]
+\tunpackLimit = 1
+[gc]
+\tauto = 0
+"""
 _STALE_TMP_S = 3600.0
 _HTTP_SCHEMES = {"http", "https", "ftp", "ftps"}
 
@@ -133,7 +154,6 @@ class GitSource:
         self.keep_checkouts = keep_checkouts
         self.timeout = timeout
         self._env = _git_env(ssh_command)
-        self._repo = None  # git.Repo, opened lazily: importing GitPython costs ~60 ms
         self._mirror_ready = False
         self._revisions: dict[str, Revision] = {}  # commit sha -> Revision
         self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
@@ -274,10 +294,7 @@ class GitSource:
         return [(c, float(t)) for c, t in (line.split() for line in out.splitlines() if line.strip())]
 
     def close(self) -> None:
-        """Stop GitPython's persistent `cat-file` helpers; an `aside` source also removes its temp dir."""
-        if self._repo is not None:
-            self._repo.close()
-            self._repo = None
+        """An `aside` source removes its temp dir."""
         if self._scratch is not None:
             if self._owns_scratch:
                 _remove_tree(self._scratch)
@@ -343,7 +360,7 @@ class GitSource:
 
     def _revision(self, sha: str) -> Revision:
         """Commit metadata, read once per sha (commits never change): memory, then a small file per
-        commit under <cache_dir>/revisions (so a short `once` needs no GitPython), then GitPython."""
+        commit under <cache_dir>/revisions (so a short `once` starts no process), then `git show`."""
         cached = self._revisions.get(sha)
         if cached is None:
             stamp = self.cache_dir / _REVISIONS / sha
@@ -351,8 +368,7 @@ class GitSource:
                 data = json.loads(_first_readable(stamp, self._borrow and self._borrow.parent / _REVISIONS / sha))
                 cached = Revision(sha, self.ref, float(data["committed_at"]), str(data["summary"]))
             except (OSError, ValueError, KeyError, TypeError):
-                commit = self._git_repo().commit(sha)
-                cached = Revision(sha, self.ref, float(commit.committed_date), commit.summary)
+                cached = self._read_commit(sha)
                 try:
                     stamp.parent.mkdir(exist_ok=True)
                     stamp.write_text(json.dumps({"committed_at": cached.committed_at, "summary": cached.summary}))
@@ -366,8 +382,9 @@ class GitSource:
     def _ensure_mirror(self) -> None:
         """Create the bare mirror on first use (built aside, renamed in).
 
-        No GitPython here: the no-op poll reads the mirror's config and refs as files (its import alone
-        costs ~50 ms); GitPython is opened only to fetch or read a commit (`_git_repo`).
+        The no-op poll reads the mirror's config and refs as files; git itself runs only to fetch, to
+        name a commit and to read one (plain `git` processes: GitPython's import alone cost ~100 ms of a
+        fresh host's `once`).
         """
         if self._mirror_ready:
             return
@@ -397,34 +414,21 @@ class GitSource:
         self._url_checked = True
 
     def _create_mirror(self) -> None:
-        import git
-
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.cache_dir, 0o700)  # the remote URL may carry a token
         tmp = self.cache_dir / f"{_TMP_PREFIX}{MIRROR}-{os.urandom(4).hex()}"
         try:
-            repo = git.Repo.init(tmp, bare=True)  # git init --bare
-            with repo.config_writer() as cfg:
-                section = f'remote "{_REMOTE}"'
-                cfg.set_value(section, "url", self.url)
-                cfg.set_value(section, "fetch", _REFSPECS[0])
-                cfg.add_value(section, "fetch", _REFSPECS[1])
-                cfg.set_value(section, "prune", "true")
-                cfg.set_value(section, "tagOpt", "--no-tags")
-                cfg.set_value("core", "logAllRefUpdates", "false")
-                if self._borrow is not None:
-                    # Fetched objects are kept as a pack (index-pack) instead of unpacked as loose objects:
-                    # writing a loose object that the alternate store already holds "freshens" it, i.e.
-                    # touches the mtime of a file in the root's mirror. No auto gc in a throw-away repo.
-                    cfg.set_value("fetch", "unpackLimit", "1")
-                    cfg.set_value("transfer", "unpackLimit", "1")
-                    cfg.set_value("gc", "auto", "0")
-            repo.close()
+            self._git(["init", "--quiet", "--bare", str(tmp)], what="create a mirror for")
+            with open(tmp / "config", "a", encoding="utf-8") as cfg:   # fixed values: no quoting needed
+                cfg.write(_MIRROR_CONFIG + (_ASIDE_CONFIG if self._borrow is not None else ""))
+            # the URL is the operator's: git quotes it itself
+            self._git(["config", "--file", str(tmp / "config"), f"remote.{_REMOTE}.url", self.url],
+                      what="configure a mirror for")
             (tmp / "info").mkdir(exist_ok=True)
             (tmp / "info" / "attributes").write_text(_ATTRIBUTES)
             self._borrow_from_root(tmp)
             os.rename(tmp, self.mirror)
-        except (OSError, git.GitCommandError) as exc:
+        except (OSError, SourceError) as exc:
             if not (self.mirror / "HEAD").exists():
                 raise SourceError(f"cannot create the git mirror at {self.mirror}: {exc}") from exc
         finally:
@@ -476,22 +480,10 @@ class GitSource:
         return refs
 
     def _fetch(self, *refspecs: str) -> None:
-        """GitPython fetch with the mirror's forced, pruning refspecs (plus one commit id when asked)."""
-        import git
-
+        """Fetch with the mirror's forced, pruning refspecs (plus one commit id when asked)."""
         self._own_url()
         started = time.monotonic()
-        try:
-            self._git_repo().git.execute(
-                ["git", "fetch", "--prune", "--quiet", _REMOTE, *refspecs],
-                kill_after_timeout=self.timeout,
-                env=self._env,
-                start_new_session=True,
-            )
-        except git.GitCommandError as exc:
-            raise SourceError(
-                f"cannot fetch from {redact(self.url)}: {self._scrub(_first_error(str(exc.stderr)))}"
-            ) from exc
+        self._run(["fetch", "--prune", "--quiet", _REMOTE, *refspecs], what="fetch from")
         log.info("fetched %s in %.1f ms", redact(self.url), (time.monotonic() - started) * 1000)
 
     def _local_ref(self, name: str) -> str | None:
@@ -500,16 +492,21 @@ class GitSource:
         return _read_ref(self.mirror, name)
 
     def _commit_sha(self, rev: str) -> str | None:
-        """Full sha of the commit `rev` names in the mirror (GitPython rev-parse), or None."""
-        from gitdb.exc import ODBError
-
-        repo = self._git_repo()
+        """Full sha of the commit `rev` names in the mirror, or None (a full hex id must exist and be a
+        commit: `^{commit}` makes git look the object up rather than take the id on trust)."""
+        self._ensure_mirror()
         try:
-            obj = repo.rev_parse(f"{rev}^{{commit}}")
-            # GitPython takes a full hex id on trust; ask the object store that it exists and is a commit.
-            return obj.hexsha if repo.odb.info(obj.binsha).type == b"commit" else None
-        except (ODBError, ValueError, IndexError):
+            out = self._run(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"])
+        except SourceError:
             return None
+        sha = out.strip()
+        return sha if _FULL_SHA.fullmatch(sha) else None
+
+    def _read_commit(self, sha: str) -> Revision:
+        """Committer time and summary (the message's first line) of a commit the mirror holds."""
+        out = self._run(["show", "--no-patch", "--format=%ct%n%B", sha, "--"], what="read a commit of")
+        when, _, message = out.partition("\n")
+        return Revision(sha, self.ref, float(when), message.split("\n", 1)[0].strip())
 
     def _materialise(self, sha: str, dest: Path) -> None:
         """Write the tree of `sha` into `dest` via a private index (the mirror's own index is never used)."""
@@ -523,37 +520,30 @@ class GitSource:
             index.unlink(missing_ok=True)
 
     def _run(self, args: list[str], *, env: dict[str, str] | None = None, what: str = "") -> str:
-        """One plain git subprocess in the mirror: no shell, no stdin, no terminal, bounded time."""
-        cmd = ["git", "--git-dir", str(self.mirror), *args]
+        """One plain git subprocess in the mirror."""
+        return self._git(["--git-dir", str(self.mirror), *args], env=env, what=what)
+
+    def _git(self, args: list[str], *, env: dict[str, str] | None = None, what: str = "") -> str:
+        """One plain git subprocess: no shell, no stdin, no terminal, bounded time (its whole process group
+        is killed on timeout: a fetch runs ssh or a remote helper under it)."""
+        verb = args[2] if args[0] == "--git-dir" else args[0]
         try:
-            proc = subprocess.run(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                env=env or self._env,
-                timeout=self.timeout,
-                start_new_session=True,
-                check=False,
-            )
+            proc = subprocess.Popen(["git", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, text=True, env=env or self._env, start_new_session=True)
+        except OSError as exc:
+            raise SourceError(f"cannot run git: {exc}") from exc
+        try:
+            out, err = proc.communicate(timeout=self.timeout)
         except subprocess.TimeoutExpired as exc:
-            raise SourceError(
-                f"git {args[0]} on {redact(self.url)} timed out after {self.timeout:g} s"
-            ) from exc
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise SourceError(f"git {verb} on {redact(self.url)} timed out after {self.timeout:g} s") from exc
         if proc.returncode != 0:
-            detail = self._scrub(_first_error(proc.stderr)) or f"exit status {proc.returncode}"
-            verb = f"cannot {what}" if what else f"git {args[0]} failed for"
-            raise SourceError(f"{verb} {redact(self.url)}: {detail}")
-        return proc.stdout
-
-    def _git_repo(self):
-        self._ensure_mirror()
-        if self._repo is None:
-            import git
-
-            self._repo = git.Repo(self.mirror)
-            self._repo.git.update_environment(**{k: v for k, v in self._env.items() if os.environ.get(k) != v})
-        return self._repo
+            detail = self._scrub(_first_error(err)) or f"exit status {proc.returncode}"
+            prefix = f"cannot {what}" if what else f"git {verb} failed for"
+            raise SourceError(f"{prefix} {redact(self.url)}: {detail}")
+        return out
 
     def _scrub(self, text: str) -> str:
         """Remove the URL's credentials from git's own output too."""
