@@ -36,7 +36,9 @@ def world(settings: Settings, read_only: bool = False):
     if scratch is not None:
         source = GitSource.aside(settings.repo, settings.ref, layout.source, scratch=scratch / "source")
     else:
-        source = GitSource(settings.repo, settings.ref, layout.source, refs_url=settings.refs_url)
+        from agent.service.prewarm import prewarm
+
+        source = GitSource(settings.repo, settings.ref, layout.source, refs_url=settings.refs_url, on_fetch=prewarm)
     verifier = None
     if settings.verify_signatures:
         from agent.drivers.signatures import SignatureVerifier

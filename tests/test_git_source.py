@@ -374,3 +374,34 @@ def test_after_a_push_webhook_the_resolve_fetches_without_asking_first(remote: R
     src.expect_push()                       # a webhook for a push that moved nothing this agent tracks
     assert src.resolve().sha == new and asked == []
     assert src.resolve().sha == new and asked == [1]      # the next poll: ls-remote, no fetch
+
+
+def test_on_fetch_is_called_as_each_fetch_starts_and_only_then(remote: Remote, cache: Path) -> None:
+    """The reconciler warms the loader's imports on it: a fetch means a new commit is likely."""
+    calls: list[int] = []
+    src = GitSource(remote.url, "main", cache, on_fetch=lambda: calls.append(fetch_head_exists(cache)))
+    src.resolve()
+    src.resolve()
+    assert calls == [0]                      # called before the first fetch wrote FETCH_HEAD, not on the no-op
+    remote.commit("x", "1")
+    assert src.resolve().sha == remote.head() and calls == [0, 1]
+
+
+def fetch_head_exists(cache: Path) -> int:
+    return int((cache / "repo.git" / "FETCH_HEAD").exists())
+
+
+def test_a_url_git_must_quote_is_kept_exactly_in_the_mirror(tmp_path: Path) -> None:
+    """The mirror's remote URL is written by `git config` itself: quotes, comment characters and spaces in
+    it survive, and the fetch reaches that repository."""
+    server = tmp_path / 'we ird #;"x\\.git'
+    git(tmp_path, "init", "-q", "--bare", "-b", "main", str(server))
+    work = tmp_path / "work"
+    git(tmp_path, "clone", "-q", str(server), str(work))
+    r = Remote(server, work)
+    sha = r.commit("fleet.yaml", "hosts: {}\n", "odd path")
+    src = GitSource(str(server), "main", tmp_path / "root" / "source")
+    assert src.resolve().sha == sha
+    url = subprocess.run(["git", "--git-dir", str(tmp_path / "root" / "source" / "repo.git"), "config",
+                          "remote.origin.url"], capture_output=True, text=True, check=True).stdout.rstrip("\n")
+    assert url == server.as_uri() or url == str(server)

@@ -35,6 +35,7 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -143,9 +144,12 @@ class GitSource:
         timeout: float = 60.0,
         ssh_command: str | None = None,
         refs_url: str | None = None,
+        on_fetch: Callable[[], None] | None = None,
     ):
         """`refs_url`: the repo's static `info/refs` over HTTP(S) (git update-server-info), polled with
-        If-None-Match instead of `git ls-remote` (agent.drivers.refs_http); the fetch still uses `url`."""
+        If-None-Match instead of `git ls-remote` (agent.drivers.refs_http); the fetch still uses `url`.
+        `on_fetch` is called as a fetch starts (a new commit is likely: the caller may get ready for it)."""
+        self._on_fetch = on_fetch
         self.url = _normalise_url(url)
         self.ref = _check_ref(ref)
         if keep_checkouts < 0:
@@ -481,6 +485,8 @@ class GitSource:
 
     def _fetch(self, *refspecs: str) -> None:
         """Fetch with the mirror's forced, pruning refspecs (plus one commit id when asked)."""
+        if self._on_fetch is not None:
+            self._on_fetch()
         self._own_url()
         started = time.monotonic()
         self._run(["fetch", "--prune", "--quiet", _REMOTE, *refspecs], what="fetch from")
