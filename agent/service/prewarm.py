@@ -1,7 +1,7 @@
 """Import in the background what a new revision will need, while the agent waits on git.
 
-A fetch means a commit the agent has not seen is likely: validating it imports jsonschema (~0.1-0.2 s on
-a small host), and applying it supervisord's own config parser. A `once` (a fresh host, a release run by
+A fetch means a commit the agent has not seen is likely: loading it imports PyYAML, jsonschema and
+packaging (together ~0.2-0.3 s on a small host), and applying it supervisord's own config parser. A `once` (a fresh host, a release run by
 cron) would pay both on its critical path; started when the fetch starts, the imports overlap the fetch
 and checkout, which are spent waiting on git processes. A daemon pays them once either way.
 """
@@ -16,7 +16,7 @@ __all__ = ["LOADER_AND_APPLY", "prewarm"]
 
 log = logging.getLogger(__name__)
 
-LOADER_AND_APPLY = ("jsonschema", "supervisor.options")
+LOADER_AND_APPLY = ("yaml", "jsonschema", "packaging.requirements", "supervisor.options")   # in order of need
 _started: set[str] = set()
 _lock = threading.Lock()
 
