@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 
 from agent.drivers.fsutil import atomic_write
@@ -51,7 +51,36 @@ class Status:
     deployed: dict[str, str] = field(default_factory=dict)    # app -> the revision it last fully applied (windows heal to it)
 
     def to_json(self) -> dict:
-        return {"version": VERSION, **asdict(self)}
+        """The file's content as plain JSON data, a copy (a caller may change it). Hand-written: `asdict`
+        deep-copies every leaf through `copy.deepcopy`, ~0.9 ms of a 10-app no-op reconcile, twice."""
+        return _copy(self._fields())
+
+    def _fields(self) -> dict:
+        """The file's content, sharing this status's containers: for serialising only."""
+        return {"version": VERSION, "host": self.host, "applied": _record(self.applied),
+                "attempted": _record(self.attempted), "result": self.result, "last_error": self.last_error,
+                "last_error_at": self.last_error_at, "resources": self.resources,
+                "last_reconcile_at": self.last_reconcile_at, "rollouts": self.rollouts, "apps": self.apps,
+                "traffic": self.traffic, "events": self.events, "deployed": self.deployed}
+
+
+def _record(rec: RevisionRecord | None) -> dict | None:
+    if rec is None:
+        return None
+    return {"sha": rec.sha, "ref": rec.ref, "committed_at": rec.committed_at, "summary": rec.summary, "at": rec.at}
+
+
+def _copy(value):
+    """A deep copy of JSON-shaped data (dicts, lists, tuples, scalars), as `asdict` makes it."""
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copy(v) for v in value)
+    if is_dataclass(value) and not isinstance(value, type):
+        return asdict(value)
+    return value
 
 
 class CorruptStatus(ValueError):
@@ -105,4 +134,26 @@ def _parse(data: bytes) -> Status:
 
 
 def save_status(path: Path, status: Status) -> None:
-    atomic_write(Path(path), json.dumps(status.to_json(), indent=2, sort_keys=True) + "\n", mode=0o600)
+    atomic_write(Path(path), _dumps(status._fields()), mode=0o600)
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True)     # no indent: the C encoder (indent=2 runs the pure-Python one)
+
+
+def _dumps(data: dict) -> str:
+    """`data` as JSON text for a person to read too: one line per top-level field, and per entry of a
+    field that is an object or an array (a resource, an app, an event). Each line is made by the C
+    encoder; `json.dumps(indent=2)` made the same file 4x slower, on every reconcile."""
+    enc = _ENCODER.encode
+    fields = []
+    for key in sorted(data):
+        value = data[key]
+        if isinstance(value, dict) and value:
+            inner = ",\n".join(f"    {enc(str(k))}: {enc(value[k])}" for k in sorted(value, key=str))
+            text = "{\n" + inner + "\n  }"
+        elif isinstance(value, (list, tuple)) and value:
+            text = "[\n" + ",\n".join(f"    {enc(v)}" for v in value) + "\n  ]"
+        else:
+            text = enc(value)
+        fields.append(f"  {enc(str(key))}: {text}")
+    return "{\n" + ",\n".join(fields) + "\n}\n"
