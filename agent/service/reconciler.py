@@ -790,7 +790,7 @@ class Reconciler:
         elif succeeded:
             status.last_error = None
         try:
-            view = recorded(status.to_json(), result, now)     # apps, live split, drift since, events
+            view = recorded(status.view(), result, now)     # apps, live split, drift since, events (pure: no copy)
         except Exception:  # noqa: BLE001 - the status page's extras must never cost the record itself
             log.exception("cannot derive the status page's view of this reconcile")
             view = {"resources": result.resources if result.plan is not None else {}, "events": status.events}
