@@ -940,11 +940,16 @@ def _glob_escape(name: str) -> str:
 
 def read_program_files(include_dir: Path) -> dict[str, str]:
     """name -> text of every <name>.conf in `include_dir` (none if the directory is missing)."""
-    try:
-        paths = sorted(Path(include_dir).glob("*.conf"))
+    try:    # os.scandir: its entries know a regular file without a stat; pathlib's glob made an object per file
+        with os.scandir(include_dir) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(".conf") and e.is_file())
     except OSError:
         return {}
-    return {p.name[: -len(".conf")]: p.read_text(encoding="utf-8") for p in paths if p.is_file()}
+    out = {}
+    for name in names:
+        with open(os.path.join(include_dir, name), encoding="utf-8") as fh:
+            out[name[: -len(".conf")]] = fh.read()
+    return out
 
 
 def _check_name(name: str) -> None:
