@@ -73,3 +73,30 @@ def test_the_status_file_is_the_json_of_to_json_one_entry_a_line(tmp_path):
     copy["resources"]["program:web"]["state"] = "ok"
     copy["events"].append({})
     assert status.resources["program:web"]["state"] == "drift" and len(status.events) == 1
+
+
+def test_a_write_that_only_moves_the_times_is_whole_but_not_made_durable(tmp_path, monkeypatch):
+    """The daemon's no-op polls change only when things ran: the file is still replaced whole (its own fsync,
+    then the rename), but without atomic_write's directory fsync; any other change goes through atomic_write."""
+    import agent.service.store as store
+
+    path = tmp_path / "status.json"
+    status = Status(host="h1", attempted=RevisionRecord("a" * 40, "main", 1.0, "first", 2.0), result="converged",
+                    resources={"program:web": {"state": "ok", "message": "RUNNING", "at": 2.0}}, last_reconcile_at=2.0)
+    save_status(path, status)
+    durable = []
+    monkeypatch.setattr(store, "atomic_write", lambda *a, **kw: durable.append(a))
+
+    loaded = load_status(path)
+    previous = loaded.view()
+    loaded.last_reconcile_at = 3.0
+    loaded.attempted = RevisionRecord("a" * 40, "main", 1.0, "first", 3.0)
+    loaded.resources = {"program:web": {"state": "ok", "message": "RUNNING", "at": 3.0}}
+    save_status(path, loaded, previous)
+    assert durable == [] and load_status(path) == loaded and path.stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == ["status.json"]          # no temp file left
+
+    previous = loaded.view()
+    loaded.resources = {"program:web": {"state": "drift", "message": "edited", "at": 4.0}}
+    save_status(path, loaded, previous)
+    assert len(durable) == 1

@@ -776,6 +776,7 @@ class Reconciler:
 
     def _record(self, status: Status, result: Result) -> None:
         now = self.world.clock()
+        previous = status.view()        # as read: a write that only moves the times need not be durable
         status.host = self.settings.host
         status.result = result.result.value
         status.last_reconcile_at = now
@@ -804,7 +805,7 @@ class Reconciler:
         status.traffic = view.get("traffic", status.traffic)
         status.events = view["events"]
         try:
-            save_status(self.layout.status_file, status)
+            save_status(self.layout.status_file, status, previous)
         except OSError as exc:
             log.error("cannot write status %s: %s", self.layout.status_file, exc)
 
