@@ -14,7 +14,7 @@ from typing import Any
 
 from xml.parsers import expat
 
-__all__ = ["Fault", "ProtocolError", "call", "dumps_call", "loads_response"]
+__all__ = ["Fault", "ProtocolError", "Pending", "call", "send", "dumps_call", "loads_response"]
 
 _MAX_RESPONSE = 64 * 1024 * 1024
 
@@ -34,15 +34,41 @@ class ProtocolError(Exception):
 
 def call(path: str, method: str, params: tuple, timeout: float) -> Any:
     """POST one call to the server listening on unix socket `path`; return the decoded result."""
+    return send(path, method, params, timeout).result()
+
+
+class Pending:
+    """A call sent whose answer is not read yet: the caller can do other work while the server makes it.
+    `result()` reads and decodes it (once), `close()` drops it; either closes the connection."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def result(self) -> Any:
+        try:
+            raw = _read_response(self._sock)
+        finally:
+            self._sock.close()
+        return loads_response(_http_body(raw))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def send(path: str, method: str, params: tuple, timeout: float) -> Pending:
+    """POST one call to the server listening on unix socket `path`; its answer is read by `.result()`."""
     body = dumps_call(method, params)
     head = (f"POST /RPC2 HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(head + body)
-        raw = _read_response(sock)
-    return loads_response(_http_body(raw))
+    except BaseException:
+        sock.close()
+        raise
+    return Pending(sock)
 
 
 def _read_response(sock: socket.socket) -> bytes:

@@ -100,11 +100,23 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
     supervisor = "stopped"
     info: dict[str, dict] = {}
     pending: dict[str, str] = {}
+    later = None
     if client is not None:
         from agent.core.errors import SupervisorError
 
         try:
-            info = client.process_info()
+            later = client.process_info_later()     # supervisord answers while the venvs are read
+        except SupervisorError as exc:
+            supervisor = f"unreachable: {exc}"
+    try:
+        venv_facts = _venv_facts(venvs, envs_dir)
+    except BaseException:
+        if later is not None:
+            later.close()
+        raise
+    if later is not None:
+        try:
+            info = later.result()
             added, changed, removed = (reload_config or client.reload_config)()
             pending = {**{n: "added" for n in added}, **{n: "changed" for n in changed}, **{n: "removed" for n in removed}}
             pending = owned_pending(pending, program_files, info,
@@ -129,7 +141,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             daemonized=(daemonized(client, name, p) or "") if p.get("statename") in DOWN_STATES else "",
         )
     traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
-    return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)
+    return Facts(supervisor=supervisor, venvs=venv_facts, programs=programs, traffic=traffic)
 
 
 def app_file_facts(layout, key: bytes) -> dict:
