@@ -119,3 +119,23 @@ def test_report_shows_suspension_quarantine_and_the_release_window():
     page = render_page(r)
     assert 'data-suspended="app"' in page and "incident &lt;b&gt;42&lt;/b&gt;" in page and "<b>42" not in page
     assert 'data-quarantined="' + "c" * 12 + '"' in page and 'data-window="closed"' in page and 'data-window="open"' in page
+
+
+def test_recorded_changes_nothing_it_is_given():
+    """The reconciler hands `recorded` the status's own containers (Status.view, no copy): it must stay pure."""
+    import copy
+
+    from agent.core.status_view import recorded
+
+    prev = {"apps": {"web": {"services": {"a": {}}, "environments": ["e"]}},
+            "resources": {"program:a": {"state": "drift", "at": 1.0, "since": 1.0}, "venv:e": {"state": "ok", "at": 1.0}},
+            "events": [{"at": 1.0, "kind": "drift", "app": "web", "message": "program:a: edited"}],
+            "rollouts": {"web": {"state": "progressing", "step": 0, "id": "x"}}}
+    before = copy.deepcopy(prev)
+    action = NS(key="program:a", reason="edited", kind="write_program", describe=lambda: "write a")
+    result = _result(result=ReconcileResult.APPLIED, plan=NS(actions=(action,)), facts=None, desired=None,
+                     outcomes=(Outcome(action, Verdict.APPLIED),), rollouts={"web": {"state": "complete", "step": 1}},
+                     resources={"program:a": {"state": "ok", "at": 2.0}, "venv:e": {"state": "drift", "at": 2.0}})
+    out = recorded(prev, result, 2.0)
+    assert prev == before
+    assert out["resources"]["venv:e"]["since"] == 2.0 and [e["kind"] for e in out["events"]][-2:] == ["corrected", "canary"]

@@ -278,6 +278,24 @@ def test_unreachable_socket_is_an_error_naming_the_socket(tmp_path):
     with pytest.raises(ConfigError):
         connect("http://127.0.0.1:9001")
     assert EmbeddedSupervisor(tmp_path).stop() is False
+    with pytest.raises(SupervisorError) as info:       # the split query says so at once, as the call does
+        SupervisorClient(missing).process_info_later()
+    assert info.value.code is None and str(missing) in str(info.value)
+
+
+def test_process_info_later_is_process_info_read_after_other_work(sup):
+    """The facts send getAllProcessInfo, read the venvs, then read the answer: the same answer, and an
+    answer dropped unread leaves supervisord serving the next call."""
+    client = sup.ensure_running()
+    add(sup, "sleeper")
+    client.update()
+    wait_state(client, "sleeper", "RUNNING")
+    later = client.process_info_later()
+    time.sleep(0.05)                                   # the other work
+    got = later.result()
+    assert got["sleeper"]["statename"] == "RUNNING" and set(got) == set(client.process_info())
+    client.process_info_later().close()
+    assert client.state() == "RUNNING" and client.process_info()["sleeper"]["pid"] == got["sleeper"]["pid"]
 
 
 # --- daemon behaviour -----------------------------------------------------------------------------

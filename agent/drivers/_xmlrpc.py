@@ -8,12 +8,13 @@ a real supervisord by the driver's tests.
 
 from __future__ import annotations
 
+import re
 import socket
 from typing import Any
 
 from xml.parsers import expat
 
-__all__ = ["Fault", "ProtocolError", "call", "dumps_call", "loads_response"]
+__all__ = ["Fault", "ProtocolError", "Pending", "call", "send", "dumps_call", "loads_response"]
 
 _MAX_RESPONSE = 64 * 1024 * 1024
 
@@ -33,15 +34,41 @@ class ProtocolError(Exception):
 
 def call(path: str, method: str, params: tuple, timeout: float) -> Any:
     """POST one call to the server listening on unix socket `path`; return the decoded result."""
+    return send(path, method, params, timeout).result()
+
+
+class Pending:
+    """A call sent whose answer is not read yet: the caller can do other work while the server makes it.
+    `result()` reads and decodes it (once), `close()` drops it; either closes the connection."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+
+    def result(self) -> Any:
+        try:
+            raw = _read_response(self._sock)
+        finally:
+            self._sock.close()
+        return loads_response(_http_body(raw))
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def send(path: str, method: str, params: tuple, timeout: float) -> Pending:
+    """POST one call to the server listening on unix socket `path`; its answer is read by `.result()`."""
     body = dumps_call(method, params)
     head = (f"POST /RPC2 HTTP/1.0\r\nHost: localhost\r\nContent-Type: text/xml\r\n"
             f"Content-Length: {len(body)}\r\n\r\n").encode("ascii")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
         sock.settimeout(timeout)
         sock.connect(path)
         sock.sendall(head + body)
-        raw = _read_response(sock)
-    return loads_response(_http_body(raw))
+    except BaseException:
+        sock.close()
+        raise
+    return Pending(sock)
 
 
 def _read_response(sock: socket.socket) -> bytes:
@@ -192,6 +219,101 @@ class _Decoder:
 
 def loads_response(data: bytes) -> Any:
     """The single result of a methodResponse; raises Fault for a fault response."""
+    try:
+        fault, result = _plain(data)
+    except _Unusual:
+        fault, result = _parsed(data)
+    if fault:
+        if not isinstance(result, dict):
+            raise ProtocolError("a fault must be a struct")
+        raise Fault(int(result.get("faultCode", 0)), str(result.get("faultString", "")))
+    return result
+
+
+# The plain form xmlrpclib writes (supervisord's answers): one regex match per scalar member or value and per
+# container's open and close, instead of expat's callbacks per element and text node (getAllProcessInfo of 10
+# programs: ~0.2 ms instead of ~0.9 ms). Anything else (an entity, a comment, CDATA, an attribute, \r, odd
+# whitespace) is _Unusual and goes to expat, which decides what it means or that it is malformed.
+# XML's text as it is (no entity, no \r that XML normalises, no character XML forbids); XML's whitespace
+_TEXT = "[^<>&\r\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]*"
+_WS = "[ \t\n]*"
+_SCALAR = ("(?:<(?P<{p}kind>string|int|i4|i8|boolean|double|dateTime\\.iso8601)>(?P<{p}text>" + _TEXT
+           + ")</(?P={p}kind)>|(?P<{p}nil><nil/>)|(?P<{p}bare>" + _TEXT + "))")
+_TOKEN = re.compile(
+    _WS + "(?:"
+    "<member>" + _WS + "<name>(?P<mname>" + _TEXT + ")</name>" + _WS + "<value>" + _SCALAR.format(p="m")
+    + "</value>" + _WS + "</member>"
+    "|<value>" + _SCALAR.format(p="v") + "</value>"
+    "|(?:<member>" + _WS + "<name>(?P<oname>" + _TEXT + ")</name>" + _WS + ")?<value>" + _WS
+    + "(?:(?P<ostruct><struct>)|<array>" + _WS + "<data>)"
+    "|(?P<close>(?:(?P<cstruct></struct>)|</data>" + _WS + "</array>)" + _WS + "</value>)(?P<cmember>" + _WS
+    + "</member>)?"
+    ")")
+_ENVELOPE = re.compile(_WS + "(?:<\\?xml[^<>\x00-\x1f]*\\?>)?" + _WS + "<methodResponse>" + _WS + "(?:<params>" + _WS
+                       + "<param>(?P<params>.*)</param>" + _WS + "</params>|<fault>(?P<fault>.*)</fault>)" + _WS
+                       + "</methodResponse>" + _WS, re.S)
+_CONVERT = {"string": str, "int": int, "i4": int, "i8": int, "double": float, "dateTime.iso8601": str,
+            "boolean": lambda text: text.strip() == "1"}
+
+
+class _Unusual(Exception):
+    """Not the plain form: expat decodes it."""
+
+
+def _plain(data: bytes) -> tuple[bool, Any]:
+    """(is a fault, the value) of a response in the plain form; _Unusual for anything else."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _Unusual from None
+    env = _ENVELOPE.fullmatch(text)
+    if env is None:
+        raise _Unusual
+    part = "params" if env.start("params") >= 0 else "fault"
+    pos, end = env.span(part)
+    frames: list[tuple[Any, str | None]] = []    # the open containers: (list or dict, its member name or None)
+    top: list[Any] = []
+    inner: Any = top                                 # the innermost open container
+    convert = _CONVERT
+    for m in _TOKEN.finditer(text, pos, end):
+        if m.start() != pos:
+            raise _Unusual
+        pos = m.end()
+        (mname, mkind, mtext, mnil, mbare, vkind, vtext, vnil, vbare,
+         oname, ostruct, close, cstruct, cmember) = m.groups()
+        if mname is not None:           # <member><name>N</name><value>scalar</value></member>
+            if type(inner) is not dict:
+                raise _Unusual
+            inner[mname] = convert[mkind](mtext) if mkind is not None else None if mnil is not None else mbare
+        elif close is not None:         # </struct></value> or </data></array></value>, then maybe </member>
+            if not frames:
+                raise _Unusual
+            value, name = frames.pop()
+            if (cstruct is not None) != (type(value) is dict) or (name is not None) != (cmember is not None):
+                raise _Unusual
+            inner = frames[-1][0] if frames else top
+            if name is not None:
+                inner[name] = value     # the opening token checked inner is a struct
+            else:
+                if type(inner) is not list:
+                    raise _Unusual
+                inner.append(value)
+        elif vkind is not None or vnil is not None or vbare is not None:     # <value>scalar</value>
+            if type(inner) is not list:
+                raise _Unusual
+            inner.append(convert[vkind](vtext) if vkind is not None else None if vnil is not None else vbare)
+        else:                           # a container opens: [<member><name>N</name>]<value><struct> or <array><data>
+            if (oname is not None) != (type(inner) is dict):
+                raise _Unusual
+            inner = {} if ostruct is not None else []
+            frames.append((inner, oname))
+    if text[pos:end].strip(" \t\n") or frames or len(top) != 1:
+        raise _Unusual
+    return part == "fault", top[0]
+
+
+def _parsed(data: bytes) -> tuple[bool, Any]:
+    """(is a fault, the value), by expat: any well-formed response."""
     decoder = _Decoder()
     parser = expat.ParserCreate(encoding="utf-8")
     parser.StartElementHandler = decoder.start
@@ -203,9 +325,4 @@ def loads_response(data: bytes) -> Any:
         raise ProtocolError(f"malformed XML-RPC response: {exc}") from None
     if decoder.stack or decoder.value_frames or len(decoder.values) != 1:
         raise ProtocolError("an XML-RPC response must hold exactly one value")
-    result = decoder.values[0]
-    if decoder.fault:
-        if not isinstance(result, dict):
-            raise ProtocolError("a fault must be a struct")
-        raise Fault(int(result.get("faultCode", 0)), str(result.get("faultString", "")))
-    return result
+    return decoder.fault, decoder.values[0]

@@ -35,7 +35,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from agent.drivers import _xmlrpc
 from agent.core.errors import ConfigError, SupervisorError
@@ -124,6 +124,13 @@ class SupervisorClient:
         program's name reads its state as for any other program.
         """
         return _with_groups(self._call("supervisor.getAllProcessInfo"))
+
+    def process_info_later(self) -> "Later":
+        """`process_info` in two halves: the request goes now, `.result()` reads the answer. The agent's
+        facts gather the venvs' meanwhile (supervisord takes ~1.5 ms to answer for 10 programs, on the
+        other core). Raises SupervisorError now if supervisord cannot be reached."""
+        method = "supervisor.getAllProcessInfo"
+        return Later(lambda pending: _with_groups(self._answer(pending, method)), self._send(method))
 
     def read_log_tail(self, name: str, nbytes: int = 2000) -> str:
         """The last `nbytes` of `name`'s stderr log, or "" when it has none; for error messages.
@@ -323,14 +330,39 @@ class SupervisorClient:
     # -- transport
 
     def _call(self, method: str, *args: Any) -> Any:
+        return self._answer(self._send(method, *args), method, *args)
+
+    def _send(self, method: str, *args: Any) -> _xmlrpc.Pending:
         try:
-            return _xmlrpc.call(self.socket_path, method, args, self.timeout)
+            return _xmlrpc.send(self.socket_path, method, args, self.timeout)
+        except OSError as exc:
+            raise self._unreachable(method, exc) from exc
+
+    def _answer(self, pending: _xmlrpc.Pending, method: str, *args: Any) -> Any:
+        try:
+            return pending.result()
         except _xmlrpc.Fault as fault:
             raise _fault_error(method, args, fault) from None
         except (OSError, _xmlrpc.ProtocolError) as exc:
-            raise SupervisorError(
-                f"supervisord at unix://{self.socket_path} is unreachable ({method}): {exc}", None
-            ) from exc
+            raise self._unreachable(method, exc) from exc
+
+    def _unreachable(self, method: str, exc: Exception) -> SupervisorError:
+        return SupervisorError(f"supervisord at unix://{self.socket_path} is unreachable ({method}): {exc}", None)
+
+
+class Later:
+    """A query sent to supervisord whose answer is read by `result()` (once; SupervisorError as the call
+    would raise); `close()` drops it unread."""
+
+    def __init__(self, read: Callable[[_xmlrpc.Pending], Any], pending: _xmlrpc.Pending):
+        self._read = read
+        self._pending = pending
+
+    def result(self) -> Any:
+        return self._read(self._pending)
+
+    def close(self) -> None:
+        self._pending.close()
 
 
 def _fault_error(method: str, args: tuple, fault: _xmlrpc.Fault) -> SupervisorError:
@@ -940,11 +972,16 @@ def _glob_escape(name: str) -> str:
 
 def read_program_files(include_dir: Path) -> dict[str, str]:
     """name -> text of every <name>.conf in `include_dir` (none if the directory is missing)."""
-    try:
-        paths = sorted(Path(include_dir).glob("*.conf"))
+    try:    # os.scandir: its entries know a regular file without a stat; pathlib's glob made an object per file
+        with os.scandir(include_dir) as entries:
+            names = sorted(e.name for e in entries if e.name.endswith(".conf") and e.is_file())
     except OSError:
         return {}
-    return {p.name[: -len(".conf")]: p.read_text(encoding="utf-8") for p in paths if p.is_file()}
+    out = {}
+    for name in names:
+        with open(os.path.join(include_dir, name), encoding="utf-8") as fh:
+            out[name[: -len(".conf")]] = fh.read()
+    return out
 
 
 def _check_name(name: str) -> None:

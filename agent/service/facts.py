@@ -10,6 +10,7 @@ state, and a program listed here that is not wished for gets removed.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Protocol
 
@@ -21,11 +22,18 @@ __all__ = ["collect", "read_verified", "owned_pending", "app_file_facts"]
 
 def read_verified(directory: Path) -> dict[str, str]:
     """name -> "digest pid": the program config that last passed its health gate, and the process that
-    passed it (older agents wrote the digest alone)."""
+    passed it (older agents wrote the digest alone). os.scandir and open: pathlib's per-file objects were
+    half the cost of reading 10 of these on every reconcile."""
+    out = {}
     try:
-        return {p.name: p.read_text().strip() for p in Path(directory).iterdir() if not p.name.startswith(".")}
+        with os.scandir(directory) as entries:
+            names = [e.name for e in entries if not e.name.startswith(".")]
+        for name in names:
+            with open(os.path.join(directory, name)) as fh:
+                out[name] = fh.read().strip()
     except FileNotFoundError:
         return {}
+    return out
 
 
 
@@ -37,12 +45,18 @@ class _Venvs(Protocol):
 
 def _venv_facts(venvs: _Venvs, envs_dir: Path) -> dict[str, VenvFact]:
     infos = venvs.list(None)
-    names = {i.name for i in infos}
-    if envs_dir.is_dir():
-        names |= {p.name for p in envs_dir.iterdir() if p.is_symlink() and not p.name.startswith(".")}
+    by_name: dict[str, list] = {}
+    for info in infos:      # newest first, as listed
+        by_name.setdefault(info.name, []).append(info)
+    names = set(by_name)
+    try:
+        with os.scandir(envs_dir) as entries:      # the d_type tells a symlink: no lstat per entry
+            names |= {e.name for e in entries if e.is_symlink() and not e.name.startswith(".")}
+    except (FileNotFoundError, NotADirectoryError):
+        pass
     out = {}
     for name in sorted(names):
-        mine = [i for i in infos if i.name == name]
+        mine = by_name.get(name, [])
         current = venvs.current(name)
         cur_info = next((i for i in mine if current is not None and i.path == current), None)
         installed = None
@@ -86,11 +100,23 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
     supervisor = "stopped"
     info: dict[str, dict] = {}
     pending: dict[str, str] = {}
+    later = None
     if client is not None:
         from agent.core.errors import SupervisorError
 
         try:
-            info = client.process_info()
+            later = client.process_info_later()     # supervisord answers while the venvs are read
+        except SupervisorError as exc:
+            supervisor = f"unreachable: {exc}"
+    try:
+        venv_facts = _venv_facts(venvs, envs_dir)
+    except BaseException:
+        if later is not None:
+            later.close()
+        raise
+    if later is not None:
+        try:
+            info = later.result()
             added, changed, removed = (reload_config or client.reload_config)()
             pending = {**{n: "added" for n in added}, **{n: "changed" for n in changed}, **{n: "removed" for n in removed}}
             pending = owned_pending(pending, program_files, info,
@@ -115,7 +141,7 @@ def collect(venvs: _Venvs, envs_dir: Path, program_files: dict[str, str], client
             daemonized=(daemonized(client, name, p) or "") if p.get("statename") in DOWN_STATES else "",
         )
     traffic = lb.facts() if lb is not None and (lb.program_name in program_files or lb.has_config()) else None
-    return Facts(supervisor=supervisor, venvs=_venv_facts(venvs, envs_dir), programs=programs, traffic=traffic)
+    return Facts(supervisor=supervisor, venvs=venv_facts, programs=programs, traffic=traffic)
 
 
 def app_file_facts(layout, key: bytes) -> dict:

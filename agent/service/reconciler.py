@@ -167,6 +167,7 @@ class Reconciler:
         self._unstaged_memo: dict[str, DesiredState] = {}   # sha -> its desired state (apps a window holds)
         self._window_sources: dict[str, str | None] = {}    # app a window holds -> the revision it keeps
         self._composed: tuple | None = None      # (key, the composed desired state, the desired state it came from)
+        self._last_plan: tuple | None = None     # (desired state, materials, facts, the plan make_plan made of them)
 
     def close(self) -> None:
         self.world.close()
@@ -277,7 +278,7 @@ class Reconciler:
         materials = self._materials_step(rev, target, desired_from, invalid)
         loaded = target
         target, rollouts = self._rollouts(target, facts, status, materials)
-        heal = make_plan(target, facts, self.plan_opts, materials)
+        heal = self._plan(target, facts, materials)
         if materials.sealed and heal.actions:
             # actions carry file contents and secret values: decrypt and render for real, plan again (same
             # digests, so the same actions; the rollouts above are not walked a second time)
@@ -428,6 +429,17 @@ class Reconciler:
             why = f"revision {desired_from[:12] if desired_from else rev.sha[:12]} cannot be applied on this host:\n{exc}"
             raise _Stop(Result(ReconcileResult.INVALID, rev, error=f"{invalid}\n{why}" if invalid else why,
                                desired_from=desired_from)) from None
+
+    def _plan(self, desired: DesiredState, facts: Facts, materials: Materials) -> Plan:
+        """make_plan (pure), made again only when its inputs changed: the daemon's no-op polls plan the same
+        desired state and materials objects against equal facts (planning 10 apps: ~2.7 ms; comparing the
+        facts: ~0.05 ms)."""
+        memo = self._last_plan
+        if memo is not None and memo[0] is desired and memo[1] is materials and memo[2] == facts:
+            return memo[3]
+        plan = make_plan(desired, facts, self.plan_opts, materials)
+        self._last_plan = (desired, materials, facts, plan)
+        return plan
 
     def _inputs_digests(self, desired: DesiredState) -> dict[str, str]:
         """app -> inputs_digest, once per desired state (the daemon's no-op reconciles reuse one: hashing
@@ -733,6 +745,8 @@ class Reconciler:
                          len(canary.steps), canary_percent(canary, progress), progress.reason)
             rollouts[app.name] = asdict(progress)
             apps.append(replace(app, traffic=with_canary(app.traffic, canary_percent(canary, progress))))
+        if all(a is b for a, b in zip(apps, desired.apps)):
+            return desired, rollouts        # the same object: what is memoized per desired state stays valid
         return desired.with_apps(tuple(apps)), rollouts
 
     def _refusal(self, rev: Revision, status: Status) -> str | None:
@@ -762,6 +776,7 @@ class Reconciler:
 
     def _record(self, status: Status, result: Result) -> None:
         now = self.world.clock()
+        previous = status.view()        # as read: a write that only moves the times need not be durable
         status.host = self.settings.host
         status.result = result.result.value
         status.last_reconcile_at = now
@@ -776,7 +791,7 @@ class Reconciler:
         elif succeeded:
             status.last_error = None
         try:
-            view = recorded(status.to_json(), result, now)     # apps, live split, drift since, events
+            view = recorded(status.view(), result, now)     # apps, live split, drift since, events (pure: no copy)
         except Exception:  # noqa: BLE001 - the status page's extras must never cost the record itself
             log.exception("cannot derive the status page's view of this reconcile")
             view = {"resources": result.resources if result.plan is not None else {}, "events": status.events}
@@ -790,7 +805,7 @@ class Reconciler:
         status.traffic = view.get("traffic", status.traffic)
         status.events = view["events"]
         try:
-            save_status(self.layout.status_file, status)
+            save_status(self.layout.status_file, status, previous)
         except OSError as exc:
             log.error("cannot write status %s: %s", self.layout.status_file, exc)
 
