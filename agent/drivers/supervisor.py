@@ -646,7 +646,7 @@ class EmbeddedSupervisor:
         environment variable that its programs would inherit. A new session and no inherited file
         descriptors keep it independent of the calling process.
         """
-        argv = [sys.executable, "-X", "utf8", "-m", "supervisor.supervisord", "-c", str(self.conf_path)]
+        argv = [sys.executable, "-X", "utf8", "-m", "agent.drivers.supervisord_main", "-c", str(self.conf_path)]
         try:
             done = subprocess.run(
                 argv,
