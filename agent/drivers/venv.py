@@ -505,6 +505,7 @@ class VenvManager:
         no package metadata while no venv changed); `read_only`: it is read, never written."""
         self._installed: dict[Path, tuple[tuple[int, ...], dict[str, str]]] = {}   # path -> (site-packages mtimes, dists)
         self._site_dirs: dict[Path, list[Path]] = {}    # venv path -> its site-packages dirs
+        self._markers: dict[Path, tuple[tuple[int, int, int], dict | None]] = {}  # path -> (marker stat, content)
         self._installed_file = installed_file
         self._installed_read_only = read_only
         self._installed_loaded = installed_file is None
@@ -535,14 +536,12 @@ class VenvManager:
 
         A dangling link still returns its target, so the caller can see *which* venv went missing.
         """
-        link = self.link_for(name)
+        envs = str(self._envs)        # plain strings: asked once per environment on every poll
         try:
-            target = os.readlink(link)
-        except (FileNotFoundError, NotADirectoryError):
+            target = os.readlink(os.path.join(envs, _checked_name(name)))
+        except OSError:  # no link, or something else there (replaced by hand)
             return None
-        except OSError:  # exists but is not a symlink: someone replaced it by hand
-            return None
-        return Path(os.path.normpath(link.parent / target))
+        return Path(os.path.normpath(os.path.join(envs, target)))
 
     # ----- facts -----
 
@@ -563,13 +562,28 @@ class VenvManager:
         return sorted(infos, key=lambda i: (i.mtime, i.path.name), reverse=True)
 
     def _info(self, name: str, identity: str, path: Path) -> VenvInfo:
-        marker = _read_marker(path)
-        stat_path = path / MARKER if marker is not None else path
+        """A venv's facts. Its marker is read and parsed again only when the file itself changed (another
+        inode, size or mtime): a marker is written once, whole, so a stat is enough on every other poll."""
         try:
-            mtime = stat_path.stat().st_mtime
+            st = os.stat(os.path.join(path, MARKER))
+        except OSError:
+            st = None
+        marker = None
+        if st is not None:
+            key = (st.st_ino, st.st_size, st.st_mtime_ns)
+            cached = self._markers.get(path)
+            if cached is not None and cached[0] == key:
+                marker = cached[1]
+            else:
+                marker = _read_marker(path)
+                self._markers[path] = (key, marker)
+        if marker is not None:
+            return VenvInfo(name, identity, path, True, marker, st.st_mtime)
+        try:
+            mtime = os.stat(path).st_mtime
         except OSError:
             mtime = 0.0
-        return VenvInfo(name, identity, path, marker is not None, marker, mtime)
+        return VenvInfo(name, identity, path, False, None, mtime)
 
     def installed(self, path: Path) -> dict[str, str]:
         """What is really installed: canonical name -> version, read in-process (~1 ms, no subprocess).
