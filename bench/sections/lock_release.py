@@ -41,13 +41,13 @@ HOW = """\
 def run(ctx: Context, runs: int | None = None) -> None:
     res, work = ctx.res, ctx.work
     runs = runs or (1 if ctx.quick else 7)
-    repo = DemoRepo(work / "release-repo")
+    repo = DemoRepo(work / "lock-release-repo")
     port = distinct_port()
     for i in range(runs + 1):
         repo.lock_text(f"1.{i}.0")        # every wheel made up front: the clock runs for the agent only
     write_app(repo, "demo", "demo", repo.lock_text("1.0.0"), {"demo-web": port})
     sha = repo.commit("demo 1.0.0")
-    root = CLEANUP.root(work / "release-root")
+    root = CLEANUP.root(work / "lock-release-root")
     daemon = start_daemon(CLEANUP, repo.url, root, work, poll=30.0, port=distinct_port())
     sample = f'gitops_agent_applied_revision_info{{revision="{sha}"}} 1.0'
     when(lambda: sample in daemon.metrics_text(), 180, "first converge", 0.1, daemon.log)

@@ -22,11 +22,12 @@ WALL = "`once` no-op, whole process, example (wall)"
 
 HOW = """\
 2. desired-state-example committed into a temp git repo; `gitops-agent once --path
-   desired-state-example --host localhost --age-identity keys/demo-host.agekey` converges it (pip;
-   uv in quick mode), then each timed run is the console script as a fresh process, exit 0 and
+   desired-state-example --host localhost --age-identity keys/demo-host.agekey` converges it (the
+   default installer, uv), then each timed run is the console script as a fresh process, exit 0 and
    "result: converged" checked. Both apps: mandelbrot (two venvs, HAProxy) and the shop (one venv,
-   its age secret decrypted by the `age` CLI, three templates rendered, a job's inputs compared,
-   shop-web and two shop-worker processes checked), so every no-op runs age once.
+   an age secret, three templates, a job, shop-web and two shop-worker processes): a no-op compares the
+   secret and templates by their sealed digests (state/materials.memo: no `age`, no rendering). The agent
+   runs from its own venv (harness.agent_cmd).
 """
 
 
@@ -39,15 +40,14 @@ def run(ctx: Context) -> None:
     if ports != EXAMPLE_PORTS:
         res.notes.append(f"Some of the example's ports {EXAMPLE_PORTS} were taken on this host: the bench's copy "
                          f"uses {ports}.")
-    first = base + (["--installer", "uv"] if quick else [])
-    log("once: converging the example" + (" (uv: quick mode)" if quick else " (pip, the example's default)"))
-    wall, _, proc = timed_proc(first, timeout=900)
+    log("once: converging the example (uv, the default installer)")
+    wall, _, proc = timed_proc(base, timeout=900)
     if proc.returncode != 0:
         raise RuntimeError(f"once (converge) failed:\n{proc.stdout}\n{proc.stderr}")
     log(f"once: converged in {wall:.1f}s")
     walls, cpus = [], []
     for _ in range(runs):
-        wall, cpu, proc = timed_proc(first, timeout=120)
+        wall, cpu, proc = timed_proc(base, timeout=120)
         if proc.returncode != 0 or "result: converged" not in proc.stdout:
             raise RuntimeError(f"once no-op was not a no-op:\n{proc.stdout}\n{proc.stderr}")
         walls.append(wall)
