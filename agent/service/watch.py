@@ -111,7 +111,7 @@ def managed_paths(layout: Layout, repo: str | None = None, extra: Iterable[Watch
 class Debouncer:
     """Merge pokes: call `fire(sources, since, until)` once no poke came for `quiet_s` (at most `max_wait_s` after the first)."""
 
-    def __init__(self, fire: Callable[[frozenset[str], float, float], None], quiet_s: float = 0.075, max_wait_s: float = 0.5,
+    def __init__(self, fire: Callable[[frozenset[str], float, float], None], quiet_s: float = 0.03, max_wait_s: float = 0.5,
                  clock: Callable[[], float] = time.monotonic):
         self._fire, self.quiet_s, self.max_wait_s, self._clock = fire, quiet_s, max_wait_s, clock
         self._cond = threading.Condition()
@@ -184,7 +184,7 @@ class _Handler(FileSystemEventHandler):
 class Watcher:
     """One watchdog observer; `watch(specs)` (re)arms exactly the given directories."""
 
-    def __init__(self, on_trigger: Callable[[frozenset[str], float, float], None], debounce_s: float = 0.075):
+    def __init__(self, on_trigger: Callable[[frozenset[str], float, float], None], debounce_s: float = 0.03):
         self._debouncer = Debouncer(on_trigger, quiet_s=debounce_s)
         self._observer = Observer()
         self._observer.daemon = True
