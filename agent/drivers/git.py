@@ -160,6 +160,7 @@ class GitSource:
         self._env = _git_env(ssh_command)
         self._mirror_ready = False
         self._revisions: dict[str, Revision] = {}  # commit sha -> Revision
+        self._shown: dict[str, Revision] = {}      # read along with a commit's id, for _read_commit
         self._peeled: dict[str, str] = {}  # ref object sha (commit or annotated tag) -> commit sha
         self._url_checked = False  # the first URL check of this process may see a legitimate --repo change
         self._pushed = False  # a push webhook came in: the next resolve fetches first (see `expect_push`)
@@ -379,6 +380,7 @@ class GitSource:
                 except OSError:
                     pass
             self._revisions[sha] = cached
+        self._shown.pop(sha, None)
         return cached
 
     # -- git plumbing ------------------------------------------------------------------------------
@@ -499,18 +501,30 @@ class GitSource:
 
     def _commit_sha(self, rev: str) -> str | None:
         """Full sha of the commit `rev` names in the mirror, or None (a full hex id must exist and be a
-        commit: `^{commit}` makes git look the object up rather than take the id on trust)."""
+        commit: `^{commit}` makes git look the object up rather than take the id on trust). The same
+        process reads the commit's time and summary, kept for `_read_commit` (one process per new commit)."""
         self._ensure_mirror()
         try:
-            out = self._run(["rev-parse", "--verify", "--quiet", "--end-of-options", f"{rev}^{{commit}}"])
+            out = self._run(["show", "--no-patch", "--format=%H%n%ct%n%B", "--end-of-options", f"{rev}^{{commit}}",
+                             "--"])
         except SourceError:
             return None
-        sha = out.strip()
-        return sha if _FULL_SHA.fullmatch(sha) else None
+        sha, _, rest = out.partition("\n")
+        if not _FULL_SHA.fullmatch(sha):
+            return None
+        self._shown[sha] = self._parse_commit(sha, rest)
+        return sha
 
     def _read_commit(self, sha: str) -> Revision:
         """Committer time and summary (the message's first line) of a commit the mirror holds."""
+        shown = self._shown.pop(sha, None)
+        if shown is not None:
+            return shown
         out = self._run(["show", "--no-patch", "--format=%ct%n%B", sha, "--"], what="read a commit of")
+        return self._parse_commit(sha, out)
+
+    def _parse_commit(self, sha: str, out: str) -> Revision:
+        """`%ct%n%B` -> Revision."""
         when, _, message = out.partition("\n")
         return Revision(sha, self.ref, float(when), message.split("\n", 1)[0].strip())
 
