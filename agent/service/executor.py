@@ -160,9 +160,9 @@ def _check_health(drivers: Drivers, action: CheckHealth) -> str:
     seen = ""
     probes = 0
     target = action.url or action.tcp or " ".join(action.command[:1])
+    client = drivers.client()     # once: a probe every 10 ms need not re-check supervisord's config and state
     while drivers.clock() < deadline:
         ok, seen = _probe(action)
-        client = drivers.client()
         info = client.process_info().get(action.name)
         if ok:
             pid = (info or {}).get("pid") or 0
@@ -170,7 +170,12 @@ def _check_health(drivers: Drivers, action: CheckHealth) -> str:
                 return seen
             seen = f"{seen}, but not from {action.name} (pid {pid}): another process answers there"
         probes += 1
-        _raise_if_dead(client, action.name, info)     # a crashed program will not turn healthy: say why, at once
+        try:
+            _raise_if_dead(client, action.name, info)     # a crashed program will not turn healthy: say why, at once
+        except SupervisorError as exc:     # it died on a port another process holds: say both
+            if not ok or "another process answers there" not in seen:
+                raise
+            raise SupervisorError(f"{exc} (the gate's last probe: {seen})", exc.code) from None
         drivers.sleep(0.01 if probes < 10 else 0.05 if probes < 30 else 0.2)
     raise HealthCheckFailed(f"{action.name}: {target} not healthy after {drivers.health_wait_s:g}s (last: {seen})")
 
