@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from agent.drivers import _procfs
 from agent.drivers._procfs import (Listener, catches_signal, children, holds_listener, holds_url_listener,
                                    listener_pids, listeners, process_tree)
 from conftest import free_port
@@ -75,6 +76,15 @@ def test_a_grandchild_listener_counts_for_its_ancestors(spawn):
     assert holds_listener(root, port)
     assert holds_listener(next(iter(children(root))), port)
     assert holds_listener(listener, port)
+
+
+def test_the_children_files_and_the_full_scan_see_the_same_tree(spawn, monkeypatch):
+    """process_tree walks /proc/<pid>/task/<tid>/children where the kernel has them; without them it reads
+    every process's stat: both give the same descendants."""
+    root, listener, _ = spawn(2, "127.0.0.1")
+    walked = process_tree(root)
+    monkeypatch.setattr(_procfs, "_HAS_CHILDREN_FILES", False)
+    assert process_tree(root) == walked and listener in walked and len(walked) == 3
 
 
 def test_another_process_answering_the_port_does_not_count(spawn):
