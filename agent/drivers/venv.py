@@ -439,7 +439,7 @@ def find_uv() -> str | None:
 
 def _find_uv() -> str | None:
     beside = Path(sys.executable).parent / "uv"     # where the `uv` package puts it in the agent's venv
-    if beside.is_file() and os.access(beside, os.X_OK):
+    if sys.prefix != sys.base_prefix and beside.is_file() and os.access(beside, os.X_OK):
         return str(beside)                          # (without importing the package and sysconfig: ~5 ms)
     try:
         from uv import find_uv_bin  # type: ignore[import-not-found]
