@@ -97,16 +97,19 @@ def process_tree(root: int) -> set[int]:
     """`root` and all its descendants (a process that daemonized away from `root` is not among them).
 
     Walked down through each thread's `children` file (a few reads for a service's tree) where the kernel
-    has them, instead of reading every process's `stat` (a health gate's ~300 reads on a busy host)."""
-    tree = _tree_by_children(root)
-    if tree is not None:
-        return tree
-    kids: dict[int, list[int]] = {}
-    for pid, ppid in _parents().items():
-        kids.setdefault(ppid, []).append(pid)
+    has them (CONFIG_PROC_CHILDREN), instead of reading every process's `stat` (a health gate's ~300 reads
+    on a busy host). A child forked while the walk reads may be missed, as with any /proc scan: callers that
+    wait poll again."""
+    if _HAS_CHILDREN_FILES:
+        kids_of = _children_files
+    else:
+        kids: dict[int, list[int]] = {}
+        for pid, ppid in _parents().items():
+            kids.setdefault(ppid, []).append(pid)
+        kids_of = lambda pid: kids.get(pid, ())   # noqa: E731
     out, todo = {root}, [root]
     while todo:
-        for kid in kids.get(todo.pop(), ()):
+        for kid in kids_of(todo.pop()):
             if kid not in out:
                 out.add(kid)
                 todo.append(kid)
@@ -116,29 +119,20 @@ def process_tree(root: int) -> set[int]:
 _HAS_CHILDREN_FILES = os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children")
 
 
-def _tree_by_children(root: int) -> set[int] | None:
-    """The tree from /proc/<pid>/task/<tid>/children (CONFIG_PROC_CHILDREN), or None without them. A child
-    forked while the walk reads may be missed, as with any /proc scan: callers that wait poll again."""
-    if not _HAS_CHILDREN_FILES:
-        return None
-    out, todo = {root}, [root]
-    while todo:
-        pid = todo.pop()
+def _children_files(pid: int) -> list[int]:
+    """The children of every thread of `pid`, from /proc/<pid>/task/<tid>/children."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    kids: list[int] = []
+    for tid in tids:
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
+            with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
+                kids += map(int, fh.read().split())
         except OSError:
             continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", "rb") as fh:
-                    kids = fh.read().split()
-            except OSError:
-                continue
-            for kid in map(int, kids):
-                if kid not in out:
-                    out.add(kid)
-                    todo.append(kid)
-    return out
+    return kids
 
 
 @dataclass(frozen=True)
