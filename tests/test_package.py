@@ -65,7 +65,7 @@ def test_wheel_holds_every_package_and_asset():
                   "grafana/gitops-agent.json"):
         assert f"agent/deploy/{asset}" in names
     meta = zipfile.ZipFile(wheel).read(f"gitops_agent-{__version__}.dist-info/entry_points.txt").decode()
-    assert "gitops-agent = agent.cli:main" in meta
+    assert "gitops-agent = agent.cli:console" in meta
 
 
 def test_installed_wheel_runs_every_command(installed, tmp_path, state_repo):

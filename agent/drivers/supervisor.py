@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import re
 import resource
 import signal
@@ -931,7 +930,7 @@ def _log_paths(text: str, every_process_num: bool = False) -> list[Path]:
             value = parser.get(section, key, fallback="").strip()
             for num in range(start, start + count):
                 names = {"program_name": program, "group_name": program, "process_num": num,
-                         "numprocs": numprocs, "host_node_name": platform.node()}
+                         "numprocs": numprocs, "host_node_name": os.uname().nodename}
                 try:
                     path = value % names % names
                 except (KeyError, ValueError, TypeError):

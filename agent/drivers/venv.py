@@ -45,7 +45,6 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
@@ -785,6 +784,8 @@ class VenvManager:
         expected = {r.name: r.version for r in locked}
         # The two read-only checks run side by side (each is mostly an interpreter or uv starting): ~50 ms
         # less per build; pip check's verdict is reported first, as when they ran one after the other.
+        from concurrent.futures import ThreadPoolExecutor     # a build's only thread (facts import this module)
+
         with ThreadPoolExecutor(max_workers=1) as pool:
             entry_points = pool.submit(self._check_entry_points, path, python, set(expected), run)
             run([uv, "pip", "check", "--python", python] if uv else [*pip, "check"],

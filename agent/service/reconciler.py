@@ -168,6 +168,7 @@ class Reconciler:
         self._window_sources: dict[str, str | None] = {}    # app a window holds -> the revision it keeps
         self._composed: tuple | None = None      # (key, the composed desired state, the desired state it came from)
         self._last_plan: tuple | None = None     # (desired state, materials, facts, the plan make_plan made of them)
+        self._materials: Materials = NO_MATERIALS     # the last plan's, handed to the drivers that apply it
 
     def close(self) -> None:
         self.world.close()
@@ -178,7 +179,7 @@ class Reconciler:
             from agent.service.executor import Drivers
 
             self._drivers = Drivers(self.layout, self.venvs, self.supervisor, lb=self.lb,
-                                    health_wait_s=self.settings.health_wait_s)
+                                    health_wait_s=self.settings.health_wait_s, materials=self._materials)
         return self._drivers
 
     # -- steps ---------------------------------------------------------------------------------
@@ -291,8 +292,10 @@ class Reconciler:
             new_plan = make_plan(desired, facts, self.plan_opts, self.materials(desired))
             parts = split(heal.actions, new_plan.actions, desired, target, waiting)
         plan = Plan(parts.heal + parts.ahead + tuple(h.action for h in parts.waiting), heal.notes)
-        if not self.read_only:
-            self.drivers.materials = materials
+        if not self.read_only:      # for the apply; a no-op `once` never imports the executor
+            self._materials = materials
+            if self._drivers is not None:
+                self._drivers.materials = materials
         control = load_control(control_file(self.settings.root))
         digests = self._inputs_digests(desired)
         base = dict(revision=rev, plan=plan, desired_from=desired_from, facts=facts, new_commit=new_commit,
@@ -676,6 +679,8 @@ class Reconciler:
     def _windows(self, desired: DesiredState, new_commit: bool) -> tuple[dict[str, bool], dict[str, str]]:
         """({app: window open now} for apps with release windows, {app: why held} for those a new commit
         must wait for). `--ignore-windows` opens them all; the drift of what is deployed is healed any time."""
+        if not any(a.windows for a in desired.apps):
+            return {}, {}                # (without importing datetime and zoneinfo: a no-op `once` is short)
         from datetime import datetime, timezone
 
         from agent.core.windows import is_open, next_open
