@@ -415,8 +415,10 @@ def main(description: str, sections: list[Section], machine_rows: Callable[[], l
                                text=f"error: {exc}".splitlines()[0][:160], verdict="ERROR"))
             finally:
                 # what a section started is stopped before the next one is timed: section 1 alone leaves a
-                # supervisord with 200 programs (~15% of a core), which loaded every later section
+                # supervisord with 200 programs (~15% of a core), which loaded every later section. And what
+                # it wrote is flushed: a build's os.sync would otherwise write out the last section's venvs
                 CLEANUP.run()
+                os.sync()
     finally:
         CLEANUP.run()
         if not args.keep:
