@@ -125,23 +125,6 @@ def _retry(p: argparse.ArgumentParser) -> None:
     p.add_argument("--app", help="lift only this app's quarantine")
 
 
-# command -> (its help line, what adds its options, add_parser's other arguments)
-_SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], dict]] = {
-    "once": ("one reconcile, then exit (0 converged/applied, 1 error)", _once, {}),
-    "plan": ("print the plan; exit 0 converged, 2 drift, 1 error", _with_json, {}),
-    "validate": ("validate a state repo checkout (for its CI); exit 0 valid, 1 invalid", _validate, {}),
-    "status": ("applied revision, per-resource state, last error", _with_json, {}),
-    "facts": ("print the facts the agent collects on this host", _with_json, {}),
-    "run": ("the daemon: poll + watch + reconcile loop, /metrics /healthz /readyz", _run, {}),
-    "down": ("stop the embedded supervisord and everything it runs (state on disk kept)", _common, {}),
-    "bootstrap": ("install the agent on a host over SSH and start it as a service (docs/bootstrap.md)", _bootstrap,
-                  {"conflict_handler": "resolve"}),
-    "suspend": ("stop applying changes, host-wide or for one app (drift is still reported)", _suspend, {}),
-    "resume": ("apply changes again, host-wide or for one app", _resume, {}),
-    "retry": ("lift the quarantine of a failed revision, for every app or one", _retry, {}),
-}
-
-
 def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     """The command line. When `argv` starts with a command, only that command's options are built: the
     whole tree (~300 options) costs a short run like `once` ~20 ms. Anything else (--help, --version, a
@@ -154,7 +137,7 @@ def _parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     args = sys.argv[1:] if argv is None else argv
     names = [args[0]] if args and args[0] in _SUBCOMMANDS else list(_SUBCOMMANDS)
     for name in names:
-        help_line, add_options, extra = _SUBCOMMANDS[name]
+        help_line, add_options, _handler, extra = _SUBCOMMANDS[name]
         add_options(sub.add_parser(name, help=help_line, **extra))
     return parser
 
@@ -506,9 +489,22 @@ def cmd_retry(args) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"suspend": cmd_suspend, "resume": cmd_resume, "retry": cmd_retry, "once": cmd_once, "plan": cmd_plan,
-            "validate": cmd_validate, "status": cmd_status, "facts": cmd_facts, "down": cmd_down, "run": cmd_run,
-            "bootstrap": cmd_bootstrap}
+# command -> (its help line, what adds its options, its handler, add_parser's other arguments)
+_SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[..., int], dict]] = {
+    "once": ("one reconcile, then exit (0 converged/applied, 1 error)", _once, cmd_once, {}),
+    "plan": ("print the plan; exit 0 converged, 2 drift, 1 error", _with_json, cmd_plan, {}),
+    "validate": ("validate a state repo checkout (for its CI); exit 0 valid, 1 invalid", _validate, cmd_validate, {}),
+    "status": ("applied revision, per-resource state, last error", _with_json, cmd_status, {}),
+    "facts": ("print the facts the agent collects on this host", _with_json, cmd_facts, {}),
+    "run": ("the daemon: poll + watch + reconcile loop, /metrics /healthz /readyz", _run, cmd_run, {}),
+    "down": ("stop the embedded supervisord and everything it runs (state on disk kept)", _common, cmd_down, {}),
+    "bootstrap": ("install the agent on a host over SSH and start it as a service (docs/bootstrap.md)", _bootstrap,
+                  cmd_bootstrap, {"conflict_handler": "resolve"}),
+    "suspend": ("stop applying changes, host-wide or for one app (drift is still reported)", _suspend, cmd_suspend, {}),
+    "resume": ("apply changes again, host-wide or for one app", _resume, cmd_resume, {}),
+    "retry": ("lift the quarantine of a failed revision, for every app or one", _retry, cmd_retry, {}),
+}
+COMMANDS = {name: handler for name, (_help, _options, handler, _extra) in _SUBCOMMANDS.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
