@@ -223,22 +223,29 @@ def _result_json(result) -> dict:
 def cmd_once(args) -> int:
     settings = _settings(args)
     _setup_logs(settings)
-    from agent.compose import reconciler
+    from agent.compose import git_source
     from agent.service.rootlock import root_lock
 
     # notifications under the lock: a run sends what a killed one left pending, and no other run reads them
     # as pending while this one still delivers them
     undelivered = False
     with root_lock(settings.root):
-        notifications = None
-        if settings.notify:
-            from agent.service.notify import build_notifications
+        source = git_source(settings)
+        source.resolve_ahead()      # git works while the reconciler is imported
+        try:
+            from agent.compose import reconciler
 
-            notifications = build_notifications(settings)
-        result = reconciler(settings).reconcile()
-        if notifications is not None:
-            notifications.observe(result)
-            undelivered = not notifications.notifier.flush(30.0)
+            notifications = None
+            if settings.notify:
+                from agent.service.notify import build_notifications
+
+                notifications = build_notifications(settings)
+            result = reconciler(settings, source=source).reconcile()
+            if notifications is not None:
+                notifications.observe(result)
+                undelivered = not notifications.notifier.flush(30.0)
+        finally:
+            source.close()
     _print_result(result, args.json)
     if undelivered:
         print("warning: some notifications were not delivered within 30 s (the next run sends them)", file=sys.stderr)

@@ -10,15 +10,32 @@ from agent.core.errors import ConfigError
 from agent.core.layout import Layout
 from agent.settings import Settings
 
-__all__ = ["world", "reconciler"]
+__all__ = ["world", "reconciler", "git_source"]
 
 
-def world(settings: Settings, read_only: bool = False):
+def git_source(settings: Settings):
+    """The root's source (the mirror under <root>/source), for a run that may write under the root. Light to
+    import: `once` builds it first and starts resolving (`GitSource.resolve_ahead`) while the rest loads."""
+    from agent.drivers.git import GitSource
+    from agent.service.prewarm import prewarm
+
+    return GitSource(_repo(settings), settings.ref, Layout(settings.root).source, refs_url=settings.refs_url,
+                     on_fetch=prewarm)
+
+
+def _repo(settings: Settings) -> str:
+    if not settings.repo:
+        raise ConfigError("no state repo given: use --repo URL (or GITOPS_AGENT_REPO)")
+    return settings.repo
+
+
+def world(settings: Settings, read_only: bool = False, source=None):
     """Build the drivers a reconcile uses. Cheap: nothing is started, fetched or read here.
 
     `read_only` (plan): nothing may be written under the root (DESIGN §6), so the source fetches into a
     scratch dir borrowing the root mirror's objects, signatures are checked with a scratch GNUPGHOME,
-    and the desired-state cache is only read. `World.close()` removes the scratch dir."""
+    and the desired-state cache is only read. `World.close()` removes the scratch dir. `source`: one already
+    built by `git_source` (ignored when read-only)."""
     import tempfile
     from pathlib import Path
 
@@ -29,16 +46,12 @@ def world(settings: Settings, read_only: bool = False):
     from agent.service.desired_cache import DesiredCache
     from agent.service.reconciler import World
 
-    if not settings.repo:
-        raise ConfigError("no state repo given: use --repo URL (or GITOPS_AGENT_REPO)")
     layout = Layout(settings.root)
     scratch = Path(tempfile.mkdtemp(prefix="gitops-agent-plan-")) if read_only else None
     if scratch is not None:
-        source = GitSource.aside(settings.repo, settings.ref, layout.source, scratch=scratch / "source")
-    else:
-        from agent.service.prewarm import prewarm
-
-        source = GitSource(settings.repo, settings.ref, layout.source, refs_url=settings.refs_url, on_fetch=prewarm)
+        source = GitSource.aside(_repo(settings), settings.ref, layout.source, scratch=scratch / "source")
+    elif source is None:
+        source = git_source(settings)
     verifier = None
     if settings.verify_signatures:
         from agent.drivers.signatures import SignatureVerifier
@@ -58,8 +71,8 @@ def world(settings: Settings, read_only: bool = False):
     )
 
 
-def reconciler(settings: Settings, read_only: bool = False):
+def reconciler(settings: Settings, read_only: bool = False, source=None):
     """The reconciler `once`, `run` (read_only=False) and `plan` (read_only=True) use."""
     from agent.service.reconciler import Reconciler
 
-    return Reconciler(settings, world(settings, read_only), read_only=read_only)
+    return Reconciler(settings, world(settings, read_only, source), read_only=read_only)

@@ -405,3 +405,38 @@ def test_a_url_git_must_quote_is_kept_exactly_in_the_mirror(tmp_path: Path) -> N
     url = subprocess.run(["git", "--git-dir", str(tmp_path / "root" / "source" / "repo.git"), "config",
                           "remote.origin.url"], capture_output=True, text=True, check=True).stdout.rstrip("\n")
     assert url == server.as_uri() or url == str(server)
+
+
+def test_resolve_ahead_answers_the_next_resolve_then_resolving_goes_on(remote: Remote, cache: Path) -> None:
+    """`once` starts the resolve before it imports the rest (GitSource.resolve_ahead): the next resolve is
+    that answer, a later one asks the remote again."""
+    src = GitSource(remote.url, "main", cache)
+    src.resolve_ahead()
+    first = src.resolve()
+    assert first.sha == remote.head() and first.summary == "first commit"
+    second_sha = remote.commit("fleet.yaml", "hosts: {web-2: {}}\n", "add web-2")
+    assert src.resolve().sha == second_sha
+    src.resolve_ahead()
+    assert src.resolve().sha == second_sha
+    src.close()
+
+
+def test_resolve_ahead_error_is_raised_by_the_resolve_that_takes_it(tmp_path: Path, cache: Path) -> None:
+    src = GitSource((tmp_path / "nowhere.git").as_uri(), "main", cache)
+    src.resolve_ahead()
+    with pytest.raises(SourceError, match="cannot reach"):
+        src.resolve()
+    with pytest.raises(SourceError, match="cannot reach"):     # taken once: the next one runs again
+        src.resolve()
+
+
+def test_close_waits_for_a_resolve_ahead_nobody_took(remote: Remote, cache: Path) -> None:
+    """The root lock covers the mirror only while its holder runs: an untaken resolve ends before close()
+    returns, leaving a complete mirror that a plain resolve uses without fetching."""
+    src = GitSource(remote.url, "main", cache)
+    src.resolve_ahead()
+    src.close()
+    assert fetch_head_mtime(cache)
+    before = fetch_head_mtime(cache)
+    assert GitSource(remote.url, "main", cache).resolve().sha == remote.head()
+    assert fetch_head_mtime(cache) == before

@@ -168,6 +168,7 @@ class GitSource:
         self._scratch: Path | None = None  # aside only: what close() removes (its temp dir, or what it put in one)
         self._owns_scratch = False
         self._refs_poller = None
+        self._ahead: tuple | None = None  # (thread, its answer) of a `resolve_ahead` not yet taken
         if refs_url:
             from agent.drivers.refs_http import RefsPoller
 
@@ -216,7 +217,37 @@ class GitSource:
         return self.cache_dir / CHECKOUTS
 
     def resolve(self) -> Revision:
-        """The commit `ref` names on the remote now; fetches only when the remote moved."""
+        """The commit `ref` names on the remote now; fetches only when the remote moved. After
+        `resolve_ahead`, the answer of the resolve it started (its error, raised here)."""
+        if self._ahead is not None:
+            thread, answer = self._ahead
+            self._ahead = None
+            thread.join()
+            if "error" in answer:
+                raise answer["error"]
+            return answer["revision"]
+        return self._resolve()
+
+    def resolve_ahead(self) -> None:
+        """Start the next `resolve` now, in a thread. A `once` spends its first ~0.2 s importing the code
+        that loads, plans and applies; the git processes of a resolve (mostly waiting on the remote, and on a
+        fresh host creating the mirror and fetching) run meanwhile, on another core. The caller holds the
+        root lock, as for any resolve."""
+        import threading
+
+        answer: dict = {}
+
+        def run() -> None:
+            try:
+                answer["revision"] = self._resolve()
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller's `resolve`, raised there
+                answer["error"] = exc
+
+        thread = threading.Thread(target=run, name="resolve-ahead", daemon=True)
+        thread.start()
+        self._ahead = (thread, answer)
+
+    def _resolve(self) -> Revision:
         self._ensure_mirror()
         self._own_url()
         advertised = self._pushed_refs() if self._pushed else None
@@ -299,7 +330,11 @@ class GitSource:
         return [(c, float(t)) for c, t in (line.split() for line in out.splitlines() if line.strip())]
 
     def close(self) -> None:
-        """An `aside` source removes its temp dir."""
+        """A resolve started ahead and never taken ends first (its git processes write the mirror, which
+        the caller's root lock covers only until it returns). An `aside` source removes its temp dir."""
+        if self._ahead is not None:
+            self._ahead[0].join()
+            self._ahead = None
         if self._scratch is not None:
             if self._owns_scratch:
                 _remove_tree(self._scratch)
