@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 from harness import (
     CLEANUP,
     Context,
@@ -19,6 +22,7 @@ from fixtures import EXAMPLE_PORTS, example_args, example_repo
 __all__ = ["SECTION", "WALL"]
 
 WALL = "`once` no-op, whole process, example (wall)"
+FLOOR = "floor: a Python process doing only a no-op's I/O, none of the agent (bench/floor_noop.py, wall)"
 
 HOW = """\
 2. desired-state-example committed into a temp git repo; `gitops-agent once --path
@@ -27,7 +31,11 @@ HOW = """\
    "result: converged" checked. Both apps: mandelbrot (two venvs, HAProxy) and the shop (one venv,
    an age secret, three templates, a job, shop-web and two shop-worker processes): a no-op compares the
    secret and templates by their sealed digests (state/materials.memo: no `age`, no rendering). The agent
-   runs from its own venv (harness.agent_cmd).
+   runs from its own venv (harness.agent_cmd). Beside each timed run, bench/floor_noop.py on the same
+   root, with the agent venv's interpreter: argparse, logging, `git ls-remote`, supervisord's
+   getAllProcessInfo and reloadConfig, HAProxy's `show servers state`, the venv markers, program files and
+   status.json read, a status file written; no agent module, no YAML, no plan. What Python and this
+   machine cost before the agent does anything of its own.
 """
 
 
@@ -45,16 +53,24 @@ def run(ctx: Context) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"once (converge) failed:\n{proc.stdout}\n{proc.stderr}")
     log(f"once: converged in {wall:.1f}s")
-    walls, cpus = [], []
+    agent = Path(agent_cmd()[0])
+    python = agent.parent / "python" if agent.name == "gitops-agent" else Path(sys.executable)
+    floor = [str(python), str(Path(__file__).resolve().parents[1] / "floor_noop.py"), str(root), f"file://{repo}", "main"]
+    walls, cpus, floors = [], [], []
     for _ in range(runs):
         wall, cpu, proc = timed_proc(base, timeout=120)
         if proc.returncode != 0 or "result: converged" not in proc.stdout:
             raise RuntimeError(f"once no-op was not a no-op:\n{proc.stdout}\n{proc.stderr}")
         walls.append(wall)
         cpus.append(cpu)
+        wall, _, proc = timed_proc(floor, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"floor_noop.py failed:\n{proc.stdout}\n{proc.stderr}")
+        floors.append(wall)
     fig = res.add(Figure("2", WALL, "s", walls, "<= 0.15 s"))
     fig.verdict = verdict(fig.median <= 0.15)
     res.add(Figure("2", "`once` no-op, whole process, example (CPU user+sys)", "s", cpus))
+    res.add(Figure("2", FLOOR, "s", floors))
 
 
 SECTION = Section("2", run, HOW)
