@@ -166,3 +166,28 @@ def test_catches_signal_follows_the_disposition():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_netlink_and_proc_net_tcp_list_the_same_listeners() -> None:
+    """`listeners()` asks sock_diag (netlink); /proc/net/tcp{,6} is the fallback. Both name the same sockets,
+    IPv4 and IPv6, by inode, address and port, and neither lists a socket that is not listening."""
+    opened = []
+    try:
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1"), (socket.AF_INET6, "::")):
+            s = socket.socket(family)
+            opened.append(s)
+            s.bind((host, 0))
+            s.listen()
+        idle = socket.socket()
+        opened.append(idle)
+        idle.bind(("127.0.0.1", 0))            # bound, never listening
+        by_diag = {(x.inode, x.ip, x.port) for x in _procfs._diag_listeners()}
+        by_proc = {(x.inode, x.ip, x.port) for x in _procfs._proc_listeners()}
+        assert by_diag == by_proc
+        ours = {(ipaddress.ip_address(s.getsockname()[0]), s.getsockname()[1]) for s in opened[:3]}
+        assert ours <= {(ip, port) for _, ip, port in by_diag}
+        assert idle.getsockname()[1] not in {port for _, _, port in by_diag}
+        assert {(x.inode, x.ip, x.port) for x in listeners()} == by_diag
+    finally:
+        for s in opened:
+            s.close()

@@ -165,7 +165,60 @@ def _address(hexaddr: str) -> _IP:
 
 
 def listeners() -> list[Listener]:
-    """Every TCP socket in LISTEN state (IPv4 and IPv6); empty without /proc."""
+    """Every TCP socket in LISTEN state (IPv4 and IPv6); empty without /proc.
+
+    Asked of the kernel's socket diagnostics (netlink, what `ss -lt` uses): reading /proc/net/tcp walks the
+    whole connection hash table whatever is in it, 5 ms per file on a host with 262,144 buckets (measured
+    here), twice per health gate on the path of every release and rollback; the netlink dump of listeners
+    alone takes microseconds. /proc/net/tcp{,6} where netlink sockets are refused (a seccomp sandbox)."""
+    try:
+        return _diag_listeners()
+    except OSError:
+        return _proc_listeners()
+
+
+# sock_diag (linux/sock_diag.h, linux/inet_diag.h): one dump request per address family, LISTEN state only
+_NETLINK_SOCK_DIAG, _SOCK_DIAG_BY_FAMILY, _NLMSG_ERROR, _NLMSG_DONE = 4, 20, 2, 3
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_TCPF_LISTEN = 1 << 10
+_NLMSG_HEADER = "=IHHII"            # length, type, flags, sequence, port id
+_DIAG_REQUEST = "=BBBBI48x"         # family, protocol, extensions, pad, states, socket id (any)
+_DIAG_MESSAGE = "=BBBB2s2s16s16sIQIIIII"   # family, state, timer, retrans, id (sport, dport, src, dst, if,
+#                                            cookie), expires, rqueue, wqueue, uid, inode
+
+
+def _diag_listeners() -> list[Listener]:
+    import socket
+    import struct
+
+    out: list[Listener] = []
+    header, message = struct.calcsize(_NLMSG_HEADER), struct.calcsize(_DIAG_MESSAGE)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
+        for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), 1):
+            body = struct.pack(_DIAG_REQUEST, family, socket.IPPROTO_TCP, 0, 0, _TCPF_LISTEN)
+            sock.send(struct.pack(_NLMSG_HEADER, header + len(body), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP,
+                                  seq, 0) + body)
+            done = False
+            while not done:
+                data, offset = sock.recv(65536), 0
+                while offset + header <= len(data):
+                    length, kind, _, _, _ = struct.unpack_from(_NLMSG_HEADER, data, offset)
+                    if kind == _NLMSG_ERROR:
+                        errno = -struct.unpack_from("=i", data, offset + header)[0]
+                        raise OSError(errno, "sock_diag refused the dump")
+                    if kind == _NLMSG_DONE or length < header:
+                        done = True
+                        break
+                    if kind == _SOCK_DIAG_BY_FAMILY and length >= header + message:
+                        fields = struct.unpack_from(_DIAG_MESSAGE, data, offset + header)
+                        raw = fields[6][:4] if fields[0] == socket.AF_INET else fields[6]
+                        out.append(Listener(inode=str(fields[-1]), ip=ipaddress.ip_address(raw),
+                                            port=int.from_bytes(fields[4], "big")))
+                    offset += (length + 3) & ~3
+    return out
+
+
+def _proc_listeners() -> list[Listener]:
     out: list[Listener] = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
