@@ -32,6 +32,7 @@ from agent.core.plan import (
     PruneFiles, PruneVenvs, RemoveEnvironment, RemoveProgram, RepairVenv, RestartProgram, RunJob, StartProgram, SwitchVenv,
     UpdateProgram, WriteFile, WriteLauncher, WriteProgram, WriteSecretEnv,
 )
+from agent.service.prewarm import APPLY, prewarm
 
 __all__ = ["Outcome", "Drivers", "apply_plan", "http_healthy"]
 
@@ -340,6 +341,7 @@ def apply_plan(plan: Plan, drivers: Drivers) -> tuple[Outcome, ...]:
     """One outcome per action, in plan order. Never raises: an unexpected exception (a bug in a driver)
     is logged with its traceback and becomes a failed outcome, so the rest of the host goes on and
     the reconcile is still recorded."""
+    prewarm(APPLY)      # program files are checked with supervisord's parser: imported while builds run
     builds = _independent_builds(plan)
     if len(builds) < 2:
         return _apply(plan, drivers, {})

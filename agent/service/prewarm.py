@@ -1,9 +1,12 @@
-"""Import in the background what a new revision will need, while the agent waits on git.
+"""Import in the background what the next steps will need, while the agent waits on something else.
 
 A fetch means a commit the agent has not seen is likely: loading it imports PyYAML, jsonschema and
-packaging (together ~0.2-0.3 s on a small host), and applying it supervisord's own config parser. A `once` (a fresh host, a release run by
-cron) would pay both on its critical path; started when the fetch starts, the imports overlap the fetch
-and checkout, which are spent waiting on git processes. A daemon pays them once either way.
+packaging (together ~0.2-0.3 s on a small host). A `once` (a fresh host, a release run by cron) would pay
+them on its critical path; started when the fetch starts, the imports overlap the fetch and checkout.
+supervisord's own config parser (~0.1 s), which checks each program file before it is written, is
+imported when an apply starts: then the agent waits on venv builds and on supervisord starting, while
+before that it would compete for the interpreter with the revision's loading and planning. A daemon pays
+each once either way.
 """
 
 from __future__ import annotations
@@ -12,16 +15,17 @@ import importlib
 import logging
 import threading
 
-__all__ = ["LOADER_AND_APPLY", "prewarm"]
+__all__ = ["LOADER", "APPLY", "prewarm"]
 
 log = logging.getLogger(__name__)
 
-LOADER_AND_APPLY = ("yaml", "jsonschema", "packaging.requirements", "supervisor.options")   # in order of need
+LOADER = ("yaml", "jsonschema", "packaging.requirements")    # in order of need
+APPLY = ("supervisor.options",)
 _started: set[str] = set()
 _lock = threading.Lock()
 
 
-def prewarm(modules: tuple[str, ...] = LOADER_AND_APPLY) -> None:
+def prewarm(modules: tuple[str, ...] = LOADER) -> None:
     """Import `modules` in a daemon thread, once per process (Python's per-module import locks make a
     later import in another thread wait for this one, never run it twice)."""
     with _lock:
