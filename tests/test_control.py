@@ -8,7 +8,7 @@ import json
 import pytest
 
 from agent.core.control import HOST, Control, Quarantine, Suspension, hold, inputs_digest
-from agent.core.plan import Action
+from agent.core.actions import Action
 from agent.service.control import control_file, load_control, update_control
 from agent.service.metrics import Recorder
 from conftest import free_port, run_agent, served_version

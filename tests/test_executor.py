@@ -14,7 +14,8 @@ import pytest
 from agent.compose import world as build_world
 from agent.core.layout import Layout
 from agent.core.outcome import ReconcileResult, Verdict
-from agent.core.plan import Action, Plan, PruneVenvs, RemoveEnvironment
+from agent.core.actions import Action, PruneVenvs, RemoveEnvironment
+from agent.core.plan import Plan
 from agent.drivers._procfs import holds_url_listener
 from agent.drivers.venv import VenvManager
 from agent.service.executor import Drivers, apply_plan

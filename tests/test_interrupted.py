@@ -8,7 +8,7 @@ from types import SimpleNamespace
 from agent.core.facts import Facts, ProgramFact, VenvFact, text_digest
 from agent.core.interrupted import Pending, from_json, recorded, resumed, settled, still_pending, to_json
 from agent.core.outcome import Outcome, Verdict
-from agent.core.plan import CheckHealth, SwitchVenv, WriteProgram
+from agent.core.actions import CheckHealth, SwitchVenv, WriteProgram
 
 NEW, OLD = "[program:web]\ncommand=new\n", "[program:web]\ncommand=old\n"
 
@@ -80,7 +80,7 @@ def test_a_suspension_is_announced_once_even_with_nothing_to_do():
 
 def test_a_host_wide_action_only_the_new_revision_needs_waits_with_the_app():
     from agent.core.model import App, DesiredState
-    from agent.core.plan import ConfigureTraffic, EnsureSupervisor
+    from agent.core.actions import ConfigureTraffic, EnsureSupervisor
     from agent.core.window_hold import split
 
     a = App("a", None, (), ())
@@ -97,7 +97,7 @@ def test_drift_healed_outside_a_window_is_announced_as_corrected():
     from agent.core.control import Held
     from agent.core.events import events_for
     from agent.core.outcome import ReconcileResult
-    from agent.core.plan import Action
+    from agent.core.actions import Action
 
     start = Action("program:a-web", "stopped")
     build = type("BuildVenv", (Action,), {})("venv:a", "ahead")

@@ -13,7 +13,8 @@ from agent.drivers.git import Revision
 from agent.core.facts import Facts, ProgramFact, VenvFact
 from agent.service.http import MetricsServer
 from agent.service.metrics import Recorder, resource_of
-from agent.core.plan import BuildVenv, CheckHealth, Plan, RemoveProgram, StartProgram, WriteProgram
+from agent.core.actions import BuildVenv, CheckHealth, RemoveProgram, StartProgram, WriteProgram
+from agent.core.plan import Plan
 from agent.service.reconciler import Result
 
 SHA1, SHA2 = "a" * 40, "b" * 40
@@ -279,7 +280,7 @@ def test_http_endpoints():
 
 def test_traffic_weights_follow_the_load_balancer():
     from agent.core.render.lb import Backend, Frontend
-    from agent.core.plan import ConfigureTraffic
+    from agent.core.actions import ConfigureTraffic
 
     rec = Recorder(clock=Clock())
     seen = facts()

@@ -14,7 +14,7 @@ import pytest
 
 from agent.core.events import Event, events_for
 from agent.core.outcome import Outcome, ReconcileResult, Verdict
-from agent.core.plan import Action
+from agent.core.actions import Action
 from agent.drivers.notify import Notifier
 from conftest import free_port, run_agent, served_version
 from daemon_helpers import wait_until

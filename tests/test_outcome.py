@@ -9,7 +9,8 @@ import pytest
 from agent.core.errors import BuildError, ConfigError, HealthCheckFailed, InvalidState, SourceError
 from agent.core.facts import Facts, ProgramFact, VenvFact
 from agent.core.outcome import Outcome, ReconcileResult, ResourceState, Verdict, resource_states, verdict_for
-from agent.core.plan import BuildVenv, Plan, RemoveProgram, StartProgram, WriteProgram
+from agent.core.actions import BuildVenv, RemoveProgram, StartProgram, WriteProgram
+from agent.core.plan import Plan
 
 
 @pytest.mark.parametrize("verdict, word, ok, failed", [

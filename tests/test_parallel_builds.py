@@ -89,7 +89,8 @@ def test_one_build_per_venv_path():
     from pathlib import Path
 
     from agent.core.model import Environment
-    from agent.core.plan import BuildVenv, Plan
+    from agent.core.actions import BuildVenv
+    from agent.core.plan import Plan
 
     def env(name, identity):
         return Environment(app="x", name=name, python="3.11", lockfile=Path("/l"), lock_sha256="0",

@@ -17,10 +17,11 @@ from agent.core.facts import Facts, ProgramFact, VenvFact, text_digest
 from agent.core.layout import Layout
 from agent.core.load import LoadOptions, load_desired
 from agent.core.materials import materialize
-from agent.core.plan import (
-    CheckHealth, EnsureDataDir, PlanOptions, PruneFiles, RunJob, SwitchVenv, UpdateProgram, WriteFile, WriteProgram,
-    WriteSecretEnv, make_plan,
+from agent.core.actions import (
+    CheckHealth, EnsureDataDir, PruneFiles, RunJob, SwitchVenv, UpdateProgram, WriteFile, WriteProgram,
+    WriteSecretEnv,
 )
+from agent.core.plan import PlanOptions, make_plan
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "desired-state-example"
 LAYOUT = Layout(Path("/srv/agent"))

@@ -25,7 +25,8 @@ from test_secrets_e2e import ROTATED, Host, deployed, leaks
 from agent.core.layout import Layout
 from agent.core.load import LoadOptions, load_desired
 from agent.core.materials import Sealed, SealedMiss, materialize, seal
-from agent.core.plan import PlanOptions, WriteFile, make_plan
+from agent.core.actions import WriteFile
+from agent.core.plan import PlanOptions, make_plan
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -62,7 +62,7 @@ class Control:
 class Held:
     """An action not applied, and why (`suspended`, `quarantined`, `window`)."""
 
-    action: object          # agent.core.plan.Action
+    action: object          # agent.core.actions.Action
     app: str | None
     cause: str
     why: str

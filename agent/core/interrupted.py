@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from typing import Mapping
 
 from agent.core.facts import Facts, text_digest
-from agent.core.plan import SwitchVenv, WriteProgram
+from agent.core.actions import SwitchVenv, WriteProgram
 
 __all__ = ["Pending", "still_pending", "resumed", "recorded", "settled", "to_json", "from_json"]
 

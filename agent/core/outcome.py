@@ -50,7 +50,7 @@ def verdict_for(exc: BaseException, rolled_back: bool) -> Verdict:
 
 @dataclass(frozen=True)
 class Outcome:
-    action: object              # agent.core.plan.Action
+    action: object              # agent.core.actions.Action
     verdict: Verdict
     message: str = ""
     seconds: float = 0.0

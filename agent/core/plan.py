@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import asdict, dataclass, field, replace
-from typing import Iterator
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Iterator
 
 from agent.core.facts import Facts, ProcessState, ProgramFact, text_digest
 from agent.core.layout import Layout
@@ -19,233 +19,28 @@ from agent.core.model import App, DataDir, DesiredState, Environment, JobRun, Se
 from agent.core.rollout import frontends_of
 from agent.core.render.supervisor import ProgramSpec, render_program
 
-__all__ = [
-    "Action", "EnsureSupervisor", "BuildVenv", "SwitchVenv", "RepairVenv", "WriteProgram", "UpdateProgram",
-    "StartProgram", "RestartProgram", "AwaitRunning", "CheckHealth", "RemoveProgram", "RemoveEnvironment", "PruneVenvs",
-    "ConfigureTraffic", "VerifyTraffic", "EnsureDataDir", "WriteFile", "WriteLauncher", "WriteSecretEnv", "RunJob",
-    "PruneFiles", "Plan", "PlanOptions", "make_plan", "render_service",
-]
+if TYPE_CHECKING:
+    from agent.core.actions import Action, CheckHealth, RunJob
 
-# Action fields never shown (plan --json, status): file contents, which may hold secrets, and long texts.
-_PRIVATE_FIELDS = frozenset({"text", "previous", "data", "secret_env"})
+__all__ = ["ACTIONS", "Plan", "PlanOptions", "make_plan", "render_service"]
+
+
+class _Actions:
+    """agent.core.actions, imported at the first attribute asked for (then kept as this object's own
+    attribute). A no-op's plan makes no action, so a `once` that finds nothing to do never creates their
+    dataclasses; the import system's lock makes the first use safe from any thread."""
+
+    def __getattr__(self, name: str):
+        from agent.core import actions
+
+        value = getattr(actions, name)
+        setattr(self, name, value)
+        return value
+
+
+ACTIONS = _Actions()
 
 HEALTHY_STATES = frozenset({ProcessState.RUNNING, ProcessState.STARTING})
-
-
-@dataclass(frozen=True)
-class Action:
-    key: str
-    reason: str
-    needs: tuple[str, ...] = ()
-
-    @property
-    def kind(self) -> str:
-        return _snake(type(self).__name__)
-
-    def describe(self) -> str:
-        return f"{self.kind} {self.key.partition(':')[2] or self.key}"
-
-    def to_json(self) -> dict:
-        data = {k: _jsonable(v) for k, v in asdict(self).items() if k not in _PRIVATE_FIELDS}
-        if isinstance(data.get("env"), dict):   # the environment: what identifies it, not all of it
-            data["env"] = {k: data["env"][k] for k in ("name", "identity", "python", "installer", "lockfile")}
-        return {"action": self.kind, **data}
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (str, int, float, bool)):
-        return value
-    return str(value)
-
-
-def _snake(name: str) -> str:
-    return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
-
-
-@dataclass(frozen=True)
-class EnsureSupervisor(Action):
-    pass
-
-
-@dataclass(frozen=True)
-class BuildVenv(Action):
-    """Build a venv aside. `eager_bytecode`: compile every module now, because a service or job of this
-    environment runs as another `user:` that cannot write `__pycache__` into the agent's venv; otherwise
-    bytecode is written lazily (the build's entry point check compiles what the console scripts import)."""
-    env: Environment | None = None
-    eager_bytecode: bool = False
-
-
-@dataclass(frozen=True)
-class RepairVenv(Action):
-    """The current venv no longer matches its lock (hand change): rebuild it in place."""
-    env: Environment | None = None
-    eager_bytecode: bool = False
-
-
-@dataclass(frozen=True)
-class SwitchVenv(Action):
-    name: str = ""
-    identity: str = ""
-    previous: str | None = None
-
-
-@dataclass(frozen=True)
-class WriteProgram(Action):
-    """Write a program file. `previous` is the config supervisord ran before (the rollback target);
-    `existed` with no `previous` means it is unknown (hand-edited, not applied), so a failure keeps
-    the new file and reports instead of restoring a config nobody can vouch for."""
-    name: str = ""
-    text: str = ""
-    previous: str | None = None
-    existed: bool = False
-
-
-@dataclass(frozen=True)
-class UpdateProgram(Action):
-    """supervisorctl-update semantics for one program: add, replace (restart) or remove."""
-    name: str = ""
-    startsecs: int = 1
-    gated: bool = False     # a health check follows: it, not startsecs, decides when traffic may come
-
-
-@dataclass(frozen=True)
-class StartProgram(Action):
-    name: str = ""
-    startsecs: int = 1
-    gated: bool = False
-
-
-@dataclass(frozen=True)
-class RestartProgram(Action):
-    name: str = ""
-    startsecs: int = 1
-    gated: bool = False
-
-
-@dataclass(frozen=True)
-class AwaitRunning(Action):
-    """After the (re)start of a service WITHOUT a health check: wait until supervisord calls the program
-    RUNNING (up `startsecs`), its only evidence that the start worked.
-
-    Planned at the end, so the startsecs windows of all services overlap instead of adding up; before a
-    traffic change for a backend that gains weight, after it for the others. A program that dies inside
-    its window fails here and is rolled back. A gated service gets none: its passed health gate stands in
-    for RUNNING (supervisord still enforces startsecs), and a death after the gate is drift (the pid that
-    passed it, ProgramFact.gated_pid, is gone), healed by the next reconcile.
-    """
-    name: str = ""
-    startsecs: int = 1
-
-
-@dataclass(frozen=True)
-class CheckHealth(Action):
-    """Gate a (re)start: `url` answers 2xx, or `tcp` accepts, from the service's own process; or `command`
-    (absolute argv in its venv, run with its env) exits 0."""
-    name: str = ""
-    url: str = ""
-    timeout_s: float = 2.0
-    tcp: str = ""
-    command: tuple[str, ...] = ()
-    env: tuple[tuple[str, str], ...] = ()
-    secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-
-
-@dataclass(frozen=True)
-class RemoveProgram(Action):
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class RemoveEnvironment(Action):
-    name: str = ""
-
-
-@dataclass(frozen=True)
-class PruneVenvs(Action):
-    name: str = ""
-    identities: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class ConfigureTraffic(Action):
-    """Make the load balancer serve `frontends`: runtime weights when only they changed, else a checked reload.
-    `up`: "frontend/backend" servers to take as healthy now (their gate just passed), instead of waiting for
-    the load balancer's own slower checks to notice (HAProxy marks a server DOWN after 3 failed checks)."""
-    frontends: tuple = ()
-    up: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class VerifyTraffic(Action):
-    frontends: tuple = ()
-
-
-@dataclass(frozen=True)
-class EnsureDataDir(Action):
-    """The app's data dir: created once, kept across deploys, rollbacks and the app's removal."""
-    app: str = ""
-    path: str = ""
-    owner: str | None = None
-
-
-@dataclass(frozen=True)
-class WriteFile(Action):
-    """Write one rendered file version (content-addressed, so programs still running on the previous one keep
-    it) and point files/<name> at it."""
-    app: str = ""
-    name: str = ""
-    path: str = ""
-    link: str = ""
-    digest: str = ""
-    mode: int = 0o600
-    owner: str | None = None
-    data: bytes = field(default=b"", repr=False)
-
-
-@dataclass(frozen=True)
-class WriteLauncher(Action):
-    """The exec wrapper that reads a secret env file into a program's environment (agent.core.render.launcher)."""
-    path: str = ""
-    text: str = field(default="", repr=False)
-
-
-@dataclass(frozen=True)
-class WriteSecretEnv(Action):
-    """A service's secret values, as the 0600 env file its launcher reads (owned by the service's user)."""
-    name: str = ""
-    path: str = ""
-    owner: str | None = None
-    data: bytes = field(default=b"", repr=False)
-
-
-@dataclass(frozen=True)
-class RunJob(Action):
-    """Run a release job (a migration) to completion; on success its inputs digest is recorded, so it runs
-    again only when they change. `rollback`: the programs an `after` job's failure puts back."""
-    app: str = ""
-    name: str = ""
-    run: str = "before"
-    command: tuple[str, ...] = ()
-    cwd: str = ""
-    user: str | None = None
-    timeout_s: float = 300.0
-    inputs: str = ""
-    env: tuple[tuple[str, str], ...] = ()
-    secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
-    venv: str = ""
-    rollback: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class PruneFiles(Action):
-    """Delete file versions and secret env files nothing uses any more (an app's data dir is never pruned)."""
-    app: str = ""
-    paths: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -342,17 +137,17 @@ def _venv_actions(env: Environment, facts: Facts, eager: bool) -> Iterator[Actio
         why = "no venv yet" if current is None else f"lockfile or installer changed (current venv {current})"
         if fact and env.identity in fact.incomplete:
             why += "; an interrupted build is discarded"
-        yield BuildVenv(key, f"{why}: build {env.name}-{env.identity} from {env.lockfile.name}", env=env,
+        yield ACTIONS.BuildVenv(key, f"{why}: build {env.name}-{env.identity} from {env.lockfile.name}", env=env,
                         eager_bytecode=eager)
     elif current == env.identity:
         drift = _installed_drift(env, fact.installed or ())
         if drift:
-            yield RepairVenv(key, f"installed packages differ from {env.lockfile.name}: {drift}", env=env,
+            yield ACTIONS.RepairVenv(key, f"installed packages differ from {env.lockfile.name}: {drift}", env=env,
                              eager_bytecode=eager)
         return
     if current != env.identity:
         how = "kept venv, no rebuild" if fact and env.identity in fact.complete else "new venv"
-        yield SwitchVenv(key, f"envs/{env.name} -> {env.identity} ({how}; was {current})",
+        yield ACTIONS.SwitchVenv(key, f"envs/{env.name} -> {env.identity} ({how}; was {current})",
                          name=env.name, identity=env.identity, previous=current)
 
 
@@ -385,19 +180,19 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
         elif inputs:
             why = inputs
         ran_old = fact is not None and fact.state is not None and fact.pending is None
-        yield WriteProgram(key, why, needs, name=name, text=text, previous=old if ran_old else None,
+        yield ACTIONS.WriteProgram(key, why, needs, name=name, text=text, previous=old if ran_old else None,
                            existed=fact is not None and (fact.state is not None or old is not None))
         changed = True
     loaded = fact is not None and fact.state is not None
     if changed or not loaded or (fact and fact.pending):
         why = "apply the new program config" if changed else (
             "supervisord has not loaded this program" if not loaded else f"supervisord has unapplied changes ({fact.pending})")
-        yield UpdateProgram(key, why, needs, name=name, startsecs=startsecs, gated=gated)
+        yield ACTIONS.UpdateProgram(key, why, needs, name=name, startsecs=startsecs, gated=gated)
     elif fact.state not in HEALTHY_STATES:
-        yield StartProgram(key, fact.daemonized or f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
+        yield ACTIONS.StartProgram(key, fact.daemonized or f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
                            needs, name=name, startsecs=startsecs, gated=gated)
     elif restart_reason:
-        yield RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs, gated=gated)
+        yield ACTIONS.RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs, gated=gated)
 
 
 def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, venv_repaired: bool,
@@ -414,7 +209,7 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
         restart_reason=f"its venv {env.name} is rebuilt in place" if venv_repaired else "",
         gated=svc.health is not None))
     yield from actions
-    started = any(isinstance(a, (UpdateProgram, StartProgram, RestartProgram)) for a in actions)
+    started = any(isinstance(a, (ACTIONS.UpdateProgram, ACTIONS.StartProgram, ACTIONS.RestartProgram)) for a in actions)
     if svc.health is not None:
         target = svc.health.target
         if actions:
@@ -432,7 +227,7 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
         # An ungated (re)start is confirmed here, at the end, not where it was started: the startsecs windows
         # of all services overlap (150 ungated services took 174 s one after the other). A gated one waits
         # for nothing after its gate: the gate is the evidence, and a later death is drift (gated_pid).
-        settle.append(AwaitRunning(key, f"confirm it stays up startsecs={svc.startsecs}", needs,
+        settle.append(ACTIONS.AwaitRunning(key, f"confirm it stays up startsecs={svc.startsecs}", needs,
                                    name=svc.name, startsecs=svc.startsecs))
 
 
@@ -447,7 +242,7 @@ def _health_action(svc: Service, env: Environment, key: str, reason: str, needs:
         command = (str(venv / "bin" / health.command[0]), *health.command[1:])
         resolved = service_env(svc, materials)
         plain, secret = resolved.plain, resolved.secret
-    return CheckHealth(key, reason, needs, name=svc.name, url=health.url, timeout_s=health.timeout_s, tcp=health.tcp,
+    return ACTIONS.CheckHealth(key, reason, needs, name=svc.name, url=health.url, timeout_s=health.timeout_s, tcp=health.tcp,
                        command=command, env=plain, secret_env=secret)
 
 
@@ -476,7 +271,7 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
     layout, owner = opts.layout, _owner(app)
     data = str(layout.data(app.name))
     if _uses_data_dir(app) and data not in facts.data_dirs:
-        yield EnsureDataDir(f"data:{app.name}", "the app's data dir does not exist yet", app=app.name, path=data,
+        yield ACTIONS.EnsureDataDir(f"data:{app.name}", "the app's data dir does not exist yet", app=app.name, path=data,
                             owner=owner)
     for spec in app.files:
         rendered = materials.files.get((app.name, spec.name))
@@ -485,7 +280,7 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
         want_link = os.path.relpath(rendered.path, rendered.link.parent)
         on_disk, linked = facts.files.get(str(rendered.path)), facts.links.get(str(rendered.link))
         if on_disk != rendered.digest or linked != want_link:
-            yield WriteFile(f"file:{app.name}/{spec.name}", _file_reason(spec.name, f"files/{spec.name}", on_disk,
+            yield ACTIONS.WriteFile(f"file:{app.name}/{spec.name}", _file_reason(spec.name, f"files/{spec.name}", on_disk,
                                                                             linked, rendered.digest, want_link),
                             app=app.name, name=spec.name, path=str(rendered.path), link=str(rendered.link),
                             digest=rendered.digest, mode=rendered.mode, owner=owner, data=rendered.data)
@@ -496,13 +291,13 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
     from agent.core.render.launcher import LAUNCHER_SOURCE, encode_env
 
     if facts.files.get(str(layout.launcher)) != materials.digest(LAUNCHER_SOURCE.encode()):
-        yield WriteLauncher("launcher", "the secret env launcher is missing or differs", path=str(layout.launcher),
+        yield ACTIONS.WriteLauncher("launcher", "the secret env launcher is missing or differs", path=str(layout.launcher),
                             text=LAUNCHER_SOURCE)
     for svc, resolved in secret_services:
         path = str(resolved.secret_file)
         if facts.files.get(path) != resolved.secret_digest:
             why = "secret env missing" if path not in facts.files else "secret env differs on disk: rewrite it"
-            yield WriteSecretEnv(f"secretenv:{svc.name}", f"{why} for {svc.name}", name=svc.name, path=path,
+            yield ACTIONS.WriteSecretEnv(f"secretenv:{svc.name}", f"{why} for {svc.name}", name=svc.name, path=path,
                                  owner=svc.user, data=encode_env(dict(resolved.secret)))
 
 
@@ -517,7 +312,7 @@ def _job_action(job, app: App, desired: DesiredState, facts: Facts, opts: PlanOp
     last = facts.jobs.get(f"{app.name}/{job.name}")
     why = "never ran on this host" if last is None else "its inputs changed (venv, command, env, files or secrets)"
     needs = (f"venv:{env.name}", f"data:{app.name}", *resolved.needs)
-    return RunJob(f"job:{app.name}/{job.name}", f"{why}: run {job.run} the services of {env.name}",
+    return ACTIONS.RunJob(f"job:{app.name}/{job.name}", f"{why}: run {job.run} the services of {env.name}",
                   tuple(dict.fromkeys(needs)), app=app.name, name=job.name, run=str(job.run),
                   command=(str(venv / "bin" / job.command[0]), *job.command[1:]), cwd=str(opts.layout.data(app.name)),
                   user=job.user, timeout_s=job.timeout_s, inputs=inputs, env=resolved.plain, secret_env=resolved.secret,
@@ -548,7 +343,7 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
     for app, paths in sorted(by_app.items()):
         users = tuple(f"program:{s.name}" for s in desired.services.values() if s.app == app)
         gone = desired.app_of(app) is None
-        yield PruneFiles(f"files:{app}", "the app is no longer on this host: delete its files and secrets (its data "
+        yield ACTIONS.PruneFiles(f"files:{app}", "the app is no longer on this host: delete its files and secrets (its data "
                                          "dir is kept)" if gone else "no longer used by any program or job",
                          users, app=app, paths=tuple(paths))
 
@@ -578,7 +373,7 @@ def _lb_boot_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     if not _boots_lb(desired, frontends, facts, opts):
         return
     lb = opts.lb
-    yield ConfigureTraffic("traffic:lb", f"{lb.drift(frontends, facts.traffic)}: start it with every backend at "
+    yield ACTIONS.ConfigureTraffic("traffic:lb", f"{lb.drift(frontends, facts.traffic)}: start it with every backend at "
                            "weight 0 while the services start", ("supervisor",), frontends=_unweighted(frontends))
     yield from _program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
                                 ("traffic:lb", "supervisor"), startsecs=1)
@@ -604,25 +399,25 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     if _boots_lb(desired, frontends, facts, opts):
         # Started before the services with no weight (_lb_boot_actions): live by now, or waited for here;
         # then the weights go in over the runtime API, which checks they took.
-        yield VerifyTraffic(key, "the load balancer started alongside the services: wait until it serves",
+        yield ACTIONS.VerifyTraffic(key, "the load balancer started alongside the services: wait until it serves",
                             ("traffic:lb", "supervisor"), frontends=_unweighted(frontends))
         # HAProxy checked the backends while they were still starting, and may call them DOWN for `rise`
         # checks more: the gates just passed (these backends are needed below), so they are up.
-        yield ConfigureTraffic("traffic:lb", "set the desired weights: their backends passed their gates",
+        yield ACTIONS.ConfigureTraffic("traffic:lb", "set the desired weights: their backends passed their gates",
                                backends + ("supervisor", key), frontends=frontends,
                                up=tuple(f"{fe.name}/{be.name}" for fe in frontends for be in fe.backends
                                         if f"program:{be.name}" in backends))
         return
     why = lb.drift(frontends, facts.traffic)
     if why:
-        yield ConfigureTraffic("traffic:lb", why, backends + ("supervisor",), frontends=frontends)
+        yield ACTIONS.ConfigureTraffic("traffic:lb", why, backends + ("supervisor",), frontends=frontends)
     if not lb.managed:      # a system load balancer: its own service manager runs it
         return
     started = list(_program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
                                     ("traffic:lb", "supervisor"), startsecs=1))
     yield from started
     if started:
-        yield VerifyTraffic(key, "the load balancer (re)started: check it serves the desired frontends",
+        yield ACTIONS.VerifyTraffic(key, "the load balancer (re)started: check it serves the desired frontends",
                             ("traffic:lb", "supervisor"), frontends=frontends)
 
 
@@ -646,7 +441,7 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
     supervisor_up = facts.supervisor == "running"
     if not supervisor_up:
         if opts.embedded:
-            actions.append(EnsureSupervisor("supervisor", f"embedded supervisord is {facts.supervisor}"))
+            actions.append(ACTIONS.EnsureSupervisor("supervisor", f"embedded supervisord is {facts.supervisor}"))
         else:
             notes.append(f"supervisord is {facts.supervisor}")
 
@@ -656,12 +451,12 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
     other_users = _envs_run_as_other_users(desired)
     for env in desired.environments.values():
         for action in _venv_actions(env, facts, env.name in other_users):
-            (switches if isinstance(action, SwitchVenv) else actions).append(action)
-            if isinstance(action, RepairVenv):
+            (switches if isinstance(action, ACTIONS.SwitchVenv) else actions).append(action)
+            if isinstance(action, ACTIONS.RepairVenv):
                 repaired.add(env.name)
     for app in desired.apps:
         actions.extend(a for a in _material_actions(app, facts, opts, materials)
-                       if not (isinstance(a, WriteLauncher) and any(isinstance(b, WriteLauncher) for b in actions)))
+                       if not (isinstance(a, ACTIONS.WriteLauncher) and any(isinstance(b, ACTIONS.WriteLauncher) for b in actions)))
     # `before` jobs run in the new venv after it is built and before anything of their environment switches:
     # a failed migration leaves the environment's services on their old venv and config, still serving.
     before: dict[str, list[str]] = {}
@@ -690,7 +485,7 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         depth = _depth(svc)
         for action in _service_actions(svc, env, facts.programs.get(svc.name), env.name in repaired, opts,
                                        settle, materials, tuple(extra)):
-            (gates if isinstance(action, CheckHealth) else starts).setdefault(depth, []).append(action)
+            (gates if isinstance(action, ACTIONS.CheckHealth) else starts).setdefault(depth, []).append(action)
     for depth in sorted(starts.keys() | gates.keys()):
         actions.extend(starts.get(depth, ()))
         actions.extend(gates.get(depth, ()))
@@ -699,12 +494,12 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
     # A backend that gains traffic must have held its startsecs first: if it died right after its
     # health gate, the switch would send users to a program about to be rolled back. The others'
     # windows are confirmed after the traffic change, and before removals and pruning.
-    gaining = {k for a in traffic if isinstance(a, ConfigureTraffic) for k in a.needs}
+    gaining = {k for a in traffic if isinstance(a, ACTIONS.ConfigureTraffic) for k in a.needs}
     actions.extend(a for a in settle if a.key in gaining)
     actions.extend(traffic)
     actions.extend(a for a in settle if a.key not in gaining)
     # `after` jobs: once the changed services are healthy and traffic has moved; a failure puts those back.
-    started = {a.key for a in actions if isinstance(a, (UpdateProgram, StartProgram, RestartProgram))}
+    started = {a.key for a in actions if isinstance(a, (ACTIONS.UpdateProgram, ACTIONS.StartProgram, ACTIONS.RestartProgram))}
     for app in desired.apps:
         for job in app.jobs:
             if job.run is JobRun.AFTER:
@@ -719,10 +514,10 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         keep.add(opts.lb.program_name)
     # Stopped in reverse start order: a service before those it depends on (supervisord priority, highest first).
     for name in sorted(set(facts.programs) - keep, key=lambda n: (-_priority(facts.programs[n].file_text), n)):
-        actions.append(RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))
+        actions.append(ACTIONS.RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))
     removed_programs = tuple(f"program:{n}" for n in sorted(set(facts.programs) - keep))
     for name in sorted(set(facts.venvs) - set(desired.environments)):
-        actions.append(RemoveEnvironment(f"venv:{name}", "environment no longer in the desired state", removed_programs, name=name))
+        actions.append(ACTIONS.RemoveEnvironment(f"venv:{name}", "environment no longer in the desired state", removed_programs, name=name))
     for env in desired.environments.values():
         fact = facts.venvs.get(env.name)
         if fact is None:
@@ -730,7 +525,7 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         drop = _prune(env.identity, fact.complete, fact.incomplete, opts.retention, fact.current)
         if drop:
             users = tuple(f"program:{s.name}" for s in desired.services.values() if s.environment == env.name)
-            actions.append(PruneVenvs(f"venv:{env.name}", f"keep the newest {opts.retention} venvs",
+            actions.append(ACTIONS.PruneVenvs(f"venv:{env.name}", f"keep the newest {opts.retention} venvs",
                                       (f"venv:{env.name}",) + users, name=env.name, identities=drop))
     actions.extend(_prune_files(desired, facts, opts, materials))
     return Plan(tuple(actions), tuple(notes))

@@ -27,11 +27,12 @@ from agent.drivers._procfs import holds_url_listener
 from agent.drivers.fsutil import atomic_write
 from agent.core.layout import Layout
 from agent.core.materials import NO_MATERIALS, Materials
-from agent.core.plan import (
-    Action, AwaitRunning, BuildVenv, CheckHealth, ConfigureTraffic, EnsureDataDir, EnsureSupervisor, VerifyTraffic, Plan,
-    PruneFiles, PruneVenvs, RemoveEnvironment, RemoveProgram, RepairVenv, RestartProgram, RunJob, StartProgram, SwitchVenv,
-    UpdateProgram, WriteFile, WriteLauncher, WriteProgram, WriteSecretEnv,
+from agent.core.actions import (
+    Action, AwaitRunning, BuildVenv, CheckHealth, ConfigureTraffic, EnsureDataDir, EnsureSupervisor, VerifyTraffic,
+    PruneFiles, PruneVenvs, RemoveEnvironment, RemoveProgram, RepairVenv, RestartProgram, RunJob, StartProgram,
+    SwitchVenv, UpdateProgram, WriteFile, WriteLauncher, WriteProgram, WriteSecretEnv,
 )
+from agent.core.plan import Plan
 from agent.service.prewarm import APPLY, prewarm
 
 __all__ = ["Outcome", "Drivers", "apply_plan", "http_healthy"]
