@@ -31,8 +31,8 @@ HOW = """\
    "result: converged" checked. Both apps: mandelbrot (two venvs, HAProxy) and the shop (one venv,
    an age secret, three templates, a job, shop-web and two shop-worker processes): a no-op compares the
    secret and templates by their sealed digests (state/materials.memo: no `age`, no rendering). The agent
-   runs from its own venv (harness.agent_cmd). Beside each timed run, bench/floor_noop.py on the same
-   root, with the agent venv's interpreter: argparse, logging, `git ls-remote`, supervisord's
+   runs from its own venv on the host's python3 (harness.agent_cmd, host_python). Beside each timed run,
+   bench/floor_noop.py on the same root, with the agent venv's interpreter: argparse, logging, `git ls-remote`, supervisord's
    getAllProcessInfo and reloadConfig, HAProxy's `show servers state`, the venv markers, program files and
    status.json read, a status file written; no agent module, no YAML, no plan. What Python and this
    machine cost before the agent does anything of its own.
