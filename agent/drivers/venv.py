@@ -48,11 +48,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from hashlib import sha256
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus, urlsplit
 
 from agent.core.errors import BuildError, ConfigError, InvalidVenvRef, Permanent
 from agent.drivers.fsutil import atomic_write, fsync_dir
-from agent.core.lockfile import LockedRequirement, parse_lock, venv_identity
+
+if TYPE_CHECKING:
+    from agent.core.lockfile import LockedRequirement
 
 __all__ = ["VenvSpec", "VenvInfo", "VenvManager", "resolve_python", "find_uv", "MARKER", "LOCK_COPY",
            "INSTALLER_HOME", "IndexAuthFailed", "InvalidIndexUrl", "REDACTED"]
@@ -713,6 +716,8 @@ class VenvManager:
             self._delete(leftover)
 
     def _build(self, spec: VenvSpec, *, recover: bool) -> Path:
+        from agent.core.lockfile import parse_lock, venv_identity     # here: a no-op never builds
+
         _checked_name(spec.name)          # before any file is read: a bad name is the revision's fault
         try:
             lock_bytes = Path(spec.lockfile).read_bytes()
