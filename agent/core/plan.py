@@ -138,17 +138,17 @@ def _venv_actions(env: Environment, facts: Facts, eager: bool) -> Iterator[Actio
         if fact and env.identity in fact.incomplete:
             why += "; an interrupted build is discarded"
         yield ACTIONS.BuildVenv(key, f"{why}: build {env.name}-{env.identity} from {env.lockfile.name}", env=env,
-                        eager_bytecode=eager)
+                                eager_bytecode=eager)
     elif current == env.identity:
         drift = _installed_drift(env, fact.installed or ())
         if drift:
             yield ACTIONS.RepairVenv(key, f"installed packages differ from {env.lockfile.name}: {drift}", env=env,
-                             eager_bytecode=eager)
+                                     eager_bytecode=eager)
         return
     if current != env.identity:
         how = "kept venv, no rebuild" if fact and env.identity in fact.complete else "new venv"
         yield ACTIONS.SwitchVenv(key, f"envs/{env.name} -> {env.identity} ({how}; was {current})",
-                         name=env.name, identity=env.identity, previous=current)
+                                 name=env.name, identity=env.identity, previous=current)
 
 
 def _envs_run_as_other_users(desired: DesiredState) -> frozenset[str]:
@@ -181,7 +181,7 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
             why = inputs
         ran_old = fact is not None and fact.state is not None and fact.pending is None
         yield ACTIONS.WriteProgram(key, why, needs, name=name, text=text, previous=old if ran_old else None,
-                           existed=fact is not None and (fact.state is not None or old is not None))
+                                   existed=fact is not None and (fact.state is not None or old is not None))
         changed = True
     loaded = fact is not None and fact.state is not None
     if changed or not loaded or (fact and fact.pending):
@@ -189,8 +189,8 @@ def _program_actions(name: str, text: str, fact: ProgramFact | None, needs: tupl
             "supervisord has not loaded this program" if not loaded else f"supervisord has unapplied changes ({fact.pending})")
         yield ACTIONS.UpdateProgram(key, why, needs, name=name, startsecs=startsecs, gated=gated)
     elif fact.state not in HEALTHY_STATES:
-        yield ACTIONS.StartProgram(key, fact.daemonized or f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else ""),
-                           needs, name=name, startsecs=startsecs, gated=gated)
+        why = fact.daemonized or f"program is {fact.state}" + (f" ({fact.spawnerr})" if fact.spawnerr else "")
+        yield ACTIONS.StartProgram(key, why, needs, name=name, startsecs=startsecs, gated=gated)
     elif restart_reason:
         yield ACTIONS.RestartProgram(key, restart_reason, needs, name=name, startsecs=startsecs, gated=gated)
 
@@ -228,7 +228,7 @@ def _service_actions(svc: Service, env: Environment, fact: ProgramFact | None, v
         # of all services overlap (150 ungated services took 174 s one after the other). A gated one waits
         # for nothing after its gate: the gate is the evidence, and a later death is drift (gated_pid).
         settle.append(ACTIONS.AwaitRunning(key, f"confirm it stays up startsecs={svc.startsecs}", needs,
-                                   name=svc.name, startsecs=svc.startsecs))
+                                           name=svc.name, startsecs=svc.startsecs))
 
 
 def _health_action(svc: Service, env: Environment, key: str, reason: str, needs: tuple[str, ...], opts: PlanOptions,
@@ -242,8 +242,8 @@ def _health_action(svc: Service, env: Environment, key: str, reason: str, needs:
         command = (str(venv / "bin" / health.command[0]), *health.command[1:])
         resolved = service_env(svc, materials)
         plain, secret = resolved.plain, resolved.secret
-    return ACTIONS.CheckHealth(key, reason, needs, name=svc.name, url=health.url, timeout_s=health.timeout_s, tcp=health.tcp,
-                       command=command, env=plain, secret_env=secret)
+    return ACTIONS.CheckHealth(key, reason, needs, name=svc.name, url=health.url, timeout_s=health.timeout_s,
+                               tcp=health.tcp, command=command, env=plain, secret_env=secret)
 
 
 def _uses_data_dir(app: App) -> bool:
@@ -271,8 +271,8 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
     layout, owner = opts.layout, _owner(app)
     data = str(layout.data(app.name))
     if _uses_data_dir(app) and data not in facts.data_dirs:
-        yield ACTIONS.EnsureDataDir(f"data:{app.name}", "the app's data dir does not exist yet", app=app.name, path=data,
-                            owner=owner)
+        yield ACTIONS.EnsureDataDir(f"data:{app.name}", "the app's data dir does not exist yet", app=app.name,
+                                    path=data, owner=owner)
     for spec in app.files:
         rendered = materials.files.get((app.name, spec.name))
         if rendered is None:
@@ -280,10 +280,10 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
         want_link = os.path.relpath(rendered.path, rendered.link.parent)
         on_disk, linked = facts.files.get(str(rendered.path)), facts.links.get(str(rendered.link))
         if on_disk != rendered.digest or linked != want_link:
-            yield ACTIONS.WriteFile(f"file:{app.name}/{spec.name}", _file_reason(spec.name, f"files/{spec.name}", on_disk,
-                                                                            linked, rendered.digest, want_link),
-                            app=app.name, name=spec.name, path=str(rendered.path), link=str(rendered.link),
-                            digest=rendered.digest, mode=rendered.mode, owner=owner, data=rendered.data)
+            why = _file_reason(spec.name, f"files/{spec.name}", on_disk, linked, rendered.digest, want_link)
+            yield ACTIONS.WriteFile(f"file:{app.name}/{spec.name}", why,
+                                    app=app.name, name=spec.name, path=str(rendered.path), link=str(rendered.link),
+                                    digest=rendered.digest, mode=rendered.mode, owner=owner, data=rendered.data)
     secret_services = [(s, materials.services[s.name]) for s in app.services
                        if s.name in materials.services and materials.services[s.name].secret_file is not None]
     if not secret_services:
@@ -291,14 +291,14 @@ def _material_actions(app: App, facts: Facts, opts: PlanOptions, materials: Mate
     from agent.core.render.launcher import LAUNCHER_SOURCE, encode_env
 
     if facts.files.get(str(layout.launcher)) != materials.digest(LAUNCHER_SOURCE.encode()):
-        yield ACTIONS.WriteLauncher("launcher", "the secret env launcher is missing or differs", path=str(layout.launcher),
-                            text=LAUNCHER_SOURCE)
+        yield ACTIONS.WriteLauncher("launcher", "the secret env launcher is missing or differs",
+                                    path=str(layout.launcher), text=LAUNCHER_SOURCE)
     for svc, resolved in secret_services:
         path = str(resolved.secret_file)
         if facts.files.get(path) != resolved.secret_digest:
             why = "secret env missing" if path not in facts.files else "secret env differs on disk: rewrite it"
             yield ACTIONS.WriteSecretEnv(f"secretenv:{svc.name}", f"{why} for {svc.name}", name=svc.name, path=path,
-                                 owner=svc.user, data=encode_env(dict(resolved.secret)))
+                                         owner=svc.user, data=encode_env(dict(resolved.secret)))
 
 
 def _job_action(job, app: App, desired: DesiredState, facts: Facts, opts: PlanOptions, materials: Materials,
@@ -313,10 +313,10 @@ def _job_action(job, app: App, desired: DesiredState, facts: Facts, opts: PlanOp
     why = "never ran on this host" if last is None else "its inputs changed (venv, command, env, files or secrets)"
     needs = (f"venv:{env.name}", f"data:{app.name}", *resolved.needs)
     return ACTIONS.RunJob(f"job:{app.name}/{job.name}", f"{why}: run {job.run} the services of {env.name}",
-                  tuple(dict.fromkeys(needs)), app=app.name, name=job.name, run=str(job.run),
-                  command=(str(venv / "bin" / job.command[0]), *job.command[1:]), cwd=str(opts.layout.data(app.name)),
-                  user=job.user, timeout_s=job.timeout_s, inputs=inputs, env=resolved.plain, secret_env=resolved.secret,
-                  venv=str(venv), rollback=rollback)
+                          tuple(dict.fromkeys(needs)), app=app.name, name=job.name, run=str(job.run),
+                          command=(str(venv / "bin" / job.command[0]), *job.command[1:]),
+                          cwd=str(opts.layout.data(app.name)), user=job.user, timeout_s=job.timeout_s, inputs=inputs,
+                          env=resolved.plain, secret_env=resolved.secret, venv=str(venv), rollback=rollback)
 
 
 def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materials: Materials) -> Iterator[Action]:
@@ -343,9 +343,9 @@ def _prune_files(desired: DesiredState, facts: Facts, opts: PlanOptions, materia
     for app, paths in sorted(by_app.items()):
         users = tuple(f"program:{s.name}" for s in desired.services.values() if s.app == app)
         gone = desired.app_of(app) is None
-        yield ACTIONS.PruneFiles(f"files:{app}", "the app is no longer on this host: delete its files and secrets (its data "
-                                         "dir is kept)" if gone else "no longer used by any program or job",
-                         users, app=app, paths=tuple(paths))
+        why = ("the app is no longer on this host: delete its files and secrets (its data dir is kept)" if gone
+               else "no longer used by any program or job")
+        yield ACTIONS.PruneFiles(f"files:{app}", why, users, app=app, paths=tuple(paths))
 
 
 def _boots_lb(desired: DesiredState, frontends: tuple, facts: Facts, opts: PlanOptions) -> bool:
@@ -373,8 +373,8 @@ def _lb_boot_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     if not _boots_lb(desired, frontends, facts, opts):
         return
     lb = opts.lb
-    yield ACTIONS.ConfigureTraffic("traffic:lb", f"{lb.drift(frontends, facts.traffic)}: start it with every backend at "
-                           "weight 0 while the services start", ("supervisor",), frontends=_unweighted(frontends))
+    why = f"{lb.drift(frontends, facts.traffic)}: start it with every backend at weight 0 while the services start"
+    yield ACTIONS.ConfigureTraffic("traffic:lb", why, ("supervisor",), frontends=_unweighted(frontends))
     yield from _program_actions(lb.program_name, lb.program_text(), facts.programs.get(lb.program_name),
                                 ("traffic:lb", "supervisor"), startsecs=1)
 
@@ -400,13 +400,13 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
         # Started before the services with no weight (_lb_boot_actions): live by now, or waited for here;
         # then the weights go in over the runtime API, which checks they took.
         yield ACTIONS.VerifyTraffic(key, "the load balancer started alongside the services: wait until it serves",
-                            ("traffic:lb", "supervisor"), frontends=_unweighted(frontends))
+                                    ("traffic:lb", "supervisor"), frontends=_unweighted(frontends))
         # HAProxy checked the backends while they were still starting, and may call them DOWN for `rise`
         # checks more: the gates just passed (these backends are needed below), so they are up.
         yield ACTIONS.ConfigureTraffic("traffic:lb", "set the desired weights: their backends passed their gates",
-                               backends + ("supervisor", key), frontends=frontends,
-                               up=tuple(f"{fe.name}/{be.name}" for fe in frontends for be in fe.backends
-                                        if f"program:{be.name}" in backends))
+                                       backends + ("supervisor", key), frontends=frontends,
+                                       up=tuple(f"{fe.name}/{be.name}" for fe in frontends for be in fe.backends
+                                                if f"program:{be.name}" in backends))
         return
     why = lb.drift(frontends, facts.traffic)
     if why:
@@ -418,7 +418,7 @@ def _traffic_actions(desired: DesiredState, facts: Facts, opts: PlanOptions) -> 
     yield from started
     if started:
         yield ACTIONS.VerifyTraffic(key, "the load balancer (re)started: check it serves the desired frontends",
-                            ("traffic:lb", "supervisor"), frontends=frontends)
+                                    ("traffic:lb", "supervisor"), frontends=frontends)
 
 
 def _prune(desired: str, complete: tuple[str, ...], incomplete: tuple[str, ...], retention: int,
@@ -456,7 +456,8 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
                 repaired.add(env.name)
     for app in desired.apps:
         actions.extend(a for a in _material_actions(app, facts, opts, materials)
-                       if not (isinstance(a, ACTIONS.WriteLauncher) and any(isinstance(b, ACTIONS.WriteLauncher) for b in actions)))
+                       if not (isinstance(a, ACTIONS.WriteLauncher)
+                               and any(isinstance(b, ACTIONS.WriteLauncher) for b in actions)))
     # `before` jobs run in the new venv after it is built and before anything of their environment switches:
     # a failed migration leaves the environment's services on their old venv and config, still serving.
     before: dict[str, list[str]] = {}
@@ -499,7 +500,8 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
     actions.extend(traffic)
     actions.extend(a for a in settle if a.key not in gaining)
     # `after` jobs: once the changed services are healthy and traffic has moved; a failure puts those back.
-    started = {a.key for a in actions if isinstance(a, (ACTIONS.UpdateProgram, ACTIONS.StartProgram, ACTIONS.RestartProgram))}
+    started = {a.key for a in actions
+               if isinstance(a, (ACTIONS.UpdateProgram, ACTIONS.StartProgram, ACTIONS.RestartProgram))}
     for app in desired.apps:
         for job in app.jobs:
             if job.run is JobRun.AFTER:
@@ -514,10 +516,12 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         keep.add(opts.lb.program_name)
     # Stopped in reverse start order: a service before those it depends on (supervisord priority, highest first).
     for name in sorted(set(facts.programs) - keep, key=lambda n: (-_priority(facts.programs[n].file_text), n)):
-        actions.append(ACTIONS.RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",), name=name))
+        actions.append(ACTIONS.RemoveProgram(f"program:{name}", "no longer in the desired state", ("supervisor",),
+                                             name=name))
     removed_programs = tuple(f"program:{n}" for n in sorted(set(facts.programs) - keep))
     for name in sorted(set(facts.venvs) - set(desired.environments)):
-        actions.append(ACTIONS.RemoveEnvironment(f"venv:{name}", "environment no longer in the desired state", removed_programs, name=name))
+        actions.append(ACTIONS.RemoveEnvironment(f"venv:{name}", "environment no longer in the desired state",
+                                                 removed_programs, name=name))
     for env in desired.environments.values():
         fact = facts.venvs.get(env.name)
         if fact is None:
@@ -526,7 +530,7 @@ def make_plan(desired: DesiredState, facts: Facts, opts: PlanOptions, materials:
         if drop:
             users = tuple(f"program:{s.name}" for s in desired.services.values() if s.environment == env.name)
             actions.append(ACTIONS.PruneVenvs(f"venv:{env.name}", f"keep the newest {opts.retention} venvs",
-                                      (f"venv:{env.name}",) + users, name=env.name, identities=drop))
+                                              (f"venv:{env.name}",) + users, name=env.name, identities=drop))
     actions.extend(_prune_files(desired, facts, opts, materials))
     return Plan(tuple(actions), tuple(notes))
 
