@@ -66,19 +66,9 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-_taken_ports: set[int] = set()
-
-
-def distinct_port() -> int:
-    """A free 127.0.0.1 port never handed out before in this run.
-
-    Ports are written into app.yaml long before their services bind them (200 at once in section 1),
-    so the tests' `free_port` alone could give one twice."""
-    while True:
-        port = free_port()
-        if port not in _taken_ports:
-            _taken_ports.add(port)
-            return port
+# A free 127.0.0.1 port never handed out before in this run: ports are written into app.yaml long before
+# their services bind them (200 at once in section 1). The tests' `free_port` keeps that promise.
+distinct_port = free_port
 
 
 def port_free(port: int) -> bool:

@@ -26,10 +26,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("GITOPS_AGENT_LB_METRICS", "off")
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free 127.0.0.1 port never handed out before in this process. Ports are written into app.yaml before
+    their services bind them, so the kernel could give the same free port to two calls in a row (two
+    services of one app once got one port, and the revision was rightly rejected)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 10.0) -> None:
