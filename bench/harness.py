@@ -45,6 +45,7 @@ __all__ = [
     "Results",
     "Section",
     "agent_cmd",
+    "agent_python",
     "distinct_port",
     "log",
     "machine_info",
@@ -149,6 +150,13 @@ def agent_cmd() -> list[str]:
         return [str(script)]
     found = shutil.which("gitops-agent")
     return [found] if found else [sys.executable, "-m", "agent.cli"]
+
+
+def agent_python() -> str:
+    """The interpreter of `agent_cmd`'s venv (this one when the agent runs from the bench's own): what a
+    process that imports the agent, as the daemon does, runs on a host."""
+    agent = Path(agent_cmd()[0])
+    return str(agent.parent / "python") if agent.name == "gitops-agent" else sys.executable
 
 
 def timed_proc(argv: list[str], **kw) -> tuple[float, float, subprocess.CompletedProcess]:

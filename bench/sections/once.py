@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from harness import (
@@ -11,6 +10,7 @@ from harness import (
     Figure,
     Section,
     agent_cmd,
+    agent_python,
     log,
     timed_proc,
     verdict,
@@ -53,9 +53,7 @@ def run(ctx: Context) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"once (converge) failed:\n{proc.stdout}\n{proc.stderr}")
     log(f"once: converged in {wall:.1f}s")
-    agent = Path(agent_cmd()[0])
-    python = agent.parent / "python" if agent.name == "gitops-agent" else Path(sys.executable)
-    floor = [str(python), str(Path(__file__).resolve().parents[1] / "floor_noop.py"), str(root), f"file://{repo}", "main"]
+    floor = [agent_python(), str(Path(__file__).resolve().parents[1] / "floor_noop.py"), str(root), f"file://{repo}", "main"]
     walls, cpus, floors = [], [], []
     for _ in range(runs):
         wall, cpu, proc = timed_proc(base, timeout=120)

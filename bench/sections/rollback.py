@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import Self
 
 from harness import (
+    BENCH,
     CLEANUP,
     Context,
     Figure,
     Section,
     agent_cmd,
+    agent_python,
     distinct_port,
     timed_proc,
     verdict,
@@ -27,14 +29,15 @@ from harness import (
 from conftest import served_version, stop_process
 from daemon_helpers import http_get
 
-from fixtures import HOST, DemoRepo, settings_for, write_app
+from fixtures import HOST, DemoRepo, write_app
 
 __all__ = ["SECTION"]
 
 HOW = """\
 5. A demoapp repo: each round commits a new lock (a new venv: rebuild) and then reverts it (the
    kept venv: switch + restart + healthy), timed as `gitops-agent once --json` (whole process)
-   and as in-process reconciles; the outcome kinds are checked (build_venv or not). The budget is
+   and as the daemon's reconciles (one `Reconciler` kept across them, in a process of the agent's venv on
+   the host's python3: bench/reconciler_child.py); the outcome kinds are checked (build_venv or not). The budget is
    0.2 s + the service's own start, taken as max(startsecs=1, measured spawn -> healthy).
 """
 
@@ -88,9 +91,37 @@ class ServedWatch:
             time.sleep(0.002)
 
 
-def run(ctx: Context) -> None:
-    from agent.service.reconciler import Reconciler
+class ReconcilerChild:
+    """The daemon's reconciler in a process on the agent's interpreter (bench/reconciler_child.py), as a
+    host runs it; `reconcile()` asks it for one and returns (ok, action kinds, what to say if it went wrong)."""
 
+    def __init__(self, url: str, root: Path, retention: int):
+        self.proc = subprocess.Popen([agent_python(), str(BENCH / "reconciler_child.py"), url, HOST, str(root),
+                                      str(retention)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if self.proc.stdout.readline().strip() != "ready":
+            self.close()
+            raise RuntimeError("rollback: the reconciler process did not start")
+
+    def reconcile(self) -> tuple[bool, list[str], str]:
+        self.proc.stdin.write("reconcile\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"rollback: the reconciler process exited ({self.proc.wait()})")
+        r = json.loads(line)
+        return r["result"] == "applied", r["kinds"], f"{r['result']} {r['error']}"
+
+    def close(self) -> None:
+        """End of stdin ends it; SIGTERM if it has not exited within 10 s."""
+        if not self.proc.stdin.closed:
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            stop_process(self.proc)
+
+
+def run(ctx: Context) -> None:
     res, work, quick = ctx.res, ctx.work, ctx.quick
     rounds = 1 if quick else 5
     repo = DemoRepo(work / "rollback-repo")
@@ -150,15 +181,10 @@ def run(ctx: Context) -> None:
     res.add(Figure("5", "rollback to a kept venv, `once` returns (after startsecs=1 confirmation)", "s",
                    rollback_wall, note="AwaitRunning: supervisord calls it RUNNING after startsecs=1"))
     res.add(Figure("5", "rebuild (new lock, uv): `once` whole process", "s", rebuild))
-    settings = settings_for(repo.url, root, retention=20)
-    rec = Reconciler(settings)
-    rec.reconcile()
-
-    def run_inproc():
-        r = rec.reconcile()
-        return r.result == "applied", [o.action.kind for o in r.outcomes], f"{r.result} {r.error}"
-
-    rebuild_ip, rollback_ip, rollback_ip_wall = rounds_of(run_inproc)
+    daemon = ReconcilerChild(repo.url, root, retention=20)
+    CLEANUP.addfinalizer(daemon.close)
+    daemon.reconcile()
+    rebuild_ip, rollback_ip, rollback_ip_wall = rounds_of(daemon.reconcile)
     ri = res.add(Figure("5", "rollback to a kept venv, daemon: reconcile -> kept version serving", "s",
                         rollback_ip, f"<= {budget:.2f} s (0.2 + start)",
                         note="switch + restart + health gate passed, seen from outside the agent"))
