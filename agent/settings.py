@@ -10,11 +10,12 @@ from __future__ import annotations
 import math
 import os
 import socket
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping
 
+from agent.core._record import record
 from agent.core.errors import ConfigError
 
 __all__ = ["Settings", "build_settings", "default_installer", "ENV_PREFIX"]
@@ -34,7 +35,7 @@ def default_installer() -> str:
     return "uv" if find_uv() else "pip"
 
 
-@dataclass(frozen=True)
+@record
 class Settings:
     repo: str | None = None
     ref: str = "main"

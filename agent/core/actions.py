@@ -7,8 +7,10 @@ agent.core.plan reaches them through `ACTIONS`, which imports this module at its
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 from typing import TYPE_CHECKING
+
+from agent.core._record import record
 
 if TYPE_CHECKING:
     from agent.core.model import Environment
@@ -24,7 +26,7 @@ __all__ = [
 _PRIVATE_FIELDS = frozenset({"text", "previous", "data", "secret_env"})
 
 
-@dataclass(frozen=True)
+@record
 class Action:
     key: str
     reason: str
@@ -58,12 +60,12 @@ def _snake(name: str) -> str:
     return "".join("_" + c.lower() if c.isupper() else c for c in name).lstrip("_")
 
 
-@dataclass(frozen=True)
+@record
 class EnsureSupervisor(Action):
     pass
 
 
-@dataclass(frozen=True)
+@record
 class BuildVenv(Action):
     """Build a venv aside. `eager_bytecode`: compile every module now, because a service or job of this
     environment runs as another `user:` that cannot write `__pycache__` into the agent's venv; otherwise
@@ -72,21 +74,21 @@ class BuildVenv(Action):
     eager_bytecode: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class RepairVenv(Action):
     """The current venv no longer matches its lock (hand change): rebuild it in place."""
     env: Environment | None = None
     eager_bytecode: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class SwitchVenv(Action):
     name: str = ""
     identity: str = ""
     previous: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class WriteProgram(Action):
     """Write a program file. `previous` is the config supervisord ran before (the rollback target);
     `existed` with no `previous` means it is unknown (hand-edited, not applied), so a failure keeps
@@ -97,7 +99,7 @@ class WriteProgram(Action):
     existed: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class UpdateProgram(Action):
     """supervisorctl-update semantics for one program: add, replace (restart) or remove."""
     name: str = ""
@@ -105,21 +107,21 @@ class UpdateProgram(Action):
     gated: bool = False     # a health check follows: it, not startsecs, decides when traffic may come
 
 
-@dataclass(frozen=True)
+@record
 class StartProgram(Action):
     name: str = ""
     startsecs: int = 1
     gated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class RestartProgram(Action):
     name: str = ""
     startsecs: int = 1
     gated: bool = False
 
 
-@dataclass(frozen=True)
+@record
 class AwaitRunning(Action):
     """After the (re)start of a service WITHOUT a health check: wait until supervisord calls the program
     RUNNING (up `startsecs`), its only evidence that the start worked.
@@ -134,7 +136,7 @@ class AwaitRunning(Action):
     startsecs: int = 1
 
 
-@dataclass(frozen=True)
+@record
 class CheckHealth(Action):
     """Gate a (re)start: `url` answers 2xx, or `tcp` accepts, from the service's own process; or `command`
     (absolute argv in its venv, run with its env) exits 0."""
@@ -147,23 +149,23 @@ class CheckHealth(Action):
     secret_env: tuple[tuple[str, str], ...] = field(default=(), repr=False)
 
 
-@dataclass(frozen=True)
+@record
 class RemoveProgram(Action):
     name: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class RemoveEnvironment(Action):
     name: str = ""
 
 
-@dataclass(frozen=True)
+@record
 class PruneVenvs(Action):
     name: str = ""
     identities: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class ConfigureTraffic(Action):
     """Make the load balancer serve `frontends`: runtime weights when only they changed, else a checked reload.
     `up`: "frontend/backend" servers to take as healthy now (their gate just passed), instead of waiting for
@@ -172,12 +174,12 @@ class ConfigureTraffic(Action):
     up: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class VerifyTraffic(Action):
     frontends: tuple = ()
 
 
-@dataclass(frozen=True)
+@record
 class EnsureDataDir(Action):
     """The app's data dir: created once, kept across deploys, rollbacks and the app's removal."""
     app: str = ""
@@ -185,7 +187,7 @@ class EnsureDataDir(Action):
     owner: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class WriteFile(Action):
     """Write one rendered file version (content-addressed, so programs still running on the previous one keep
     it) and point files/<name> at it."""
@@ -199,14 +201,14 @@ class WriteFile(Action):
     data: bytes = field(default=b"", repr=False)
 
 
-@dataclass(frozen=True)
+@record
 class WriteLauncher(Action):
     """The exec wrapper that reads a secret env file into a program's environment (agent.core.render.launcher)."""
     path: str = ""
     text: str = field(default="", repr=False)
 
 
-@dataclass(frozen=True)
+@record
 class WriteSecretEnv(Action):
     """A service's secret values, as the 0600 env file its launcher reads (owned by the service's user)."""
     name: str = ""
@@ -215,7 +217,7 @@ class WriteSecretEnv(Action):
     data: bytes = field(default=b"", repr=False)
 
 
-@dataclass(frozen=True)
+@record
 class RunJob(Action):
     """Run a release job (a migration) to completion; on success its inputs digest is recorded, so it runs
     again only when they change. `rollback`: the programs an `after` job's failure puts back."""
@@ -233,7 +235,7 @@ class RunJob(Action):
     rollback: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class PruneFiles(Action):
     """Delete file versions and secret env files nothing uses any more (an app's data dir is never pruned)."""
     app: str = ""

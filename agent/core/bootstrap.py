@@ -20,10 +20,11 @@ from __future__ import annotations
 import json
 import posixpath
 import re
-from dataclasses import dataclass, field
+from dataclasses import field
 
 import yaml
 
+from agent.core._record import record
 from agent.core.errors import Permanent
 
 __all__ = ["PROBE_SCRIPT", "TargetFacts", "Python", "TargetUnfit", "Paths", "parse_probe", "choose_installer",
@@ -70,14 +71,14 @@ class TargetUnfit(Permanent):
     """The target lacks what the agent needs (Python >= 3.10 with venv, or uv; systemd; permissions)."""
 
 
-@dataclass(frozen=True)
+@record
 class Python:
     path: str
     version: tuple[int, int]
     venv: bool                  # `import venv, ensurepip` works (Debian: python3-venv installed)
 
 
-@dataclass(frozen=True)
+@record
 class TargetFacts:
     uid: int
     user: str
@@ -155,7 +156,7 @@ def choose_init(wanted: str, facts: TargetFacts) -> str:
     return init
 
 
-@dataclass(frozen=True)
+@record
 class Paths:
     prefix: str
     root: str

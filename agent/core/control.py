@@ -8,11 +8,12 @@ is not retried on every poll. The decision is made on action keys and the app ea
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import field, fields, is_dataclass
 from enum import Enum
 from pathlib import PurePath
 from typing import Iterable, Mapping
 
+from agent.core._record import record
 from agent.core.model import App, DesiredState
 
 __all__ = ["HOST", "Suspension", "Quarantine", "Control", "Held", "app_of", "inputs_digest", "hold"]
@@ -20,13 +21,13 @@ __all__ = ["HOST", "Suspension", "Quarantine", "Control", "Held", "app_of", "inp
 HOST = "*"          # the key of a host-wide suspension, and its metrics label
 
 
-@dataclass(frozen=True)
+@record
 class Suspension:
     reason: str
     at: float = 0.0
 
 
-@dataclass(frozen=True)
+@record
 class Quarantine:
     """A revision that failed for one app, held until the app's inputs change or `retry`."""
 
@@ -36,7 +37,7 @@ class Quarantine:
     at: float = 0.0
 
 
-@dataclass(frozen=True)
+@record
 class Control:
     suspended: Mapping[str, Suspension] = field(default_factory=dict)    # app or HOST -> why
     quarantined: Mapping[str, Quarantine] = field(default_factory=dict)  # app -> the failed revision
@@ -58,7 +59,7 @@ class Control:
         return cls(sus, qua)
 
 
-@dataclass(frozen=True)
+@record
 class Held:
     """An action not applied, and why (`suspended`, `quarantined`, `window`)."""
 

@@ -6,7 +6,7 @@ errors may pass on their own (a network blip, a busy supervisord) and are retrie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from agent.core._record import record
 
 __all__ = [
     "AgentError",
@@ -36,7 +36,7 @@ class Temporary(AgentError):
     """May succeed on retry (after backoff)."""
 
 
-@dataclass(frozen=True)
+@record
 class Problem:
     """One validation finding: where (file, line, field) and what is wrong."""
 

@@ -9,8 +9,7 @@ the same failure again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from agent.core._record import record
 from agent.core.outcome import ReconcileResult, Verdict
 
 __all__ = ["Event", "events_for", "upgrade_events", "UPGRADE_TOPIC"]
@@ -18,7 +17,7 @@ __all__ = ["Event", "events_for", "upgrade_events", "UPGRADE_TOPIC"]
 UPGRADE_TOPIC = "agent-upgrade"          # the self-upgrade's memory key: not a reconcile's to clear
 
 
-@dataclass(frozen=True)
+@record
 class Event:
     kind: str               # applied | failed | rolled back | invalid revision | drift found | drift corrected |
                             # canary aborted | window waiting | suspended | quarantined | recovered |

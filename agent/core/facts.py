@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, field
 
 from agent.core._enum import StrEnum
+from agent.core._record import record
 
 __all__ = ["ProcessState", "VenvFact", "ProgramFact", "Facts", "text_digest"]
 
@@ -35,7 +36,7 @@ def text_digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-@dataclass(frozen=True)
+@record
 class VenvFact:
     name: str
     current: str | None                       # identity envs/<name> points to (None: no symlink)
@@ -44,7 +45,7 @@ class VenvFact:
     installed: tuple[tuple[str, str], ...] | None = None   # distributions in the current venv
 
 
-@dataclass(frozen=True)
+@record
 class ProgramFact:
     name: str
     file_text: str | None                     # our include file, None when missing
@@ -57,7 +58,7 @@ class ProgramFact:
     daemonized: str = ""                      # why it cannot be supervised (it forked away and exited), if so
 
 
-@dataclass(frozen=True)
+@record
 class Facts:
     supervisor: str                           # "running", "stopped" or "unreachable: <why>"
     venvs: dict[str, VenvFact] = field(default_factory=dict)

@@ -10,16 +10,17 @@ target of a program still on the interrupted, never-verified config is the confi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Mapping
 
+from agent.core._record import record
 from agent.core.facts import Facts, text_digest
 from agent.core.actions import SwitchVenv, WriteProgram
 
 __all__ = ["Pending", "still_pending", "resumed", "recorded", "settled", "to_json", "from_json"]
 
 
-@dataclass(frozen=True)
+@record
 class Pending:
     """A program file an apply wrote, and what it replaced."""
 

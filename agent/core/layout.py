@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+
+from agent.core._record import record
 
 __all__ = ["Layout"]
 
 
-@dataclass(frozen=True)
+@record
 class Layout:
     root: Path
 

@@ -16,8 +16,8 @@ import hashlib
 import json
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
 
+from agent.core._record import record
 from agent.core.errors import InvalidState, Problem
 
 __all__ = ["LockedRequirement", "parse_lock", "venv_identity"]
@@ -32,7 +32,7 @@ _HARMLESS_OPTIONS = frozenset({"--require-hashes"})
 _PATHLIKE = re.compile(r"(^\.|/|\\|\.(whl|zip|tar\.gz|tgz|tar\.bz2)$)", re.IGNORECASE)
 
 
-@dataclass(frozen=True)
+@record
 class LockedRequirement:
     """One pinned distribution: canonical name, exact version, allowed hashes ('sha256:<hex>')."""
 
@@ -42,7 +42,7 @@ class LockedRequirement:
     line: int
 
 
-@dataclass(frozen=True)
+@record
 class _Logical:
     """A logical line: physical lines joined at backslashes, comments removed; `line` is its first."""
 

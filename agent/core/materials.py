@@ -19,10 +19,11 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Callable, Iterable, Mapping
 
+from agent.core._record import record
 from agent.core.errors import InvalidState, Problem
 from agent.core.layout import Layout
 from agent.core.model import App, DataDir, DesiredState, EnvValue, FileRef, Job, SecretRef, Service
@@ -46,7 +47,7 @@ def digest(key: bytes, data: bytes) -> str:
     return hmac.new(key, data, hashlib.sha256).hexdigest()[:_DIGEST_CHARS]
 
 
-@dataclass(frozen=True)
+@record
 class Sealed:
     """A secret file known by what an earlier decryption on this host found: each key and the keyed digest
     of its value (what plan already shows), never the value."""
@@ -72,7 +73,7 @@ def _memo_key(key: bytes, *parts: object) -> str:
     return digest(key, json.dumps([MEMO_FORMAT, *parts], sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
-@dataclass(frozen=True)
+@record
 class Rendered:
     """One file of an app as this host must have it."""
 
@@ -85,7 +86,7 @@ class Rendered:
     link: Path = Path()         # files/<name>: the current one, for people
 
 
-@dataclass(frozen=True)
+@record
 class ResolvedEnv:
     """A service's or job's env with its references resolved on this host.
 
@@ -105,7 +106,7 @@ class ResolvedEnv:
         return {**dict(self.plain), **dict(self.secret)}
 
 
-@dataclass(frozen=True)
+@record
 class Materials:
     files: dict[tuple[str, str], Rendered] = field(default_factory=dict)
     services: dict[str, ResolvedEnv] = field(default_factory=dict)

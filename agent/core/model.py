@@ -5,18 +5,19 @@ Everything here is plain data: the planner compares it with facts without touchi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Union
 
 from agent.core._enum import StrEnum
+from agent.core._record import record
 
 __all__ = ["HealthCheck", "SecretRef", "FileRef", "DataDir", "EnvValue", "SecretFile", "FileSpec", "JobRun", "Job",
            "IndexCredentials", "Environment", "Service", "Traffic", "Canary", "Gate", "Wave", "Rollout", "Chaos", "App",
            "DesiredState"]
 
 
-@dataclass(frozen=True)
+@record
 class HealthCheck:
     """A probe of a (re)started service, exactly one kind: `url` (HTTP on the host's loopback, 2xx means
     healthy), `tcp` (HOST:PORT accepts a connection) or `command` (argv run in the service's venv, exit 0)."""
@@ -32,7 +33,7 @@ class HealthCheck:
         return self.url or (f"tcp {self.tcp}" if self.tcp else "command " + " ".join(self.command))
 
 
-@dataclass(frozen=True)
+@record
 class SecretRef:
     """An env value: one key of a declared secret (`{secret: NAME/KEY}`); its value is known only on a host
     that can decrypt it, and only while applying."""
@@ -44,14 +45,14 @@ class SecretRef:
         return f"{self.name}/{self.key}"
 
 
-@dataclass(frozen=True)
+@record
 class FileRef:
     """An env value: the path of a rendered file of the app (`{file: NAME}`)."""
 
     name: str
 
 
-@dataclass(frozen=True)
+@record
 class DataDir:
     """An env value: the app's data dir (`{data_dir: true}`), kept across deploys and rollbacks."""
 
@@ -59,7 +60,7 @@ class DataDir:
 EnvValue = Union[str, SecretRef, FileRef, DataDir]
 
 
-@dataclass(frozen=True)
+@record
 class SecretFile:
     """An age-encrypted dotenv file of the app, as committed (ciphertext only)."""
 
@@ -68,7 +69,7 @@ class SecretFile:
     ciphertext: bytes = field(repr=False, default=b"")
 
 
-@dataclass(frozen=True)
+@record
 class FileSpec:
     """A file the agent writes for the app: a Jinja2 template rendered on the host, or a byte-for-byte copy."""
 
@@ -85,7 +86,7 @@ class JobRun(StrEnum):
     AFTER = "after"                     # once the changed services are healthy and traffic has moved
 
 
-@dataclass(frozen=True)
+@record
 class Job:
     """A release task (a migration): runs when its inputs change, never on a no-op reconcile."""
 
@@ -99,13 +100,13 @@ class Job:
     user: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class IndexCredentials:
     username: str
     password: SecretRef
 
 
-@dataclass(frozen=True)
+@record
 class Environment:
     """A virtualenv built from one hashed lockfile. `identity` names its content-addressed dir."""
 
@@ -123,7 +124,7 @@ class Environment:
     index_credentials: IndexCredentials | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Service:
     """A supervisord program run from an environment's venv."""
 
@@ -142,7 +143,7 @@ class Service:
     priority: int | None = None         # supervisord's start order at boot, from depends_on (set by the loader)
 
 
-@dataclass(frozen=True)
+@record
 class Traffic:
     """One weighted frontend on the host's load balancer (acted on by the traffic drivers)."""
 
@@ -154,7 +155,7 @@ class Traffic:
     canary: "Canary | None" = None      # strategy canary with automatic steps
 
 
-@dataclass(frozen=True)
+@record
 class Canary:
     """Automatic canary: `service` gets steps[i]% of the traffic, advancing after `pause_s` while the
     agent's probes of it stay under `max_error_rate`; a failed gate aborts to 0%."""
@@ -167,7 +168,7 @@ class Canary:
     analysis: "Gate | None" = None      # a Prometheus query per step (op "<=", threshold = `max`)
 
 
-@dataclass(frozen=True)
+@record
 class Gate:
     """A Prometheus instant query every sample of which must satisfy `op threshold` (e.g. < 0.05)."""
 
@@ -179,7 +180,7 @@ class Gate:
     timeout_s: float = 5.0
 
 
-@dataclass(frozen=True)
+@record
 class Wave:
     """Who is in the wave (a host selector, or a bucket percentage) and when it may start."""
 
@@ -189,12 +190,12 @@ class Wave:
     gate: Gate | None = None
 
 
-@dataclass(frozen=True)
+@record
 class Rollout:
     waves: tuple[Wave, ...] = ()
 
 
-@dataclass(frozen=True)
+@record
 class Chaos:
     """Induced failure (acted on only when the agent allows chaos)."""
 
@@ -203,7 +204,7 @@ class Chaos:
     disable_s: float = 30.0
 
 
-@dataclass(frozen=True)
+@record
 class App:
     name: str
     mode: str | None
@@ -219,7 +220,7 @@ class App:
     windows: tuple = ()                 # agent.core.windows.Window: when changes may restart or re-weight (§3b)
 
 
-@dataclass(frozen=True)
+@record
 class DesiredState:
     """What one host must run, for one revision of the state repo."""
 

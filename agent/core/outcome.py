@@ -7,10 +7,10 @@ them once here (`resource_states`) is what keeps `status` and `/metrics` from di
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterable
 
 from agent.core._enum import StrEnum as _StrEnum
+from agent.core._record import record
 
 __all__ = ["Verdict", "Outcome", "ReconcileResult", "Retry", "ResourceState", "resource_states", "verdict_for"]
 
@@ -48,7 +48,7 @@ def verdict_for(exc: BaseException, rolled_back: bool) -> Verdict:
     return Verdict.FAILED_PERMANENT if isinstance(exc, Permanent) else Verdict.FAILED_TEMPORARY
 
 
-@dataclass(frozen=True)
+@record
 class Outcome:
     action: object              # agent.core.actions.Action
     verdict: Verdict

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from typing import TYPE_CHECKING, Iterator
 
+from agent.core._record import record
 from agent.core.facts import Facts, ProcessState, ProgramFact, text_digest
 from agent.core.layout import Layout
 from agent.core.materials import INPUTS_PREFIX, NO_MATERIALS, Materials, inputs_line, service_env
@@ -43,7 +44,7 @@ ACTIONS = _Actions()
 HEALTHY_STATES = frozenset({ProcessState.RUNNING, ProcessState.STARTING})
 
 
-@dataclass(frozen=True)
+@record
 class Plan:
     actions: tuple[Action, ...] = ()
     notes: tuple[str, ...] = field(default=())
@@ -65,7 +66,7 @@ class Plan:
         return "\n".join(lines)
 
 
-@dataclass(frozen=True)
+@record
 class PlanOptions:
     layout: Layout
     retention: int = 3

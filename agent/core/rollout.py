@@ -15,15 +15,16 @@ Strategies (app.yaml `traffic.strategy`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
+from agent.core._record import record
 from agent.core.render.lb import ABSplit, Backend, Frontend
 from agent.core.model import Canary, DesiredState, Traffic
 
 __all__ = ["frontends_of", "effective_weights", "CanaryProgress", "canary_step", "canary_percent", "with_canary"]
 
 
-@dataclass(frozen=True)
+@record
 class CanaryProgress:
     """Where an app's canary stands; persisted in the status file so it survives agent restarts."""
 

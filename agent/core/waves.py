@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import hashlib
 import operator
-from dataclasses import dataclass
 
+from agent.core._record import record
 from agent.core.model import Gate, Rollout
 
 __all__ = ["bucket", "wave_of", "Decision", "timing", "gate_verdict", "decide", "PASS", "FAIL", "PAUSE"]
@@ -43,7 +43,7 @@ def wave_of(rollout: Rollout, host: str) -> int:
     return len(rollout.waves) - 1
 
 
-@dataclass(frozen=True)
+@record
 class Decision:
     due: bool
     wave: int                           # 0-based

@@ -9,16 +9,16 @@ revision (`split`: its venv builds run ahead, so opening the window is a switch;
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping
 
+from agent.core._record import record
 from agent.core.control import AHEAD, Held, app_of, inputs_digest
 from agent.core.model import App, DesiredState
 
 __all__ = ["WindowParts", "waiting_apps", "compose", "split"]
 
 
-@dataclass(frozen=True)
+@record
 class WindowParts:
     """One reconcile's actions, by what a closed window lets happen to them."""
 

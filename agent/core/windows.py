@@ -11,16 +11,17 @@ its first occurrence (fold 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta, timezone
 from zoneinfo import ZoneInfo
+
+from agent.core._record import record
 
 __all__ = ["Window", "DAYS", "is_open", "next_open", "parse_hhmm"]
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
-@dataclass(frozen=True)
+@record
 class Window:
     days: tuple[str, ...]       # of DAYS
     start: str                  # "HH:MM" local

@@ -23,9 +23,10 @@ import ipaddress
 import os
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
+
+from agent.core._record import record
 
 __all__ = [
     "master_pid",
@@ -135,7 +136,7 @@ def _children_files(pid: int) -> list[int]:
     return kids
 
 
-@dataclass(frozen=True)
+@record
 class Listener:
     """A TCP socket in LISTEN state, as /proc/net/tcp{,6} lists it."""
 

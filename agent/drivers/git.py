@@ -36,10 +36,10 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+from agent.core._record import record
 from agent.core.errors import ConfigError, SourceError
 
 __all__ = ["Revision", "GitSource", "redact", "is_ancestor"]
@@ -80,7 +80,7 @@ _STALE_TMP_S = 3600.0
 _HTTP_SCHEMES = {"http", "https", "ftp", "ftps"}
 
 
-@dataclass(frozen=True)
+@record
 class Revision:
     """One resolved commit of the state repo; immutable, so safe to cache and compare."""
 

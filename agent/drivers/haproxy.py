@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agent.core._record import record
 from agent.drivers._procfs import (children, listening_inodes, listening_pids, master_pid,
                                    wait_catches_signal, wait_master_pid, wait_retired)
 from agent.core.errors import AgentError
@@ -60,7 +61,7 @@ class LBError(AgentError):
     """The load balancer refused or failed an operation, or a change did not go live."""
 
 
-@dataclass(frozen=True)
+@record
 class Applied:
     """What an `apply` did. action: "none" | "weights" (runtime API, no reload) | "reload" |
     "written" (config written; the load balancer is not running: start it, then `wait_live`)."""
@@ -71,7 +72,7 @@ class Applied:
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
+@record
 class ServerState:
     weight: int            # current (runtime) user weight
     initial_weight: int    # the weight in the config the worker loaded

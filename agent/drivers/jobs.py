@@ -8,9 +8,9 @@ import os
 import signal
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
+from agent.core._record import record
 from agent.core.errors import Temporary
 from agent.core.redact import whole_lines_tail
 
@@ -25,7 +25,7 @@ class JobFailed(Temporary):
     backoff (a database that was down may be back); nothing of its environment switched meanwhile."""
 
 
-@dataclass(frozen=True)
+@record
 class JobRun:
     exit_code: int
     seconds: float

@@ -17,9 +17,10 @@ import json
 import logging
 import os
 import stat
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
+from agent.core._record import record
 from agent.core.materials import MEMO_FORMAT, digest
 from agent.drivers.fsutil import atomic_write
 
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 _MAX_BYTES = 4 << 20        # far above any real memo: a bigger file is not ours to parse
 
 
-@dataclass(frozen=True)
+@record
 class Memo:
     secrets: dict[str, dict[str, str]] = field(default_factory=dict)
     renders: dict[str, str] = field(default_factory=dict)

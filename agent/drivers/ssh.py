@@ -19,10 +19,10 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from agent.core._record import record
 from agent.core.errors import Permanent, Temporary
 
 __all__ = ["SshAddress", "SshTarget", "SshError", "HostKeyError", "AuthError", "ConnectError", "RemoteError"]
@@ -54,7 +54,7 @@ class RemoteError(Exception):
         super().__init__(f"{what} failed (exit {code})" + ("".join(f"\n  {line}" for line in tail) if tail else ""))
 
 
-@dataclass(frozen=True)
+@record
 class SshAddress:
     user: str | None
     host: str

@@ -45,12 +45,13 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from hashlib import sha256
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote, quote_plus, urlsplit
 
+from agent.core._record import record
 from agent.core.errors import BuildError, ConfigError, InvalidVenvRef, Permanent
 from agent.drivers.fsutil import atomic_write, fsync_dir
 
@@ -154,7 +155,7 @@ class InvalidIndexUrl(BuildError, Permanent, ValueError):
     is logged, shown and kept in plain text)."""
 
 
-@dataclass(frozen=True)
+@record
 class VenvSpec:
     """What to build: one environment of one app, as planned from the state repo.
 
@@ -175,7 +176,7 @@ class VenvSpec:
     compile_bytecode: bool = False      # not part of the identity: the same packages, compiled now or on import
 
 
-@dataclass(frozen=True)
+@record
 class VenvInfo:
     """A venv dir on disk. `complete` means its marker exists; `marker` is its parsed content."""
 
@@ -187,7 +188,7 @@ class VenvInfo:
     mtime: float
 
 
-@dataclass(frozen=True)
+@record
 class _Run:
     """Finished subprocess: kept small so error messages can quote it."""
 
@@ -197,7 +198,7 @@ class _Run:
     stderr: str
 
 
-@dataclass(frozen=True)
+@record
 class _Index:
     """A private index with its credentials, and what each installer needs to use it."""
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent.core import bootstrap as core
+from agent.core._record import record
 from agent.core.errors import AgentError, Permanent
 from agent.drivers.ssh import RemoteError, SshAddress, SshError, SshTarget
 
@@ -101,7 +102,7 @@ class BootstrapFailed(AgentError):
         super().__init__(f"bootstrap failed at step '{step}': {cause}\n({where})")
 
 
-@dataclass(frozen=True)
+@record
 class BootstrapOptions:
     address: SshAddress
     settings: dict                              # agent settings for the target (files not yet included)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from agent.core._record import record
 from agent.drivers import appfiles
 
 from agent.drivers.supervisor import daemonized, remove_program_file, write_program_file
@@ -224,7 +225,7 @@ def _run_job(drivers: Drivers, action: RunJob) -> str:
     return f"job {action.name} succeeded in {done.seconds:.1f}s"
 
 
-@dataclass(frozen=True)
+@record
 class _Done:
     message: str
     verdict: Verdict = Verdict.APPLIED

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from agent.core._record import record
+
 __all__ = ["parse_listen", "Request", "Response", "HttpServer", "MetricsServer", "metrics_routes"]
 
 log = logging.getLogger("gitops_agent.http")
@@ -54,7 +56,7 @@ def parse_listen(listen: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
-@dataclass(frozen=True)
+@record
 class Request:
     method: str
     path: str                       # without the query string
@@ -64,7 +66,7 @@ class Request:
     client: str
 
 
-@dataclass(frozen=True)
+@record
 class Response:
     status: int
     body: bytes = b""

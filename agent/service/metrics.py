@@ -11,10 +11,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 from agent import __version__
+from agent.core._record import record
 from agent.core.facts import ProcessState
 from agent.core.outcome import ReconcileResult, ResourceState, Verdict
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -36,7 +36,7 @@ def resource_of(key: str) -> tuple[str, str]:
     return (kind, name) if sep else (key, key)
 
 
-@dataclass(frozen=True)
+@record
 class Readiness:
     ready: bool
     reason: str

@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
+from agent.core._record import record
 from agent.core.control import Control, Quarantine, app_of, hold, inputs_digest
 from agent.core.errors import AgentError, InvalidState, Permanent
 from agent.core.facts import Facts
@@ -111,7 +112,7 @@ def _retry_after(exc: BaseException) -> Retry:
     return Retry.POLL if isinstance(exc, Permanent) else Retry.BACKOFF
 
 
-@dataclass(frozen=True)
+@record
 class World:
     """Everything a reconcile touches, each behind a small interface; built by `agent.compose` (tests may
     hand in their own)."""

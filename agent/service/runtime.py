@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from agent.core._record import record
 from agent.core.outcome import ReconcileResult, Retry
 
 __all__ = ["Backoff", "jittered", "Schedule", "Runtime", "run_daemon", "SUCCESS"]
@@ -46,7 +47,7 @@ def jittered(base: float, fraction: float, rng: random.Random) -> float:
     return max(0.0, base * (1.0 + rng.uniform(-fraction, fraction)))
 
 
-@dataclass(frozen=True)
+@record
 class Backoff:
     """Delays after 1, 2, 3, ... consecutive failures (the last one repeats), jittered."""
 

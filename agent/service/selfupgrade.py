@@ -34,12 +34,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from agent import __version__
+from agent.core._record import record
 from agent.core.errors import AgentError, BuildError, InvalidState, Problem
 from agent.core.lockfile import parse_lock, venv_identity
 from agent.core.model import Rollout
@@ -57,7 +57,7 @@ WAVE_KEY = "@agent"          # the agent's record in <root>/state/waves.json (no
 SELF_DIR = "self"           # <root>/self/venvs/gitops-agent-<identity>, <root>/self/envs/gitops-agent -> current
 
 
-@dataclass(frozen=True)
+@record
 class AgentLock:
     """fleet.yaml's `agent:` block, resolved against one checkout."""
 
@@ -117,7 +117,7 @@ def _rollout(block: dict, fleet: dict, host: str | None) -> Rollout | None:
                          for w, spec in zip(waves, specs)))
 
 
-@dataclass(frozen=True)
+@record
 class Handover:
     """Everything the exec needs: the new agent's executable and the state to record."""
 

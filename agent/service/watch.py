@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
 from urllib.parse import unquote, urlparse
@@ -27,6 +26,7 @@ from urllib.parse import unquote, urlparse
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from agent.core._record import record
 from agent.core.layout import Layout
 
 __all__ = ["WatchSpec", "Watcher", "Debouncer", "managed_paths", "local_repo_dir"]
@@ -37,7 +37,7 @@ log = logging.getLogger("gitops_agent.watch")
 CHANGE_EVENTS = frozenset({"created", "deleted", "modified", "moved", "closed"})
 
 
-@dataclass(frozen=True)
+@record
 class WatchSpec:
     path: Path
     source: str                              # "host" (drift) or "repo" (a new commit)

@@ -11,9 +11,9 @@ overrides applied); staging runs it again on a mix of revisions (apps kept back 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+from agent.core._record import record
 from agent.core.errors import Problem
 from agent.core.model import App
 
@@ -25,7 +25,7 @@ _WILDCARDS = ("", "*", "0.0.0.0", "::")
 _LOOPBACK = "127.0.0.1"
 
 
-@dataclass(frozen=True)
+@record
 class Bind:
     """What a listening socket takes: `port` on `addresses` (None: on every address)."""
 
@@ -68,7 +68,7 @@ def bind_of_service(port: int) -> Bind:
     return Bind(frozenset({_LOOPBACK}), port)
 
 
-@dataclass(frozen=True)
+@record
 class Claim:
     """An app holds `key` of `kind` (a name), or binds `bind`; `path` is the field that says so."""
 
@@ -92,7 +92,7 @@ def claims(app: App) -> list[Claim]:
     return out
 
 
-@dataclass(frozen=True)
+@record
 class _Held:
     claim: Claim
     file: str

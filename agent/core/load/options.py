@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
+
+from agent.core._record import record
 
 __all__ = ["LoadOptions", "FLEET_FILE", "APPS_DIR", "APP_FILE", "MAX_APPS"]
 
@@ -14,7 +15,7 @@ APP_FILE = "app.yaml"
 MAX_APPS = 1000
 
 
-@dataclass(frozen=True)
+@record
 class LoadOptions:
     """What the agent's own config decides about how a revision is read."""
 

@@ -9,10 +9,11 @@ problem, never an exception; the validate step then works on this snapshot alone
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any, Iterator
 
+from agent.core._record import record
 from agent.core.errors import InvalidState, Problem
 from agent.core.load._yaml import Located, parse
 from agent.core.load.options import APP_FILE, APPS_DIR, FLEET_FILE, MAX_APPS, LoadOptions
@@ -27,7 +28,7 @@ MAX_FILE_BYTES = 1024 * 1024      # a secret, template or source file: config, n
 _WHAT = {LOCKFILE: "lockfile", SECRET: "secret file", TEMPLATE: "template", SOURCE: "source file"}
 
 
-@dataclass(frozen=True)
+@record
 class Ref:
     """A path named in a document, as found on disk: resolved inside the boundary, or why not."""
 
@@ -37,7 +38,7 @@ class Ref:
     problem: str | None = None
 
 
-@dataclass(frozen=True)
+@record
 class RawTree:
     """Everything the validate step needs, read once: documents, referenced files, read problems."""
 

@@ -10,10 +10,10 @@ The builders then see only schema-valid data; what was cut is reported by the sc
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.core._record import record
 from agent.core.load._yaml import Located
 from agent.core.load.schema import schema_errors
 
@@ -24,7 +24,7 @@ _REQUIRED = {"environments": ("lockfile",), "services": ("environment", "command
 _ROUNDS = 8
 
 
-@dataclass(frozen=True)
+@record
 class Salvaged:
     doc: Located                            # schema-valid; without overrides (they may name what was cut)
     declared_environments: frozenset[str]   # names the original declares, so a cut one is not "undefined"

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
+
+from agent.core._record import record
 
 __all__ = ["Host", "hosts_of", "selects", "expression_holds", "describe_selector"]
 
 
-@dataclass(frozen=True)
+@record
 class Host:
     """A host as fleet.yaml defines it."""
 

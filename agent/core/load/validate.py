@@ -7,9 +7,10 @@ revision in one round trip. A revision is judged as a whole, for every host of t
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 
+from agent.core._record import record
 from agent.core.errors import Problem
 from agent.core.load._yaml import Located
 from agent.core.load.builders import build_app, rollout
@@ -31,7 +32,7 @@ __all__ = ["Validated", "Variants", "validate"]
 _TEMPLATE_HOSTS = 50
 
 
-@dataclass(frozen=True)
+@record
 class Validated:
     """The outcome of validating a revision: its hosts, its apps (base form), every problem."""
 

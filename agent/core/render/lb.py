@@ -33,8 +33,8 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 
+from agent.core._record import record
 from agent.core.errors import Permanent
 from agent.core.render.supervisor import PROGRAM_NAME_RE
 
@@ -81,14 +81,14 @@ class InvalidLBConfig(Permanent, ValueError):
         return tuple(f for f, _ in self.problems)
 
 
-@dataclass(frozen=True)
+@record
 class Backend:
     name: str         # service name: an identifier (NAME_RE)
     address: str      # "127.0.0.1:8101"
     weight: int       # 0..256; 0 = no new traffic
 
 
-@dataclass(frozen=True)
+@record
 class ABSplit:
     variant: str                 # the backend that gets `percent`% of the buckets
     percent: int                 # 0..100
@@ -96,7 +96,7 @@ class ABSplit:
     header: str = "X-Variant"    # override: `<header>: <backend name>` picks that backend
 
 
-@dataclass(frozen=True)
+@record
 class Frontend:
     name: str                          # app name (NAME_RE)
     listen: str                        # "127.0.0.1:8100"

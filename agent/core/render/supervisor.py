@@ -44,8 +44,8 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
 
+from agent.core._record import record
 from agent.core.errors import Permanent
 
 __all__ = [
@@ -102,7 +102,7 @@ class UnsafeValue(Permanent, ValueError):
         super().__init__(f"{field}: {reason}")
 
 
-@dataclass(frozen=True)
+@record
 class ProgramSpec:
     """One supervisord program, as the planner wants it; one program per group.
 
@@ -177,7 +177,7 @@ def render_program(spec: ProgramSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-@dataclass(frozen=True)
+@record
 class WebServer:
     """supervisord's own web UI and XML-RPC over HTTP (`[inet_http_server]`), with HTTP basic auth.
 
