@@ -5,7 +5,7 @@ hash and repr (fields with `compare=False` or `repr=False` honoured, a class's o
 `__repr__` kept). Only `__init__`, `__setattr__` and `__delattr__` are generated per class; equality, hash
 and repr are three shared functions over the class's field names. Python 3.11 compiles each generated
 method from source text as the class is created (one `exec` each, six per frozen dataclass): sharing three
-of them takes about half of that cost off each class, which every `once` pays for the ~40 classes it imports.
+of them takes a third of that cost off each class, which every `once` pays for the ~50 classes it imports.
 """
 
 from __future__ import annotations
@@ -23,6 +23,8 @@ T = TypeVar("T", bound=type)
 def record(cls: T) -> T:
     """Make `cls` a frozen dataclass (see the module's docstring)."""
     own = cls.__dict__
+    if cls.__doc__ is None:     # else dataclass writes one from inspect.signature: ~0.15 ms a class
+        cls.__doc__ = f"{cls.__name__}({', '.join(own.get('__annotations__', ()))})"
     explicit_hash = "__hash__" in own and not (own["__hash__"] is None and "__eq__" in own)
     cls = dataclass(frozen=True, eq=False, repr=False)(cls)
     every = fields(cls)
