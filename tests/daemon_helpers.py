@@ -42,16 +42,20 @@ def wait_until(pred: Callable[[], object], timeout: float, what: str, log: Path 
 
 
 class Daemon:
-    """A `gitops-agent run` subprocess; `stop()` sends SIGTERM (then SIGKILL) and is safe to call twice."""
+    """A `gitops-agent run` subprocess; `stop()` sends SIGTERM (then SIGKILL) and is safe to call twice.
 
-    def __init__(self, repo_url: str, root: Path, log: Path, *extra: str, poll: float = 30.0, port: int | None = None):
+    `command` runs the agent (default: this interpreter, `-m agent.cli` from the checkout); the bench passes
+    the console script of the agent's own venv."""
+
+    def __init__(self, repo_url: str, root: Path, log: Path, *extra: str, poll: float = 30.0, port: int | None = None,
+                 command: list[str] | None = None):
         self.port = port or free_port()
         self.root = root
         self.log = log
         self.args = ["run", "--repo", repo_url, "--host", "h1", "--root", str(root), "--health-wait", "15",
                      "--listen", f"127.0.0.1:{self.port}", "--poll-interval", str(poll), *extra]
         self._fh = open(log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "agent.cli", *self.args], cwd=REPO_ROOT,
+        self.proc = subprocess.Popen([*(command or [sys.executable, "-m", "agent.cli"]), *self.args], cwd=REPO_ROOT,
                                      stdout=self._fh, stderr=subprocess.STDOUT, start_new_session=True)
         self.base = f"http://127.0.0.1:{self.port}"
 
@@ -101,10 +105,10 @@ class Daemon:
 
 
 def start_daemon(request, repo_url: str, root: Path, tmp_path: Path, *extra: str, poll: float = 30.0,
-                 port: int | None = None) -> Daemon:
+                 port: int | None = None, command: list[str] | None = None) -> Daemon:
     """Start a daemon stopped by a finalizer (which runs before the agent_root fixture stops supervisord)."""
     n = len(list(tmp_path.glob("agent*.log")))
-    d = Daemon(repo_url, root, tmp_path / f"agent{n}.log", *extra, poll=poll, port=port)
+    d = Daemon(repo_url, root, tmp_path / f"agent{n}.log", *extra, poll=poll, port=port, command=command)
     request.addfinalizer(d.stop)
     return d
 

@@ -1,5 +1,6 @@
 """Sections 6 and 7 with the daemon running: commit-to-converged and hand-edit detection (6), then its idle
-CPU and RSS (7). The daemon is the tests' `daemon_helpers.Daemon`, read through its /metrics."""
+CPU and RSS (7). The daemon is the tests' `daemon_helpers.Daemon`, run from the agent's venv on the host's python3
+(`harness.agent_cmd`), read through its /metrics."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from harness import CLEANUP, Context, Figure, Section, distinct_port, log, verdict, when
+from harness import CLEANUP, Context, Figure, Section, agent_cmd, distinct_port, log, verdict, when
 
 # isort: split
 from conftest import git
@@ -75,7 +76,8 @@ def run(ctx: Context) -> None:
     write_traffic_app(repo)
     sha = repo.commit("demo 1.0.0 + traffic")
     root = CLEANUP.root(work / "daemon-root")
-    daemon = start_daemon(CLEANUP, repo.url, root, work, "--installer", "uv", poll=30.0, port=distinct_port())
+    daemon = start_daemon(CLEANUP, repo.url, root, work, "--installer", "uv", poll=30.0, port=distinct_port(),
+                          command=agent_cmd())
 
     def applied_at(s: str, timeout: float, step: float) -> float:
         """perf_counter() when /metrics first shows commit `s` applied."""

@@ -18,7 +18,7 @@ if __name__ == "__main__":        # run alone: the bench's import paths, as benc
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "tests"),
                     str(Path(__file__).resolve().parents[2])]
 
-from harness import CLEANUP, Context, Figure, Section, distinct_port, run_alone, verdict, when
+from harness import CLEANUP, Context, Figure, Section, agent_cmd, distinct_port, run_alone, verdict, when
 
 # isort: split
 from conftest import git, served_version
@@ -48,7 +48,7 @@ def run(ctx: Context, runs: int | None = None) -> None:
     write_app(repo, "demo", "demo", repo.lock_text("1.0.0"), {"demo-web": port})
     sha = repo.commit("demo 1.0.0")
     root = CLEANUP.root(work / "lock-release-root")
-    daemon = start_daemon(CLEANUP, repo.url, root, work, poll=30.0, port=distinct_port())
+    daemon = start_daemon(CLEANUP, repo.url, root, work, poll=30.0, port=distinct_port(), command=agent_cmd())
     sample = f'gitops_agent_applied_revision_info{{revision="{sha}"}} 1.0'
     when(lambda: sample in daemon.metrics_text(), 180, "first converge", 0.1, daemon.log)
     walls = []

@@ -53,7 +53,8 @@ def run(ctx: Context) -> None:
     if proc.returncode != 0:
         raise RuntimeError(f"once (converge) failed:\n{proc.stdout}\n{proc.stderr}")
     log(f"once: converged in {wall:.1f}s")
-    floor = [agent_python(), str(Path(__file__).resolve().parents[1] / "floor_noop.py"), str(root), f"file://{repo}", "main"]
+    floor = [agent_python(), str(Path(__file__).resolve().parents[1] / "floor_noop.py"), str(root), f"file://{repo}",
+             "main"]
     walls, cpus, floors = [], [], []
     for _ in range(runs):
         wall, cpu, proc = timed_proc(base, timeout=120)

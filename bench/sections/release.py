@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import CLEANUP, Context, Figure, Section, distinct_port, log, when
+from harness import CLEANUP, Context, Figure, Section, agent_cmd, distinct_port, log, when
 
 # isort: split
 from conftest import git
@@ -130,7 +130,7 @@ def run(ctx: Context) -> None:
     sha = repo.commit("shop 1.0.0")
     root = CLEANUP.root(work / "release-root")
     daemon = start_daemon(CLEANUP, repo.url, root, work, "--installer", "uv", "--age-identity", str(IDENTITY),
-                          "--log-format", "json", poll=30.0, port=distinct_port())
+                          "--log-format", "json", poll=30.0, port=distinct_port(), command=agent_cmd())
 
     def applied(s: str) -> bool:
         return f'gitops_agent_applied_revision_info{{revision="{s}"}} 1.0' in daemon.metrics_text()

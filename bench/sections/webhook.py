@@ -24,7 +24,7 @@ if __name__ == "__main__":        # run alone: the bench's import paths, as benc
     sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "tests"),
                     str(Path(__file__).resolve().parents[2])]
 
-from harness import CLEANUP, Context, Figure, Section, distinct_port, log, run_alone, verdict, when
+from harness import CLEANUP, Context, Figure, Section, agent_cmd, distinct_port, log, run_alone, verdict, when
 
 # isort: split
 from conftest import served_version, start_git_daemon
@@ -99,7 +99,7 @@ def run(ctx: Context, runs: int | None = None) -> None:
     secret.chmod(0o600)
     root = CLEANUP.root(work / "webhook-root")
     daemon = start_daemon(CLEANUP, f"git://127.0.0.1:{git_port}/state", root, work,
-                          "--webhook-secret-file", str(secret), poll=300.0, port=distinct_port())
+                          "--webhook-secret-file", str(secret), poll=300.0, port=distinct_port(), command=agent_cmd())
     when(lambda: served_version(port) == "1.0.0", 300, "first converge", 0.1, daemon.log)
 
     def idle(sha: str) -> None:
