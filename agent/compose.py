@@ -36,7 +36,6 @@ def world(settings: Settings, read_only: bool = False, source=None):
     scratch dir borrowing the root mirror's objects, signatures are checked with a scratch GNUPGHOME,
     and the desired-state cache is only read. `World.close()` removes the scratch dir. `source`: one already
     built by `git_source` (ignored when read-only)."""
-    import tempfile
     from pathlib import Path
 
     from agent.drivers.git import GitSource
@@ -47,8 +46,11 @@ def world(settings: Settings, read_only: bool = False, source=None):
     from agent.service.reconciler import World
 
     layout = Layout(settings.root)
-    scratch = Path(tempfile.mkdtemp(prefix="gitops-agent-plan-")) if read_only else None
-    if scratch is not None:
+    scratch = None
+    if read_only:
+        import tempfile     # plan only: once and run make no scratch dir
+
+        scratch = Path(tempfile.mkdtemp(prefix="gitops-agent-plan-"))
         source = GitSource.aside(_repo(settings), settings.ref, layout.source, scratch=scratch / "source")
     elif source is None:
         source = git_source(settings)

@@ -12,7 +12,6 @@ import re
 import socket
 from typing import Any
 
-from xml.parsers import expat
 
 __all__ = ["Fault", "ProtocolError", "Pending", "call", "send", "dumps_call", "loads_response"]
 
@@ -314,6 +313,8 @@ def _plain(data: bytes) -> tuple[bool, Any]:
 
 def _parsed(data: bytes) -> tuple[bool, Any]:
     """(is a fault, the value), by expat: any well-formed response."""
+    from xml.parsers import expat     # the fallback: supervisord's plain answers never need it
+
     decoder = _Decoder()
     parser = expat.ParserCreate(encoding="utf-8")
     parser.StartElementHandler = decoder.start

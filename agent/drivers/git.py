@@ -33,7 +33,6 @@ import re
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -194,6 +193,8 @@ class GitSource:
         nothing and a moved one fetches only the new objects; `url` may differ from the root mirror's
         (e.g. `plan --repo OTHER`), which is only read, never re-pointed.
         """
+        import tempfile     # not at import: a poll of the root's own source makes no temp dir
+
         own = scratch is None
         where = Path(tempfile.mkdtemp(prefix="gitops-agent-source-")) if own else Path(scratch)
         try:

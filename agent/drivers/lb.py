@@ -6,7 +6,6 @@ The planner only calls the pure parts (`fingerprint`, `program_text`, `drift`); 
 
 from __future__ import annotations
 
-import shlex
 import shutil
 import subprocess
 from pathlib import Path
@@ -40,7 +39,11 @@ class LoadBalancer:
         self.program_name = self._PROGRAMS[kind]
         self.managed = config is None
         self.config_path = Path(config) if config else self.root / self._CONFIGS[kind]
-        self._reload_argv = shlex.split(reload) if reload else None
+        self._reload_argv = None
+        if reload:     # a system load balancer: the only use of shlex, not imported by every command
+            import shlex
+
+            self._reload_argv = shlex.split(reload)
         self.metrics = metrics if kind == "haproxy" else None   # nginx has no built-in Prometheus exporter
         self._driver = None
 

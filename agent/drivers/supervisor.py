@@ -27,7 +27,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import resource
 import signal
 import subprocess
 import sys
@@ -669,6 +668,8 @@ class EmbeddedSupervisor:
 
 def _minfds() -> int:
     """MINFDS, capped by our hard RLIMIT_NOFILE: supervisord cannot go above it and would refuse to start."""
+    import resource     # only when supervisord's config is written
+
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     return MINFDS if hard == resource.RLIM_INFINITY else min(MINFDS, hard)
 

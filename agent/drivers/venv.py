@@ -34,7 +34,6 @@ A foreign entry where `envs/<name>` should be (a directory or file put there by 
 
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -264,6 +263,8 @@ def _redactor(spec: VenvSpec) -> Callable[[str], str]:
         secrets |= {password, encoded, quote(password), quote_plus(password),
                     re.sub(r"%[0-9A-F]{2}", lambda m: m.group().lower(), encoded)}
         basic = f"{spec.index_username or ''}:{password}"
+        import base64     # an index with credentials only
+
         secrets.add(base64.b64encode(basic.encode("utf-8", "replace")).decode("ascii"))
     ordered = sorted(secrets, key=len, reverse=True)   # longest first: no half-replaced secret survives
 
@@ -296,6 +297,8 @@ def _index_refusal(index: _Index, package: str, base: dict[str, str] | None = No
     request = urllib.request.Request(f"{index.url.rstrip('/')}/{package}/")
     if index.has_credentials:
         basic = f"{index.username or ''}:{index.password or ''}".encode()
+        import base64
+
         request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(basic).decode("ascii"))
     try:
         context = ssl.create_default_context(cafile=caller.get("PIP_CERT") or None)   # as pip's --cert
