@@ -18,7 +18,8 @@ def _run(tmp_path: Path, body: str) -> tuple[int, str, str]:
     script.write_text(textwrap.dedent(body))
     out, err = tmp_path / "out.txt", tmp_path / "err.txt"
     with open(out, "wb") as fo, open(err, "wb") as fe:      # files: block-buffered, as under a redirect
-        code = subprocess.run([sys.executable, str(script)], stdout=fo, stderr=fe, cwd=REPO, timeout=60, check=False).returncode
+        code = subprocess.run([sys.executable, str(script)], stdout=fo, stderr=fe, cwd=REPO, timeout=60,
+                              check=False).returncode
     return code, out.read_text(), err.read_text()
 
 
