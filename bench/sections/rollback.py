@@ -1,4 +1,4 @@
-"""Section 5: rollback to a kept venv vs a rebuild (switch + restart + healthy), via `once` and in-process."""
+"""Section 5: rollback to a kept venv vs a rebuild (switch + restart + healthy), via `once` and the daemon's reconciler."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def run(ctx: Context) -> None:
     ri.verdict = verdict(ri.median <= budget)
     res.add(Figure("5", "rollback to a kept venv, daemon: reconcile returns (after startsecs=1)", "s",
                    rollback_ip_wall))
-    res.add(Figure("5", "rebuild (new lock, uv): in-process reconcile (daemon)", "s", rebuild_ip))
+    res.add(Figure("5", "rebuild (new lock, uv): the daemon's reconcile", "s", rebuild_ip))
 
 
 SECTION = Section("5", run, HOW)
