@@ -1,4 +1,5 @@
-"""Section 5: rollback to a kept venv vs a rebuild (switch + restart + healthy), via `once` and the daemon's reconciler."""
+"""Section 5: rollback to a kept venv vs a rebuild (switch + restart + healthy), via `once` and the daemon's
+reconciler."""
 
 from __future__ import annotations
 
