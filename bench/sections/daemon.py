@@ -10,12 +10,21 @@ import time
 from functools import partial
 from pathlib import Path
 
-from harness import CLEANUP, Context, Figure, Section, agent_cmd, distinct_port, log, verdict, when
+from harness import (
+    CLEANUP,
+    Context,
+    Figure,
+    Section,
+    agent_cmd,
+    distinct_port,
+    log,
+    verdict,
+    when,
+)
 
 # isort: split
 from conftest import git
 from daemon_helpers import start_daemon
-
 from fixtures import DemoRepo, write_app
 
 __all__ = ["SECTION"]

@@ -17,7 +17,16 @@ import statistics
 import time
 from pathlib import Path
 
-from harness import CLEANUP, Context, Figure, Section, agent_cmd, distinct_port, log, when
+from harness import (
+    CLEANUP,
+    Context,
+    Figure,
+    Section,
+    agent_cmd,
+    distinct_port,
+    log,
+    when,
+)
 
 # isort: split
 from conftest import git
